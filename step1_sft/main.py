@@ -1,0 +1,71 @@
+"""Step 1: supervised fine-tuning on the response tokens of instruction data.
+
+    deepspeed --num_gpus 2 step1_sft/main.py --model_name_or_path M --data_path d.jsonl --output_dir out
+    python step1_sft/main.py ...   (one process)
+"""
+from __future__ import annotations
+
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from step1_sft.trainer import collate, train
+from utils import ds
+from utils.args import SHARED_GROUPS, parse, resolve_data_settings, save_args
+from utils.data import load_splits
+from utils.encoding import Encoder, encode_all
+from utils.errors import exit_on_user_error
+from utils.metrics import MetricsLogger
+from utils.model import load_model, load_tokenizer, prepare_model, save_hf
+from utils.train import StepStream
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse(SHARED_GROUPS, "Step 1: supervised fine-tuning (loss on response tokens only)", argv,
+                 required=("model_name_or_path", "data_path", "output_dir"))
+    hf_logging.disable_progress_bar()
+    rank, world = ds.init_distributed(args.seed)
+
+    # Data: read and validate everything before the model is touched, so bad input fails fast.
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
+    encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
+    train_samples, eval_samples = load_splits(args.data_path, args.eval_data_path, args.eval_fraction,
+                                              args.seed, "sft", log=ds.print0)
+    train_items = encode_all(train_samples, lambda s: (encoder.encode_sft(s),), encoder, "train", ds.print0).items
+    eval_items = encode_all(eval_samples, lambda s: (encoder.encode_sft(s),), encoder, "eval", ds.print0).items
+    ds.print0(f"template={encoder.template} max_seq_len={max_seq_len} train={len(train_items)} "
+              f"eval={len(eval_items)} world={world}")
+
+    # Model and engine.
+    cfg = ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                       micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                       world=world, grad_clip=args.max_grad_norm)
+    model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code, zero3_config=cfg)
+    model = prepare_model(model, args)
+    stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                        lambda b: collate(b, encoder.pad_id), args.seed)
+    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
+    engine = ds.init_train_engine(model, cfg=cfg, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
+                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
+                                  total_steps=total_steps)
+
+    # Train and save.
+    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
+    resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
+                "total_steps": total_steps, "step": "sft"}
+    if rank == 0:
+        import os
+
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    train(args, engine, stream, eval_items, logger, encoder.pad_id, total_steps)
+    logger.close()
+    save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})
+    ds.print0(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

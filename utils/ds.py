@@ -1,0 +1,210 @@
+"""Everything that talks to DeepSpeed and torch.distributed: the rest of the code calls these helpers,
+`engine.backward(loss)` and `engine.step()` only."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+# ----------------------------------------------------------------------------- ranks
+
+def init_distributed(seed: int) -> tuple[int, int]:
+    """Initialise the process group (works for `deepspeed` and plain `python`), seed everything.
+    Returns (rank, world_size)."""
+    import deepspeed
+
+    # One process per core pair at most: oversubscribed CPU threads slow every rank down.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if "RANK" not in os.environ:  # plain `python main.py`: a one-process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    deepspeed.init_distributed(verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    set_seed(seed)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def print0(*a) -> None:
+    if is_rank0():
+        print(*a, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values) -> torch.Tensor:
+    """Sum a list of numbers over ranks (float64 on the accelerator); returns a CPU tensor."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def all_gather_objects(obj) -> list:
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+def ds_config(*, stage: int, offload: bool, dtype: str, micro_batch: int, grad_accum: int,
+              world: int, grad_clip: float = 1.0, offload_params: bool = False) -> dict:
+    """The DeepSpeed config for a trained model. The batch arithmetic is asserted here, once."""
+    if micro_batch < 1 or grad_accum < 1:
+        raise UserError("batch size and gradient accumulation steps must be >= 1")
+    if offload_params and stage != 3:
+        raise UserError("parameter offload needs ZeRO stage 3")
+    train_batch = micro_batch * grad_accum * world
+    zero = {"stage": stage, "overlap_comm": torch.cuda.is_available()}
+    if stage >= 1 and offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=1e4, stage3_max_live_parameters=3e7,
+                    stage3_prefetch_bucket_size=3e7, stage3_gather_16bit_weights_on_model_save=True)
+        if offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        "train_batch_size": train_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    assert cfg["train_batch_size"] == (cfg["train_micro_batch_size_per_gpu"]
+                                       * cfg["gradient_accumulation_steps"] * world)
+    return cfg
+
+
+def ds_eval_config(*, stage: int, dtype: str, micro_batch: int, world: int, offload_params: bool = False) -> dict:
+    """Config for a frozen model (reference, reward): ZeRO-3 shards it, parameter offload needs ZeRO-3."""
+    if offload_params and stage != 3:
+        raise UserError("offloading a frozen model's parameters needs ZeRO stage 3 for it; "
+                        "pass --zero_stage 3 for that model or drop the offload flag")
+    cfg = ds_config(stage=stage if stage == 3 else 0, offload=False, dtype=dtype, micro_batch=micro_batch,
+                    grad_accum=1, world=world, offload_params=offload_params)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- engines
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas, offload: bool):
+    groups = _param_groups(model, weight_decay)
+    if not groups:
+        raise UserError("the model has no trainable parameters")
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def build_scheduler(optimizer, kind: str, warmup: int, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, optimizer=optimizer, num_warmup_steps=warmup,
+                         num_training_steps=max(total_steps, 1))
+
+
+def init_train_engine(model, *, cfg: dict, lr: float, weight_decay: float, betas, offload: bool,
+                      scheduler: str, warmup: int, total_steps: int):
+    import deepspeed
+
+    opt = build_optimizer(model, lr, weight_decay, betas, offload and cfg["zero_optimization"]["stage"] > 0)
+    sched = build_scheduler(opt, scheduler, warmup, total_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    return engine
+
+
+def init_eval_engine(model, cfg: dict):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
+
+# ----------------------------------------------------------------------------- full weights
+
+def _is_zero3_param(p) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def gather_state_dict(module: torch.nn.Module) -> dict | None:
+    """The full state dict (parameters gathered one at a time under ZeRO-3, buffers included) on
+    rank 0 as CPU tensors; None on other ranks. Every rank must call it (pitfall 17)."""
+    import deepspeed
+
+    out = {} if is_rank0() else None
+    for name, p in module.named_parameters():
+        if _is_zero3_param(p):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if out is not None:
+                    out[name] = p.detach().cpu().clone()
+        elif out is not None:
+            out[name] = p.detach().cpu().clone()
+    if out is not None:
+        persistent = set(module.state_dict(keep_vars=True))  # skips non-persistent buffers (rotary caches)
+        for name, b in module.named_buffers():
+            if name in persistent:
+                out[name] = b.detach().cpu().clone()
+    return out

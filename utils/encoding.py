@@ -1,0 +1,167 @@
+"""Token ids, label masks and batches.
+
+Masks come from known segment lengths, never from `input_ids != pad_id`: where pad == eos that test
+would mask every EOS and the model would never learn to stop (pitfalls 1-3).
+Labels are aligned with input_ids (HF convention); the loss shifts them by one, so the first response
+token is predicted from the last prompt token and is in the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import Sample
+from .errors import UserError
+from .templates import render_segments, resolve_template
+
+IGNORE = -100
+OVERLONG_RULES = ("skip", "truncate", "error")
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+class Encoder:
+    """Turns samples into token ids with the run's one template. Shared by every step."""
+
+    def __init__(self, tokenizer, template: str, max_seq_len: int, overlong: str = "skip"):
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer has no EOS token; responses must end with one")
+        if overlong not in OVERLONG_RULES:
+            raise UserError(f"--overlong must be one of {OVERLONG_RULES}")
+        self.tokenizer = tokenizer
+        self.template = resolve_template(template, tokenizer)
+        self.max_seq_len = max_seq_len
+        self.overlong = overlong
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+        # Padding id for batches only; the tokenizer itself is never changed (pitfall 5).
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_segments(self, segments) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        bos_tok = self.tokenizer.bos_token
+        if self.bos_id is not None and not (segments and bos_tok and segments[0].text.startswith(bos_tok)):
+            ids.append(self.bos_id)
+            labels.append(IGNORE)
+        for seg in segments:
+            t = self._ids(seg.text)
+            if not seg.train:
+                ids += t
+                labels += [IGNORE] * len(t)
+                continue
+            # The reply ends at its EOS; a template's text after the EOS (e.g. a newline) is not trained.
+            if self.eos_id in t:
+                k = t.index(self.eos_id) + 1
+                head, tail = t[:k], t[k:]
+            else:
+                head, tail = t + [self.eos_id], []
+            ids += head + tail
+            labels += head + [IGNORE] * len(tail)
+        return ids, labels
+
+    def encode_prompt(self, prompt) -> list[int]:
+        """Prompt ids ending with the generation prompt, identical to the prompt part of a training example."""
+        ids, _ = self.encode_segments(render_segments(prompt, self.template, self.tokenizer, True))
+        return ids
+
+    def render_prompt(self, prompt) -> str:
+        return "".join(s.text for s in render_segments(prompt, self.template, self.tokenizer, True))
+
+    def encode_conversation(self, messages) -> tuple[list[int], list[int]]:
+        """Every assistant turn trained; text after the last trained token is dropped."""
+        ids, labels = self.encode_segments(render_segments(messages, self.template, self.tokenizer, False))
+        last = max(i for i, l in enumerate(labels) if l != IGNORE) + 1
+        return ids[:last], labels[:last]
+
+    def encode_text(self, text: str) -> tuple[list[int], list[int]]:
+        ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(text) + [self.eos_id]
+        return ids, list(ids)
+
+    def encode_sft(self, s: Sample) -> tuple[list[int], list[int]]:
+        if s.text is not None:
+            return self.encode_text(s.text)
+        return self.encode_conversation(tuple(s.prompt) + tuple(s.chosen))
+
+    def encode_reply(self, prompt, reply) -> tuple[list[int], list[int]]:
+        """Prompt + one reply with only the reply (and its EOS) labelled: the unit of reward and DPO."""
+        p = self.encode_prompt(prompt)
+        ids, labels = self.encode_conversation(tuple(prompt) + tuple(reply))
+        if ids[: len(p)] != p:
+            raise UserError(f"template '{self.template}' tokenizes the prompt differently inside the conversation")
+        return ids, [IGNORE] * len(p) + labels[len(p):]
+
+    # --------------------------------------------------------------------- length rule
+
+    def fit(self, ids: list[int], labels: list[int]):
+        """Apply --overlong; returns None for a sample to skip."""
+        if len(ids) <= self.max_seq_len:
+            return ids, labels
+        if self.overlong == "truncate":
+            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
+            return (ids, labels) if any(l != IGNORE for l in labels[1:]) else None
+        return None
+
+
+@dataclass
+class EncodedSet:
+    items: list           # per-sample encodings (tuples of lists)
+    skipped: int
+    first_skipped: str | None
+
+
+def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print) -> EncodedSet:
+    """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong."""
+    items, skipped, first = [], 0, None
+    for s in samples:
+        pairs = fn(s)
+        fitted = [encoder.fit(ids, labels) for ids, labels in pairs]
+        if any(f is None for f in fitted):
+            if encoder.overlong == "error":
+                longest = max(len(ids) for ids, _ in pairs)
+                raise UserError(f"{s.where}: sample has {longest} tokens, more than --max_seq_len "
+                                f"{encoder.max_seq_len} (--overlong error)")
+            skipped += 1
+            first = first or s.where
+            continue
+        items.append(tuple(fitted))
+    if skipped:
+        log(f"{what}: skipped {skipped} of {len(samples)} samples longer than --max_seq_len "
+            f"{encoder.max_seq_len} (--overlong {encoder.overlong}; first: {first})")
+    if not items:
+        raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}")
+    return EncodedSet(items, skipped, first)
+
+
+def pad_batch(seqs: list[list[int]], labels: list[list[int]] | None, pad_id: int, left: bool = False):
+    """Pad to the longest sequence in the batch. The attention mask comes from the lengths."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long) if labels is not None else None
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+        if lab is not None:
+            lab[i, sl] = torch.tensor(labels[i], dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if lab is not None:
+        out["labels"] = lab
+    return out
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, as `generate()` does for left-padded prompts (pitfall 4)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)

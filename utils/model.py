@@ -1,0 +1,146 @@
+"""Loading models and tokenizers, LoRA through peft, and saving Hugging Face directories."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+
+import torch
+
+from . import ds
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _check_source(path: str, what: str) -> None:
+    if path is None:
+        raise UserError(f"{what} is required")
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split(os.sep, 1)[-1]
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{what} '{path}' is not a Hugging Face model directory (no config.json)")
+    elif looks_local:
+        raise UserError(f"{what} '{path}' does not exist")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "--model_name_or_path"):
+    from transformers import AutoTokenizer
+
+    _check_source(path, what)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load a tokenizer from {what} '{path}': {e}") from None
+
+
+def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool = False,
+               zero3_config: dict | None = None, allow_missing=(), allow_unexpected=(),
+               what: str = "--model_name_or_path", **kwargs):
+    """`cls.from_pretrained` that fails loudly on missing or unexpected weights (pitfall 18).
+
+    `allow_missing` / `allow_unexpected` are glob patterns for the differences a step expects (a new
+    reward head, a dropped LM head). With `zero3_config`, weights load straight into ZeRO-3 shards.
+    """
+    _check_source(path, what)
+    hf_ds = None
+    if zero3_config is not None and zero3_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(zero3_config)  # must stay alive while the model exists
+    try:
+        model, info = cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                          output_loading_info=True, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load a model from {what} '{path}': {e}") from None
+    missing = [k for k in info.get("missing_keys", []) if not any(fnmatch.fnmatch(k, p) for p in allow_missing)]
+    unexpected = [k for k in info.get("unexpected_keys", [])
+                  if not any(fnmatch.fnmatch(k, p) for p in allow_unexpected)]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or unexpected or mismatched:
+        raise UserError(f"{what} '{path}': weights do not match the model: missing {sorted(missing)[:8]}, "
+                        f"unexpected {sorted(unexpected)[:8]}, mismatched {list(mismatched)[:8]}")
+    model._hf_ds_config = hf_ds
+    return model
+
+
+def apply_lora(model, lora_dim: int, lora_alpha: int, module_names: str, only_optimize_lora: bool,
+               task_type: str = "CAUSAL_LM"):
+    """Wrap with peft LoRA adapters on the named Linear/Conv1D modules."""
+    from peft import LoraConfig, get_peft_model
+
+    suffixes = [s.strip() for s in module_names.split(",") if s.strip()]
+    present = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} & set(suffixes))
+    if not present:
+        raise UserError(f"--lora_module_name: none of {suffixes} names a module of this model")
+    cfg = LoraConfig(r=lora_dim, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=present,
+                     task_type=task_type, fan_in_fan_out=model.config.model_type == "gpt2",
+                     modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    model = get_peft_model(model, cfg)
+    if not only_optimize_lora:
+        for n, p in model.named_parameters():
+            if "lora_" not in n:
+                p.requires_grad_(True)
+    return model
+
+
+def prepare_model(model, args, task_type: str = "CAUSAL_LM"):
+    """Gradient checkpointing and LoRA from the shared model arguments."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if args.lora_dim > 0:
+        model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name,
+                           args.only_optimize_lora, task_type)
+    elif args.only_optimize_lora:
+        raise UserError("--only_optimize_lora needs --lora_dim > 0")
+    return model
+
+
+def _merged_copy(peft_model, state_dict: dict):
+    """A plain model with the LoRA adapters merged, built on rank 0 from the gathered state dict."""
+    from peft import get_peft_model
+
+    base = peft_model.get_base_model()
+    with torch.device("meta"):
+        fresh = type(base)(base.config)
+    fresh = get_peft_model(fresh, peft_model.peft_config["default"])
+    fresh.load_state_dict(state_dict, strict=True, assign=True)
+    return fresh.merge_and_unload()
+
+
+def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> None:
+    """Write a Hugging Face directory (safetensors + tokenizer + args.json) from any ZeRO stage.
+
+    All ranks must call it: ZeRO-3 parameters are gathered one at a time (buffers included).
+    Written to a temporary name and renamed, so a kill never leaves a half-written model.
+    """
+    from peft import PeftModel
+
+    sd = ds.gather_state_dict(module)
+    if ds.is_rank0():
+        tmp = out_dir.rstrip("/") + ".tmp"
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        if isinstance(module, PeftModel):
+            model = _merged_copy(module, sd)
+            model.save_pretrained(tmp)
+        else:
+            module.save_pretrained(tmp, state_dict=sd)
+        tokenizer.save_pretrained(tmp)
+        if args_dict is not None:
+            with open(os.path.join(tmp, "args.json"), "w") as f:
+                json.dump(args_dict, f, indent=2, sort_keys=True)
+        _replace_dir(tmp, out_dir)
+    ds.barrier()
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Move the model files of `tmp` into `out_dir`, leaving other files (metrics, checkpoints) there."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)

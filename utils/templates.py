@@ -1,0 +1,131 @@
+"""Prompt templates and the one rendering function every step uses.
+
+A conversation is a list of messages `{"role": "system"|"user"|"assistant", "content": str}`.
+`render_segments` turns it into text segments, each marked trainable (an assistant reply) or not.
+The segments of `messages[:k]` rendered with `add_generation_prompt=True` are exactly the leading
+segments of the full conversation, so a PPO or chat prompt is byte-identical (and, because every
+segment is tokenized on its own, token-identical) to the prompt part of an SFT example.
+
+Templates:
+  chat    the tokenizer's own chat template (an error if it has none)
+  hh      "Human: ...\\n\\nAssistant: ..." (Anthropic HH form)
+  alpaca  the Alpaca instruction template
+  raw     contents concatenated as given
+  auto    resolved once per run: chat if the tokenizer has a chat template, else hh
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+TEMPLATES = ("auto", "chat", "alpaca", "hh", "raw")
+
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+ALPACA_HEADER_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    train: bool  # True for an assistant reply: its tokens (and the EOS after it) are trained
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    if template not in TEMPLATES:
+        raise UserError(f"--template must be one of {', '.join(TEMPLATES)}, got '{template}'")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        return "chat" if has_chat else "hh"
+    if template == "chat" and not has_chat:
+        raise UserError("--template chat: the tokenizer has no chat template; use auto, hh, alpaca or raw")
+    return template
+
+
+def _hh(messages, add_generation_prompt: bool) -> str:
+    out = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            out.append(f"{content}\n\n")
+        elif role == "user":
+            # The first turn starts without the blank line the HH transcripts begin with.
+            out.append(("" if not out else "\n\n") + f"Human: {content}")
+        else:
+            out.append(f"\n\nAssistant: {content}")
+    if add_generation_prompt:
+        out.append("\n\nAssistant:")
+    return "".join(out)
+
+
+def _alpaca(messages, add_generation_prompt: bool) -> str:
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if m["role"] == "user":
+            instruction, inp = m.get("instruction", m["content"]), m.get("input", "")
+            block = ALPACA_HEADER_INPUT if inp else ALPACA_HEADER
+            block += f"### Instruction:\n{instruction}\n\n"
+            if inp:
+                block += f"### Input:\n{inp}\n\n"
+            out.append(("\n\n" if out else "") + block)
+        else:
+            out.append(f"### Response:\n{m['content']}")
+    if add_generation_prompt:
+        out.append("### Response:\n")
+    return "".join(out)
+
+
+def _raw(messages, add_generation_prompt: bool) -> str:
+    return "".join(m["content"] for m in messages)
+
+
+def render_text(messages, template: str, tokenizer, add_generation_prompt: bool) -> str:
+    """The whole conversation as one string (template already resolved, not 'auto')."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    fn = {"hh": _hh, "alpaca": _alpaca, "raw": _raw}[template]
+    return fn(messages, add_generation_prompt)
+
+
+def _prefix_ok(text: str, prefix: str, what: str) -> None:
+    if not text.startswith(prefix):
+        raise UserError(
+            f"template does not render {what} as a prefix of the longer conversation; "
+            "loss masks would be wrong with it (pick --template hh, alpaca or raw)")
+
+
+def render_segments(messages, template: str, tokenizer, add_generation_prompt: bool = False) -> list[Segment]:
+    """Split a rendered conversation into non-trainable and trainable (assistant) segments.
+
+    Each assistant reply is the difference between the conversation rendered up to and including it
+    and the conversation before it rendered with a generation prompt. Concatenating the segments gives
+    `render_text(messages, ...)` exactly.
+    """
+    segments: list[Segment] = []
+    done = ""  # text rendered so far
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_text(messages[:i], template, tokenizer, add_generation_prompt=True)
+        upto = render_text(messages[: i + 1], template, tokenizer, add_generation_prompt=False)
+        _prefix_ok(before, done, "earlier turns")
+        _prefix_ok(upto, before, "the generation prompt")
+        if len(before) > len(done):
+            segments.append(Segment(before[len(done):], False))
+        segments.append(Segment(upto[len(before):], True))
+        done = upto
+    if not messages or messages[-1]["role"] != "assistant":
+        rest = render_text(messages, template, tokenizer, add_generation_prompt=add_generation_prompt)
+        _prefix_ok(rest, done, "earlier turns")
+        if len(rest) > len(done):
+            segments.append(Segment(rest[len(done):], False))
+    return segments

@@ -1,0 +1,151 @@
+"""Pieces every training loop shares: the micro-batch stream, sharded evaluation, checkpoints, guards."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from . import ds
+from .errors import UserError
+
+
+class StepStream:
+    """Micro-batches grouped by optimizer step, continuing across epochs so no data is left out.
+
+    Every rank sees the same number of micro-batches (DistributedSampler pads by repetition), so
+    collectives stay in lockstep. `set_epoch` is called at every epoch (pitfall 6). The position
+    (epoch, micro-batch) is part of checkpoints.
+    """
+
+    def __init__(self, items: list, batch_size: int, grad_accum: int, collate, seed: int):
+        self.items, self.bs, self.ga, self.collate = items, batch_size, grad_accum, collate
+        self.sampler = DistributedSampler(range(len(items)), num_replicas=ds.world_size(), rank=ds.rank(),
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.micro_per_epoch = math.ceil(len(self.sampler) / batch_size)
+        self.epoch, self.offset = 0, 0
+
+    def steps_for(self, epochs: float) -> int:
+        return max(1, int(epochs * self.micro_per_epoch) // self.ga)
+
+    def _epoch_indices(self) -> list[int]:
+        self.sampler.set_epoch(self.epoch)
+        return list(self.sampler)
+
+    def next_step(self) -> list:
+        batches = []
+        while len(batches) < self.ga:
+            idx = self._epoch_indices()
+            start = self.offset * self.bs
+            chunk = idx[start: start + self.bs]
+            batches.append(self.collate([self.items[i] for i in chunk]))
+            self.offset += 1
+            if self.offset >= self.micro_per_epoch:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "n": len(self.items), "bs": self.bs,
+                "ga": self.ga, "world": ds.world_size()}
+
+    def load_state_dict(self, st: dict) -> None:
+        now = {"n": len(self.items), "bs": self.bs, "ga": self.ga, "world": ds.world_size()}
+        changed = {k: (st[k], v) for k, v in now.items() if st.get(k) != v}
+        if changed:
+            names = {"n": "training samples", "bs": "--per_device_train_batch_size",
+                     "ga": "--gradient_accumulation_steps", "world": "world size"}
+            detail = ", ".join(f"{names[k]} {a} -> {b}" for k, (a, b) in changed.items())
+            raise UserError(f"--resume: the checkpoint was written with different settings ({detail}); "
+                            "resuming would not continue the same run. Use the original settings or a new --output_dir")
+        self.epoch, self.offset = st["epoch"], st["offset"]
+
+
+def eval_batches(items: list, batch_size: int, collate):
+    """This rank's evaluation batches and a 0/1 `valid` tensor per batch.
+
+    Items are dealt round-robin; every rank runs the same number of batches (ZeRO-3 forwards are
+    collective), and filler rows repeat item 0 with valid = 0 so each item counts exactly once.
+    """
+    r, w = ds.rank(), ds.world_size()
+    mine = list(range(r, len(items), w))
+    per_rank = math.ceil(len(items) / w)
+    n_batches = math.ceil(per_rank / batch_size)
+    mine += [-1] * (n_batches * batch_size - len(mine))
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        valid = torch.tensor([i >= 0 for i in chunk], dtype=torch.float32)
+        batch = collate([items[max(i, 0)] for i in chunk])
+        yield batch, valid
+
+
+def to_device(batch: dict) -> dict:
+    dev = ds.device()
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def check_finite(value: float, step: int, what: str = "loss") -> None:
+    """Stop on NaN/inf, naming the step; checkpoints already written stay intact."""
+    if not math.isfinite(value):
+        raise UserError(f"{what} is {value} at step {step}; stopping (the last checkpoint is intact). "
+                        "Lower --learning_rate or check the data")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save_checkpoint(output_dir: str, step: int, engines: dict, client_state: dict, keep: int) -> None:
+    """Engines' model/optimizer/scheduler states + client state, written under a temporary tag and
+    renamed once every rank has finished, so a kill never leaves a half checkpoint (pitfall 19)."""
+    root = checkpoint_dir(output_dir)
+    tmp_tag, tag = f"tmp-step-{step}", f"step-{step}"
+    state = dict(client_state, step=step, rng=ds.all_gather_objects(_rng_state()))
+    for name, engine in engines.items():
+        engine.save_checkpoint(os.path.join(root, tmp_tag), tag=name, client_state=state, save_latest=False)
+    ds.barrier()
+    if ds.is_rank0():
+        final = os.path.join(root, tag)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(os.path.join(root, tmp_tag), final)
+        done = sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d.split("-")[1]))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, old))
+    ds.barrier()
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    root = checkpoint_dir(output_dir)
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith("step-")]
+    if not done:
+        return None
+    return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1])))
+
+
+def load_checkpoint(path: str, engines: dict) -> dict:
+    """Restore engines and RNG states; returns the client state (step, data position, ...)."""
+    state = None
+    for name, engine in engines.items():
+        _, state = engine.load_checkpoint(path, tag=name)
+        if state is None:
+            raise UserError(f"--resume: checkpoint '{path}' has no state for '{name}'")
+    _set_rng_state(state["rng"][ds.rank()])
+    return state
