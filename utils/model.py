@@ -48,6 +48,12 @@ def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool =
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(zero3_config)  # must stay alive while the model exists
+    else:
+        # transformers keeps the last HfDeepSpeedConfig in a global; when a process loads several models
+        # (PPO: four), a ZeRO-3 one loaded earlier would otherwise make this one load partitioned too.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     try:
         model, info = cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                           output_loading_info=True, **kwargs)
@@ -97,16 +103,29 @@ def prepare_model(model, args, task_type: str = "CAUSAL_LM"):
     return model
 
 
-def _merged_copy(peft_model, state_dict: dict):
-    """A plain model with the LoRA adapters merged, built on rank 0 from the gathered state dict."""
-    from peft import get_peft_model
-
-    base = peft_model.get_base_model()
-    with torch.device("meta"):
-        fresh = type(base)(base.config)
-    fresh = get_peft_model(fresh, peft_model.peft_config["default"])
-    fresh.load_state_dict(state_dict, strict=True, assign=True)
-    return fresh.merge_and_unload()
+def merge_lora_state_dict(state_dict: dict, peft_config) -> dict:
+    """Plain-model weights from a gathered peft state dict: W = W0 + (alpha / r) * B @ A (Hu et al. 2021,
+    eq. 3), transposed for GPT-2's Conv1D (fan_in_fan_out). Keys lose peft's prefixes."""
+    scale = peft_config.lora_alpha / peft_config.r
+    out = {}
+    for key, value in state_dict.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if ".base_layer." in key:
+            prefix = key.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            if key.endswith(".weight"):
+                a = state_dict[f"{prefix}.lora_A.default.weight"].float()
+                b = state_dict[f"{prefix}.lora_B.default.weight"].float()
+                delta = (b @ a) * scale
+                value = (value.float() + (delta.T if peft_config.fan_in_fan_out else delta)).to(value.dtype)
+        elif ".modules_to_save." in key or ".original_module." in key:
+            if ".original_module." in key:
+                continue
+            name = name.replace(".modules_to_save.default.", ".")
+        out[name] = value
+    return out
 
 
 def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> None:
@@ -126,8 +145,8 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> N
             shutil.rmtree(tmp)
         os.makedirs(tmp)
         if isinstance(module, PeftModel):
-            model = _merged_copy(module, sd)
-            model.save_pretrained(tmp)
+            merged = merge_lora_state_dict(sd, module.peft_config["default"])
+            module.get_base_model().save_pretrained(tmp, state_dict=merged)
         else:
             module.save_pretrained(tmp, state_dict=sd)
         tokenizer.save_pretrained(tmp)
