@@ -1,0 +1,41 @@
+# Model-size presets, sourced by launch/run.sh. One row per size class:
+#   size  params(M)  micro_batch  sft_lr  rm_lr  actor_lr  critic_lr  dpo_lr  lora_dim  max_seq_len  grad_ckpt
+# Learning rates follow the usual full-fine-tuning ranges for these sizes (smaller for larger models);
+# from 13B up LoRA is on by default so a single node can hold the run. Override any of them with flags.
+PRESETS="
+125m   125   16  1e-4  5e-5  1e-5   5e-6   5e-7  0    512   0
+350m   350   16  5e-5  3e-5  5e-6   3e-6   5e-7  0    512   0
+1.3b   1300  8   2e-5  2e-5  3e-6   2e-6   5e-7  0    512   0
+7b     7000  4   1e-5  1e-5  1e-6   1e-6   5e-7  0    1024  1
+13b    13000 4   1e-4  5e-5  1e-5   5e-6   5e-6  128  1024  1
+70b    70000 1   1e-4  5e-5  1e-5   5e-6   5e-6  128  1024  1
+tiny   1     8   3e-3  1e-3  2e-5   1e-4   5e-5  0    256   0
+"
+
+# preset SIZE -> sets P_PARAMS P_MICRO P_SFT_LR P_RM_LR P_ACTOR_LR P_CRITIC_LR P_DPO_LR P_LORA P_SEQ P_CKPT
+preset() {
+  local row
+  row=$(printf '%s\n' "$PRESETS" | awk -v s="$1" '$1 == s')
+  if [ -z "$row" ]; then
+    echo "error: unknown MODEL_SIZE '$1'; choose one of: $(printf '%s\n' "$PRESETS" | awk 'NF {printf "%s ", $1}')" >&2
+    return 1
+  fi
+  read -r _ P_PARAMS P_MICRO P_SFT_LR P_RM_LR P_ACTOR_LR P_CRITIC_LR P_DPO_LR P_LORA P_SEQ P_CKPT <<<"$row"
+}
+
+# zero_choice PARAMS_M GPUS GPU_MEM_GB LORA -> "STAGE OFFLOAD"
+# Per-GPU memory of mixed-precision Adam training, in bytes per parameter (ZeRO paper, section 3):
+#   ZeRO-2: 2 (weights) + 2/N (grads) + 12/N (fp32 master + moments);  ZeRO-3: 16/N;
+#   ZeRO-3 + optimizer offload: 4/N on the GPU. With LoRA only the adapters train, so the frozen
+#   weights (2 bytes, or 2/N under ZeRO-3) dominate. The first choice that fits in 60% of GPU
+#   memory (the rest is for activations) wins; ZeRO-0 when one GPU holds everything.
+zero_choice() {
+  awk -v p="$1" -v n="$2" -v m="$3" -v lora="${4:-0}" 'BEGIN {
+    budget = 0.6 * m * 1e9; P = p * 1e6
+    full = lora ? 2 : 16; z2 = lora ? 2 : 2 + 14 / n; z3 = full / n
+    if (n == 1 && full * P <= budget)  { print "0 0"; exit }
+    if (z2 * P <= budget)              { print "2 0"; exit }
+    if (z3 * P <= budget)              { print "3 0"; exit }
+    print "3 1"
+  }'
+}

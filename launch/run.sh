@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The one launcher behind every step's run.sh.
+#
+#   bash launch/run.sh STEP [extra flags...]        STEP: sft | reward | ppo | dpo
+#
+# Environment (all optional):
+#   MODEL_SIZE   preset row of launch/presets.sh (125m 350m 1.3b 7b 13b 70b tiny); default 1.3b
+#   NGPUS        GPUs per node; detected with nvidia-smi when unset (2 CPU ranks without a GPU)
+#   HOSTFILE     DeepSpeed hostfile for several nodes ("host slots=8" per line); NNODES is read from it
+#   GPU_MEM_GB   memory per GPU used by the ZeRO table (default 80)
+#   ZERO_STAGE, OFFLOAD=0|1   override the table's choice
+#   MODEL        model to start from (sft, reward, dpo); ACTOR and CRITIC for ppo
+#   DATA         data file(s), space separated; OUTPUT_DIR   where the step writes
+#   DRY_RUN=1    print the exact command instead of running it
+# Flags after STEP are passed through unchanged and win over the preset (argparse keeps the last).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+# shellcheck source=presets.sh
+source "$HERE/presets.sh"
+
+STEP="${1:?usage: launch/run.sh sft|reward|ppo|dpo [flags...]}"
+shift
+MODEL_SIZE="${MODEL_SIZE:-1.3b}"
+preset "$MODEL_SIZE"
+
+if [ -z "${NGPUS:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    NGPUS=$(nvidia-smi -L | wc -l)
+  else
+    NGPUS=2  # CPU: two DeepSpeed ranks (gloo)
+  fi
+fi
+NNODES=1
+LAUNCH=(deepspeed)
+if [ -n "${HOSTFILE:-}" ]; then
+  [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; }
+  NNODES=$(grep -cvE '^\s*(#|$)' "$HOSTFILE")
+  LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NGPUS")
+else
+  LAUNCH+=(--num_gpus "$NGPUS")
+fi
+TOTAL_GPUS=$((NGPUS * NNODES))
+read -r AUTO_STAGE AUTO_OFFLOAD <<<"$(zero_choice "$P_PARAMS" "$TOTAL_GPUS" "${GPU_MEM_GB:-80}" "$([ "$P_LORA" != 0 ] && echo 1 || echo 0)")"
+STAGE="${ZERO_STAGE:-$AUTO_STAGE}"
+OFFLOAD="${OFFLOAD:-$AUTO_OFFLOAD}"
+OFF=()
+[ "$OFFLOAD" = "1" ] && OFF=(--offload)
+LORA=()
+[ "$P_LORA" != "0" ] && LORA=(--lora_dim "$P_LORA" --only_optimize_lora)
+CKPT=()
+[ "$P_CKPT" = "1" ] && CKPT=(--gradient_checkpointing)
+# shellcheck disable=SC2206
+DATA_ARGS=(${DATA:+--data_path $DATA})
+OUT_ARGS=(${OUTPUT_DIR:+--output_dir "$OUTPUT_DIR"})
+
+case "$STEP" in
+  sft)
+    ARGS=(step1_sft/main.py ${MODEL:+--model_name_or_path "$MODEL"} --zero_stage "$STAGE" "${OFF[@]}"
+          --per_device_train_batch_size "$P_MICRO" --learning_rate "$P_SFT_LR" --max_seq_len "$P_SEQ"
+          "${LORA[@]}" "${CKPT[@]}") ;;
+  reward)
+    ARGS=(step2_reward/main.py ${MODEL:+--model_name_or_path "$MODEL"} --zero_stage "$STAGE" "${OFF[@]}"
+          --per_device_train_batch_size "$P_MICRO" --learning_rate "$P_RM_LR" --max_seq_len "$P_SEQ"
+          "${LORA[@]}" "${CKPT[@]}") ;;
+  dpo)
+    ARGS=(dpo/main.py ${MODEL:+--model_name_or_path "$MODEL"} --zero_stage "$STAGE" "${OFF[@]}"
+          --per_device_train_batch_size "$P_MICRO" --learning_rate "$P_DPO_LR" --max_seq_len "$P_SEQ"
+          "${LORA[@]}" "${CKPT[@]}") ;;
+  ppo)
+    PPO_LORA=()
+    [ "$P_LORA" != "0" ] && PPO_LORA=(--actor_lora_dim "$P_LORA" --critic_lora_dim "$P_LORA")
+    PPO_CKPT=()
+    [ "$P_CKPT" = "1" ] && PPO_CKPT=(--actor_gradient_checkpointing)
+    ARGS=(step3_ppo/main.py ${ACTOR:+--actor_model_name_or_path "$ACTOR"}
+          ${CRITIC:+--critic_model_name_or_path "$CRITIC"} --actor_zero_stage "$STAGE" --critic_zero_stage "$STAGE"
+          "${OFF[@]}" --actor_learning_rate "$P_ACTOR_LR" --critic_learning_rate "$P_CRITIC_LR"
+          "${PPO_LORA[@]}" "${PPO_CKPT[@]}") ;;
+  *) echo "error: unknown step '$STEP' (sft, reward, ppo, dpo)" >&2; exit 2 ;;
+esac
+
+CMD=("${LAUNCH[@]}" "${ARGS[@]}" "${DATA_ARGS[@]}" "${OUT_ARGS[@]}" "$@")
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  echo "# MODEL_SIZE=$MODEL_SIZE GPUs=$TOTAL_GPUS ($NNODES node(s) x $NGPUS): ZeRO-$STAGE offload=$OFFLOAD"
+  printf '%q ' "${CMD[@]}"
+  echo
+  exit 0
+fi
+cd "$REPO"
+exec "${CMD[@]}"
