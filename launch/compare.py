@@ -1,0 +1,118 @@
+"""Side-by-side evaluation of several models on the same prompts.
+
+    python launch/compare.py --models sft=out/sft ppo=out/ppo/actor dpo=out/dpo \
+        --prompts data/heldout_prompts.jsonl --reward_model out/reward \
+        --preferred great,wonderful --form '^The \\w+ is \\w+\\.$' --json results.json
+
+For every model: greedy answers (each rendered with the template in that model's args.json), the
+reward model's mean score of them (prompt + answer + EOS, scored at the last token), the rate of
+answers containing a preferred word, the EOS rate and, with --form, the rate of well-formed answers.
+Then a few prompts with every model's answer side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from utils.args import inherited  # noqa: E402
+from utils.data import load_samples  # noqa: E402
+from utils.encoding import Encoder  # noqa: E402
+from utils.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+def encoder_for(model_dir: str, tokenizer) -> Encoder:
+    prev = inherited(model_dir)
+    return Encoder(tokenizer, prev.get("template", "auto"), int(prev.get("max_seq_len") or 512))
+
+
+def evaluate_model(model_dir: str, prompts: list, max_new_tokens: int):
+    from transformers import AutoModelForCausalLM
+
+    from utils.generation import generate_answers
+    from utils.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir, what="--models")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return generate_answers(model, encoder_for(model_dir, tok), prompts, max_new_tokens=max_new_tokens)
+
+
+def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:
+    from utils.model import load_tokenizer
+    from utils.reward import load_reward_model, score_ids
+
+    tok = load_tokenizer(reward_dir, what="--reward_model")
+    enc = encoder_for(reward_dir, tok)
+    model = load_reward_model(reward_dir, pad_id=enc.pad_id, what="--reward_model").eval()
+    seqs = [enc.encode_reply(p, ({"role": "assistant", "content": a.text.strip()},))[0]
+            for p, a in zip(prompts, answers)]
+    return score_ids(model, seqs, enc.pad_id)
+
+
+def summarise(answers, scores, preferred: list[str], form) -> dict:
+    n = len(answers)
+    words = [set(re.findall(r"\w+", a.text.lower())) for a in answers]
+    row = {"n": n, "eos_rate": sum(a.ended for a in answers) / n,
+           "preferred_rate": sum(bool(w & set(preferred)) for w in words) / n if preferred else None,
+           "well_formed_rate": sum(a.ended and bool(form.match(a.text.strip())) for a in answers) / n
+           if form else None,
+           "reward": sum(scores) / n if scores else None,
+           "mean_length_tokens": sum(len(a.ids) for a in answers) / n}
+    return row
+
+
+def print_table(results: dict) -> None:
+    cols = ["reward", "preferred_rate", "eos_rate", "well_formed_rate", "mean_length_tokens"]
+    cols = [c for c in cols if any(r[c] is not None for r in results.values())]
+    width = max(len(k) for k in results) + 2
+    print("model".ljust(width) + "".join(c.rjust(20) for c in cols))
+    for name, r in results.items():
+        print(name.ljust(width) + "".join(f"{r[c]:20.3f}" for c in cols))
+
+
+@exit_on_user_error
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="NAME=DIR pairs (Hugging Face causal-LM directories)")
+    ap.add_argument("--prompts", required=True, help="file with prompts (any format with a prompt)")
+    ap.add_argument("--reward_model", default=None, help="step-2 reward model directory to score the answers")
+    ap.add_argument("--preferred", default="", help="comma-separated words that mark the preferred behaviour")
+    ap.add_argument("--form", default=None, help="regex a well-formed answer matches (EOS required too)")
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=4, help="prompts shown side by side")
+    ap.add_argument("--json", default=None, help="also write the summary and answers here")
+    a = ap.parse_args(argv)
+    pairs = []
+    for spec in a.models:
+        if "=" not in spec:
+            raise UserError(f"--models: expected NAME=DIR, got '{spec}'")
+        pairs.append(spec.split("=", 1))
+    prompts = [s.prompt for s in load_samples([a.prompts], "prompts")]
+    preferred = [w.strip().lower() for w in a.preferred.split(",") if w.strip()]
+    form = re.compile(a.form) if a.form else None
+    results, answers = {}, {}
+    for name, path in pairs:
+        answers[name] = evaluate_model(path, prompts, a.max_new_tokens)
+        scores = reward_scores(a.reward_model, prompts, answers[name]) if a.reward_model else None
+        results[name] = summarise(answers[name], scores, preferred, form)
+    print(f"\n{len(prompts)} prompts from {a.prompts}")
+    print_table(results)
+    for i in range(min(a.samples, len(prompts))):
+        print(f"\nprompt: {prompts[i][-1]['content']}")
+        for name in answers:
+            ans = answers[name][i]
+            print(f"  {name:>8}: {ans.text.strip()!r}{'' if ans.ended else '  [no EOS]'}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"summary": results, "answers": {k: [x.text for x in v] for k, v in answers.items()}}, f,
+                      indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

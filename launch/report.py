@@ -1,0 +1,68 @@
+"""PNG report of training curves from the metrics.jsonl of each step.
+
+    python launch/report.py --runs sft=out/sft reward=out/reward ppo=out/ppo dpo=out/dpo --out report.png
+
+One panel per (run, metric) for the metrics each step is judged by; train and eval curves together.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+KEYS = ["loss", "accuracy", "reward", "kl", "eos_rate", "rewards/accuracies", "rewards/margins"]
+
+
+def load(path: str) -> list[dict]:
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
+    out = []
+    for name, path in runs:
+        rows = load(path)
+        for key in KEYS:
+            series = {}
+            for split in ("train", "eval"):
+                pts = [(r["step"], r[key]) for r in rows if r.get("split", "train") == split
+                       and isinstance(r.get(key), (int, float))]
+                if pts:
+                    series[split] = pts
+            if series:
+                out.append((name, key, series))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="NAME=DIR pairs; DIR holds metrics.jsonl")
+    ap.add_argument("--out", required=True, help="PNG file to write")
+    a = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = panels([tuple(s.split("=", 1)) for s in a.runs])
+    cols = 4
+    rows = max(1, math.ceil(len(ps) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (name, key, series) in zip(axes.flat, ps):
+        for split, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if split == "eval" else None,
+                    markersize=3, label=split)
+        ax.set_title(f"{name}: {key}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ps):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=90)
+    print(f"wrote {a.out} ({len(ps)} panels)")
+
+
+if __name__ == "__main__":
+    main()
