@@ -11,6 +11,7 @@
 #   ZERO_STAGE, OFFLOAD=0|1   override the table's choice
 #   MODEL        model to start from (sft, reward, dpo); ACTOR and CRITIC for ppo
 #   DATA         data file(s), space separated; OUTPUT_DIR   where the step writes
+#   MASTER_PORT  rendezvous port (deepspeed's default 29500 when unset)
 #   DRY_RUN=1    print the exact command instead of running it
 # Flags after STEP are passed through unchanged and win over the preset (argparse keeps the last).
 set -euo pipefail
@@ -40,6 +41,7 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   LAUNCH+=(--num_gpus "$NGPUS")
 fi
+[ -n "${MASTER_PORT:-}" ] && LAUNCH+=(--master_port "$MASTER_PORT")
 TOTAL_GPUS=$((NGPUS * NNODES))
 read -r AUTO_STAGE AUTO_OFFLOAD <<<"$(zero_choice "$P_PARAMS" "$TOTAL_GPUS" "${GPU_MEM_GB:-80}" "$([ "$P_LORA" != 0 ] && echo 1 || echo 0)")"
 STAGE="${ZERO_STAGE:-$AUTO_STAGE}"

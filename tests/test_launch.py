@@ -1,0 +1,79 @@
+"""Launchers: syntax, dry-run commands, and a valid DeepSpeed config for every preset x GPU count."""
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import REPO
+from utils.ds import ds_config
+
+SIZES = ["125m", "350m", "1.3b", "7b", "13b", "70b", "tiny"]
+STEPS = {"sft": "step1_sft/main.py", "reward": "step2_reward/main.py", "dpo": "dpo/main.py", "ppo": "step3_ppo/main.py"}
+
+
+def dry_run(step: str, **env) -> tuple[str, list[str]]:
+    e = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NGPUS", "ZERO_STAGE", "OFFLOAD")}
+    e.update(DRY_RUN="1", **env)
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), step], env=e, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    header, cmd = p.stdout.strip().splitlines()
+    return header, shlex.split(cmd)
+
+
+def flag(cmd: list[str], name: str):
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_every_script_parses():
+    scripts = glob.glob(os.path.join(REPO, "**", "*.sh"), recursive=True) + [os.path.join(REPO, ".ci", "run")]
+    assert len(scripts) >= 5
+    for s in scripts:
+        p = subprocess.run(["bash", "-n", s], capture_output=True, text=True)
+        assert p.returncode == 0, (s, p.stderr)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("ngpus", ["1", "8"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_presets_give_valid_configs(size, ngpus, step):
+    header, cmd = dry_run(step, MODEL_SIZE=size, NGPUS=ngpus)
+    assert cmd[:3] == ["deepspeed", "--num_gpus", ngpus] and cmd[3] == STEPS[step]
+    stage = int(flag(cmd, "--zero_stage") or flag(cmd, "--actor_zero_stage"))
+    assert f"ZeRO-{stage}" in header
+    micro = int(flag(cmd, "--per_device_train_batch_size") or 1)
+    cfg = ds_config(stage=stage, offload="--offload" in cmd, dtype="bf16", micro_batch=micro, grad_accum=2,
+                    world=int(ngpus))
+    assert cfg["train_batch_size"] == micro * 2 * int(ngpus)
+
+
+def test_large_preset_changes_with_gpu_count():
+    one, _ = dry_run("sft", MODEL_SIZE="7b", NGPUS="1")
+    eight, _ = dry_run("sft", MODEL_SIZE="7b", NGPUS="8")
+    assert "ZeRO-3 offload=1" in one and "ZeRO-2 offload=0" in eight
+    one, _ = dry_run("sft", MODEL_SIZE="70b", NGPUS="1")
+    eight, _ = dry_run("sft", MODEL_SIZE="70b", NGPUS="8")
+    assert one != eight
+
+
+def test_overrides_and_passthrough(tmp_path):
+    header, cmd = dry_run("sft", MODEL_SIZE="125m", NGPUS="2", ZERO_STAGE="3", OFFLOAD="1", MODEL="m",
+                          DATA="a.jsonl b.jsonl", OUTPUT_DIR="o")
+    assert "ZeRO-3 offload=1" in header and "--offload" in cmd
+    assert cmd[cmd.index("--data_path") + 1:cmd.index("--data_path") + 3] == ["a.jsonl", "b.jsonl"]
+    assert flag(cmd, "--model_name_or_path") == "m" and flag(cmd, "--output_dir") == "o"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    header, cmd = dry_run("ppo", MODEL_SIZE="7b", NGPUS="8", HOSTFILE=str(hostfile), ACTOR="a", CRITIC="c")
+    assert cmd[:7] == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8"]
+    assert "16 GPUs" not in header and "2 node(s) x 8" in header
+    assert flag(cmd, "--actor_model_name_or_path") == "a" and flag(cmd, "--critic_model_name_or_path") == "c"
+
+
+def test_bad_size_is_refused():
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], capture_output=True, text=True,
+                       env=dict(os.environ, DRY_RUN="1", MODEL_SIZE="3b"))
+    assert p.returncode != 0 and "unknown MODEL_SIZE '3b'" in p.stderr

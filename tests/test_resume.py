@@ -1,0 +1,76 @@
+"""Kill -9 after a checkpoint, --resume, and the remaining losses match an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import DATA, REPO, free_port, read_metrics, run_deepspeed
+
+pytestmark = pytest.mark.e2e
+
+
+def last_by_step(metrics: list[dict], split: str = "train", key: str = "loss") -> dict:
+    """The last logged value per step (a killed run's lines after its checkpoint are redone on resume)."""
+    return {m["step"]: m[key] for m in metrics if m["split"] == split and key in m}
+
+
+def run_killed_after_checkpoint(script: str, args: list[str], out: str, timeout: float = 300) -> str:
+    """Start a 2-rank run, SIGKILL the whole process group once a checkpoint is complete."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(REPO, script), *args]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    root = os.path.join(out, "checkpoints")
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            done = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+            if done:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return max(done, key=lambda d: int(d.split("-")[1]))
+            if proc.poll() is not None:
+                raise AssertionError(f"run finished before a checkpoint was written (rc {proc.returncode})")
+            time.sleep(0.05)
+        raise AssertionError("no checkpoint appeared in time")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sft_resume_matches_uninterrupted(tiny_dir, tmp_path):
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
+              "--learning_rate", "3e-3", "--max_steps", "120", "--per_device_train_batch_size", "4",
+              "--log_interval", "1", "--save_interval", "10", "--save_total_limit", "2", "--zero_stage", "2"]
+    full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
+    run_deepspeed("step1_sft/main.py", common + ["--output_dir", full])
+    run_killed_after_checkpoint("step1_sft/main.py", common + ["--output_dir", broken], broken)
+    assert not os.path.exists(os.path.join(broken, "model.safetensors"))
+    p = run_deepspeed("step1_sft/main.py", common + ["--output_dir", broken, "--resume"])
+    resumed_at = int(p.stdout.split("resumed from")[1].split("at step")[1].split()[0])
+    assert resumed_at >= 10
+    a, b = last_by_step(read_metrics(full)), last_by_step(read_metrics(broken))
+    later = [s for s in a if s > resumed_at]
+    assert len(later) >= 10
+    for s in later:
+        assert b[s] == pytest.approx(a[s], abs=1e-5), (s, a[s], b[s])
+    ev_a, ev_b = last_by_step(read_metrics(full), "eval"), last_by_step(read_metrics(broken), "eval")
+    assert ev_b[120] == pytest.approx(ev_a[120], abs=1e-5)
+    # Only complete checkpoints remain, at most --save_total_limit of them.
+    ckpts = os.listdir(os.path.join(broken, "checkpoints"))
+    assert all(c.startswith("step-") for c in ckpts) and len(ckpts) <= 2
+
+
+def test_resume_refuses_changed_batch(tiny_dir, tmp_path):
+    out = str(tmp_path / "o")
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
+              "--max_steps", "4", "--save_interval", "2", "--output_dir", out]
+    run_deepspeed("step1_sft/main.py", common + ["--per_device_train_batch_size", "4"])
+    p = run_deepspeed("step1_sft/main.py", common + ["--per_device_train_batch_size", "8", "--resume"], check=False)
+    assert p.returncode != 0
+    assert "--per_device_train_batch_size 4 -> 8" in p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
