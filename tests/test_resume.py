@@ -74,3 +74,25 @@ def test_resume_refuses_changed_batch(tiny_dir, tmp_path):
     assert p.returncode != 0
     assert "--per_device_train_batch_size 4 -> 8" in p.stdout + p.stderr
     assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoints(tiny_dir, tmp_path):
+    """An exploding learning rate drives the loss to NaN/inf within a few steps."""
+    from conftest import run_python
+
+    out = str(tmp_path / "nan")
+    p = run_python("step1_sft/main.py", [
+        "--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"), "--output_dir", out,
+        "--learning_rate", "1e8", "--max_grad_norm", "0", "--max_steps", "30", "--save_interval", "1",
+        "--zero_stage", "0"])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    import re
+
+    m = re.search(r"loss is (nan|inf|-inf) at step (\d+)", p.stderr)
+    assert m, p.stderr[-2000:]
+    step = int(m.group(2))
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts and all(c.startswith("step-") for c in ckpts)
+    assert max(int(c.split("-")[1]) for c in ckpts) == step - 1
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
