@@ -129,3 +129,31 @@ def test_load_splits_with_eval_file(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "E", "response": "R"}])
     tr, ev = load_splits([a], [b], 0.5, 0, "sft")
     assert len(tr) == 5 and len(ev) == 1
+
+
+def test_step_stream_same_global_batch_for_any_world_size(monkeypatch):
+    """1 rank x 8 and 2 ranks x 4 see the same global batches; each epoch is a new permutation that
+    covers every item; every rank runs the same number of micro-batches."""
+    from utils import ds
+    from utils.train import StepStream
+
+    items = list(range(21))
+
+    def stream(world, rank, bs, ga=1):
+        monkeypatch.setattr(ds, "world_size", lambda: world)
+        monkeypatch.setattr(ds, "rank", lambda: rank)
+        return StepStream(items, bs, ga, list, seed=3)
+
+    one = stream(1, 0, 8)
+    r0, r1 = stream(2, 0, 4), stream(2, 1, 4)
+    for _ in range(7):  # crosses two epoch boundaries (3 global batches per epoch)
+        a = one.next_step()[0]
+        b = r0.next_step()[0] + r1.next_step()[0]
+        assert a == b
+    fresh = stream(1, 0, 8)
+    e0 = [x for _ in range(3) for x in fresh.next_step()[0]]
+    assert set(e0) == set(items) and len(e0) == 24  # 3 wrapped-around fillers
+    s = stream(1, 0, 8)
+    first = [s.next_step()[0] for _ in range(3)]
+    second = [s.next_step()[0] for _ in range(3)]
+    assert first != second and s.epoch == 2

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from . import ds
 from .errors import UserError
@@ -17,32 +16,40 @@ from .errors import UserError
 class StepStream:
     """Micro-batches grouped by optimizer step, continuing across epochs so no data is left out.
 
-    Every rank sees the same number of micro-batches (DistributedSampler pads by repetition), so
-    collectives stay in lockstep. `set_epoch` is called at every epoch (pitfall 6). The position
-    (epoch, micro-batch) is part of checkpoints.
+    Each epoch draws a fresh permutation from (seed, epoch) (the reshuffle DeepSpeed-Chat forgot,
+    pitfall 6). Global batches are contiguous slices of it and rank r takes the r-th piece of each,
+    so the same global batch is seen whatever the world size (1 rank x 8 == 2 ranks x 4). The last
+    global batch of an epoch is filled by wrapping around, so every rank runs the same number of
+    micro-batches and collectives stay in lockstep. The position (epoch, micro-batch) is saved in
+    checkpoints.
     """
 
     def __init__(self, items: list, batch_size: int, grad_accum: int, collate, seed: int):
-        self.items, self.bs, self.ga, self.collate = items, batch_size, grad_accum, collate
-        self.sampler = DistributedSampler(range(len(items)), num_replicas=ds.world_size(), rank=ds.rank(),
-                                          shuffle=True, seed=seed, drop_last=False)
-        self.micro_per_epoch = math.ceil(len(self.sampler) / batch_size)
+        self.items, self.bs, self.ga, self.collate, self.seed = items, batch_size, grad_accum, collate, seed
+        self.world, self.rank = ds.world_size(), ds.rank()
+        span = batch_size * self.world  # samples per micro-batch over all ranks
+        self.micro_per_epoch = math.ceil(len(items) / span)
         self.epoch, self.offset = 0, 0
+        self._perm_epoch, self._perm = None, None
 
     def steps_for(self, epochs: float) -> int:
         return max(1, int(epochs * self.micro_per_epoch) // self.ga)
 
-    def _epoch_indices(self) -> list[int]:
-        self.sampler.set_epoch(self.epoch)
-        return list(self.sampler)
+    def _epoch_perm(self) -> list[int]:
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(len(self.items), generator=g).tolist()
+            need = self.micro_per_epoch * self.bs * self.world
+            self._perm = (perm * math.ceil(need / len(perm)))[:need]
+            self._perm_epoch = self.epoch
+        return self._perm
 
     def next_step(self) -> list:
         batches = []
         while len(batches) < self.ga:
-            idx = self._epoch_indices()
-            start = self.offset * self.bs
-            chunk = idx[start: start + self.bs]
-            batches.append(self.collate([self.items[i] for i in chunk]))
+            perm = self._epoch_perm()
+            start = (self.offset * self.world + self.rank) * self.bs
+            batches.append(self.collate([self.items[i] for i in perm[start: start + self.bs]]))
             self.offset += 1
             if self.offset >= self.micro_per_epoch:
                 self.epoch, self.offset = self.epoch + 1, 0
@@ -50,10 +57,10 @@ class StepStream:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "n": len(self.items), "bs": self.bs,
-                "ga": self.ga, "world": ds.world_size()}
+                "ga": self.ga, "world": self.world}
 
     def load_state_dict(self, st: dict) -> None:
-        now = {"n": len(self.items), "bs": self.bs, "ga": self.ga, "world": ds.world_size()}
+        now = {"n": len(self.items), "bs": self.bs, "ga": self.ga, "world": self.world}
         changed = {k: (st[k], v) for k, v in now.items() if st.get(k) != v}
         if changed:
             names = {"n": "training samples", "bs": "--per_device_train_batch_size",
