@@ -7,7 +7,7 @@ token is predicted from the last prompt token and is in the loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,12 +118,13 @@ class EncodedSet:
     items: list           # per-sample encodings (tuples of lists)
     skipped: int
     first_skipped: str | None
+    kept: list = field(default_factory=list)  # index in `samples` of each item (to carry per-row fields)
 
 
 def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print) -> EncodedSet:
     """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong."""
-    items, skipped, first = [], 0, None
-    for s in samples:
+    items, skipped, first, kept = [], 0, None, []
+    for i, s in enumerate(samples):
         pairs = fn(s)
         fitted = [encoder.fit(ids, labels) for ids, labels in pairs]
         if any(f is None for f in fitted):
@@ -135,12 +136,13 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
             first = first or s.where
             continue
         items.append(tuple(fitted))
+        kept.append(i)
     if skipped:
         log(f"{what}: skipped {skipped} of {len(samples)} samples longer than --max_seq_len "
             f"{encoder.max_seq_len} (--overlong {encoder.overlong}; first: {first})")
     if not items:
         raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}")
-    return EncodedSet(items, skipped, first)
+    return EncodedSet(items, skipped, first, kept)
 
 
 def pad_batch(seqs: list[list[int]], labels: list[list[int]] | None, pad_id: int, left: bool = False):

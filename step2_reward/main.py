@@ -1,0 +1,104 @@
+"""Step 2: a reward model trained with the pairwise Bradley-Terry loss, saved as a standard
+`AutoModelForSequenceClassification` directory (num_labels=1).
+
+    deepspeed --num_gpus 2 step2_reward/main.py --model_name_or_path SFT_DIR --data_path pairs.jsonl --output_dir out
+    python step2_reward/main.py ...   (one process)
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from transformers.utils import logging as hf_logging
+
+from step2_reward.trainer import Pair, collate, make_items, train
+from utils import ds
+from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings, save_args
+from utils.data import load_splits
+from utils.encoding import Encoder, encode_all
+from utils.errors import UserError, exit_on_user_error
+from utils.metrics import MetricsLogger
+from utils.model import load_tokenizer, prepare_model, save_hf
+from utils.reward import disable_dropout, export_pad_token_id, load_reward_model
+from utils.train import StepStream
+
+
+@dataclass
+class RewardArgs:
+    center_rewards_coefficient: float = arg(0.0, "weight of the reward-centering term coef * (r_chosen + "
+                                            "r_rejected)^2 (Eisenstein et al. 2023); 0 disables it")
+    disable_dropout: bool = arg(True, "set every dropout rate to 0 so training optimises the deterministic "
+                                "score that evaluation and inference read")
+    shared_prompt_forward: bool = arg(False, "run each pair's prompt once and both replies on its cached keys/"
+                                      "values (prompt + 2 replies tokens instead of 2 x (prompt + reply)); the same "
+                                      "rewards to float rounding; not with --gradient_checkpointing")
+
+
+def encode_pairs(samples, encoder, what: str) -> list[Pair]:
+    """Each pair as prompt + reply + EOS token ids, chosen and rejected (over-long pairs follow --overlong)."""
+    encoded = encode_all(samples, lambda s: (encoder.encode_reply(s.prompt, s.chosen),
+                                             encoder.encode_reply(s.prompt, s.rejected)), encoder, what, ds.print0)
+    return make_items(encoded, samples)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse((*SHARED_GROUPS, RewardArgs), "Step 2: reward model (pairwise loss on the last-token score)",
+                 argv, required=("model_name_or_path", "data_path", "output_dir"))
+    if args.shared_prompt_forward and args.gradient_checkpointing:
+        raise UserError("--shared_prompt_forward needs the KV cache, which --gradient_checkpointing turns off")
+    hf_logging.disable_progress_bar()
+    rank, world = ds.init_distributed(args.seed)
+
+    # Data: read and validate everything before the model is touched, so bad input fails fast.
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
+    encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
+    train_samples, eval_samples = load_splits(args.data_path, args.eval_data_path, args.eval_fraction,
+                                              args.seed, "pairs", log=ds.print0)
+    train_items = encode_pairs(train_samples, encoder, "train")
+    eval_items = encode_pairs(eval_samples, encoder, "eval")
+    ds.print0(f"template={encoder.template} max_seq_len={max_seq_len} train_pairs={len(train_items)} "
+              f"eval_pairs={len(eval_items)} world={world}")
+
+    # Model and engine.
+    cfg = ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                       micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                       world=world, grad_clip=args.max_grad_norm)
+    model = load_reward_model(args.model_name_or_path, pad_id=encoder.pad_id, dtype=args.dtype,
+                              trust_remote_code=args.trust_remote_code, zero3_config=cfg)
+    if args.disable_dropout:
+        disable_dropout(model)
+    model = prepare_model(model, args, task_type="SEQ_CLS")
+    collate_fn = functools.partial(collate, pad_id=encoder.pad_id, shared_prompt=args.shared_prompt_forward)
+    stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                        collate_fn, args.seed)
+    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
+    engine = ds.init_train_engine(model, cfg=cfg, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
+                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
+                                  total_steps=total_steps)
+
+    # Train and save.
+    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
+    resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
+                "total_steps": total_steps, "step": "reward"}
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    train(args, engine, stream, eval_items, logger, collate_fn, total_steps)
+    logger.close()
+    # The saved config's pad id is the one plain transformers needs to pool at the EOS (see export_pad_token_id).
+    export_pad = export_pad_token_id(tokenizer)
+    config = engine.module.config.get_text_config()
+    if config.pad_token_id != export_pad:
+        ds.print0(f"saved config.pad_token_id = {export_pad} (was {config.pad_token_id} for training batches; "
+                  f"tokenizer pad={tokenizer.pad_token_id} eos={tokenizer.eos_token_id})")
+        config.pad_token_id = export_pad
+    save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})
+    ds.print0(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

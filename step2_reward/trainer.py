@@ -1,0 +1,167 @@
+"""Step 2 training loop: pairwise Bradley-Terry loss on the reward read at the last real token.
+
+Chosen and rejected responses of a micro-batch go through one forward: rows [0, B) are the chosen
+sequences and rows [B, 2B) the rejected ones, right-padded together. With --shared_prompt_forward the
+shared prompt runs once and both replies attend to its cached keys and values (same rewards, fewer
+tokens; see utils.reward.shared_prompt_rewards).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import torch
+
+from utils import ds
+from utils.encoding import IGNORE, pad_batch, position_ids_from_mask
+from utils.losses import pairwise_reward_loss, step_loss_scale
+from utils.metrics import Throughput
+from utils.reward import sequence_rewards, shared_prompt_rewards
+from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
+
+SUMS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "margin_sum", "pairs")
+
+
+class Pair(NamedTuple):
+    chosen: list[int]    # prompt + chosen reply + EOS
+    rejected: list[int]  # prompt + rejected reply + EOS
+    margin: float        # 0.0 when the row has none
+    where: str           # "file:line"
+    prompt_len: int      # leading tokens the two share (the rendered prompt)
+
+
+def make_items(encoded, samples) -> list[Pair]:
+    """Encoded (chosen, rejected) = ((ids, labels), (ids, labels)) + their samples -> Pairs."""
+    items = []
+    for ((chosen, labels), (rejected, _)), i in zip(encoded.items, encoded.kept):
+        prompt_len = next(t for t, label in enumerate(labels) if label != IGNORE)
+        s = samples[i]
+        items.append(Pair(chosen, rejected, s.margin or 0.0, s.where, prompt_len))
+    return items
+
+
+def collate(items: list[Pair], pad_id: int, shared_prompt: bool = False) -> dict:
+    """Pairs -> one right-padded batch of 2B rows, chosen first; or, with `shared_prompt`, B left-padded
+    prompts and 2B right-padded replies (chosen and rejected of pair b in rows 2b and 2b + 1)."""
+    margin = torch.tensor([it.margin for it in items], dtype=torch.float32)
+    if shared_prompt:
+        prompts = pad_batch([it.chosen[:it.prompt_len] for it in items], None, pad_id, left=True)
+        replies = pad_batch([r for it in items for r in (it.chosen[it.prompt_len:], it.rejected[it.prompt_len:])],
+                            None, pad_id)
+        return {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"],
+                "reply_ids": replies["input_ids"], "reply_mask": replies["attention_mask"], "margin": margin}
+    batch = pad_batch([it.chosen for it in items] + [it.rejected for it in items], None, pad_id)
+    batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
+    batch["margin"] = margin
+    return batch
+
+
+def pair_rewards(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) from either batch layout of `collate`."""
+    if "prompt_ids" in batch:
+        rewards = shared_prompt_rewards(engine, batch["prompt_ids"], batch["prompt_mask"], batch["reply_ids"],
+                                        batch["reply_mask"], fp32)
+        return rewards[0::2], rewards[1::2]
+    rewards = sequence_rewards(engine, batch["input_ids"], batch["attention_mask"], batch["position_ids"], fp32)
+    return rewards.chunk(2)
+
+
+def pair_tokens(batch: dict) -> int:
+    """Real tokens of the batch's chosen and rejected sequences (the same count for either layout)."""
+    if "prompt_ids" in batch:
+        return int(2 * batch["prompt_mask"].sum() + batch["reply_mask"].sum())
+    return int(batch["attention_mask"].sum())
+
+
+def summarize(sums: dict) -> dict:
+    """Summed diagnostics (over pairs, ranks, micro-batches) -> the logged means."""
+    n = max(sums["pairs"], 1)
+    return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n, "chosen_reward": sums["chosen_sum"] / n,
+            "rejected_reward": sums["rejected_sum"] / n, "margin": sums["margin_sum"] / n}
+
+
+def reduce_sums(sums: dict) -> dict:
+    return dict(zip(SUMS, ds.all_reduce_sum([sums[k] for k in SUMS]).tolist()))
+
+
+@torch.no_grad()
+def evaluate(engine, items, batch_size: int, collate_fn, center_coef: float, fp32: bool,
+             scores_path: str | None = None) -> dict:
+    """Loss, accuracy and mean rewards over the whole eval set (each pair counted once across ranks).
+
+    With `scores_path` (every rank passes it), rank 0 also writes each pair's rewards there in data
+    order, one JSON line with the data file and line: the numbers a reloaded model must reproduce.
+    """
+    engine.eval()
+    sums = dict.fromkeys(SUMS, 0.0)
+    rewards = []  # this rank's (r_chosen, r_rejected) for items rank, rank + world, ... in order
+    for batch, valid in eval_batches(items, batch_size, collate_fn):
+        batch = to_device(batch)
+        r_c, r_r = pair_rewards(engine, batch, fp32)
+        keep = valid.bool().to(r_c.device)
+        _, d = pairwise_reward_loss(r_c[keep], r_r[keep], batch["margin"][keep], center_coef)
+        for k in SUMS:
+            sums[k] += d[k]
+        rewards.extend(zip(r_c[keep].tolist(), r_r[keep].tolist()))
+    engine.train()
+    if scores_path is not None:
+        per_rank, world = ds.all_gather_objects(rewards), ds.world_size()
+        if ds.is_rank0():
+            with open(scores_path, "w") as f:
+                for i, item in enumerate(items):  # eval_batches deals item i to rank i % world
+                    c, r = per_rank[i % world][i // world]
+                    f.write(json.dumps({"where": item.where, "chosen_reward": c, "rejected_reward": r}) + "\n")
+    return summarize(reduce_sums(sums))
+
+
+def train(args, engine, stream, eval_items, logger, collate_fn, total_steps: int) -> dict:
+    """Run optimizer steps up to `total_steps` (`collate_fn` batches eval pairs as `stream` does training
+    pairs); returns the final eval metrics."""
+    world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
+    center, eval_bs = args.center_rewards_coefficient, args.per_device_eval_batch_size
+    step = 0
+    if args.resume and (ckpt := latest_checkpoint(args.output_dir)):
+        state = load_checkpoint(ckpt, {"model": engine})
+        stream.load_state_dict(state["stream"])
+        step = state["step"]
+        logger.write(f"resumed from {ckpt} at step {step}")
+        logger.advance(step)
+    if step == 0:
+        logger.log({"step": 0, "split": "eval", **evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32)})
+    speed, window = Throughput(), dict.fromkeys(SUMS, 0.0)
+    while step < total_steps:
+        batches = [to_device(b) for b in stream.next_step()]
+        # The step's pair count over all ranks and micro-batches normalises every micro-batch, so the
+        # gradient is the mean over the global batch however it is split (pitfall 16).
+        n_pairs = ds.all_reduce_sum([sum(b["margin"].numel() for b in batches)])[0].item()
+        sums = dict.fromkeys(SUMS, 0.0)
+        for b in batches:
+            r_c, r_r = pair_rewards(engine, b, fp32)
+            loss, d = pairwise_reward_loss(r_c, r_r, b["margin"], center, num_pairs=n_pairs)
+            engine.backward(loss * step_loss_scale(world, ga))
+            engine.step()
+            for k in SUMS:
+                sums[k] += d[k]
+            speed.add(r_c.numel(), pair_tokens(b))
+        step += 1
+        sums = reduce_sums(sums)
+        check_finite(sums["loss_sum"], step)
+        for k in SUMS:
+            window[k] += sums[k]
+        logger.advance(1, loss=sums["loss_sum"] / sums["pairs"])
+        if step % args.log_interval == 0 or step == total_steps:
+            rates = speed.rates()
+            logger.log({"step": step, "split": "train", **summarize(window), "lr": engine.get_lr()[0],
+                        "pairs_per_sec": rates["samples_per_sec"], "tokens_per_sec": rates["tokens_per_sec"]})
+            window = dict.fromkeys(SUMS, 0.0)
+        if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
+            logger.log({"step": step, "split": "eval",
+                        **evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32)})
+        if args.save_interval and step % args.save_interval == 0:
+            save_checkpoint(args.output_dir, step, {"model": engine}, {"stream": stream.state_dict()},
+                            args.save_total_limit)
+    final = evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32,
+                     scores_path=os.path.join(args.output_dir, "eval_rewards.jsonl"))
+    logger.log({"step": step, "split": "eval", **final})
+    return final
