@@ -144,8 +144,15 @@ def _read_config(path: str) -> dict:
     return data
 
 
-def parse(groups, description: str, argv=None, required=("output_dir",)) -> argparse.Namespace:
+def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,
+          helps: dict | None = None) -> argparse.Namespace:
+    """`defaults`/`helps` let a step give a shared flag its own default (and say so in --help)."""
     parser = build_parser(groups, description)
+    if defaults:
+        parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if helps and action.dest in helps:
+            action.help = helps[action.dest]
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         cfg = _read_config(pre.config)

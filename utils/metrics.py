@@ -33,7 +33,7 @@ class MetricsLogger:
     def log(self, event: dict) -> None:
         if not self.active:
             return
-        event = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in event.items()}
+        event = {k: (float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in event.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
         if self.tb is not None:

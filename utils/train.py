@@ -89,6 +89,18 @@ def eval_batches(items: list, batch_size: int, collate):
         yield batch, valid
 
 
+def count_parameters(model) -> int:
+    """Parameters of a model, also when ZeRO-3 has already partitioned them."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def size_scaled_lr(n_params: int, anchor_lr: float, anchor_params: float = 7e9, max_lr: float = 1e-3) -> float:
+    """A learning rate for `n_params` scaled from a known-good one at `anchor_params` by
+    sqrt(anchor_params / n_params): larger models need smaller steps, and a tiny demo model needs
+    far larger ones than a 7B model. Capped at `max_lr`."""
+    return min(max_lr, anchor_lr * math.sqrt(anchor_params / max(n_params, 1)))
+
+
 def to_device(batch: dict) -> dict:
     dev = ds.device()
     return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}

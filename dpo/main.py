@@ -1,0 +1,149 @@
+"""DPO: preference optimisation of a step-1 model against a frozen reference (Rafailov et al. 2023).
+
+    deepspeed --num_gpus 2 dpo/main.py --model_name_or_path SFT_DIR --data_path pairs.jsonl --output_dir out
+    python dpo/main.py ...   (one process)
+
+The reference defaults to the starting model itself (frozen, eval mode); --precompute_ref_logprobs
+computes its log-probabilities once before training and frees it.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from dpo.trainer import collate_pairs, disable_dropout, precompute_reference, train
+from utils import ds
+from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings, save_args
+from utils.data import load_splits
+from utils.encoding import Encoder, encode_all
+from utils.errors import UserError, exit_on_user_error
+from utils.losses import DPO_LOSS_TYPES
+from utils.metrics import MetricsLogger
+from utils.model import load_model, load_tokenizer, prepare_model, save_hf
+from utils.train import StepStream, count_parameters, size_scaled_lr
+
+# TRL's DPOConfig default, the usual full fine-tuning DPO rate for 7B models (Zephyr used 5e-7).
+DPO_LR_AT_7B = 1e-6
+
+
+@dataclass
+class DPOArgs:
+    ref_model_name_or_path: str = arg(None, "frozen reference model (same tokenizer); default: --model_name_or_path")
+    loss_type: str = arg("sigmoid", "sigmoid: DPO paper; ipo: squared loss on per-token-average log-ratios; "
+                         "hinge: SLiC", choices=list(DPO_LOSS_TYPES))
+    beta: float = arg(0.1, "strength of the KL anchor to the reference (IPO: its tau, target margin 1/(2 beta))")
+    label_smoothing: float = arg(0.0, "conservative DPO: assumed probability in [0, 0.5) that a pair's labels "
+                                 "are flipped (sigmoid only)")
+    rpo_alpha: float = arg(0.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
+                           "log-probabilities from falling; 0 disables")
+    precompute_ref_logprobs: bool = arg(False, "compute the reference log-probs once before training and free "
+                                        "the reference model (faster steps, less memory)")
+    disable_dropout: bool = arg(True, "turn off dropout in the policy (and reference) so rewards are not noise")
+
+
+def check_args(args) -> None:
+    if args.beta <= 0:
+        raise UserError(f"--beta must be > 0, got {args.beta}")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        raise UserError(f"--label_smoothing applies to --loss_type sigmoid only, not {args.loss_type}")
+    if args.rpo_alpha < 0:
+        raise UserError(f"--rpo_alpha must be >= 0, got {args.rpo_alpha}")
+
+
+def load_reference(args, tokenizer, world: int):
+    """The frozen reference as a DeepSpeed eval engine (sharded too under ZeRO-3)."""
+    path = args.ref_model_name_or_path or args.model_name_or_path
+    if path != args.model_name_or_path:
+        ref_tok = load_tokenizer(path, args.trust_remote_code, what="--ref_model_name_or_path")
+        if ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"--ref_model_name_or_path '{path}' has a different tokenizer than "
+                            f"--model_name_or_path; log-probabilities would not be comparable")
+    cfg = ds.ds_eval_config(stage=args.zero_stage, dtype=args.dtype, micro_batch=args.per_device_train_batch_size,
+                            world=world)
+    ref = load_model(AutoModelForCausalLM, path, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                     zero3_config=cfg, what="--ref_model_name_or_path")
+    ref.requires_grad_(False)
+    if args.disable_dropout:
+        disable_dropout(ref)
+    return ds.init_eval_engine(ref, cfg)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
+                 required=("model_name_or_path", "data_path", "output_dir"), defaults={"learning_rate": 0.0},
+                 helps={"learning_rate": "peak learning rate; 0 = scaled to the model size: 1e-6 at 7B "
+                                         "parameters times sqrt(7e9 / parameters), capped at 1e-3"})
+    check_args(args)
+    hf_logging.disable_progress_bar()
+    rank, world = ds.init_distributed(args.seed)
+
+    # Data: chosen and rejected are each prompt + reply with only the reply and its EOS labelled.
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
+    encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
+    train_samples, eval_samples = load_splits(args.data_path, args.eval_data_path, args.eval_fraction,
+                                              args.seed, "pairs", log=ds.print0)
+
+    def encode(s):
+        return encoder.encode_reply(s.prompt, s.chosen), encoder.encode_reply(s.prompt, s.rejected)
+
+    train_items = encode_all(train_samples, encode, encoder, "train", ds.print0).items
+    eval_items = encode_all(eval_samples, encode, encoder, "eval", ds.print0).items
+    ds.print0(f"template={encoder.template} max_seq_len={max_seq_len} train_pairs={len(train_items)} "
+              f"eval_pairs={len(eval_items)} world={world} loss={args.loss_type} beta={args.beta}")
+
+    # Reference: live engine, or log-probs attached to every item and the model freed.
+    ref = load_reference(args, tokenizer, world)
+    if args.precompute_ref_logprobs:
+        bs = args.per_device_eval_batch_size
+        train_items = precompute_reference(ref, train_items, bs, encoder.pad_id, args.compute_fp32_loss)
+        eval_items = precompute_reference(ref, eval_items, bs, encoder.pad_id, args.compute_fp32_loss)
+        ref.destroy()
+        ref = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        ds.print0("reference log-probs precomputed; reference model freed")
+
+    # Policy and engine.
+    cfg = ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                       micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                       world=world, grad_clip=args.max_grad_norm)
+    model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code, zero3_config=cfg)
+    if args.disable_dropout:
+        disable_dropout(model)
+    model = prepare_model(model, args)
+    stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                        lambda b: collate_pairs(b, encoder.pad_id), args.seed)
+    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
+    lr = args.learning_rate or size_scaled_lr(count_parameters(model), DPO_LR_AT_7B)
+    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
+    engine = ds.init_train_engine(model, cfg=cfg, lr=lr, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
+                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
+                                  total_steps=total_steps)
+
+    # Train and save.
+    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
+    resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
+                "total_steps": total_steps, "step": "dpo", "learning_rate": lr}
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    train(args, engine, ref, stream, eval_items, logger, encoder.pad_id, total_steps)
+    logger.close()
+    save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})
+    ds.print0(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""DPO training loop: chosen and rejected in one forward, a frozen reference (live or precomputed),
+losses normalised by the pairs (and chosen tokens) of the whole optimizer step."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from utils import ds
+from utils.encoding import IGNORE, pad_batch
+from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
+from utils.metrics import Throughput
+from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
+
+# Per-pair diagnostics averaged over a logging window or the eval set ("losses" is reported as "loss").
+PAIR_KEYS = ("losses", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")
+# Float attributes through which HF models apply functional dropout (llama, opt, ...), besides nn.Dropout.
+DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO's implicit reward compares policy and reference log-probs of the same text; dropout in the
+    policy alone would make them differ by noise (policy == reference would not give loss log 2)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in DROPOUT_ATTRS:
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
+def collate_pairs(items, pad_id: int) -> dict:
+    """items: [((chosen_ids, chosen_labels), (rejected_ids, rejected_labels)[, (ref_chosen, ref_rejected)])]
+    -> one right-padded batch of 2B rows, the B chosen rows first. Labels mark the response and its EOS
+    only (masks come from lengths, so an EOS equal to the pad id stays in the loss). Precomputed
+    reference log-probs, when the items carry them, become "ref_logps" [2B] in the same row order."""
+    rows = [it[0] for it in items] + [it[1] for it in items]
+    batch = pad_batch([r[0] for r in rows], [r[1] for r in rows], pad_id)
+    if len(items[0]) == 3:
+        batch["ref_logps"] = torch.tensor([it[2][0] for it in items] + [it[2][1] for it in items])
+    return batch
+
+
+def accepts_logits_to_keep(model) -> bool:
+    m = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # so does peft
+    return "logits_to_keep" in inspect.signature(m.forward).parameters
+
+
+def concatenated_logps(model, batch: dict, fp32: bool = True):
+    """One forward over the 2B rows: summed response log-probs [2B] and response token counts [2B].
+
+    Only the logits that predict response tokens are computed where the model supports it
+    (`logits_to_keep`: the last K positions, from the one before the batch's first response token):
+    with long prompts and large vocabularies the prompt positions' logits are most of the memory.
+    """
+    labels = batch["labels"]
+    kwargs = {}
+    if accepts_logits_to_keep(model):
+        first = int((labels != IGNORE).int().argmax(-1).min())  # every row has a labelled response
+        keep = labels.size(1) - max(first - 1, 0)
+        kwargs["logits_to_keep"] = keep
+        labels = labels[:, labels.size(1) - keep:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **kwargs).logits
+    return sequence_logps(logits, labels, fp32)
+
+
+def reference_logps(ref, batch: dict, fp32: bool = True) -> torch.Tensor:
+    """The reference's [2B] log-probs: precomputed in the batch, else one no-grad forward of `ref`."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    with torch.no_grad():
+        return concatenated_logps(ref, batch, fp32)[0]
+
+
+def pair_loss(logps, counts, ref_logps, args, num_pairs=None, num_chosen_tokens=None):
+    """DPO loss (+ rpo_alpha * chosen NLL per token) of one micro-batch from its [2B] log-probs and counts.
+
+    num_pairs / num_chosen_tokens normalise the sums (default: this micro-batch's); the trainer passes
+    the totals of the whole optimizer step so the gradient does not depend on how it is split.
+    Returns (loss, per-pair diagnostics [B] incl. logps/chosen, logps/rejected and chosen token counts).
+    """
+    b = logps.size(0) // 2
+    loss, d = dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta, args.loss_type,
+                       args.label_smoothing, counts[:b], counts[b:], num_pairs)
+    if args.rpo_alpha:
+        nll, _ = chosen_nll_loss(logps[:b], counts[:b].sum() if num_chosen_tokens is None else num_chosen_tokens)
+        loss = loss + args.rpo_alpha * nll
+    d.update({"logps/chosen": logps[:b].detach(), "logps/rejected": logps[b:].detach(),
+              "chosen_tokens": counts[:b].detach()})
+    return loss, d
+
+
+class PairStats:
+    """Sums of per-pair diagnostics over a window (a logging interval or the eval set); `reduce` sums
+    them over ranks so the metrics cover every pair of the window, not only the last batch."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(PAIR_KEYS, 0.0)
+        self.pairs = self.nll = self.tokens = 0.0
+
+    def add(self, d: dict, weight: torch.Tensor | None = None) -> None:
+        w = torch.ones_like(d["losses"]) if weight is None else weight.to(d["losses"])
+        for k in PAIR_KEYS:
+            self.sums[k] += float((d[k] * w).sum())
+        self.pairs += float(w.sum())
+        self.nll -= float((d["logps/chosen"] * w).sum())
+        self.tokens += float((d["chosen_tokens"] * w).sum())
+
+    def reduce(self, rpo_alpha: float) -> dict:
+        *sums, pairs, nll, tokens = ds.all_reduce_sum([*self.sums.values(), self.pairs, self.nll, self.tokens]).tolist()
+        out = {k: s / max(pairs, 1.0) for k, s in zip(PAIR_KEYS, sums)}
+        nll = nll / max(tokens, 1.0)
+        # The objective that was trained: mean pair loss plus the RPO term (chosen NLL per token).
+        out["loss"] = out.pop("losses") + rpo_alpha * nll
+        out["nll/chosen"] = nll
+        return out
+
+
+@torch.no_grad()
+def local_reference_logps(ref, items: list, batch_size: int, pad_id: int, fp32: bool = True) -> list:
+    """[(ref_chosen, ref_rejected)] for this rank's share of `items`: eval_batches deals items
+    round-robin (rank r holds items r, r+w, r+2w, ...) and every rank runs the same forwards."""
+    mine = []
+    for batch, valid in eval_batches(items, batch_size, lambda b: collate_pairs(b, pad_id)):
+        logps = concatenated_logps(ref, to_device(batch), fp32)[0].cpu()
+        b = logps.size(0) // 2
+        mine += [(c, r) for c, r, v in zip(logps[:b].tolist(), logps[b:].tolist(), valid.tolist()) if v]
+    return mine
+
+
+def attach_reference(items: list, per_rank: list[list]) -> list:
+    """Items with their reference log-probs appended, from every rank's `local_reference_logps`."""
+    out = [None] * len(items)
+    for r, logps in enumerate(per_rank):
+        for j, ref_pair in enumerate(logps):
+            i = r + j * len(per_rank)
+            out[i] = (*items[i][:2], ref_pair)
+    assert all(it is not None for it in out), "reference log-probs missing for some items"
+    return out
+
+
+def precompute_reference(ref, items: list, batch_size: int, pad_id: int, fp32: bool = True) -> list:
+    """Reference log-probs computed once, sharded over ranks and gathered, so training needs no reference."""
+    return attach_reference(items, ds.all_gather_objects(local_reference_logps(ref, items, batch_size, pad_id, fp32)))
+
+
+@torch.no_grad()
+def evaluate(engine, ref, items: list, args, pad_id: int) -> dict:
+    """Pair metrics over the whole eval set (each pair counted once across ranks)."""
+    engine.eval()
+    stats = PairStats()
+    for batch, valid in eval_batches(items, args.per_device_eval_batch_size, lambda b: collate_pairs(b, pad_id)):
+        batch = to_device(batch)
+        ref_logps = reference_logps(ref, batch, args.compute_fp32_loss)
+        logps, counts = concatenated_logps(engine, batch, args.compute_fp32_loss)
+        _, d = pair_loss(logps, counts, ref_logps, args)
+        stats.add(d, valid)
+    engine.train()
+    return stats.reduce(args.rpo_alpha)
+
+
+def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_steps: int) -> dict:
+    """Run optimizer steps up to `total_steps`; `ref` is None when the items carry precomputed
+    reference log-probs. Returns the last eval metrics."""
+    world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
+    step = 0
+    if args.resume and (ckpt := latest_checkpoint(args.output_dir)):
+        state = load_checkpoint(ckpt, {"model": engine})
+        stream.load_state_dict(state["stream"])
+        step = state["step"]
+        logger.write(f"resumed from {ckpt} at step {step}")
+        logger.advance(step)
+    if step == 0:
+        logger.log({"step": 0, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
+    speed, window = Throughput(), PairStats()
+    while step < total_steps:
+        batches = [to_device(b) for b in stream.next_step()]
+        # Pairs and chosen tokens of the whole step (all ranks, all micro-batches) normalise every
+        # micro-batch, so the gradient is the full-batch mean however the batch is split (pitfall 16).
+        halves = [b["labels"][: b["labels"].size(0) // 2] for b in batches]
+        n_pairs, n_tokens = ds.all_reduce_sum([sum(h.size(0) for h in halves),
+                                               sum(int(count_target_tokens(h)) for h in halves)]).tolist()
+        step_loss = 0.0
+        for b in batches:
+            ref_logps = reference_logps(ref, b, fp32)
+            logps, counts = concatenated_logps(engine, b, fp32)
+            loss, d = pair_loss(logps, counts, ref_logps, args, n_pairs, n_tokens)
+            engine.backward(loss * step_loss_scale(world, ga))
+            engine.step()
+            step_loss += loss.item()
+            window.add(d)
+            speed.add(logps.size(0) // 2, int(b["attention_mask"].sum()))
+        step += 1
+        step_loss = ds.all_reduce_sum([step_loss])[0].item()
+        check_finite(step_loss, step)
+        logger.advance(1, loss=step_loss)
+        if step % args.log_interval == 0 or step == total_steps:
+            rates = speed.rates()
+            logger.log({"step": step, "split": "train", **window.reduce(args.rpo_alpha), "lr": engine.get_lr()[0],
+                        "pairs_per_sec": rates["samples_per_sec"], "tokens_per_sec": rates["tokens_per_sec"]})
+            window = PairStats()
+        if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
+            logger.log({"step": step, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
+        if args.save_interval and step % args.save_interval == 0:
+            save_checkpoint(args.output_dir, step, {"model": engine}, {"stream": stream.state_dict()},
+                            args.save_total_limit)
+    final = evaluate(engine, ref, eval_items, args, pad_id)
+    logger.log({"step": step, "split": "eval", **final})
+    return final
