@@ -491,3 +491,84 @@ def test_kl_controller_state_dict_roundtrip():
     assert other.value == 0.05
     with pytest.raises(KeyError):
         other.load_state_dict({})
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer lengths, token log-probabilities, whitening across shards, running reward statistics
+# ---------------------------------------------------------------------------------------------
+
+from utils import rl  # noqa: E402  (the helpers below share names with this file's local ones)
+
+
+def test_response_lengths_first_eos_inclusive_when_pad_equals_eos():
+    eos = 2  # generate() pads finished rows with pad_id, which here is the EOS id too
+    responses = torch.tensor([
+        [5, 6, 2, 2, 2],   # EOS at 2 -> length 3, the trailing EOS ids are padding
+        [5, 6, 7, 8, 9],   # no EOS: cut at the limit -> length 5
+        [2, 2, 2, 2, 2],   # EOS first -> length 1 (the EOS is the one action)
+        [5, 2, 7, 2, 9],   # only the first EOS ends the answer
+    ])
+    lengths, has_eos = rl.response_lengths(responses, eos)
+    assert lengths.tolist() == [3, 5, 1, 2]
+    assert has_eos.tolist() == [True, False, True, True]
+    mask = rl.mask_from_lengths(lengths, responses.shape[1])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    # The reward lands on the EOS (or the last token of the cut answer), never one past it.
+    assert rl.last_action_index(mask).tolist() == [2, 4, 0, 1]
+
+
+def test_response_lengths_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    responses = torch.randint(0, 4, (50, 7), generator=g)
+    lengths, has_eos = rl.response_lengths(responses, 3)
+    for row, n, h in zip(responses.tolist(), lengths.tolist(), has_eos.tolist()):
+        expected = row.index(3) + 1 if 3 in row else len(row)
+        assert (n, h) == (expected, 3 in row)
+
+
+def test_token_logprobs_matches_log_softmax_loop():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=F64) * 5
+    tokens = torch.randint(0, 11, (3, 4), generator=g)
+    got = rl.token_logprobs(logits, tokens)
+    for b in range(3):
+        for t in range(4):
+            probs = [math.exp(v) for v in logits[b, t].tolist()]
+            assert got[b, t].item() == pytest.approx(math.log(probs[tokens[b, t]] / sum(probs)), abs=1e-10)
+    # bf16 logits are upcast before the softmax.
+    assert rl.token_logprobs(logits.to(torch.bfloat16), tokens).dtype == torch.float32
+
+
+def test_whiten_from_sums_over_shards_equals_whitening_the_union():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 5, generator=g, dtype=F64) * 3 + 1
+    mask = mask_from_lengths([5, 2, 4, 1, 3, 5], 5)
+    whole = masked_whiten(x, mask)
+    shards = [(x[:2], mask[:2]), (x[2:], mask[2:])]  # e.g. two ranks; only the sums are exchanged
+    n = sum(float(m.sum()) for _, m in shards)
+    total = sum(float((s * m).sum()) for s, m in shards)
+    total_sq = sum(float((s * s * m).sum()) for s, m in shards)
+    got = torch.cat([rl.whiten_from_sums(s, m, n, total, total_sq) for s, m in shards])
+    assert torch.allclose(got, whole, atol=1e-12)
+    kept = torch.cat([rl.whiten_from_sums(s, m, n, total, total_sq, shift_mean=False) for s, m in shards])
+    assert torch.allclose(kept, masked_whiten(x, mask, shift_mean=False), atol=1e-12)
+    with pytest.raises(ValueError):
+        rl.whiten_from_sums(x, mask, 1, 1.0, 1.0)
+
+
+def test_running_moments_match_statistics_of_everything_seen():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, generator=g, dtype=F64) * 4 + 2 for n in (5, 1, 12)]
+    rm = rl.RunningMoments()
+    assert rm.std == 1.0 and rm.normalize(torch.tensor([3.0])).item() == pytest.approx(3.0)  # nothing seen yet
+    for b in batches:
+        rm.update(b.numel(), float(b.sum()), float(b.square().sum()))
+    seen = torch.cat(batches)
+    assert rm.count == seen.numel()
+    assert rm.mean == pytest.approx(seen.mean().item(), abs=1e-12)
+    assert rm.std == pytest.approx(seen.std().item(), abs=1e-12)  # unbiased, as torch.std
+    x = torch.tensor([0.0, 5.0], dtype=F64)
+    assert torch.allclose(rm.normalize(x), (x - seen.mean()) / seen.std(), atol=1e-7)
+    copy = rl.RunningMoments()
+    copy.load_state_dict(rm.state_dict())
+    assert copy.state_dict() == rm.state_dict()

@@ -68,12 +68,65 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     entries are 0 in the output so padding never leaks into the advantages. With shift_mean=False
     the original mean is kept (only the scale changes).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    return _whiten(x, mask, masked_mean(x, mask), masked_var(x, mask, unbiased=True), shift_mean, eps)
+
+
+def whiten_from_sums(x: torch.Tensor, mask: torch.Tensor, n: float, total: float, total_sq: float,
+                     shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`masked_whiten` with statistics of a larger set, given as its sums (e.g. all-reduced over ranks).
+
+    x, mask: [B, T] -> [B, T]; n = number of masked entries in the whole set, total = their sum,
+    total_sq = sum of their squares. mean = total / n, var = (total_sq - n * mean^2) / (n - 1)
+    (unbiased, as in masked_whiten). On one shard holding the whole set it equals masked_whiten.
+    """
+    if n < 2:
+        raise ValueError(f"whitening needs at least 2 entries, got {n}")
+    mean = total / n
+    var = max(total_sq - n * mean * mean, 0.0) / (n - 1)  # max(): float rounding can dip below 0
+    return _whiten(x, mask, torch.tensor(mean, dtype=x.dtype), torch.tensor(var, dtype=x.dtype), shift_mean, eps)
+
+
+def _whiten(x, mask, mean, var, shift_mean: bool, eps: float) -> torch.Tensor:
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+class RunningMoments:
+    """Mean and variance of every value seen so far, updated from batch sums (Chan et al. 1979).
+
+    Used to normalise reward-model scores: `update(n, total, total_sq)` with the sums of a batch
+    (all-reduced over ranks, so every rank holds the same state), then `normalize(x)`.
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0  # m2 = sum of squared deviations
+
+    def update(self, n: float, total: float, total_sq: float) -> None:
+        if n <= 0:
+            return
+        batch_mean = total / n
+        batch_m2 = max(total_sq - n * batch_mean * batch_mean, 0.0)
+        delta = batch_mean - self.mean
+        count = self.count + n
+        self.mean += delta * n / count
+        self.m2 += batch_m2 + delta * delta * self.count * n / count
+        self.count = count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def normalize(self, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """(x - mean) / std over everything seen; x of any shape."""
+        return (x - self.mean) / (self.std + eps)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +152,35 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
         # expm1 keeps precision when the policy is still close to the reference (log_ratio ~ 0).
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length of each generated answer, its first EOS included, and whether it has an EOS at all.
+
+    responses: [B, W] tokens generated after the prompt; what follows the first EOS is padding (which
+    may be the EOS id itself when pad == eos, so it is never used to find the end). Rows without an
+    EOS were cut at the length limit and have length W. Returns (lengths [B] long, has_eos [B] bool).
+    """
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=-1)
+    first_eos = is_eos.long().argmax(dim=-1)  # argmax returns the first maximum
+    lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, responses.shape[-1]))
+    return lengths, has_eos
+
+
+def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """0/1 action mask [B, width] (long) that is 1 on the first lengths[b] positions of row b."""
+    return (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position, in at least fp32. logits [B, T, V], tokens [B, T] -> [B, T].
+
+    logits[:, t] must be the distribution that produced tokens[:, t] (callers shift by one).
+    """
+    logits = _at_least_fp32(logits)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
