@@ -288,9 +288,9 @@ def test_trust_remote_code_is_off_by_default(monkeypatch, program):
 
     module = importlib.import_module(f"{program}.main")
 
-    def parse_required_only(groups, description, argv=None, required=("output_dir",)):
+    def parse_required_only(groups, description, argv=None, required=("output_dir",), **kwargs):
         argv = [x for name in required for x in (f"--{name}", "x")]
-        raise _Parsed(parse(groups, description, argv, required=required))
+        raise _Parsed(parse(groups, description, argv, required=required, **kwargs))
 
     monkeypatch.setattr(module, "parse", parse_required_only)
     with pytest.raises(_Parsed) as e:

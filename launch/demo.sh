@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The CPU demo: the whole pipeline on shipped data with 2 DeepSpeed ranks, in a few minutes on 2 cores.
+#   bash launch/demo.sh            (outputs in DEMO_DIR, default ./demo_out)
+# 1. builds a tiny Llama-style model and tokenizer from text in data/ (no download),
+# 2. runs launch/pipeline.sh: SFT -> reward model -> PPO, and DPO from the SFT model,
+# 3. prints a before/after table on held-out prompts (reward score, rate of the preferred "warm"
+#    adjective, EOS rate, well-formed rate, sample answers) and writes DEMO_DIR/report.png.
+# A rerun skips the steps whose output is complete; delete DEMO_DIR to start over.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+bash launch/setup.sh
+PY="${PYTHON:-python3}"
+DEMO_DIR="${DEMO_DIR:-demo_out}"
+mkdir -p "$DEMO_DIR"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export MODEL_SIZE=tiny NGPUS="${NGPUS:-2}"
+start=$(date +%s)
+
+if [ ! -f "$DEMO_DIR/base/config.json" ]; then
+  "$PY" -m utils.tiny --family llama --output_dir "$DEMO_DIR/base" --seed 0 >/dev/null 2>&1
+fi
+
+# Step settings for the tiny model (hidden 64, 2 layers): high learning rates, short runs.
+MODEL="$DEMO_DIR/base" SFT_DATA=data/sft.jsonl PREF_DATA=data/preference.jsonl PROMPT_DATA=data/prompts.jsonl \
+WORK_DIR="$DEMO_DIR" \
+SFT_ARGS="${SFT_ARGS:---learning_rate 3e-3 --num_train_epochs 15 --eval_interval 100 --log_interval 20}" \
+REWARD_ARGS="${REWARD_ARGS:---learning_rate 1e-3 --num_train_epochs 2 --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 12}" \
+PPO_ARGS="${PPO_ARGS:---max_answer_seq_len 16 --per_device_generation_batch_size 16 --per_device_training_batch_size 8 --actor_learning_rate 1e-3 --critic_learning_rate 1e-3 --max_steps 24}" \
+DPO_ARGS="${DPO_ARGS:---precompute_ref_logprobs --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 18}" \
+  bash launch/pipeline.sh
+
+echo
+echo "== held-out prompts (nouns never seen in training): before (SFT) and after (PPO, DPO) =="
+"$PY" launch/compare.py --models sft="$DEMO_DIR/sft" ppo="$DEMO_DIR/ppo/actor" dpo="$DEMO_DIR/dpo" \
+  --prompts data/heldout_prompts.jsonl --reward_model "$DEMO_DIR/reward" \
+  --preferred great,wonderful,lovely,amazing,delightful,brilliant --form '^The \w+ is \w+\.$' \
+  --max_new_tokens 16 --samples 4 --json "$DEMO_DIR/results.json" 2>/dev/null
+"$PY" launch/report.py --runs sft="$DEMO_DIR/sft" reward="$DEMO_DIR/reward" ppo="$DEMO_DIR/ppo" dpo="$DEMO_DIR/dpo" \
+  --out "$DEMO_DIR/report.png"
+echo "demo finished in $(( $(date +%s) - start ))s; models in $DEMO_DIR/{sft,reward,ppo/actor,dpo}, curves in $DEMO_DIR/report.png"

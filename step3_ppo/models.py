@@ -1,0 +1,271 @@
+"""The four PPO models as DeepSpeed engines, and the DeepSpeed-specific pieces of PPO.
+
+actor      AutoModelForCausalLM from the step-1 model, trained (ZeRO --actor_zero_stage)
+reference  frozen copy of the initial actor (ZeRO-3 when the actor is, or when it is offloaded)
+critic     one-label sequence classifier from the step-2 model, trained; a value at every position
+           (utils.reward.token_scores: the head's per-token outputs, not HF's pooled `logits`)
+reward     frozen one-label sequence classifier; its score at the last real token
+           (utils.reward.sequence_rewards)
+
+This module is where step 3 talks to DeepSpeed: engine construction, gathering ZeRO-3 parameters once
+per rollout, stepping actor and critic together under fp16, and the EMA of the actor.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from utils import ds
+from utils.errors import UserError
+from utils.model import load_model, prepare_model
+from utils.reward import disable_dropout, load_reward_model
+
+
+@dataclass
+class Models:
+    actor: object     # DeepSpeed engines
+    critic: object
+    ref: object
+    reward: object
+    ema: nn.Module | None  # plain module (ZeRO-3-partitioned like the actor, or full), fp32
+
+
+def _lora_args(args, which: str):
+    return types.SimpleNamespace(gradient_checkpointing=getattr(args, f"{which}_gradient_checkpointing"),
+                                 lora_dim=getattr(args, f"{which}_lora_dim"), lora_alpha=args.lora_alpha,
+                                 lora_module_name=args.lora_module_name, only_optimize_lora=args.only_optimize_lora)
+
+
+def frozen_configs(args, world: int) -> tuple[dict, dict]:
+    """DeepSpeed configs of the reference and reward models. A frozen model runs under ZeRO-3 when its
+    trained twin (actor, critic) does, or when --offload_reference_model / --offload_reward_model asks
+    for its parameters on the CPU: parameter offload exists only in ZeRO-3 (pitfall 13). Otherwise each
+    rank holds a full copy (ZeRO-0)."""
+    out = []
+    for stage, offload in ((args.actor_zero_stage, args.offload_reference_model),
+                           (args.critic_zero_stage, args.offload_reward_model)):
+        out.append(ds.ds_eval_config(stage=3 if stage == 3 or offload else 0, dtype=args.dtype,
+                                     micro_batch=args.per_device_training_batch_size, world=world,
+                                     offload_params=offload))
+    return out[0], out[1]
+
+
+def check_args(args) -> None:
+    """Settings that cannot work together, refused before anything is loaded."""
+    if args.offload and min(args.actor_zero_stage, args.critic_zero_stage) == 0:
+        raise UserError("--offload moves optimizer states to the CPU, which needs ZeRO stage >= 1 for both "
+                        "--actor_zero_stage and --critic_zero_stage")
+    if args.dtype == "fp16" and min(args.actor_zero_stage, args.critic_zero_stage) == 0:
+        raise UserError("--dtype fp16 needs ZeRO stage >= 1 for actor and critic (their overflow checks are "
+                        "synchronised so an overflow skips both steps); use bf16 or a ZeRO stage >= 1")
+    for name in ("max_answer_seq_len", "max_prompt_seq_len", "per_device_generation_batch_size",
+                 "generation_batches", "per_device_training_batch_size", "ppo_epochs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0 (use --no-do_sample for greedy rollouts)")
+    buffer = args.per_device_generation_batch_size * args.generation_batches
+    per_update = args.per_device_training_batch_size * args.gradient_accumulation_steps
+    if buffer % per_update:
+        raise UserError(f"the experience buffer ({args.per_device_generation_batch_size} prompts x "
+                        f"{args.generation_batches} generation batches = {buffer} per rank) must be a multiple of "
+                        f"--per_device_training_batch_size x --gradient_accumulation_steps ({per_update})")
+    if not 0.0 <= args.ema_beta < 1.0:
+        raise UserError("--ema_beta must be in [0, 1)")
+
+
+def _causal(args, cfg: dict, dtype: str) -> nn.Module:
+    model = load_model(AutoModelForCausalLM, args.actor_model_name_or_path, dtype=dtype,
+                       trust_remote_code=args.trust_remote_code, zero3_config=cfg, what="--actor_model_name_or_path")
+    return _prepared(model, args)
+
+
+def _classifier(args, path: str, cfg: dict, pad_id: int, what: str) -> nn.Module:
+    model = load_reward_model(path, pad_id=pad_id, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                              zero3_config=cfg, what=what)
+    return _prepared(model, args)
+
+
+def _prepared(model: nn.Module, args) -> nn.Module:
+    """Dropout off (PPO's ratio pi_new / pi_old assumes the rollout policy and the updated one are the same
+    function; DeepSpeed-Chat's --disable_actor_dropout) and the requested attention kernel."""
+    if args.disable_dropout:
+        disable_dropout(model)
+    if args.attn_implementation != "auto":
+        model.set_attn_implementation(args.attn_implementation)
+    return model
+
+
+def _train_engine(args, model: nn.Module, cfg: dict, which: str, updates: int):
+    return ds.init_train_engine(model, cfg=cfg, lr=getattr(args, f"{which}_learning_rate"),
+                                weight_decay=getattr(args, f"{which}_weight_decay"),
+                                betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
+                                scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps, total_steps=updates)
+
+
+def build_models(args, world: int, updates: int, pad_id: int) -> Models:
+    """Load the four models (and the EMA) and wrap them in engines; `updates` = optimizer steps of the run.
+    `pad_id` only fills the classifiers' in-memory config.pad_token_id (HF refuses batches without one)."""
+    reward_path = args.reward_model_name_or_path or args.critic_model_name_or_path
+    mb, ga = args.per_device_training_batch_size, args.gradient_accumulation_steps
+    train_cfg = {which: ds.ds_config(stage=getattr(args, f"{which}_zero_stage"), offload=args.offload,
+                                     dtype=args.dtype, micro_batch=mb, grad_accum=ga, world=world,
+                                     grad_clip=args.max_grad_norm) for which in ("actor", "critic")}
+    ref_cfg, reward_cfg = frozen_configs(args, world)
+
+    actor_model = prepare_model(_causal(args, train_cfg["actor"], args.dtype), _lora_args(args, "actor"))
+    actor = _train_engine(args, actor_model, train_cfg["actor"], "actor", updates)
+    ref = ds.init_eval_engine(_frozen(_causal(args, ref_cfg, args.dtype)), ref_cfg)
+    critic_model = prepare_model(_classifier(args, args.critic_model_name_or_path, train_cfg["critic"], pad_id,
+                                             "--critic_model_name_or_path"),
+                                 _lora_args(args, "critic"), task_type="SEQ_CLS")
+    critic = _train_engine(args, critic_model, train_cfg["critic"], "critic", updates)
+    reward = ds.init_eval_engine(_frozen(_classifier(args, reward_path, reward_cfg, pad_id,
+                                                     "--reward_model_name_or_path")), reward_cfg)
+    ema = None
+    if args.enable_ema:
+        # fp32 whatever the training precision: (1 - beta) * update is below bf16 resolution for beta ~ 0.99.
+        ema_cfg = ds.ds_config(stage=args.actor_zero_stage, offload=False, dtype="fp32", micro_batch=mb,
+                               grad_accum=ga, world=world)
+        ema = _frozen(prepare_model(_causal(args, ema_cfg, "fp32"), _lora_args(args, "actor")))
+        _partition_like_actor(ema, args.actor_zero_stage)
+        ema_copy_(ema, actor.module)
+    return Models(actor=actor, critic=critic, ref=ref, reward=reward, ema=ema)
+
+
+def require_reward_model(path: str, trust_remote_code: bool) -> None:
+    """The frozen reward model must be a trained classifier: load_reward_model would also accept a causal
+    LM (the critic may start from one) and give it a random score head."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        raise UserError(f"--reward_model_name_or_path '{path}' is not a sequence-classification model "
+                        "(a step-2 reward model); its score head would be random")
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _partition_like_actor(ema: nn.Module, stage: int) -> None:
+    """Under ZeRO-3, parameters created after loading (LoRA adapters) are partitioned too, as
+    deepspeed.initialize does for the actor, so EMA and actor shards line up one to one."""
+    if stage != 3:
+        return
+    params = list(ema.parameters())
+    loose = [p for p in params if not hasattr(p, "ds_id")]
+    if loose:
+        next(p for p in params if hasattr(p, "ds_id")).convert_to_zero_parameters(param_list=loose)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+def _pairs(ema: nn.Module, module: nn.Module):
+    for (n_e, p_e), (n_m, p_m) in zip(ema.named_parameters(), module.named_parameters(), strict=True):
+        if n_e != n_m:
+            raise RuntimeError(f"EMA parameter {n_e} does not match actor parameter {n_m}")
+        # Under ZeRO-3 each rank updates its own shard (ds_tensor): both models are partitioned the same way.
+        if hasattr(p_e, "ds_tensor"):
+            yield p_e.ds_tensor, p_m.ds_tensor
+        else:
+            yield p_e.data, p_m.data
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, module: nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * module, parameter by parameter, with no communication."""
+    for e, m in _pairs(ema, module):
+        e.lerp_(m.to(e.dtype), 1.0 - beta)
+
+
+@torch.no_grad()
+def ema_copy_(ema: nn.Module, module: nn.Module) -> None:
+    for e, m in _pairs(ema, module):
+        e.copy_(m)
+
+
+def ema_state(ema: nn.Module) -> list[torch.Tensor]:
+    """This rank's EMA tensors (its shards under ZeRO-3) for a checkpoint's client state."""
+    return [e.detach().cpu().clone() for e, _ in _pairs(ema, ema)]
+
+
+@torch.no_grad()
+def load_ema_state(ema: nn.Module, state: list[torch.Tensor]) -> None:
+    for (e, _), saved in zip(_pairs(ema, ema), state, strict=True):
+        e.copy_(saved)
+
+
+# ----------------------------------------------------------------------------- generation and stepping
+
+def _zero3_offload(engine):
+    opt = engine.optimizer
+    return getattr(opt, "parameter_offload", None) if opt is not None else None
+
+
+@contextlib.contextmanager
+def generation_mode(engine):
+    """The actor ready for `generate`: eval mode and, under ZeRO-3, every parameter gathered once for
+    the whole rollout with the per-module gather/release hooks removed (TRL PR #1483: about 10x faster
+    than gathering each layer at every generated token). The hooks are restored on exit."""
+    engine.eval()
+    offload = _zero3_offload(engine) if engine.zero_optimization_stage() == 3 else None
+    try:
+        if offload is None:
+            yield engine.module
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            for p in engine.module.parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield engine.module
+            finally:
+                # Re-registering invalidates the prefetch trace, which the next training forward re-records.
+                offload._register_deepspeed_module(offload.module)
+    finally:
+        engine.train()
+
+
+def _grad_overflow(engine) -> bool:
+    """DeepSpeed's own overflow test on the reduced gradients (a collective: every rank calls it)."""
+    engine.optimizer.check_overflow()
+    return bool(engine.optimizer.overflow)
+
+
+@contextlib.contextmanager
+def _forced_overflow(optimizer, value: bool):
+    """Make the ZeRO optimizer's step() see `value` as its overflow verdict (its check runs first thing in
+    step(); stages 1-3 all call `self.check_overflow`)."""
+    optimizer.check_overflow = lambda *a, **k: setattr(optimizer, "overflow", value)
+    try:
+        yield
+    finally:
+        del optimizer.check_overflow
+
+
+def step_together(engines) -> bool:
+    """`engine.step()` on every engine. Under fp16, an overflow in any engine's gradients skips every
+    engine's step (pitfall 14): DeepSpeed's overflow verdicts are taken before any step, and their OR is
+    imposed on each optimizer's step(), which then skips, zeroes its gradients and lowers its loss scale
+    as for an overflow of its own. Returns False if the steps were skipped."""
+    at_boundary = engines[0].is_gradient_accumulation_boundary()
+    if not at_boundary or not any(e.fp16_enabled() for e in engines):
+        for e in engines:
+            e.step()
+        return True
+    overflow = [_grad_overflow(e) for e in engines]
+    skip = any(overflow)
+    for e in engines:
+        with _forced_overflow(e.optimizer, skip):
+            e.step()
+    return not skip

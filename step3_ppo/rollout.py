@@ -1,0 +1,126 @@
+"""Rollouts and experience: generate answers, score them with the four models, and batch samples.
+
+Layout of a rollout batch: prompts left-padded to width P, answers right-padded to width W:
+    seq  = [pad.. prompt | answer pad..]     [B, P + W]
+    mask = [0..   1..    | 1..    0..  ]     (from the prompt lengths and answer lengths, never ids != pad)
+The logits at positions P-1 .. P+W-2 score the answer tokens; the critic's value of the state before
+answer token t is read at the same position P-1+t; the reward model reads the last real token.
+Position ids come from the mask in every forward (pitfall 4), as `generate()` computes them.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from step3_ppo.models import generation_mode
+from utils import ds
+from utils.encoding import pad_batch, position_ids_from_mask
+from utils.reward import sequence_rewards, token_scores
+from utils.rl import entropy_from_logits, mask_from_lengths, response_lengths, token_logprobs
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict:
+    return pad_batch(prompts, None, pad_id, left=True)
+
+
+def generation_config(args, encoder, greedy: bool = False) -> GenerationConfig:
+    """Only our flags: a model's own generation_config.json (sampling defaults, min lengths) is ignored."""
+    sample = args.do_sample and not greedy
+    return GenerationConfig(max_new_tokens=args.max_answer_seq_len, do_sample=sample,
+                            temperature=args.temperature if sample else None, top_p=args.top_p if sample else None,
+                            top_k=args.top_k if sample else None, eos_token_id=encoder.eos_id,
+                            pad_token_id=encoder.pad_id, bos_token_id=None, use_cache=True)
+
+
+@torch.no_grad()
+def generate(actor, prompts: list[list[int]], encoder, gen_cfg: GenerationConfig) -> dict:
+    """Answers for this rank's prompts. Generation stops once every sequence (on every rank, under ZeRO-3)
+    has emitted EOS or reached the length limit. Returns the rollout batch on the training device:
+    seq, attention_mask [B, P+W], answers, action_mask [B, W], has_eos [B], prompt_width P."""
+    batch = {k: v.to(ds.device()) for k, v in collate_prompts(prompts, encoder.pad_id).items()}
+    zero3 = actor.zero_optimization_stage() == 3
+    with generation_mode(actor) as model:
+        # synced_gpus: under ZeRO-3 a rank whose answers are done keeps stepping until all ranks are.
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             generation_config=gen_cfg, synced_gpus=zero3 and ds.world_size() > 1)
+    P = batch["input_ids"].shape[1]
+    answers = out[:, P:]
+    lengths, has_eos = response_lengths(answers, encoder.eos_id)
+    action_mask = mask_from_lengths(lengths, answers.shape[1])
+    answers = answers.masked_fill(action_mask == 0, encoder.pad_id)
+    return {"seq": torch.cat([batch["input_ids"], answers], dim=1),
+            "attention_mask": torch.cat([batch["attention_mask"], action_mask], dim=1),
+            "answers": answers, "action_mask": action_mask, "has_eos": has_eos, "prompt_width": P}
+
+
+def model_inputs(b: dict) -> dict:
+    return {"input_ids": b["seq"], "attention_mask": b["attention_mask"],
+            "position_ids": position_ids_from_mask(b["attention_mask"])}
+
+
+def answer_logits(actor, b: dict, temperature: float) -> torch.Tensor:
+    """Logits that predicted each answer token, [B, W, V], divided by the sampling temperature so that
+    log-probabilities are those of the distribution the rollout sampled from."""
+    W = b["answers"].shape[1]
+    # Answers end the sequence, so only the last W + 1 positions need the LM head.
+    logits = actor(**model_inputs(b), use_cache=False, logits_to_keep=W + 1).logits[:, :-1]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def answer_values(critic, b: dict) -> torch.Tensor:
+    """Critic value of the state before each answer token, [B, W] (the score head's per-token outputs)."""
+    P, W = b["prompt_width"], b["answers"].shape[1]
+    return token_scores(critic, **model_inputs(b))[:, P - 1:P + W - 1].float()
+
+
+def final_scores(reward, b: dict) -> torch.Tensor:
+    """Reward-model score at the last real token of prompt + answer (the EOS, or the last token of a
+    cut answer), [B] fp32."""
+    return sequence_rewards(reward, **model_inputs(b))
+
+
+@torch.no_grad()
+def experience(models, b: dict, temperature: float) -> dict:
+    """Forward passes of the rollout batch through actor, reference, critic and reward model."""
+    logits = answer_logits(models.actor, b, temperature)
+    logp = token_logprobs(logits, b["answers"])
+    entropy = entropy_from_logits(logits)
+    ref_logp = token_logprobs(answer_logits(models.ref, b, temperature), b["answers"])
+    return {"logp": logp, "ref_logp": ref_logp, "entropy": entropy, "values": answer_values(models.critic, b),
+            "score": final_scores(models.reward, b)}
+
+
+# ----------------------------------------------------------------------------- buffer samples
+
+def split_samples(b: dict, fields: dict) -> list[dict]:
+    """One dict per row with its prompt, answer and per-token fields cut to the answer's length, so rows of
+    different rollouts can be mixed into mini-batches."""
+    out = []
+    P = b["prompt_width"]
+    for i in range(b["seq"].shape[0]):
+        p_mask = b["attention_mask"][i, :P].bool()
+        n = int(b["action_mask"][i].sum())
+        row = {"prompt": b["seq"][i, :P][p_mask].cpu(), "answer": b["answers"][i, :n].cpu()}
+        row.update({k: v[i, :n].cpu() for k, v in fields.items()})
+        out.append(row)
+    return out
+
+
+def collate_samples(rows: list[dict], pad_id: int) -> dict:
+    """Mini-batch in the rollout layout (prompts left-padded, answers right-padded); per-token fields
+    right-padded with 0 under action_mask 0."""
+    prompts = collate_prompts([r["prompt"].tolist() for r in rows], pad_id)
+    answers = pad_batch([r["answer"].tolist() for r in rows], None, pad_id)
+    W = answers["input_ids"].shape[1]
+    b = {"seq": torch.cat([prompts["input_ids"], answers["input_ids"]], dim=1),
+         "attention_mask": torch.cat([prompts["attention_mask"], answers["attention_mask"]], dim=1),
+         "answers": answers["input_ids"], "action_mask": answers["attention_mask"],
+         "prompt_width": prompts["input_ids"].shape[1]}
+    for k in rows[0]:
+        if k in ("prompt", "answer"):
+            continue
+        t = torch.zeros(len(rows), W, dtype=rows[0][k].dtype)
+        for i, r in enumerate(rows):
+            t[i, :len(r[k])] = r[k]
+        b[k] = t
+    return {k: v.to(ds.device()) if torch.is_tensor(v) else v for k, v in b.items()}

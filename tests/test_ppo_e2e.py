@@ -1,0 +1,180 @@
+"""Step 3 end to end on 2 CPU ranks: tiny SFT (step 1, 50/50 warm/cold answers) -> reward model (step 2,
+warm preferred) -> PPO on the shipped prompts. Checked by numbers in metrics.jsonl and by loading the saved
+actor in plain transformers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import DATA, REPO, read_metrics, run_deepspeed
+
+sys.path.insert(0, os.path.join(REPO, "data"))
+from make_data import COLD, WARM  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+METRICS = ("reward", "return", "kl", "kl_coef", "entropy", "actor_loss", "critic_loss", "clipfrac", "value_clipfrac",
+           "approx_kl", "response_length", "eos_rate", "generation_sec", "experience_sec", "train_sec",
+           "samples_per_sec")
+PPO_ARGS = ["--data_path", os.path.join(DATA, "prompts.jsonl"), "--max_answer_seq_len", "16",
+            "--per_device_generation_batch_size", "16", "--per_device_training_batch_size", "8",
+            "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def sft_and_rm(tiny_dir, tmp_path_factory):
+    """(sft_dir, rm_dir): the tiny llama after step 1 on data/sft.jsonl and step 2 on data/preference.jsonl."""
+    root = tmp_path_factory.mktemp("ppo-inputs")
+    sft, rm = str(root / "sft"), str(root / "rm")
+    run_deepspeed("step1_sft/main.py", ["--model_name_or_path", tiny_dir("llama"), "--data_path",
+                                        os.path.join(DATA, "sft.jsonl"), "--output_dir", sft, "--learning_rate", "3e-3",
+                                        "--num_train_epochs", "15", "--per_device_train_batch_size", "8"])
+    run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--data_path",
+                                           os.path.join(DATA, "preference.jsonl"), "--output_dir", rm,
+                                           "--learning_rate", "3e-3", "--num_train_epochs", "3",
+                                           "--per_device_train_batch_size", "8"])
+    return sft, rm
+
+
+def ppo(sft: str, rm: str, out: str, *extra):
+    run_deepspeed("step3_ppo/main.py", ["--actor_model_name_or_path", sft, "--critic_model_name_or_path", rm,
+                                        "--output_dir", out, *PPO_ARGS, *extra])
+    rows = read_metrics(out)
+    return [r for r in rows if r["split"] == "train"], rows
+
+
+def quarters(train: list[dict], key: str) -> tuple[float, float]:
+    q = max(1, len(train) // 4)
+    return (sum(r[key] for r in train[:q]) / q, sum(r[key] for r in train[-q:]) / q)
+
+
+def greedy_answers(model_dir: str) -> list[str]:
+    """Greedy answers to the held-out prompts with plain transformers (the rendered prompt text, tokenized by
+    the tokenizer itself), decoded with special tokens so the EOS is visible."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [json.loads(line)["prompt"] for line in open(os.path.join(DATA, "heldout_prompts.jsonl"))]
+    out = []
+    for p in prompts:
+        ids = tok(f"Human: {p}\n\nAssistant:", return_tensors="pt")  # the hh template the SFT run resolved
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:]))
+    return out
+
+
+def share(answers: list[str], words: list[str]) -> float:
+    return sum(any(f" {w}." in a for w in words) for a in answers) / len(answers)
+
+
+def weights(model_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def test_ppo_raises_reward_and_the_saved_actor_answers_warmly(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    out = str(tmp_path / "ppo")
+    train, rows = ppo(sft, rm, out, "--max_steps", "30", "--print_answers_interval", "10",
+                      "--eval_data_path", os.path.join(DATA, "heldout_prompts.jsonl"))
+    assert [r["step"] for r in train] == list(range(1, 31))
+    for r in train:
+        assert all(k in r for k in METRICS), sorted(set(METRICS) - set(r))
+    first, last = quarters(train, "reward")
+    assert last > first + 1.0 and last > 2.5, (first, last)  # the RM's scores are about -4.5 (cold) .. +4.3 (warm)
+    assert train[0]["kl"] == 0.0  # the actor starts as the reference; the KL reported is the penalised one
+    assert max(r["kl"] for r in train) < 10.0
+    assert quarters(train, "eos_rate")[1] >= 0.9
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["reward"] > evals[0]["reward"] + 1.0 and evals[-1]["eos_rate"] >= 0.9
+    samples = [r for r in rows if r["split"] == "samples"]
+    assert [r["step"] for r in samples] == [10, 20, 30]
+    assert set(samples[0]["samples"][0]) == {"prompt", "answer", "reward"}
+
+    # The saved actor, in plain transformers, answers held-out prompts warmly and still stops.
+    before, after = greedy_answers(sft), greedy_answers(os.path.join(out, "actor"))
+    assert share(after, WARM) >= 0.8 and share(after, WARM) > share(before, WARM) + 0.15, (before, after)
+    assert sum(a.startswith(" The ") and "</s>" in a for a in after) >= 0.9 * len(after), after
+    assert share(after, COLD) < share(before, COLD)
+
+    from transformers import AutoModelForSequenceClassification
+
+    critic = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "critic"))
+    assert critic.config.num_labels == 1
+    args = json.load(open(os.path.join(out, "args.json")))
+    assert args["step"] == "ppo" and args["template"] == "hh" and args["reward_model_name_or_path"] == rm
+
+
+def test_ppo_zero3_offload_ema_adaptive_kl_and_resume(sft_and_rm, tmp_path):
+    sft, rm = sft_and_rm
+    out = str(tmp_path / "ppo3")
+    flags = ["--max_steps", "16", "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--offload_reference_model",
+             "--enable_ema", "--ema_beta", "0", "--target_kl", "1.0", "--kl_horizon", "100", "--save_interval", "8",
+             "--print_answers_interval", "0"]
+    train, _ = ppo(sft, rm, out, *flags)
+    first, last = quarters(train, "reward")
+    assert last > first + 1.0, (first, last)
+    assert max(r["kl"] for r in train) < 10.0
+    # The adaptive controller (Ziegler et al. eq. 2) moved the coefficient by exactly its rule, 32 samples a step.
+    for a, b in zip(train, train[1:]):
+        err = min(max(a["kl"] / 1.0 - 1.0, -0.2), 0.2)
+        assert b["kl_coef"] == pytest.approx(a["kl_coef"] * (1 + err * 32 / 100), rel=1e-4)
+    assert train[-1]["kl_coef"] != train[0]["kl_coef"]
+
+    actor = weights(os.path.join(out, "actor"))
+    ema = weights(os.path.join(out, "actor_ema"))
+    start = weights(sft)
+    assert all(torch.equal(actor[k], ema[k]) for k in actor)  # beta 0: the EMA is the actor, shard by shard
+    assert max((actor[k] - start[k]).abs().max().item() for k in actor) > 1e-3
+
+    # Resume from the step-8 checkpoint: steps 9-16 and the final weights are those of the first run.
+    shutil.rmtree(os.path.join(out, "checkpoints", "step-16"))
+    ppo(sft, rm, out, *flags, "--resume")
+    resumed = [r for r in read_metrics(out) if r["split"] == "train"][16:]
+    assert [r["step"] for r in resumed] == list(range(9, 17))
+    for a, b in zip(train[8:], resumed):
+        for k in ("reward", "kl", "kl_coef", "actor_loss", "critic_loss", "response_length"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    again = weights(os.path.join(out, "actor"))
+    assert max((again[k] - actor[k]).abs().max().item() for k in actor) < 1e-5
+
+
+def test_ppo_lora_ptx_and_the_other_options(sft_and_rm, tmp_path):
+    """LoRA actor and critic, gradient checkpointing, PPO-ptx, gradient accumulation, two generation batches,
+    early stop, reward normalisation, the missing-EOS penalty, k3, entropy bonus, bf16 with eager attention,
+    top-k/top-p sampling."""
+    sft, rm = sft_and_rm
+    out = str(tmp_path / "ppo-opts")
+    train, rows = ppo(sft, rm, out, "--max_steps", "3", "--actor_lora_dim", "4", "--critic_lora_dim", "4",
+                      "--actor_gradient_checkpointing", "--critic_gradient_checkpointing",
+                      "--unsup_data_path", os.path.join(DATA, "sft.jsonl"), "--unsup_coef", "0.5",
+                      "--per_device_generation_batch_size", "4", "--generation_batches", "2",
+                      "--per_device_training_batch_size", "2", "--gradient_accumulation_steps", "2",
+                      "--ppo_epochs", "3", "--early_stop_kl", "1e-12", "--normalize_reward",
+                      "--missing_eos_penalty", "1.0", "--max_answer_seq_len", "4", "--kl_estimator", "k3",
+                      "--entropy_coef", "0.01", "--dtype", "bf16", "--attn_implementation", "eager",
+                      "--temperature", "0.8", "--top_k", "20", "--top_p", "0.9", "--print_answers_interval", "1")
+    assert len(train) == 3
+    for r in train:
+        assert all(k in r for k in (*METRICS, "ptx_loss")) and all(
+            isinstance(v, str) or abs(v) < 1e6 for v in r.values())
+        assert r["eos_rate"] == 0.0 and r["response_length"] == 4.0  # every answer cut at 4 tokens
+        assert r["ppo_epochs_done"] == 1  # the approximate KL passed 1e-12 in the first epoch
+    # Step 1: the scores normalised over the first batch have mean 0, every answer lost 1.0 for its missing
+    # EOS, and the KL is 0 (LoRA starts as the identity): the mean return is exactly -1.
+    assert train[0]["kl"] == 0.0 and train[0]["return"] == pytest.approx(-1.0, abs=1e-4)
+    assert [r["step"] for r in rows if r["split"] == "samples"] == [1, 2, 3]
+
+    actor = weights(os.path.join(out, "actor"))
+    assert not any("lora" in k for k in actor)  # merged on save
+    start = weights(sft)
+    assert max((actor[k].float() - start[k].float()).abs().max().item() for k in actor) > 0
+    assert greedy_answers(os.path.join(out, "actor"))  # loads and generates in plain transformers

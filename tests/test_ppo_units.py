@@ -1,0 +1,295 @@
+"""Step 3 pieces outside utils/rl.py: rollout layout and log-probabilities, per-token values and the final
+score, fp16 step synchronisation, EMA, prompt truncation, flag checks. Single process, no DeepSpeed launch."""
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+import torch
+
+from conftest import run_python
+from step3_ppo.config import GROUPS, REQUIRED
+from step3_ppo.main import encode_prompts
+from step3_ppo.models import (check_args, ema_copy_, ema_state, ema_update_, frozen_configs, load_ema_state,
+                              step_together)
+from step3_ppo.rollout import (answer_logits, answer_values, collate_samples, final_scores, generate,
+                               generation_config, split_samples)
+from utils.args import build_parser, parse
+from utils.data import Sample
+from utils.encoding import Encoder
+from utils.errors import UserError
+from utils.rl import token_logprobs
+
+BASE = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
+        "--output_dir", "o"]
+
+
+def ppo_args(*flags):
+    return parse(GROUPS, "test", BASE + list(flags), required=REQUIRED)
+
+
+class PlainEngine:
+    """What rollout.py needs of a DeepSpeed engine, around a plain model (ZeRO-0 semantics)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
+
+    def __getattr__(self, name):  # DeepSpeedEngine forwards unknown attributes to its module too
+        return getattr(self.module, name)
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        self.module.train()
+
+
+def user(text: str):
+    return ({"role": "user", "content": text},)
+
+
+# ----------------------------------------------------------------------------- rollout layout
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tiny_dir("llama")
+    torch.manual_seed(0)
+    actor = AutoModelForCausalLM.from_pretrained(path).eval()
+    critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    critic.config.pad_token_id = critic.config.eos_token_id  # as utils.reward.load_reward_model does
+    return AutoTokenizer.from_pretrained(path), actor, critic
+
+
+def _rollout(tiny_models, temperature=0.7):
+    """Greedy answers to prompts of different lengths; EOS is re-pointed at a token the random model
+    generates, so answers stop at different lengths and pad (</s>) differs from that EOS."""
+    tok, actor, _ = tiny_models
+    enc = Encoder(tok, "hh", 64)
+    prompts = [enc.encode_prompt(user(t)) for t in ("Tell me about the apple.", "Describe the very old castle "
+                                                    "on the hill by the river.", "Hi.", "What do you think of it?")]
+    args = types.SimpleNamespace(max_answer_seq_len=8, do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    first = generate(PlainEngine(actor), prompts, enc, generation_config(args, enc, greedy=True))
+    enc.eos_id = int(first["answers"][0, 2])
+    b = generate(PlainEngine(actor), prompts, enc, generation_config(args, enc, greedy=True))
+    return enc, prompts, b
+
+
+def test_rollout_masks_come_from_lengths_and_logprobs_match_unpadded_forwards(tiny_models):
+    tok, actor, critic = tiny_models
+    T = 0.7
+    enc, prompts, b = _rollout(tiny_models, T)
+    lengths = b["action_mask"].sum(-1).tolist()
+    assert len(set(lengths)) > 1, "the test needs answers of different lengths"
+    P = b["prompt_width"]
+    for i, n in enumerate(lengths):
+        answer = b["answers"][i, :n].tolist()
+        assert b["has_eos"][i] == (enc.eos_id in answer)
+        assert enc.eos_id not in answer[:-1]  # the first EOS ends the answer, and it is an action
+        assert b["attention_mask"][i].tolist() == [0] * (P - len(prompts[i])) + [1] * (len(prompts[i]) + n) + \
+            [0] * (b["answers"].shape[1] - n)
+
+    logp = token_logprobs(answer_logits(PlainEngine(actor), b, T), b["answers"])
+    values = answer_values(PlainEngine(critic), b)
+    scores = final_scores(PlainEngine(critic), b)
+    for i, n in enumerate(lengths):
+        ids = torch.tensor([prompts[i] + b["answers"][i, :n].tolist()])
+        p = len(prompts[i])
+        with torch.no_grad():
+            ref_logits = actor(input_ids=ids).logits[0, p - 1:p - 1 + n] / T
+            ref_scores = _per_token_scores(critic, ids)
+        ref_logp = torch.log_softmax(ref_logits.double(), -1).gather(-1, ids[0, p:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, :n].double(), ref_logp, atol=1e-5)
+        assert torch.allclose(values[i, :n], ref_scores[p - 1:p - 1 + n], atol=1e-5)
+        assert scores[i].item() == pytest.approx(ref_scores[-1].item(), abs=1e-5)  # last real token
+
+    # Regrouped into another mini-batch (other order, other padding widths): the same log-probabilities,
+    # so the first PPO ratio is exactly 1.
+    rows = split_samples(b, {"logp": logp})
+    mb = collate_samples([rows[2], rows[0], rows[3]], enc.pad_id)
+    again = token_logprobs(answer_logits(PlainEngine(actor), mb, T), mb["answers"])
+    assert torch.allclose(again * mb["action_mask"], mb["logp"], atol=1e-5)
+    assert mb["action_mask"].sum(-1).tolist() == [lengths[2], lengths[0], lengths[3]]
+
+
+def _per_token_scores(model, ids):
+    hidden = model.model(input_ids=ids).last_hidden_state
+    return model.score(hidden)[0, :, 0]
+
+
+def test_generation_config_uses_only_our_flags(tiny_models):
+    tok, _, _ = tiny_models
+    enc = Encoder(tok, "hh", 64)
+    args = types.SimpleNamespace(max_answer_seq_len=5, do_sample=True, temperature=0.5, top_p=0.9, top_k=7)
+    cfg = generation_config(args, enc)
+    assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k) == (5, True, 0.5, 0.9, 7)
+    assert cfg.eos_token_id == enc.eos_id and cfg.pad_token_id == enc.pad_id and cfg.use_cache
+    assert not generation_config(args, enc, greedy=True).do_sample
+
+
+# ----------------------------------------------------------------------------- fp16 step synchronisation
+
+
+class FakeZeroOptimizer:
+    """Shaped like DeepSpeed's ZeRO optimizers: step() starts by calling self.check_overflow()."""
+
+    def __init__(self, bad_grads: bool):
+        self.bad_grads, self.overflow, self.applied, self.checks = bad_grads, False, 0, 0
+
+    def check_overflow(self, partition_gradients=True):
+        self.checks += 1
+        self.overflow = self.bad_grads
+
+    def step(self):
+        self.overflow = False
+        self.check_overflow()
+        if not self.overflow:
+            self.applied += 1
+
+
+class FakeEngine:
+    def __init__(self, bad_grads: bool, fp16: bool = True):
+        self.optimizer, self.fp16 = FakeZeroOptimizer(bad_grads), fp16
+
+    def fp16_enabled(self):
+        return self.fp16
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def step(self):
+        self.optimizer.step()
+
+
+@pytest.mark.parametrize("bad", [(True, False), (False, True), (True, True)])
+def test_fp16_overflow_in_either_model_skips_both_steps(bad):
+    engines = [FakeEngine(b) for b in bad]
+    assert step_together(engines) is False
+    assert [e.optimizer.applied for e in engines] == [0, 0]
+    # The override is gone afterwards: the next step checks the real gradients again.
+    for e in engines:
+        assert "check_overflow" not in vars(e.optimizer)
+        e.optimizer.bad_grads = False
+    assert step_together(engines) is True
+    assert [e.optimizer.applied for e in engines] == [1, 1]
+
+
+def test_without_fp16_engines_step_normally():
+    engines = [FakeEngine(True, fp16=False), FakeEngine(False, fp16=False)]
+    step_together(engines)
+    assert [e.optimizer.checks for e in engines] == [1, 1]  # only their own check, inside step()
+    assert [e.optimizer.applied for e in engines] == [0, 1]
+
+
+def _function_source(module, name: str) -> str:
+    """The text of `def name` in a module (the methods are wrapped by DeepSpeed's nvtx decorator)."""
+    text = inspect.getsource(module)
+    start = text.index(f"    def {name}(")
+    end = text.find("\n    def ", start + 1)
+    return text[start:end]
+
+
+def test_deepspeed_zero_optimizers_still_check_overflow_through_check_overflow():
+    """The fp16 synchronisation relies on this DeepSpeed detail; fail loudly if an upgrade changes it."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    assert "self.check_overflow(" in _function_source(stage_1_and_2, "step")
+    assert "self.check_overflow(" in _function_source(stage3, "_overflow_check_and_loss_scale_update")
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def test_ema_update_is_the_moving_average():
+    torch.manual_seed(0)
+    actor, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema_copy_(ema, actor)
+    start = [p.detach().clone() for p in actor.parameters()]
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(1.0)
+    ema_update_(ema, actor, beta=0.9)  # 0.9 * start + 0.1 * (start + 1) = start + 0.1
+    for e, s in zip(ema.parameters(), start):
+        assert torch.allclose(e, s + 0.1, atol=1e-6)
+    saved = ema_state(ema)
+    other = torch.nn.Linear(3, 2)
+    load_ema_state(other, saved)
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), ema.parameters()))
+
+
+# ----------------------------------------------------------------------------- flags and prompts
+
+
+def test_every_flag_has_help_and_the_issue_flags_exist():
+    parser = build_parser(GROUPS, "test")
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for name, action in flags.items():
+        if name not in ("-h", "--config"):
+            assert action.help and len(action.help) > 10, name
+    for name in ("actor_zero_stage", "critic_zero_stage", "offload", "offload_reference_model", "offload_reward_model",
+                 "actor_lora_dim", "critic_lora_dim", "actor_gradient_checkpointing", "max_prompt_seq_len",
+                 "max_answer_seq_len", "temperature", "top_p", "top_k", "kl_coef", "kl_estimator",
+                 "clip_reward_value", "normalize_reward", "missing_eos_penalty", "gamma", "lam",
+                 "whiten_advantages", "target_kl", "kl_horizon", "early_stop_kl", "generation_batches", "ppo_epochs",
+                 "per_device_training_batch_size", "cliprange", "cliprange_value", "entropy_coef", "unsup_data_path",
+                 "unsup_coef", "enable_ema", "ema_beta", "max_steps", "num_train_epochs", "print_answers_interval",
+                 "attn_implementation"):
+        assert f"--{name}" in flags, name
+    # Flags that would be ambiguous with four models are not offered.
+    for name in ("--model_name_or_path", "--zero_stage", "--learning_rate", "--per_device_train_batch_size"):
+        assert name not in flags
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--offload", "--actor_zero_stage", "0"], "--offload"),
+    (["--dtype", "fp16", "--critic_zero_stage", "0"], "fp16"),
+    (["--per_device_generation_batch_size", "6", "--per_device_training_batch_size", "4"], "multiple"),
+    (["--temperature", "0"], "temperature"),
+    (["--ema_beta", "1.0"], "ema_beta"),
+    (["--max_answer_seq_len", "0"], "max_answer_seq_len"),
+])
+def test_check_args_refuses_settings_that_cannot_work(flags, message):
+    with pytest.raises(UserError, match=message):
+        check_args(ppo_args(*flags))
+
+
+def test_offload_flags_put_frozen_models_under_zero3_parameter_offload():
+    ref, reward = frozen_configs(ppo_args("--offload_reference_model"), world=2)
+    assert ref["zero_optimization"]["stage"] == 3 and ref["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert reward["zero_optimization"]["stage"] == 0  # follows the critic's ZeRO-2: a full copy per rank
+    ref, reward = frozen_configs(ppo_args("--offload_reward_model", "--actor_zero_stage", "3"), world=2)
+    assert ref["zero_optimization"]["stage"] == 3 and "offload_param" not in ref["zero_optimization"]
+    assert reward["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_prompt_truncation_keeps_the_end_and_the_bos(tokenizer_of):
+    tok = tokenizer_of("llama")
+    long = Sample(prompt=user("Tell me about the " + "very " * 40 + "old apple."), where="p.jsonl:1")
+    short = Sample(prompt=user("Hi."), where="p.jsonl:2")
+    full = Encoder(tok, "hh", 999).encode_prompt(long.prompt)
+    enc = Encoder(tok, "hh", 32, overlong="truncate")
+    cut = encode_prompts([long, short], enc, 32, "prompts")
+    assert len(cut[0]) == 32 and cut[0][0] == tok.bos_token_id and cut[0][1:] == full[-31:]
+    assert cut[1] == enc.encode_prompt(short.prompt)
+    assert encode_prompts([long, short], Encoder(tok, "hh", 32, overlong="skip"), 32, "prompts") == [cut[1]]
+    with pytest.raises(UserError, match="p.jsonl:1"):
+        encode_prompts([long], Encoder(tok, "hh", 32, overlong="error"), 32, "prompts")
+
+
+def test_main_refuses_a_causal_lm_as_reward_model(tiny_dir, tmp_path):
+    model = tiny_dir("llama")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi."}\n')
+    p = run_python("step3_ppo/main.py", ["--actor_model_name_or_path", model, "--critic_model_name_or_path", model,
+                                         "--data_path", prompts, "--output_dir", tmp_path / "out"])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "not a sequence-classification model" in p.stderr and "Traceback" not in p.stderr
