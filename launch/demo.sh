@@ -26,7 +26,7 @@ MODEL="$DEMO_DIR/base" SFT_DATA=data/sft.jsonl PREF_DATA=data/preference.jsonl P
 WORK_DIR="$DEMO_DIR" \
 SFT_ARGS="${SFT_ARGS:---learning_rate 3e-3 --num_train_epochs 15 --eval_interval 100 --log_interval 20}" \
 REWARD_ARGS="${REWARD_ARGS:---learning_rate 1e-3 --num_train_epochs 2 --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 12}" \
-PPO_ARGS="${PPO_ARGS:---max_answer_seq_len 16 --per_device_generation_batch_size 16 --per_device_training_batch_size 8 --actor_learning_rate 1e-3 --critic_learning_rate 1e-3 --max_steps 24}" \
+PPO_ARGS="${PPO_ARGS:---max_answer_seq_len 16 --per_device_generation_batch_size 16 --per_device_training_batch_size 8 --max_steps 24}" \
 DPO_ARGS="${DPO_ARGS:---precompute_ref_logprobs --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 18}" \
   bash launch/pipeline.sh
 

@@ -11,7 +11,7 @@ PRESETS="
 7b     7000  4   1e-5  1e-5  1e-6   1e-6   0     0    1024  1
 13b    13000 4   1e-4  5e-5  1e-5   5e-6   5e-6   128  1024  1
 70b    70000 1   1e-4  5e-5  1e-5   5e-6   5e-6   128  1024  1
-tiny   1     8   3e-3  1e-3  2e-5   1e-4   0     0    256   0
+tiny   1     8   3e-3  1e-3  1e-3   1e-3   0     0    256   0
 "
 
 # preset SIZE -> sets P_PARAMS P_MICRO P_SFT_LR P_RM_LR P_ACTOR_LR P_CRITIC_LR P_DPO_LR P_LORA P_SEQ P_CKPT

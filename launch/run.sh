@@ -89,4 +89,6 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   exit 0
 fi
 cd "$REPO"
+# The checkout's packages win over any installed copy (and work without `pip install -e .`).
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec "${CMD[@]}"
