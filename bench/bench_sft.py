@@ -21,7 +21,12 @@ sys.path.insert(0, REPO)
 
 def bench_ours(model_dir: str, data: str, a, out: str) -> dict:
     per_rank = a.batch // a.ranks
-    cmd = ["deepspeed", "--num_gpus", str(a.ranks), os.path.join(REPO, "step1_sft/main.py"),
+    import socket
+
+    with socket.socket() as sock:  # a free rendezvous port, so the bench can run beside other jobs
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = ["deepspeed", "--num_gpus", str(a.ranks), "--master_port", str(port), os.path.join(REPO, "step1_sft/main.py"),
            "--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out,
            "--per_device_train_batch_size", str(per_rank), "--max_steps", str(a.steps), "--zero_stage", str(a.zero_stage),
            "--log_interval", str(a.warmup), "--learning_rate", "1e-3", "--eval_fraction", "0.05"]

@@ -96,3 +96,23 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tiny_dir, tmp_path):
     assert ckpts and all(c.startswith("step-") for c in ckpts)
     assert max(int(c.split("-")[1]) for c in ckpts) == step - 1
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("step2_reward/main.py", ["--learning_rate", "1e-3", "--zero_stage", "3"]),
+])
+def test_pairs_programs_resume_after_kill(tiny_dir, tmp_path, script, extra):
+    """Reward model: SIGKILL after a checkpoint, --resume, same later losses."""
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "preference.jsonl"),
+              "--max_steps", "60", "--per_device_train_batch_size", "4", "--log_interval", "1",
+              "--save_interval", "10", *extra]
+    full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
+    run_deepspeed(script, common + ["--output_dir", full])
+    run_killed_after_checkpoint(script, common + ["--output_dir", broken], broken)
+    p = run_deepspeed(script, common + ["--output_dir", broken, "--resume"])
+    resumed_at = int(p.stdout.split("resumed from")[1].split("at step")[1].split()[0])
+    a, b = last_by_step(read_metrics(full)), last_by_step(read_metrics(broken))
+    later = [s for s in a if s > resumed_at]
+    assert len(later) >= 10, (resumed_at, sorted(a))
+    for s in later:
+        assert b[s] == pytest.approx(a[s], abs=1e-5), (s, a[s], b[s])
