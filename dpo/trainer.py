@@ -10,7 +10,7 @@ from utils import ds
 from utils.encoding import IGNORE, pad_batch
 from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
 from utils.metrics import Throughput
-from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
+from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 # Per-pair diagnostics averaged over a logging window or the eval set ("losses" is reported as "loss").
 PAIR_KEYS = ("losses", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -166,13 +166,7 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
     """Run optimizer steps up to `total_steps`; `ref` is None when the items carry precomputed
     reference log-probs. Returns the last eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
-    step = 0
-    if args.resume and (ckpt := latest_checkpoint(args.output_dir)):
-        state = load_checkpoint(ckpt, {"model": engine})
-        stream.load_state_dict(state["stream"])
-        step = state["step"]
-        logger.write(f"resumed from {ckpt} at step {step}")
-        logger.advance(step)
+    step = resume_step(args, {"model": engine}, stream, logger)
     if step == 0:
         logger.log({"step": 0, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
     speed, window = Throughput(), PairStats()

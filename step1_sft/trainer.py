@@ -9,7 +9,7 @@ from utils import ds
 from utils.encoding import IGNORE, pad_batch
 from utils.losses import count_target_tokens, sft_loss, step_loss_scale
 from utils.metrics import Throughput
-from utils.train import check_finite, eval_batches, load_checkpoint, latest_checkpoint, save_checkpoint, to_device
+from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 
 def collate(items, pad_id: int) -> dict:
@@ -38,13 +38,7 @@ def evaluate(engine, items, batch_size: int, pad_id: int, fp32: bool) -> dict:
 def train(args, engine, stream, eval_items, logger, pad_id: int, total_steps: int) -> dict:
     """Run optimizer steps up to `total_steps`; returns the last eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
-    step = 0
-    if args.resume and (ckpt := latest_checkpoint(args.output_dir)):
-        state = load_checkpoint(ckpt, {"model": engine})
-        stream.load_state_dict(state["stream"])
-        step = state["step"]
-        logger.write(f"resumed from {ckpt} at step {step}")
-        logger.advance(step)
+    step = resume_step(args, {"model": engine}, stream, logger)
     if step == 0:
         logger.log({"step": 0, "split": "eval", **evaluate(engine, eval_items, args.per_device_eval_batch_size,
                                                             pad_id, fp32)})

@@ -18,7 +18,7 @@ from utils.encoding import IGNORE, pad_batch, position_ids_from_mask
 from utils.losses import pairwise_reward_loss, step_loss_scale
 from utils.metrics import Throughput
 from utils.reward import sequence_rewards, shared_prompt_rewards
-from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
+from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 SUMS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "margin_sum", "pairs")
 
@@ -120,13 +120,7 @@ def train(args, engine, stream, eval_items, logger, collate_fn, total_steps: int
     pairs); returns the final eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
     center, eval_bs = args.center_rewards_coefficient, args.per_device_eval_batch_size
-    step = 0
-    if args.resume and (ckpt := latest_checkpoint(args.output_dir)):
-        state = load_checkpoint(ckpt, {"model": engine})
-        stream.load_state_dict(state["stream"])
-        step = state["step"]
-        logger.write(f"resumed from {ckpt} at step {step}")
-        logger.advance(step)
+    step = resume_step(args, {"model": engine}, stream, logger)
     if step == 0:
         logger.log({"step": 0, "split": "eval", **evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32)})
     speed, window = Throughput(), dict.fromkeys(SUMS, 0.0)

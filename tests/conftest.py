@@ -48,13 +48,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_shm(port: int) -> None:
+    """Remove DeepSpeed's shared-memory buffers of a run that was killed (normal exits clean up)."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def run_deepspeed(script: str, args: list[str], num_gpus: int = 2, timeout: int = 600,
                   check: bool = True) -> subprocess.CompletedProcess:
     """Launch `deepspeed --num_gpus N script args` from the repo root; returns the finished process."""
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port),
            os.path.join(REPO, script), *map(str, args)]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        clean_shm(port)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
     return p

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import DATA, REPO, free_port, read_metrics, run_deepspeed
+from conftest import DATA, REPO, clean_shm, free_port, read_metrics, run_deepspeed
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,8 @@ def last_by_step(metrics: list[dict], split: str = "train", key: str = "loss") -
 
 def run_killed_after_checkpoint(script: str, args: list[str], out: str, timeout: float = 300) -> str:
     """Start a 2-rank run, SIGKILL the whole process group once a checkpoint is complete."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(REPO, script), *args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(REPO, script), *args]
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -40,6 +41,7 @@ def run_killed_after_checkpoint(script: str, args: list[str], out: str, timeout:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        clean_shm(port)
 
 
 def test_sft_resume_matches_uninterrupted(tiny_dir, tmp_path):

@@ -2,6 +2,8 @@
 `engine.backward(loss)` and `engine.step()` only."""
 from __future__ import annotations
 
+import atexit
+import glob
 import os
 import random
 
@@ -27,10 +29,24 @@ def init_distributed(seed: int) -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     deepspeed.init_distributed(verbose=False)
+    atexit.register(_remove_shm_buffers)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     set_seed(seed)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _remove_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory allreduce leaves its /dev/shm buffers (tens of MB per rank, named
+    by address, port and rank) behind at exit; a machine running many jobs on fresh ports fills up.
+    Unlinking at exit is safe: a peer that still maps the file keeps its pages until it unmaps."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    local = os.environ.get("LOCAL_RANK", "0")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def set_seed(seed: int) -> None:

@@ -159,6 +159,18 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1])))
 
 
+def resume_step(args, engines: dict, stream, logger) -> int:
+    """With --resume, restore the latest complete checkpoint (engines, RNG, data position) and return
+    its step; 0 for a fresh start."""
+    if not args.resume or not (ckpt := latest_checkpoint(args.output_dir)):
+        return 0
+    state = load_checkpoint(ckpt, engines)
+    stream.load_state_dict(state["stream"])
+    logger.write(f"resumed from {ckpt} at step {state['step']}")
+    logger.advance(state["step"])
+    return state["step"]
+
+
 def load_checkpoint(path: str, engines: dict) -> dict:
     """Restore engines and RNG states; returns the client state (step, data position, ...)."""
     state = None
