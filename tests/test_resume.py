@@ -102,9 +102,10 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("script,extra", [
     ("step2_reward/main.py", ["--learning_rate", "1e-3", "--zero_stage", "3"]),
+    ("dpo/main.py", ["--learning_rate", "1e-4", "--zero_stage", "2"]),
 ])
 def test_pairs_programs_resume_after_kill(tiny_dir, tmp_path, script, extra):
-    """Reward model: SIGKILL after a checkpoint, --resume, same later losses."""
+    """Reward model and DPO: SIGKILL after a checkpoint, --resume, same later losses."""
     common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "preference.jsonl"),
               "--max_steps", "60", "--per_device_train_batch_size", "4", "--log_interval", "1",
               "--save_interval", "10", *extra]
