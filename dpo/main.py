@@ -9,7 +9,6 @@ computes its log-probabilities once before training and frees it.
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +17,13 @@ from transformers.utils import logging as hf_logging
 
 from dpo.trainer import collate_pairs, disable_dropout, precompute_reference, train
 from utils import ds
-from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings, save_args
+from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings
 from utils.data import load_splits
 from utils.encoding import Encoder, encode_all
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
-from utils.metrics import MetricsLogger
 from utils.model import load_model, load_tokenizer, prepare_model, save_hf
-from utils.train import StepStream, count_parameters, size_scaled_lr
+from utils.train import StepStream, count_parameters, init_engine_from_args, size_scaled_lr, start_run
 
 # TRL's DPOConfig default, the usual full fine-tuning DPO rate for 7B models (Zephyr used 5e-7).
 DPO_LR_AT_7B = 1e-6
@@ -127,18 +125,12 @@ def main(argv=None) -> None:
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
     lr = args.learning_rate or size_scaled_lr(count_parameters(model), DPO_LR_AT_7B)
     ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
-    engine = ds.init_train_engine(model, cfg=cfg, lr=lr, weight_decay=args.weight_decay,
-                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
-                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
-                                  total_steps=total_steps)
+    engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
 
     # Train and save.
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
     resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
                 "total_steps": total_steps, "step": "dpo", "learning_rate": lr}
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    logger = start_run(args, total_steps, resolved)
     train(args, engine, ref, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()
     save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})

@@ -10,13 +10,12 @@ from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate, train
 from utils import ds
-from utils.args import SHARED_GROUPS, parse, resolve_data_settings, save_args
+from utils.args import SHARED_GROUPS, parse, resolve_data_settings
 from utils.data import load_splits
 from utils.encoding import Encoder, encode_all
 from utils.errors import exit_on_user_error
-from utils.metrics import MetricsLogger
 from utils.model import load_model, load_tokenizer, prepare_model, save_hf
-from utils.train import StepStream
+from utils.train import StepStream, init_engine_from_args, start_run
 
 
 @exit_on_user_error
@@ -47,20 +46,12 @@ def main(argv=None) -> None:
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         lambda b: collate(b, encoder.pad_id), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    engine = ds.init_train_engine(model, cfg=cfg, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
-                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
-                                  total_steps=total_steps)
+    engine = init_engine_from_args(args, model, cfg, total_steps)
 
     # Train and save.
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
     resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
                 "total_steps": total_steps, "step": "sft"}
-    if rank == 0:
-        import os
-
-        os.makedirs(args.output_dir, exist_ok=True)
-        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()
     save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})

@@ -7,21 +7,19 @@
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
 from step2_reward.trainer import Pair, collate, make_items, train
 from utils import ds
-from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings, save_args
+from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings
 from utils.data import load_splits
 from utils.encoding import Encoder, encode_all
 from utils.errors import UserError, exit_on_user_error
-from utils.metrics import MetricsLogger
 from utils.model import load_tokenizer, prepare_model, save_hf
 from utils.reward import disable_dropout, export_pad_token_id, load_reward_model
-from utils.train import StepStream
+from utils.train import StepStream, init_engine_from_args, start_run
 
 
 @dataclass
@@ -75,18 +73,12 @@ def main(argv=None) -> None:
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         collate_fn, args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    engine = ds.init_train_engine(model, cfg=cfg, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
-                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
-                                  total_steps=total_steps)
+    engine = init_engine_from_args(args, model, cfg, total_steps)
 
     # Train and save.
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
     resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
                 "total_steps": total_steps, "step": "reward"}
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, collate_fn, total_steps)
     logger.close()
     # The saved config's pad id is the one plain transformers needs to pool at the EOS (see export_pad_token_id).

@@ -19,14 +19,13 @@ from step3_ppo.config import GROUPS, REQUIRED
 from step3_ppo.models import build_models, check_args, require_reward_model
 from step3_ppo.trainer import train
 from utils import ds
-from utils.args import parse, resolve_data_settings, save_args
+from utils.args import parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all
 from utils.errors import UserError, exit_on_user_error
-from utils.metrics import MetricsLogger
 from utils.model import load_tokenizer, save_hf
 from utils.reward import export_pad_token_id
-from utils.train import StepStream
+from utils.train import StepStream, start_run
 
 
 def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[list[int]]:
@@ -97,14 +96,11 @@ def main(argv=None) -> None:
               f"steps={total_steps} optimizer_steps={total_steps * updates_per_step}")
 
     models = build_models(args, world, total_steps * updates_per_step, encoder.pad_id)
-    logger = MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
     resolved = {"template": encoder.template, "max_seq_len": max(sft_len, args.max_prompt_seq_len +
                                                                  args.max_answer_seq_len),
                 "world_size": world, "total_steps": total_steps, "step": "ppo",
                 "reward_model_name_or_path": reward_path}
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    logger = start_run(args, total_steps, resolved)
     train(args, models, encoder, stream, unsup, eval_prompts, logger, total_steps)
     logger.close()
 

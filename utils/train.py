@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from . import ds
+from .args import save_args
 from .errors import UserError
+from .metrics import MetricsLogger
 
 
 class StepStream:
@@ -87,6 +89,23 @@ def eval_batches(items: list, batch_size: int, collate):
         valid = torch.tensor([i >= 0 for i in chunk], dtype=torch.float32)
         batch = collate([items[max(i, 0)] for i in chunk])
         yield batch, valid
+
+
+def init_engine_from_args(args, model, cfg: dict, total_steps: int, lr: float | None = None):
+    """The trained model's DeepSpeed engine, configured from the shared optimisation flags."""
+    return ds.init_train_engine(model, cfg=cfg, lr=args.learning_rate if lr is None else lr,
+                                weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                                offload=args.offload, scheduler=args.lr_scheduler_type,
+                                warmup=args.num_warmup_steps, total_steps=total_steps)
+
+
+def start_run(args, total_steps: int, resolved: dict) -> MetricsLogger:
+    """Rank 0 writes OUTPUT_DIR/args.json (the flags plus the settings resolved at run time, which the
+    next step inherits); every rank gets the metrics logger."""
+    if ds.is_rank0():
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_args(args, os.path.join(args.output_dir, "args.json"), resolved)
+    return MetricsLogger(args.output_dir, args.enable_tensorboard, args.tensorboard_path, total_steps, args.resume)
 
 
 def count_parameters(model) -> int:
