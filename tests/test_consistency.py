@@ -28,3 +28,22 @@ def test_sft_one_rank_equals_two_ranks(tiny_dir, tmp_path):
         run_deepspeed("step1_sft/main.py", common + ["--output_dir", out, "--per_device_train_batch_size", "4",
                                                      "--zero_stage", stage])
         assert losses(out) == pytest.approx(ref, abs=2e-5), (stage, losses(out), ref)
+
+
+def test_dpo_one_rank_equals_two_ranks(tiny_dir, tmp_path):
+    """DPO: policy and frozen reference, sharded under ZeRO-3 on 2 ranks, give the 1-rank losses and margins."""
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "preference.jsonl"),
+              "--learning_rate", "1e-3", "--max_steps", "8", "--log_interval", "1"]
+    one = str(tmp_path / "one")
+    p = run_python("dpo/main.py", common + ["--output_dir", one, "--per_device_train_batch_size", "8",
+                                            "--zero_stage", "0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref = read_metrics(one)
+    assert len(losses(one)) == 8 and losses(one)[-1] < losses(one)[0] - 0.05, losses(one)
+    for stage in ("0", "3"):
+        out = str(tmp_path / f"two-z{stage}")
+        run_deepspeed("dpo/main.py", common + ["--output_dir", out, "--per_device_train_batch_size", "4",
+                                               "--zero_stage", stage])
+        assert losses(out) == pytest.approx(losses(one), abs=2e-5), (stage, losses(out), losses(one))
+        margins = [m["rewards/margins"] for m in read_metrics(out) if m["split"] == "train"]
+        assert margins == pytest.approx([m["rewards/margins"] for m in ref if m["split"] == "train"], abs=1e-4), stage

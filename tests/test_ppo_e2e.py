@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
 import torch
 
-from conftest import DATA, REPO, read_metrics, run_deepspeed
+from conftest import DATA, REPO, last_by_step, read_metrics, run_deepspeed, run_killed_after_checkpoint
 
 sys.path.insert(0, os.path.join(REPO, "data"))
 from make_data import COLD, WARM  # noqa: E402
@@ -135,16 +134,22 @@ def test_ppo_zero3_offload_ema_adaptive_kl_and_resume(sft_and_rm, tmp_path):
     assert all(torch.equal(actor[k], ema[k]) for k in actor)  # beta 0: the EMA is the actor, shard by shard
     assert max((actor[k] - start[k]).abs().max().item() for k in actor) > 1e-3
 
-    # Resume from the step-8 checkpoint: steps 9-16 and the final weights are those of the first run.
-    shutil.rmtree(os.path.join(out, "checkpoints", "step-16"))
-    ppo(sft, rm, out, *flags, "--resume")
-    resumed = [r for r in read_metrics(out) if r["split"] == "train"][16:]
-    assert [r["step"] for r in resumed] == list(range(9, 17))
-    for a, b in zip(train[8:], resumed):
-        for k in ("reward", "kl", "kl_coef", "actor_loss", "critic_loss", "response_length"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
-    again = weights(os.path.join(out, "actor"))
-    assert max((again[k] - actor[k]).abs().max().item() for k in actor) < 1e-5
+    # The same run, killed with SIGKILL once its step-8 checkpoint is complete, then --resume: steps 9-16
+    # (actor, critic, EMA, KL controller, rollout RNG) and the final weights are those of the first run.
+    broken = str(tmp_path / "broken")
+    args = ["--actor_model_name_or_path", sft, "--critic_model_name_or_path", rm, *PPO_ARGS, *flags]
+    assert run_killed_after_checkpoint("step3_ppo/main.py", args + ["--output_dir", broken], broken) == "step-8"
+    assert not os.path.exists(os.path.join(broken, "actor", "model.safetensors"))
+    resumed, _ = ppo(sft, rm, broken, *flags, "--resume")
+    assert [r["step"] for r in resumed].count(8) == 1  # steps 1-8 were not run again
+    for k in ("reward", "kl", "kl_coef", "actor_loss", "critic_loss", "response_length"):
+        a, b = last_by_step(train, key=k), last_by_step(read_metrics(broken), key=k)
+        assert sorted(b) == list(range(1, 17)), sorted(b)
+        for s in range(9, 17):
+            assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), (s, k, a[s], b[s])
+    for name in ("actor", "actor_ema", "critic"):
+        first, again = weights(os.path.join(out, name)), weights(os.path.join(broken, name))
+        assert max((again[k] - first[k]).abs().max().item() for k in first) < 1e-5, name
 
 
 def test_ppo_lora_ptx_and_the_other_options(sft_and_rm, tmp_path):

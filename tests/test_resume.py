@@ -2,46 +2,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 
 import pytest
 
-from conftest import DATA, REPO, clean_shm, free_port, read_metrics, run_deepspeed
+from conftest import DATA, last_by_step, read_metrics, run_deepspeed, run_killed_after_checkpoint
 
 pytestmark = pytest.mark.e2e
-
-
-def last_by_step(metrics: list[dict], split: str = "train", key: str = "loss") -> dict:
-    """The last logged value per step (a killed run's lines after its checkpoint are redone on resume)."""
-    return {m["step"]: m[key] for m in metrics if m["split"] == split and key in m}
-
-
-def run_killed_after_checkpoint(script: str, args: list[str], out: str, timeout: float = 300) -> str:
-    """Start a 2-rank run, SIGKILL the whole process group once a checkpoint is complete."""
-    port = free_port()
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(REPO, script), *args]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    root = os.path.join(out, "checkpoints")
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            done = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
-            if done:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return max(done, key=lambda d: int(d.split("-")[1]))
-            if proc.poll() is not None:
-                raise AssertionError(f"run finished before a checkpoint was written (rc {proc.returncode})")
-            time.sleep(0.05)
-        raise AssertionError("no checkpoint appeared in time")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        clean_shm(port)
 
 
 def test_sft_resume_matches_uninterrupted(tiny_dir, tmp_path):
