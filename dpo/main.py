@@ -139,3 +139,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    ds.finish()  # every rank finished and saved: exit without gloo teardown (see ds.finish)

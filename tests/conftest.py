@@ -50,15 +50,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_shm(port: int) -> None:
-    """Remove DeepSpeed's shared-memory buffers of a run that was killed (normal exits clean up)."""
+def clean_shm(port: int) -> list[str]:
+    """Remove DeepSpeed's shared-memory buffers of a run that was killed (normal exits clean up);
+    returns the paths it found."""
     import glob
 
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+    found = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    for path in found:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+    return found
 
 
 def run_deepspeed(script: str, args: list[str], num_gpus: int = 2, timeout: int = 600,
@@ -67,13 +70,16 @@ def run_deepspeed(script: str, args: list[str], num_gpus: int = 2, timeout: int 
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(port),
            os.path.join(REPO, script), *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # PYTHONFAULTHANDLER: a rank that dies on a signal (SIGABRT, SIGSEGV) prints its Python stacks.
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONFAULTHANDLER="1")
     try:
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     finally:
-        clean_shm(port)
+        left = clean_shm(port)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
+    if check:  # a run that ended normally removed its own /dev/shm buffers (utils.ds.finish)
+        assert not left, left
     return p
 
 

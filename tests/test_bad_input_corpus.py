@@ -230,6 +230,7 @@ def test_program_exits_2_with_the_message_before_loading_models(bare_models, tmp
 
 OUR_CODE = ("utils", "step1_sft", "step2_reward", "step3_ppo", "dpo", "bench", "data", "launch")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal"}
+PICKLE_ERRORS = {"UnpicklingError"}  # importing the exception torch.load(weights_only=True) raises is fine
 
 
 def _our_sources():
@@ -248,14 +249,16 @@ def _is_true(node) -> bool:
 def test_no_unsafe_loading_or_saving_in_our_code():
     """torch.load only with weights_only=True; no pickle-family modules; no np.load(allow_pickle=True);
     trust_remote_code never hard-coded to True; no torch.save or safe_serialization=False (models are written
-    by utils.model.save_hf as safetensors; resumable state goes through DeepSpeed's checkpoints)."""
+    by utils.model.save_hf as safetensors; resumable state goes through DeepSpeed's checkpoints, read back
+    with weights_only=True by utils.train)."""
     problems = []
     for path in _our_sources():
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         rel = os.path.relpath(path, REPO)
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+            errors_only = isinstance(node, ast.ImportFrom) and all(a.name in PICKLE_ERRORS for a in node.names)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not errors_only:
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 problems += [f"{rel}:{node.lineno}: imports {m}" for m in mods if m.split(".")[0] in PICKLE_MODULES]
             if not isinstance(node, ast.Call):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import shutil
+from pickle import UnpicklingError  # what torch.load(weights_only=True) raises; nothing is unpickled here
 
 import numpy as np
 import torch
@@ -135,13 +137,47 @@ def check_finite(value: float, step: int, what: str = "loss") -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator a step draws from, as tensors and plain Python data (loadable with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # sampling in PPO generation draws from the device's generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def _weights_only_loader(engine) -> None:
+    """Make `engine.load_checkpoint` read its files with `torch.load(weights_only=True)`.
+
+    DeepSpeed's own loader unpickles anything (`weights_only=False`), so resuming from a tampered
+    checkpoint could run code. Its files hold tensors and plain data plus four DeepSpeed classes (the
+    ZeRO stage enum, the loss scalers and ZeRO-1/2's parameter-slice addresses), which are allowed by
+    name; anything else is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except UnpicklingError as e:
+                found = re.search(r"GLOBAL (\S+)", str(e))
+                raise UserError(f"--resume: '{path}' holds {found.group(1) if found else 'an object'}, which is "
+                                "neither a tensor nor plain data; it is not loaded") from None
+
+    engine.checkpoint_engine.load = load
 
 
 def checkpoint_dir(output_dir: str) -> str:
@@ -194,6 +230,7 @@ def load_checkpoint(path: str, engines: dict) -> dict:
     """Restore engines and RNG states; returns the client state (step, data position, ...)."""
     state = None
     for name, engine in engines.items():
+        _weights_only_loader(engine)
         _, state = engine.load_checkpoint(path, tag=name)
         if state is None:
             raise UserError(f"--resume: checkpoint '{path}' has no state for '{name}'")

@@ -1,0 +1,67 @@
+"""Resume reads checkpoints with torch.load(weights_only=True): DeepSpeed's own objects and our RNG
+states load, anything else is refused before it can run."""
+from __future__ import annotations
+
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.train import _rng_state, _set_rng_state, _weights_only_loader
+
+
+def safe_loader():
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace())
+    _weights_only_loader(engine)
+    return engine.checkpoint_engine.load
+
+
+def draws() -> tuple:
+    return random.random(), np.random.rand(), torch.rand(1).item()
+
+
+def test_deepspeed_objects_and_rng_states_load(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    np.random.randn()  # a cached Gaussian is part of numpy's state
+    rng = _rng_state()
+    expected = draws()
+    scaler = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False, raise_error_at_min_scale=True, dtype=torch.float16)
+    path = str(tmp_path / "optim_states.pt")
+    torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": scaler, "static": LossScaler(1.0),
+                "state": {0: {"exp_avg": torch.ones(3)}}, "client": {"step": 7, "rng": [rng]}}, path)
+
+    loaded = safe_loader()(path, map_location="cpu")
+    assert loaded["zero_stage"] is ZeroStageEnum.weights
+    assert loaded["loss_scaler"].__dict__ == scaler.__dict__ and loaded["static"].cur_scale == 1.0
+    assert torch.equal(loaded["state"][0]["exp_avg"], torch.ones(3))
+    draws()  # move every generator on, then restore from the loaded state
+    _set_rng_state(loaded["client"]["rng"][0])
+    assert draws() == expected
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_other_objects_are_refused_without_running(tmp_path):
+    marker = str(tmp_path / "ran")
+    path = str(tmp_path / "model_states.pt")
+    torch.save({"module": {"w": torch.zeros(2)}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UserError, match=r"model_states.pt' holds io.open, which is neither a tensor"):
+        safe_loader()(path)
+    assert not os.path.exists(marker)
+
+    torch.save({"args": __import__("argparse").Namespace(lr=1.0)}, path)
+    with pytest.raises(UserError, match="argparse.Namespace"):
+        safe_loader()(path)
