@@ -17,13 +17,13 @@ from transformers.utils import logging as hf_logging
 
 from dpo.trainer import collate_pairs, disable_dropout, precompute_reference, train
 from utils import ds
-from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings
-from utils.data import load_splits
-from utils.encoding import Encoder, encode_all
+from utils.args import SHARED_GROUPS, arg, parse
+from utils.encoding import encode_all
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
 from utils.model import load_model, load_tokenizer, prepare_model, save_hf
-from utils.train import StepStream, count_parameters, init_engine_from_args, size_scaled_lr, start_run
+from utils.train import (StepStream, count_parameters, ds_config_from_args, init_engine_from_args, load_step_data,
+                         size_scaled_lr, start_run)
 
 # TRL's DPOConfig default, the usual full fine-tuning DPO rate for 7B models (Zephyr used 5e-7).
 DPO_LR_AT_7B = 1e-6
@@ -84,18 +84,14 @@ def main(argv=None) -> None:
     rank, world = ds.init_distributed(args.seed)
 
     # Data: chosen and rejected are each prompt + reply with only the reply and its EOS labelled.
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
-    encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
-    train_samples, eval_samples = load_splits(args.data_path, args.eval_data_path, args.eval_fraction,
-                                              args.seed, "pairs", log=ds.print0)
+    tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
 
     def encode(s):
         return encoder.encode_reply(s.prompt, s.chosen), encoder.encode_reply(s.prompt, s.rejected)
 
     train_items = encode_all(train_samples, encode, encoder, "train", ds.print0).items
     eval_items = encode_all(eval_samples, encode, encoder, "eval", ds.print0).items
-    ds.print0(f"template={encoder.template} max_seq_len={max_seq_len} train_pairs={len(train_items)} "
+    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world} loss={args.loss_type} beta={args.beta}")
 
     # Reference: live engine, or log-probs attached to every item and the model freed.
@@ -112,9 +108,7 @@ def main(argv=None) -> None:
         ds.print0("reference log-probs precomputed; reference model freed")
 
     # Policy and engine.
-    cfg = ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
-                       micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
-                       world=world, grad_clip=args.max_grad_norm)
+    cfg = ds_config_from_args(args, world)
     model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, zero3_config=cfg)
     if args.disable_dropout:
@@ -128,7 +122,7 @@ def main(argv=None) -> None:
     engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
 
     # Train and save.
-    resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
+    resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
                 "total_steps": total_steps, "step": "dpo", "learning_rate": lr}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, ref, stream, eval_items, logger, encoder.pad_id, total_steps)

@@ -13,13 +13,12 @@ from transformers.utils import logging as hf_logging
 
 from step2_reward.trainer import Pair, collate, make_items, train
 from utils import ds
-from utils.args import SHARED_GROUPS, arg, parse, resolve_data_settings
-from utils.data import load_splits
-from utils.encoding import Encoder, encode_all
+from utils.args import SHARED_GROUPS, arg, parse
+from utils.encoding import encode_all
 from utils.errors import UserError, exit_on_user_error
-from utils.model import load_tokenizer, prepare_model, save_hf
+from utils.model import prepare_model, save_hf
 from utils.reward import disable_dropout, export_pad_token_id, load_reward_model
-from utils.train import StepStream, init_engine_from_args, start_run
+from utils.train import StepStream, ds_config_from_args, init_engine_from_args, load_step_data, start_run
 
 
 @dataclass
@@ -50,20 +49,14 @@ def main(argv=None) -> None:
     rank, world = ds.init_distributed(args.seed)
 
     # Data: read and validate everything before the model is touched, so bad input fails fast.
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
-    encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
-    train_samples, eval_samples = load_splits(args.data_path, args.eval_data_path, args.eval_fraction,
-                                              args.seed, "pairs", log=ds.print0)
+    tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
     train_items = encode_pairs(train_samples, encoder, "train")
     eval_items = encode_pairs(eval_samples, encoder, "eval")
-    ds.print0(f"template={encoder.template} max_seq_len={max_seq_len} train_pairs={len(train_items)} "
+    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world}")
 
     # Model and engine.
-    cfg = ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
-                       micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
-                       world=world, grad_clip=args.max_grad_norm)
+    cfg = ds_config_from_args(args, world)
     model = load_reward_model(args.model_name_or_path, pad_id=encoder.pad_id, dtype=args.dtype,
                               trust_remote_code=args.trust_remote_code, zero3_config=cfg)
     if args.disable_dropout:
@@ -76,7 +69,7 @@ def main(argv=None) -> None:
     engine = init_engine_from_args(args, model, cfg, total_steps)
 
     # Train and save.
-    resolved = {"template": encoder.template, "max_seq_len": max_seq_len, "world_size": world,
+    resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
                 "total_steps": total_steps, "step": "reward"}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, collate_fn, total_steps)

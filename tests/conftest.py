@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,6 +90,14 @@ def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.C
                MASTER_PORT=str(free_port()))
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(p: subprocess.CompletedProcess, expected: str, what: str = "") -> None:
+    """The run failed as bad input should: exit status 2, a message matching `expected` (a regex) on
+    stderr, no Python traceback."""
+    assert p.returncode == 2, (what, p.returncode, p.stderr[-2000:])
+    assert re.search(expected, p.stderr), (what, expected, p.stderr[-2000:])
+    assert "Traceback" not in p.stdout + p.stderr, (what, p.stderr[-2000:])
 
 
 def read_metrics(output_dir: str) -> list[dict]:

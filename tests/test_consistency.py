@@ -10,40 +10,27 @@ from conftest import DATA, read_metrics, run_deepspeed, run_python
 pytestmark = pytest.mark.e2e
 
 
-def losses(out: str) -> list[float]:
-    return [m["loss"] for m in read_metrics(out) if m["split"] == "train"]
+def train_values(out: str, key: str) -> list[float]:
+    return [m[key] for m in read_metrics(out) if m["split"] == "train"]
 
 
-def test_sft_one_rank_equals_two_ranks(tiny_dir, tmp_path):
-    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
-              "--learning_rate", "3e-3", "--max_steps", "8", "--log_interval", "1"]
+@pytest.mark.parametrize("script,data,lr,tolerances", [
+    ("step1_sft/main.py", "sft.jsonl", "3e-3", {"loss": 2e-5}),
+    # DPO: the policy and the frozen reference are both sharded under ZeRO-3 on 2 ranks.
+    ("dpo/main.py", "preference.jsonl", "1e-3", {"loss": 2e-5, "rewards/margins": 1e-4}),
+])
+def test_one_rank_equals_two_ranks(tiny_dir, tmp_path, script, data, lr, tolerances):
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, data),
+              "--learning_rate", lr, "--max_steps", "8", "--log_interval", "1"]
     one = str(tmp_path / "one")
-    p = run_python("step1_sft/main.py", common + ["--output_dir", one, "--per_device_train_batch_size", "8",
-                                                  "--zero_stage", "0"])
+    p = run_python(script, common + ["--output_dir", one, "--per_device_train_batch_size", "8", "--zero_stage", "0"])
     assert p.returncode == 0, p.stderr[-3000:]
-    ref = losses(one)
-    assert len(ref) == 8
+    ref = train_values(one, "loss")
+    assert len(ref) == 8 and ref[-1] < ref[0] - 0.05, ref
     for stage in ("0", "3"):
         out = str(tmp_path / f"two-z{stage}")
-        run_deepspeed("step1_sft/main.py", common + ["--output_dir", out, "--per_device_train_batch_size", "4",
-                                                     "--zero_stage", stage])
-        assert losses(out) == pytest.approx(ref, abs=2e-5), (stage, losses(out), ref)
-
-
-def test_dpo_one_rank_equals_two_ranks(tiny_dir, tmp_path):
-    """DPO: policy and frozen reference, sharded under ZeRO-3 on 2 ranks, give the 1-rank losses and margins."""
-    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "preference.jsonl"),
-              "--learning_rate", "1e-3", "--max_steps", "8", "--log_interval", "1"]
-    one = str(tmp_path / "one")
-    p = run_python("dpo/main.py", common + ["--output_dir", one, "--per_device_train_batch_size", "8",
-                                            "--zero_stage", "0"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    ref = read_metrics(one)
-    assert len(losses(one)) == 8 and losses(one)[-1] < losses(one)[0] - 0.05, losses(one)
-    for stage in ("0", "3"):
-        out = str(tmp_path / f"two-z{stage}")
-        run_deepspeed("dpo/main.py", common + ["--output_dir", out, "--per_device_train_batch_size", "4",
-                                               "--zero_stage", stage])
-        assert losses(out) == pytest.approx(losses(one), abs=2e-5), (stage, losses(out), losses(one))
-        margins = [m["rewards/margins"] for m in read_metrics(out) if m["split"] == "train"]
-        assert margins == pytest.approx([m["rewards/margins"] for m in ref if m["split"] == "train"], abs=1e-4), stage
+        run_deepspeed(script, common + ["--output_dir", out, "--per_device_train_batch_size", "4",
+                                        "--zero_stage", stage])
+        for key, tol in tolerances.items():
+            got, want = train_values(out, key), train_values(one, key)
+            assert got == pytest.approx(want, abs=tol), (stage, key, got, want)

@@ -47,8 +47,7 @@ def finish() -> None:
     CI saw it twice in about 20 resumed 2-rank runs; torch has no fix (pytorch PR #179291 was abandoned).
     By now every file is written and closed, so each rank flushes its streams, removes its
     shared-memory buffers and ends with `os._exit(0)`."""
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     _remove_shm_buffers()
     logging.shutdown()
     sys.stdout.flush()

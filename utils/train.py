@@ -12,9 +12,12 @@ import numpy as np
 import torch
 
 from . import ds
-from .args import save_args
+from .args import resolve_data_settings, save_args
+from .data import load_splits
+from .encoding import Encoder
 from .errors import UserError
 from .metrics import MetricsLogger
+from .model import load_tokenizer
 
 
 class StepStream:
@@ -91,6 +94,25 @@ def eval_batches(items: list, batch_size: int, collate):
         valid = torch.tensor([i >= 0 for i in chunk], dtype=torch.float32)
         batch = collate([items[max(i, 0)] for i in chunk])
         yield batch, valid
+
+
+def load_step_data(args, kind: str):
+    """(tokenizer, encoder, train samples, eval samples) of a one-model step, read and validated before
+    any model is loaded so bad input fails fast. Template and max_seq_len come from the flags, else
+    from the input model's args.json."""
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
+    encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
+    train, evals = load_splits(args.data_path, args.eval_data_path, args.eval_fraction, args.seed, kind,
+                               log=ds.print0)
+    return tokenizer, encoder, train, evals
+
+
+def ds_config_from_args(args, world: int) -> dict:
+    """The DeepSpeed config of a one-model step, from the shared flags."""
+    return ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                        micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                        world=world, grad_clip=args.max_grad_norm)
 
 
 def init_engine_from_args(args, model, cfg: dict, total_steps: int, lr: float | None = None):
