@@ -15,13 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from dpo.trainer import collate_pairs, disable_dropout, precompute_reference, train
+from dpo.trainer import precompute_reference, train
 from utils import ds
 from utils.args import SHARED_GROUPS, arg, parse
-from utils.encoding import encode_all
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
-from utils.model import load_model, load_tokenizer, prepare_model, save_hf
+from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
+from utils.pairs import collate_pairs, encode_pairs
 from utils.train import (StepStream, count_parameters, ds_config_from_args, init_engine_from_args, load_step_data,
                          size_scaled_lr, start_run)
 
@@ -34,25 +34,21 @@ class DPOArgs:
     ref_model_name_or_path: str = arg(None, "frozen reference model (same tokenizer); default: --model_name_or_path")
     loss_type: str = arg("sigmoid", "sigmoid: DPO paper; ipo: squared loss on per-token-average log-ratios; "
                          "hinge: SLiC", choices=list(DPO_LOSS_TYPES))
-    beta: float = arg(0.1, "strength of the KL anchor to the reference (IPO: its tau, target margin 1/(2 beta))")
-    label_smoothing: float = arg(0.0, "conservative DPO: assumed probability in [0, 0.5) that a pair's labels "
-                                 "are flipped (sigmoid only)")
+    beta: float = arg(0.1, "strength of the KL anchor to the reference (IPO: its tau, target margin 1/(2 beta))",
+                      gt=0)
+    label_smoothing: float = arg(0.0, "conservative DPO: assumed probability that a pair's labels are flipped "
+                                 "(sigmoid only)", ge=0, lt=0.5)
     rpo_alpha: float = arg(0.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
-                           "log-probabilities from falling; 0 disables")
+                           "log-probabilities from falling; 0 disables", ge=0)
     precompute_ref_logprobs: bool = arg(False, "compute the reference log-probs once before training and free "
                                         "the reference model (faster steps, less memory)")
     disable_dropout: bool = arg(True, "turn off dropout in the policy (and reference) so rewards are not noise")
 
 
 def check_args(args) -> None:
-    if args.beta <= 0:
-        raise UserError(f"--beta must be > 0, got {args.beta}")
-    if not 0.0 <= args.label_smoothing < 0.5:
-        raise UserError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    """Settings that cannot work together (each flag's own range is checked by `parse`)."""
     if args.label_smoothing and args.loss_type != "sigmoid":
         raise UserError(f"--label_smoothing applies to --loss_type sigmoid only, not {args.loss_type}")
-    if args.rpo_alpha < 0:
-        raise UserError(f"--rpo_alpha must be >= 0, got {args.rpo_alpha}")
 
 
 def load_reference(args, tokenizer, world: int):
@@ -77,6 +73,7 @@ def load_reference(args, tokenizer, world: int):
 def main(argv=None) -> None:
     args = parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
                  required=("model_name_or_path", "data_path", "output_dir"), defaults={"learning_rate": 0.0},
+                 limits={"learning_rate": {"ge": 0}},
                  helps={"learning_rate": "peak learning rate; 0 = scaled to the model size: 1e-6 at 7B "
                                          "parameters times sqrt(7e9 / parameters), capped at 1e-3"})
     check_args(args)
@@ -85,12 +82,8 @@ def main(argv=None) -> None:
 
     # Data: chosen and rejected are each prompt + reply with only the reply and its EOS labelled.
     tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
-
-    def encode(s):
-        return encoder.encode_reply(s.prompt, s.chosen), encoder.encode_reply(s.prompt, s.rejected)
-
-    train_items = encode_all(train_samples, encode, encoder, "train", ds.print0).items
-    eval_items = encode_all(eval_samples, encode, encoder, "eval", ds.print0).items
+    train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
+    eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world} loss={args.loss_type} beta={args.beta}")
 

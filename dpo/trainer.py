@@ -1,5 +1,6 @@
 """DPO training loop: chosen and rejected in one forward, a frozen reference (live or precomputed),
-losses normalised by the pairs (and chosen tokens) of the whole optimizer step."""
+losses normalised by the pairs (and chosen tokens) of the whole optimizer step. Pairs and batches
+come from utils.pairs (the encoding step 2 uses too): 2B right-padded rows, the B chosen rows first."""
 from __future__ import annotations
 
 import inspect
@@ -7,41 +8,15 @@ import inspect
 import torch
 
 from utils import ds
-from utils.encoding import IGNORE, pad_batch
+from utils.encoding import IGNORE
 from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
 from utils.metrics import Throughput
+from utils.pairs import Pair, collate_pairs
 from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 # Per-pair diagnostics averaged over a logging window or the eval set ("losses" is reported as "loss").
 PAIR_KEYS = ("losses", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected")
-# Float attributes through which HF models apply functional dropout (llama, opt, ...), besides nn.Dropout.
-DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop")
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """DPO's implicit reward compares policy and reference log-probs of the same text; dropout in the
-    policy alone would make them differ by noise (policy == reference would not give loss log 2)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for name in DROPOUT_ATTRS:
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-
-
-def collate_pairs(items, pad_id: int) -> dict:
-    """items: [((chosen_ids, chosen_labels), (rejected_ids, rejected_labels)[, (ref_chosen, ref_rejected)])]
-    -> one right-padded batch of 2B rows, the B chosen rows first. Labels mark the response and its EOS
-    only (masks come from lengths, so an EOS equal to the pad id stays in the loss). Precomputed
-    reference log-probs, when the items carry them, become "ref_logps" [2B] in the same row order."""
-    rows = [it[0] for it in items] + [it[1] for it in items]
-    batch = pad_batch([r[0] for r in rows], [r[1] for r in rows], pad_id)
-    if len(items[0]) == 3:
-        batch["ref_logps"] = torch.tensor([it[2][0] for it in items] + [it[2][1] for it in items])
-    return batch
-
-
 def accepts_logits_to_keep(model) -> bool:
     m = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     m = m.get_base_model() if hasattr(m, "get_base_model") else m  # so does peft
@@ -131,13 +106,13 @@ def local_reference_logps(ref, items: list, batch_size: int, pad_id: int, fp32: 
     return mine
 
 
-def attach_reference(items: list, per_rank: list[list]) -> list:
-    """Items with their reference log-probs appended, from every rank's `local_reference_logps`."""
+def attach_reference(items: list[Pair], per_rank: list[list]) -> list[Pair]:
+    """Pairs with their reference log-probs set, from every rank's `local_reference_logps`."""
     out = [None] * len(items)
     for r, logps in enumerate(per_rank):
         for j, ref_pair in enumerate(logps):
             i = r + j * len(per_rank)
-            out[i] = (*items[i][:2], ref_pair)
+            out[i] = items[i]._replace(ref=tuple(ref_pair))
     assert all(it is not None for it in out), "reference log-probs missing for some items"
     return out
 

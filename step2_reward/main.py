@@ -11,32 +11,25 @@ from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
-from step2_reward.trainer import Pair, collate, make_items, train
+from step2_reward.trainer import train
 from utils import ds
 from utils.args import SHARED_GROUPS, arg, parse
-from utils.encoding import encode_all
 from utils.errors import UserError, exit_on_user_error
-from utils.model import prepare_model, save_hf
-from utils.reward import disable_dropout, export_pad_token_id, load_reward_model
+from utils.model import disable_dropout, prepare_model, save_hf
+from utils.pairs import collate_pairs, encode_pairs
+from utils.reward import export_pad_token_id, load_reward_model
 from utils.train import StepStream, ds_config_from_args, init_engine_from_args, load_step_data, start_run
 
 
 @dataclass
 class RewardArgs:
     center_rewards_coefficient: float = arg(0.0, "weight of the reward-centering term coef * (r_chosen + "
-                                            "r_rejected)^2 (Eisenstein et al. 2023); 0 disables it")
+                                            "r_rejected)^2 (Eisenstein et al. 2023); 0 disables it", ge=0)
     disable_dropout: bool = arg(True, "set every dropout rate to 0 so training optimises the deterministic "
                                 "score that evaluation and inference read")
     shared_prompt_forward: bool = arg(False, "run each pair's prompt once and both replies on its cached keys/"
                                       "values (prompt + 2 replies tokens instead of 2 x (prompt + reply)); the same "
                                       "rewards to float rounding; not with --gradient_checkpointing")
-
-
-def encode_pairs(samples, encoder, what: str) -> list[Pair]:
-    """Each pair as prompt + reply + EOS token ids, chosen and rejected (over-long pairs follow --overlong)."""
-    encoded = encode_all(samples, lambda s: (encoder.encode_reply(s.prompt, s.chosen),
-                                             encoder.encode_reply(s.prompt, s.rejected)), encoder, what, ds.print0)
-    return make_items(encoded, samples)
 
 
 @exit_on_user_error
@@ -50,8 +43,8 @@ def main(argv=None) -> None:
 
     # Data: read and validate everything before the model is touched, so bad input fails fast.
     tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
-    train_items = encode_pairs(train_samples, encoder, "train")
-    eval_items = encode_pairs(eval_samples, encoder, "eval")
+    train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
+    eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world}")
 
@@ -62,7 +55,7 @@ def main(argv=None) -> None:
     if args.disable_dropout:
         disable_dropout(model)
     model = prepare_model(model, args, task_type="SEQ_CLS")
-    collate_fn = functools.partial(collate, pad_id=encoder.pad_id, shared_prompt=args.shared_prompt_forward)
+    collate_fn = functools.partial(collate_pairs, pad_id=encoder.pad_id, shared_prompt=args.shared_prompt_forward)
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         collate_fn, args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)

@@ -10,18 +10,19 @@ EOS, exactly as in training, so the scores are the ones training and evaluation 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from step2_reward.main import encode_pairs
 from utils.args import arg, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import pairwise_reward_loss
 from utils.model import load_tokenizer
+from utils.pairs import encode_pairs
 from utils.reward import load_reward_model, score_ids
 
 
@@ -35,10 +36,10 @@ class RwEvalArgs:
     output: str = arg("", "with --pairs: also write one JSON line per pair (where, chosen_reward, rejected_reward)")
     template: str = arg("auto", "prompt template; auto = the model's args.json, else the tokenizer's chat "
                         "template, else hh", choices=["auto", "chat", "alpaca", "hh", "raw"])
-    max_seq_len: int = arg(0, "longest sequence in tokens; 0 = the model's args.json, else 512")
+    max_seq_len: int = arg(0, "longest sequence in tokens; 0 = the model's args.json, else 512", ge=0)
     overlong: str = arg("error", "sequences longer than --max_seq_len: error, skip (counted) or truncate",
                         choices=["skip", "truncate", "error"])
-    batch_size: int = arg(16, "sequences per forward pass")
+    batch_size: int = arg(16, "sequences per forward pass", ge=1)
     dtype: str = arg("fp32", "model precision", choices=["fp32", "fp16", "bf16"])
     trust_remote_code: bool = arg(False, "allow model code from the model directory")
 
@@ -78,13 +79,15 @@ def main(argv=None) -> None:
         raise UserError("give either --prompt with --responses, or --pairs FILE")
     if args.prompt and not args.responses:
         raise UserError("--prompt needs --responses")
+    if args.output and os.path.isdir(args.output):
+        raise UserError(f"--output '{args.output}' is a directory; give a file name")
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, what="--model")
     template, max_seq_len = resolve_data_settings(args, args.model)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
     samples = load_samples(args.pairs, "pairs") if args.pairs else None  # bad files fail before the model loads
     model = load_reward_model(args.model, pad_id=encoder.pad_id, dtype=args.dtype,
-                              trust_remote_code=args.trust_remote_code, what="--model")
+                              trust_remote_code=args.trust_remote_code, what="--model", new_head=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     print(f"model={args.model} template={encoder.template}")
     if args.prompt:

@@ -1,7 +1,8 @@
 """Step 2 training loop: pairwise Bradley-Terry loss on the reward read at the last real token.
 
 Chosen and rejected responses of a micro-batch go through one forward: rows [0, B) are the chosen
-sequences and rows [B, 2B) the rejected ones, right-padded together. With --shared_prompt_forward the
+sequences and rows [B, 2B) the rejected ones, right-padded together (batches from
+utils.pairs.collate_pairs, the encoding DPO uses too). With --shared_prompt_forward the
 shared prompt runs once and both replies attend to its cached keys and values (same rewards, fewer
 tokens; see utils.reward.shared_prompt_rewards).
 """
@@ -9,69 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-from typing import NamedTuple
-
 import torch
 
 from utils import ds
-from utils.encoding import IGNORE, pad_batch, position_ids_from_mask
 from utils.losses import pairwise_reward_loss, step_loss_scale
 from utils.metrics import Throughput
+from utils.pairs import pair_tokens
 from utils.reward import sequence_rewards, shared_prompt_rewards
 from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 SUMS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "margin_sum", "pairs")
 
 
-class Pair(NamedTuple):
-    chosen: list[int]    # prompt + chosen reply + EOS
-    rejected: list[int]  # prompt + rejected reply + EOS
-    margin: float        # 0.0 when the row has none
-    where: str           # "file:line"
-    prompt_len: int      # leading tokens the two share (the rendered prompt)
-
-
-def make_items(encoded, samples) -> list[Pair]:
-    """Encoded (chosen, rejected) = ((ids, labels), (ids, labels)) + their samples -> Pairs."""
-    items = []
-    for ((chosen, labels), (rejected, _)), i in zip(encoded.items, encoded.kept):
-        prompt_len = next(t for t, label in enumerate(labels) if label != IGNORE)
-        s = samples[i]
-        items.append(Pair(chosen, rejected, s.margin or 0.0, s.where, prompt_len))
-    return items
-
-
-def collate(items: list[Pair], pad_id: int, shared_prompt: bool = False) -> dict:
-    """Pairs -> one right-padded batch of 2B rows, chosen first; or, with `shared_prompt`, B left-padded
-    prompts and 2B right-padded replies (chosen and rejected of pair b in rows 2b and 2b + 1)."""
-    margin = torch.tensor([it.margin for it in items], dtype=torch.float32)
-    if shared_prompt:
-        prompts = pad_batch([it.chosen[:it.prompt_len] for it in items], None, pad_id, left=True)
-        replies = pad_batch([r for it in items for r in (it.chosen[it.prompt_len:], it.rejected[it.prompt_len:])],
-                            None, pad_id)
-        return {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"],
-                "reply_ids": replies["input_ids"], "reply_mask": replies["attention_mask"], "margin": margin}
-    batch = pad_batch([it.chosen for it in items] + [it.rejected for it in items], None, pad_id)
-    batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
-    batch["margin"] = margin
-    return batch
-
-
 def pair_rewards(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen [B], r_rejected [B]) from either batch layout of `collate`."""
+    """(r_chosen [B], r_rejected [B]) from either batch layout of `utils.pairs.collate_pairs`."""
     if "prompt_ids" in batch:
         rewards = shared_prompt_rewards(engine, batch["prompt_ids"], batch["prompt_mask"], batch["reply_ids"],
                                         batch["reply_mask"], fp32)
         return rewards[0::2], rewards[1::2]
     rewards = sequence_rewards(engine, batch["input_ids"], batch["attention_mask"], batch["position_ids"], fp32)
     return rewards.chunk(2)
-
-
-def pair_tokens(batch: dict) -> int:
-    """Real tokens of the batch's chosen and rejected sequences (the same count for either layout)."""
-    if "prompt_ids" in batch:
-        return int(2 * batch["prompt_mask"].sum() + batch["reply_mask"].sum())
-    return int(batch["attention_mask"].sum())
 
 
 def summarize(sums: dict) -> dict:

@@ -28,7 +28,7 @@ def only(group, names: tuple[str, ...], defaults: dict | None = None, helps: dic
         else:
             default = f.default
         fields.append((name, f.type, arg(default, helps.get(name, f.metadata["help"]), f.metadata.get("choices"),
-                                         f.metadata.get("nargs"))))
+                                         f.metadata.get("nargs"), **f.metadata.get("limits", {}))))
     return dataclasses.make_dataclass(group.__name__, fields)
 
 
@@ -76,8 +76,9 @@ class PPOModelArgs:
                                                "ZeRO-3 with parameter offload, whatever the actor's stage)")
     offload_reward_model: bool = arg(False, "keep the reward model's parameters on the CPU (runs it under ZeRO-3 "
                                             "with parameter offload, whatever the critic's stage)")
-    actor_lora_dim: int = arg(0, "LoRA rank of the actor; 0 trains all weights")
-    critic_lora_dim: int = arg(0, "LoRA rank of the critic (the score head is always trained); 0 trains all weights")
+    actor_lora_dim: int = arg(0, "LoRA rank of the actor; 0 trains all weights", ge=0)
+    critic_lora_dim: int = arg(0, "LoRA rank of the critic (the score head is always trained); 0 trains all weights",
+                               ge=0)
     actor_gradient_checkpointing: bool = arg(False, "recompute the actor's activations in backward")
     critic_gradient_checkpointing: bool = arg(False, "recompute the critic's activations in backward")
     attn_implementation: str = arg("auto", "attention kernel of the four models (auto: the model's default; on a "
@@ -90,47 +91,50 @@ class PPOModelArgs:
 @dataclass
 class RolloutArgs:
     max_prompt_seq_len: int = arg(256, "longest prompt in tokens (template included); longer prompts follow "
-                                       "--overlong, and truncate keeps the end of the prompt")
+                                       "--overlong, and truncate keeps the end of the prompt", ge=1)
     max_answer_seq_len: int = arg(256, "most tokens generated per answer; answers cut here get "
-                                       "--missing_eos_penalty")
-    per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout")
-    generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer")
-    temperature: float = arg(1.0, "sampling temperature; log-probabilities are computed at the same temperature")
-    top_p: float = arg(1.0, "nucleus sampling threshold (1.0: off)")
-    top_k: int = arg(0, "sample among the k most likely tokens (0: off)")
+                                       "--missing_eos_penalty", ge=1)
+    per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout", ge=1)
+    generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer", ge=1)
+    temperature: float = arg(1.0, "sampling temperature; log-probabilities are computed at the same temperature",
+                             gt=0)
+    top_p: float = arg(1.0, "nucleus sampling threshold (1.0: off)", gt=0, le=1)
+    top_k: int = arg(0, "sample among the k most likely tokens (0: off)", ge=0)
     do_sample: bool = arg(True, "sample the rollouts (--no-do_sample: greedy, which PPO rarely wants)")
-    print_answers_interval: int = arg(10, "every N steps log a few (prompt, answer, reward) samples (0: never)")
+    print_answers_interval: int = arg(10, "every N steps log a few (prompt, answer, reward) samples (0: never)",
+                                      ge=0)
 
 
 @dataclass
 class PPOArgs:
-    actor_learning_rate: float = arg(9.65e-6, "actor peak learning rate")
-    critic_learning_rate: float = arg(5e-6, "critic peak learning rate")
-    actor_weight_decay: float = arg(0.0, "actor AdamW weight decay")
-    critic_weight_decay: float = arg(0.0, "critic AdamW weight decay")
-    per_device_training_batch_size: int = arg(16, "samples per rank in one PPO mini-batch")
-    ppo_epochs: int = arg(1, "passes over the experience buffer per PPO step")
-    cliprange: float = arg(0.2, "PPO policy ratio clip epsilon")
-    cliprange_value: float = arg(0.2, "value clip range around the rollout values")
-    entropy_coef: float = arg(0.0, "weight of the entropy bonus in the actor loss")
-    kl_coef: float = arg(0.1, "initial coefficient of the per-token KL penalty against the reference model")
+    actor_learning_rate: float = arg(9.65e-6, "actor peak learning rate (0 keeps the actor fixed)", ge=0)
+    critic_learning_rate: float = arg(5e-6, "critic peak learning rate (0 keeps the critic fixed)", ge=0)
+    actor_weight_decay: float = arg(0.0, "actor AdamW weight decay", ge=0)
+    critic_weight_decay: float = arg(0.0, "critic AdamW weight decay", ge=0)
+    per_device_training_batch_size: int = arg(16, "samples per rank in one PPO mini-batch", ge=1)
+    ppo_epochs: int = arg(1, "passes over the experience buffer per PPO step", ge=1)
+    cliprange: float = arg(0.2, "PPO policy ratio clip epsilon", gt=0)
+    cliprange_value: float = arg(0.2, "value clip range around the rollout values", gt=0)
+    entropy_coef: float = arg(0.0, "weight of the entropy bonus in the actor loss", ge=0)
+    kl_coef: float = arg(0.1, "initial coefficient of the per-token KL penalty against the reference model", ge=0)
     kl_estimator: str = arg("k1", "per-token KL estimator (k1 = log ratio, k2 = half its square, k3 = "
                                   "exp(-r) - 1 + r)", choices=["k1", "k2", "k3"])
-    target_kl: float = arg(0.0, "per-sequence KL the adaptive controller steers to (0: fixed --kl_coef)")
-    kl_horizon: float = arg(10000.0, "adaptive KL controller horizon in samples")
+    target_kl: float = arg(0.0, "per-sequence KL the adaptive controller steers to (0: fixed --kl_coef)", ge=0)
+    kl_horizon: float = arg(10000.0, "adaptive KL controller horizon in samples", gt=0)
     early_stop_kl: float = arg(0.0, "stop the remaining PPO epochs of a step when the approximate KL between "
-                                    "the rollout and current policy exceeds this (0: never)")
-    clip_reward_value: float = arg(5.0, "clip the reward-model score to +-value (0: no clip)")
+                                    "the rollout and current policy exceeds this (0: never)", ge=0)
+    clip_reward_value: float = arg(5.0, "clip the reward-model score to +-value (0: no clip)", ge=0)
     normalize_reward: bool = arg(False, "normalise scores by the running mean and std of all scores seen")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the score of answers cut at --max_answer_seq_len")
-    gamma: float = arg(1.0, "discount factor of the per-token rewards")
-    lam: float = arg(0.95, "GAE lambda (bias-variance trade-off of the advantages)")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the score of answers cut at --max_answer_seq_len", ge=0)
+    gamma: float = arg(1.0, "discount factor of the per-token rewards", ge=0, le=1)
+    lam: float = arg(0.95, "GAE lambda (bias-variance trade-off of the advantages)", ge=0, le=1)
     whiten_advantages: bool = arg(True, "normalise the advantages of each buffer to zero mean, unit variance")
     unsup_data_path: list = arg([], "PPO-ptx: SFT-format data whose language-modelling loss is added to the "
                                     "actor's (default: none)", nargs="*")
-    unsup_coef: float = arg(27.8, "PPO-ptx loss weight (InstructGPT's gamma)")
+    unsup_coef: float = arg(27.8, "PPO-ptx loss weight (InstructGPT's gamma)", ge=0)
     enable_ema: bool = arg(False, "keep an exponential moving average of the actor, saved to OUTPUT_DIR/actor_ema")
-    ema_beta: float = arg(0.992, "EMA decay: ema = beta * ema + (1 - beta) * actor after every actor update")
+    ema_beta: float = arg(0.992, "EMA decay: ema = beta * ema + (1 - beta) * actor after every actor update",
+                          ge=0, lt=1)
 
 
 GROUPS = (PPOModelArgs, SharedModel, SharedData, RolloutArgs, PPOArgs, SharedTrain, SharedDeepSpeed, SharedLog)

@@ -22,7 +22,7 @@ from utils import ds
 from utils.args import parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import UserError, at_record, exit_on_user_error
 from utils.model import load_tokenizer, save_hf
 from utils.reward import export_pad_token_id
 from utils.train import StepStream, start_run
@@ -33,7 +33,10 @@ def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[l
     keeps the last tokens, where the question and the generation prompt are (and a leading BOS)."""
     out, skipped, first = [], 0, None
     for s in samples:
-        ids = encoder.encode_prompt(s.prompt)
+        try:
+            ids = encoder.encode_prompt(s.prompt)
+        except UserError as e:  # a chat template that refuses the record: name the record
+            raise at_record(s.where, e) from None
         if len(ids) > max_len:
             if encoder.overlong == "error":
                 raise UserError(f"{s.where}: prompt has {len(ids)} tokens, more than --max_prompt_seq_len "

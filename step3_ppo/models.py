@@ -22,8 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import ds
 from utils.errors import UserError
-from utils.model import load_model, prepare_model
-from utils.reward import disable_dropout, load_reward_model
+from utils.model import disable_dropout, load_model, prepare_model
+from utils.reward import load_reward_model
 
 
 @dataclass

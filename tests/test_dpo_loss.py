@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import DATA
-from dpo.trainer import (PairStats, accepts_logits_to_keep, attach_reference, collate_pairs, concatenated_logps,
-                         disable_dropout, local_reference_logps, pair_loss, precompute_reference, reference_logps)
+from dpo.trainer import (PairStats, accepts_logits_to_keep, attach_reference, concatenated_logps,
+                         local_reference_logps, pair_loss, precompute_reference, reference_logps)
 from utils import ds
 from utils.data import load_file
 from utils.encoding import IGNORE, Encoder
+from utils.model import disable_dropout
+from utils.pairs import collate_pairs, encode_pairs
 from utils.losses import chosen_nll_loss, dpo_loss
 
 # Three pairs used by every hand-derived example:
@@ -161,7 +163,7 @@ def test_pair_stats_cover_the_whole_window():
 def _pairs(tokenizer, n: int):
     samples = load_file(os.path.join(DATA, "preference.jsonl"), "pairs")[:n]
     enc = Encoder(tokenizer, "auto", 512)
-    return enc, [(enc.encode_reply(s.prompt, s.chosen), enc.encode_reply(s.prompt, s.rejected)) for s in samples]
+    return enc, encode_pairs(samples, enc, "pairs")
 
 
 def _policy_and_ref(path: str):
@@ -185,7 +187,7 @@ def test_precomputed_and_live_reference_give_the_same_loss(tiny_dir, tokenizer_o
     live_loss, _ = pair_loss(*concatenated_logps(policy, live), reference_logps(ref, live), args)
     # Precomputed in batches of 3 pairs (different padding than the live batch of 7).
     cached = precompute_reference(ref, items, 3, enc.pad_id)
-    assert [it[:2] for it in cached] == items
+    assert [it._replace(ref=None) for it in cached] == items
     batch = collate_pairs(cached, enc.pad_id)
     assert batch["ref_logps"].shape == (14,)
     pre_loss, _ = pair_loss(*concatenated_logps(policy, batch), reference_logps(None, batch), args)
@@ -207,8 +209,8 @@ def test_precomputed_reference_sharded_over_ranks(tiny_dir, tokenizer_of, monkey
     assert [len(s) for s in shares] == [4, 3]
     sharded = attach_reference(items, shares)
     for a, b in zip(single, sharded):
-        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], abs=1e-5)
-    assert len({it[2] for it in sharded}) == 7  # distinct pairs, distinct log-probs
+        assert a._replace(ref=None) == b._replace(ref=None) and a.ref == pytest.approx(b.ref, abs=1e-5)
+    assert len({it.ref for it in sharded}) == 7  # distinct pairs, distinct log-probs
 
 
 def test_response_only_masking_when_pad_is_eos(tiny_dir, tokenizer_of):
@@ -218,7 +220,7 @@ def test_response_only_masking_when_pad_is_eos(tiny_dir, tokenizer_of):
     enc, items = _pairs(tok, 4)
     assert enc.pad_id == enc.eos_id
     batch = collate_pairs(items, enc.pad_id)
-    rows = [it[0] for it in items] + [it[1] for it in items]
+    rows = [(it.chosen, it.chosen_labels) for it in items] + [(it.rejected, it.rejected_labels) for it in items]
     assert len({len(ids) for ids, _ in rows}) > 1  # some rows are padded
     for i, (ids, _) in enumerate(rows):
         reply = [t for t, l in zip(*rows[i]) if l != IGNORE]

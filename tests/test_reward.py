@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.encoding import Encoder, pad_batch, position_ids_from_mask
+from utils.encoding import IGNORE, Encoder, pad_batch, position_ids_from_mask
 from utils.losses import pairwise_reward_loss
-from utils.reward import (disable_dropout, export_pad_token_id, gather_last, last_token_index, load_reward_model,
+from utils.model import disable_dropout
+from utils.pairs import Pair, collate_pairs, pair_tokens
+from utils.reward import (export_pad_token_id, gather_last, last_token_index, load_reward_model,
                           score_ids, sequence_rewards)
 
 FAMILIES = ["llama", "gpt2", "opt", "qwen2"]
@@ -119,32 +121,37 @@ def test_pairwise_loss_split_invariant():
 
 # ----------------------------------------------------------------------------- models
 
-def test_collate_puts_chosen_then_rejected_in_one_batch():
-    from step2_reward.trainer import Pair, collate
+def pair(chosen, rejected, margin, where, prompt_len):
+    """A Pair whose labels mark everything after the prompt."""
+    return Pair(chosen, [IGNORE] * prompt_len + chosen[prompt_len:], rejected,
+                [IGNORE] * prompt_len + rejected[prompt_len:], prompt_len, margin, where)
 
-    items = [Pair([1, 2, 3], [1, 2], 0.5, "f:1", 1), Pair([4, 9], [4, 5, 6, 7], 0.0, "f:2", 1)]
-    b = collate(items, pad_id=0)
+
+def test_collate_puts_chosen_then_rejected_in_one_batch():
+    items = [pair([1, 2, 3], [1, 2], 0.5, "f:1", 1), pair([4, 9], [4, 5, 6, 7], 0.0, "f:2", 1)]
+    b = collate_pairs(items, pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3, 0], [4, 9, 0, 0], [1, 2, 0, 0], [4, 5, 6, 7]]
     assert b["attention_mask"].sum(-1).tolist() == [3, 2, 2, 4]
     assert b["margin"].tolist() == [0.5, 0.0]
     assert torch.equal(b["position_ids"], position_ids_from_mask(b["attention_mask"]))
+    assert b["labels"].tolist() == [[IGNORE, 2, 3, IGNORE], [IGNORE, 9, IGNORE, IGNORE], [IGNORE, 2, IGNORE, IGNORE],
+                                    [IGNORE, 5, 6, 7]]
+    assert "ref_logps" not in b
 
 
 def test_collate_shared_prompt_layout():
-    from step2_reward.trainer import Pair, collate, pair_tokens
-
-    items = [Pair([1, 2, 3], [1, 2, 8], 0.5, "f:1", 2), Pair([4, 9], [4, 5, 6, 7], 0.0, "f:2", 1)]
-    b = collate(items, pad_id=0, shared_prompt=True)
+    items = [pair([1, 2, 3], [1, 2, 8], 0.5, "f:1", 2), pair([4, 9], [4, 5, 6, 7], 0.0, "f:2", 1)]
+    b = collate_pairs(items, pad_id=0, shared_prompt=True)
     assert b["prompt_ids"].tolist() == [[1, 2], [0, 4]] and b["prompt_mask"].tolist() == [[1, 1], [0, 1]]
     assert b["reply_ids"].tolist() == [[3, 0, 0], [8, 0, 0], [9, 0, 0], [5, 6, 7]]
     assert b["reply_mask"].sum(-1).tolist() == [1, 1, 1, 3]
-    assert pair_tokens(b) == pair_tokens(collate(items, pad_id=0)) == 12
+    assert pair_tokens(b) == pair_tokens(collate_pairs(items, pad_id=0)) == 12
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prompt_forward_equals_concatenated(tiny_dir, tokenizer_of, family):
     """Prompt once + both replies on its cache gives the concatenated rows' rewards and gradients."""
-    from step2_reward.trainer import Pair, collate, pair_rewards
+    from step2_reward.trainer import pair_rewards
 
     tok = tokenizer_of(family)
     enc = Encoder(tok, "auto", 128)
@@ -152,7 +159,7 @@ def test_shared_prompt_forward_equals_concatenated(tiny_dir, tokenizer_of, famil
     items = []
     for prompt, (good, bad) in zip(prompts, [REPLIES[:2], (REPLIES[2], REPLIES[0])]):
         c, r = [enc.encode_reply(prompt, ({"role": "assistant", "content": t},))[0] for t in (good, bad)]
-        items.append(Pair(c, r, 0.0, "", len(enc.encode_prompt(prompt))))
+        items.append(pair(c, r, 0.0, "", len(enc.encode_prompt(prompt))))
     torch.manual_seed(0)
     model = load_reward_model(tiny_dir(family), pad_id=enc.pad_id).train()
     disable_dropout(model)
@@ -161,7 +168,7 @@ def test_shared_prompt_forward_equals_concatenated(tiny_dir, tokenizer_of, famil
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for shared in (False, True):
-        r_c, r_r = pair_rewards(model, collate(items, enc.pad_id, shared_prompt=shared), fp32=True)
+        r_c, r_r = pair_rewards(model, collate_pairs(items, enc.pad_id, shared_prompt=shared), fp32=True)
         loss, _ = pairwise_reward_loss(r_c, r_r)
         results.append((r_c.detach(), r_r.detach(), torch.autograd.grad(loss, params)))
     (c0, r0, g0), (c1, r1, g1) = results
@@ -249,6 +256,35 @@ def test_disable_dropout_makes_training_forward_deterministic(tiny_dir):
     assert not torch.equal(sequence_rewards(model, ids, mask), sequence_rewards(model, ids, mask))  # OPT: p=0.1
     disable_dropout(model)
     assert torch.equal(sequence_rewards(model, ids, mask), sequence_rewards(model, ids, mask))
+
+
+@pytest.mark.parametrize("family,rates", [
+    ("opt", {"dropout": 0.3, "attention_dropout": 0.3, "activation_dropout": 0.3, "layerdrop": 0.5}),
+    ("llama", {"attention_dropout": 0.5}),
+    ("gpt2", {"resid_pdrop": 0.3, "embd_pdrop": 0.3, "attn_pdrop": 0.3}),
+])
+def test_disable_dropout_covers_modules_rates_and_layerdrop(tiny_dir, tmp_path, family, rates):
+    """The one rule used by step 2, DPO and PPO: dropout modules and the float rates model code reads
+    directly (llama's attention_dropout, OPT's layerdrop, which skips whole layers in training) are all
+    zeroed, so a training-mode forward equals the eval-mode one, for the causal LM and the classifier."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_dir(family), **rates)
+    config.save_pretrained(tmp_path)
+    for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        torch.manual_seed(0)
+        model = cls.from_config(config, attn_implementation="eager")
+        if cls is AutoModelForSequenceClassification:
+            model.config.pad_token_id = 0
+        ids = torch.tensor([[2, 5, 9, 11, 3, 7, 8, 4]])
+        with torch.no_grad():
+            model.eval()
+            want = model(input_ids=ids).logits
+            model.train()
+            torch.manual_seed(1)
+            assert not torch.equal(model(input_ids=ids).logits, want), (family, cls)  # dropout is live
+            disable_dropout(model)
+            assert torch.equal(model(input_ids=ids).logits, want), (family, cls)
 
 
 def test_reward_read_through_lora_wrappers(tiny_dir, tokenizer_of):

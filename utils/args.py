@@ -1,14 +1,18 @@
 """One definition of every argument.
 
-Arguments are dataclass fields (`help` in the field metadata). Each step composes the shared groups
-with its own, and `parse` builds one argparse parser from them. `--config FILE` (YAML or JSON, same
-keys) sets defaults; flags on the command line win. The result is a flat, read-only namespace.
+Arguments are dataclass fields (`help`, `choices` and the allowed range in the field metadata). Each
+step composes the shared groups with its own, and `parse` builds one argparse parser from them.
+`--config FILE` (YAML or JSON, same keys) sets defaults; flags on the command line win. Values from
+the file go through the same types, choices and ranges as flags (a scalar where a list is expected
+becomes a one-element list), and every range is checked once parsing is done, before anything is
+loaded, so a bad value is one line naming the flag or the key. The result is a flat namespace.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -16,12 +20,40 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
+LIMITS = ("gt", "ge", "lt", "le")  # value > gt, >= ge, < lt, <= le
 
-def arg(default, help: str, choices=None, nargs=None):
-    meta = {"help": help, "choices": choices, "nargs": nargs}
+
+def arg(default, help: str, choices=None, nargs=None, *, gt=None, ge=None, lt=None, le=None):
+    """A flag. `gt`/`ge`/`lt`/`le` bound a numeric value (checked for flags and --config values alike)."""
+    limits = {k: v for k, v in zip(LIMITS, (gt, ge, lt, le)) if v is not None}
+    meta = {"help": help, "choices": choices, "nargs": nargs, "limits": limits}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def describe_limits(limits: dict) -> str:
+    """{"gt": 0} -> "> 0"; {"ge": 0, "lt": 1} -> "in [0, 1)"."""
+    lo = ("(", limits["gt"]) if "gt" in limits else ("[", limits["ge"]) if "ge" in limits else None
+    hi = (")", limits["lt"]) if "lt" in limits else ("]", limits["le"]) if "le" in limits else None
+    if lo and hi:
+        return f"in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo:
+        return f"{'>' if lo[0] == '(' else '>='} {_num(lo[1])}"
+    return f"{'<' if hi[0] == ')' else '<='} {_num(hi[1])}"
+
+
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def within(value, limits: dict) -> bool:
+    if value is None or not limits:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    return (("gt" not in limits or value > limits["gt"]) and ("ge" not in limits or value >= limits["ge"])
+            and ("lt" not in limits or value < limits["lt"]) and ("le" not in limits or value <= limits["le"]))
 
 
 @dataclass
@@ -31,8 +63,8 @@ class ModelArgs:
     dtype: str = arg("fp32", "training precision", choices=["fp32", "fp16", "bf16"])
     compute_fp32_loss: bool = arg(True, "upcast logits to fp32 before the loss (matters for fp16/bf16)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    lora_dim: int = arg(0, "LoRA rank; 0 disables LoRA (peft, merged into the weights on save)")
-    lora_alpha: int = arg(16, "LoRA alpha (scaling = alpha / rank)")
+    lora_dim: int = arg(0, "LoRA rank; 0 disables LoRA (peft, merged into the weights on save)", ge=0)
+    lora_alpha: int = arg(16, "LoRA alpha (scaling = alpha / rank)", gt=0)
     lora_module_name: str = arg("q_proj,k_proj,v_proj,o_proj,c_attn,c_proj,out_proj,fc1,fc2,gate_proj,up_proj,down_proj",
                                 "comma-separated module-name suffixes that get LoRA adapters (missing ones ignored)")
     only_optimize_lora: bool = arg(False, "train only the LoRA adapters (base weights frozen)")
@@ -42,30 +74,32 @@ class ModelArgs:
 class DataArgs:
     data_path: list = arg([], "one or more .jsonl/.json/.parquet files or hub dataset names (mixed)", nargs="+")
     eval_data_path: list = arg([], "evaluation files; default: a seeded held-out --eval_fraction", nargs="*")
-    eval_fraction: float = arg(0.05, "fraction held out for evaluation when --eval_data_path is not given")
+    eval_fraction: float = arg(0.05, "fraction held out for evaluation when --eval_data_path is not given",
+                               gt=0, lt=1)
     template: str = arg("auto", "prompt template; auto = inherited from the model's args.json, else the "
                         "tokenizer's chat template, else hh", choices=["auto", "chat", "alpaca", "hh", "raw"])
-    max_seq_len: int = arg(0, "longest sample in tokens; 0 = inherited from the model's args.json, else 512")
+    max_seq_len: int = arg(0, "longest sample in tokens; 0 = inherited from the model's args.json, else 512",
+                           ge=0)
     overlong: str = arg("skip", "samples longer than --max_seq_len: skip (counted in the log), truncate, "
                         "or error", choices=["skip", "truncate", "error"])
 
 
 @dataclass
 class TrainArgs:
-    per_device_train_batch_size: int = arg(8, "micro-batch size per rank")
-    per_device_eval_batch_size: int = arg(16, "evaluation batch size per rank")
-    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
-    learning_rate: float = arg(1e-5, "peak learning rate")
-    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)")
-    adam_beta1: float = arg(0.9, "AdamW beta1")
-    adam_beta2: float = arg(0.95, "AdamW beta2")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables")
-    num_train_epochs: float = arg(1.0, "passes over the training data")
-    max_steps: int = arg(0, "optimizer steps; > 0 overrides --num_train_epochs")
+    per_device_train_batch_size: int = arg(8, "micro-batch size per rank", ge=1)
+    per_device_eval_batch_size: int = arg(16, "evaluation batch size per rank", ge=1)
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", ge=1)
+    learning_rate: float = arg(1e-5, "peak learning rate", gt=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)", ge=0)
+    adam_beta1: float = arg(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = arg(0.95, "AdamW beta2", ge=0, lt=1)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables", ge=0)
+    num_train_epochs: float = arg(1.0, "passes over the training data", gt=0)
+    max_steps: int = arg(0, "optimizer steps; > 0 overrides --num_train_epochs", ge=0)
     lr_scheduler_type: str = arg("cosine", "learning-rate schedule",
                                  choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    num_warmup_steps: int = arg(0, "linear warm-up steps")
-    seed: int = arg(1234, "seed for initialisation, data order and splits")
+    num_warmup_steps: int = arg(0, "linear warm-up steps", ge=0)
+    seed: int = arg(1234, "seed for initialisation, data order and splits", ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -80,10 +114,10 @@ class LogArgs:
     output_dir: str = arg(None, "where the model, args.json and metrics.jsonl are written")
     enable_tensorboard: bool = arg(False, "also write tensorboard events")
     tensorboard_path: str = arg("", "tensorboard directory (default: OUTPUT_DIR/tensorboard)")
-    log_interval: int = arg(10, "optimizer steps between train metric lines")
-    eval_interval: int = arg(0, "optimizer steps between evaluations (0: before and after training only)")
-    save_interval: int = arg(0, "optimizer steps between resumable checkpoints (0: none)")
-    save_total_limit: int = arg(2, "checkpoints kept in OUTPUT_DIR/checkpoints")
+    log_interval: int = arg(10, "optimizer steps between train metric lines", ge=1)
+    eval_interval: int = arg(0, "optimizer steps between evaluations (0: before and after training only)", ge=0)
+    save_interval: int = arg(0, "optimizer steps between resumable checkpoints (0: none)", ge=0)
+    save_total_limit: int = arg(2, "checkpoints kept in OUTPUT_DIR/checkpoints (0: all)", ge=0)
     resume: bool = arg(False, "continue from the latest complete checkpoint in --output_dir")
 
 
@@ -107,21 +141,52 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What parsing needs to know about one flag."""
+    name: str
+    type: type
+    default: object
+    choices: list | None
+    nargs: str | None
+    limits: dict
+    help: str
+
+
+def specs_of(groups, limits: dict | None = None) -> dict[str, Spec]:
+    """name -> Spec for every field of `groups`; `limits` replaces a field's range for one step."""
+    out = {}
+    for g in groups:
+        for f in dataclasses.fields(g):
+            meta = f.metadata
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = Spec(f.name, _base_type(f.type), default, meta.get("choices"), meta.get("nargs"),
+                               dict((limits or {}).get(f.name, meta.get("limits") or {})), meta["help"])
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad choice or number) as one line: error: ... (exit 2)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser(groups, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML or JSON file with the same keys; flags win")
+    specs = specs_of(groups)
     for g in groups:
         ag = p.add_argument_group(g.__name__)
         for f in dataclasses.fields(g):
-            tp, meta = _base_type(f.type), f.metadata
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            name = f"--{f.name}"
-            if tp is bool:
-                ag.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
-            elif meta.get("nargs"):
-                ag.add_argument(name, nargs=meta["nargs"], default=default, help=meta["help"])
+            sp = specs[f.name]
+            name, help = f"--{f.name}", sp.help + (f" ({describe_limits(sp.limits)})" if sp.limits else "")
+            if sp.type is bool:
+                ag.add_argument(name, action=argparse.BooleanOptionalAction, default=sp.default, help=help)
+            elif sp.nargs:
+                ag.add_argument(name, nargs=sp.nargs, default=sp.default, help=help)
             else:
-                ag.add_argument(name, type=tp, default=default, choices=meta.get("choices"), help=meta["help"])
+                ag.add_argument(name, type=sp.type, default=sp.default, choices=sp.choices, help=help)
     return p
 
 
@@ -138,33 +203,99 @@ def _read_config(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:  # yaml and json raise different types; both are the user's syntax error
-        raise UserError(f"--config file '{path}' cannot be parsed: {e}") from None
+        raise UserError(f"--config file '{path}' cannot be parsed: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"--config file '{path}' must hold a mapping of argument names to values")
     return data
 
 
+def config_value(sp: Spec, value):
+    """A --config value as the flag would have parsed it: same type, choices and range. Raises
+    ValueError with the problem (the caller names the file and the key)."""
+    if sp.nargs:
+        items = value if isinstance(value, list) else [value]  # `data_path: a.jsonl` means [a.jsonl]
+        if not all(isinstance(v, str) for v in items):
+            raise ValueError(f"expected a string or a list of strings, got {value!r}")
+        return list(items)
+    if value is None:
+        if sp.default is None:
+            return None
+        raise ValueError(f"expected a {sp.type.__name__}, got null")
+    if sp.type is bool:
+        if isinstance(value, str):
+            try:
+                return _bool(value)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(str(e)) from None
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise ValueError(f"expected a {sp.type.__name__}, got {value!r}")
+    if sp.type in (int, float):
+        if isinstance(value, float) and sp.type is int and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            # YAML reads 1e-5 (no dot) as a string; the flag's own type parses it as on the command line.
+            value = sp.type(value) if not isinstance(value, float) or sp.type is float else int(value)
+        except ValueError:
+            raise ValueError(f"expected a {'number' if sp.type is float else 'integer'}, got {value!r}") from None
+    elif not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    if sp.choices is not None and value not in sp.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, sp.choices))}")
+    if not within(value, sp.limits):
+        raise ValueError(f"must be {describe_limits(sp.limits)}, got {value!r}")
+    return value
+
+
+def check_output_dir(path: str | None, flag: str = "--output_dir") -> None:
+    """An output directory must be a directory or creatable as one: checked by every rank at start-up,
+    so no rank fails alone later (a rank that dies while the others wait in a collective is a gloo error)."""
+    if not path:
+        return
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = "is a file" if p == os.path.abspath(path) else f"is inside '{p}', which is a file"
+        raise UserError(f"{flag} '{path}' {where}, not a directory")
+
+
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,
-          helps: dict | None = None) -> argparse.Namespace:
-    """`defaults`/`helps` let a step give a shared flag its own default (and say so in --help)."""
+          helps: dict | None = None, limits: dict | None = None) -> argparse.Namespace:
+    """`defaults`/`helps`/`limits` let a step give a shared flag its own default, help text and range
+    (DPO: --learning_rate 0 means "scaled to the model size")."""
     parser = build_parser(groups, description)
+    specs = specs_of(groups, limits)
     if defaults:
         parser.set_defaults(**defaults)
     for action in parser._actions:
         if helps and action.dest in helps:
-            action.help = helps[action.dest]
+            sp = specs[action.dest]
+            action.help = helps[action.dest] + (f" ({describe_limits(sp.limits)})" if sp.limits else "")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         cfg = _read_config(pre.config)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - known)
+        unknown = sorted(set(cfg) - set(specs))
         if unknown:
             raise UserError(f"--config file '{pre.config}': unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**cfg)
+        values = {}
+        for key, value in cfg.items():
+            try:
+                values[key] = config_value(specs[key], value)
+            except ValueError as e:
+                raise UserError(f"--config file '{pre.config}': key '{key}': {e}") from None
+        parser.set_defaults(**values)
     ns = parser.parse_args(argv)
     for name in required:
         if getattr(ns, name, None) in (None, "", []):
-            parser.error(f"--{name} is required")
+            raise UserError(f"--{name} is required")
+    for sp in specs.values():
+        value = getattr(ns, sp.name)
+        if sp.limits and not within(value, sp.limits):
+            raise UserError(f"--{sp.name} must be {describe_limits(sp.limits)}, got {value}")
+    check_output_dir(getattr(ns, "output_dir", None))
     return ns
 
 

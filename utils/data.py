@@ -1,30 +1,43 @@
 """Reading, validating and normalising the data formats every step accepts.
 
-Formats are detected per file from the fields of its first record; every later record of the file
-must match it. Each record becomes a `Sample`:
+Sources: local .jsonl/.json/.parquet files, `datasets.save_to_disk` directories, local directories laid
+out like a hub dataset repository (`data/train-00000-of-00001.parquet`, ...), and hub dataset names;
+`SOURCE:SPLIT` picks a split of a directory or hub dataset (default `train`).
+
+Formats are detected per source from the fields of its first record and from what the step needs
+(`need`: "sft", "pairs" or "prompts"), so rows with extra columns are read by the fields the step uses:
+a preference step reads `chosen`/`rejected` even when a `messages` column is there, SFT prefers
+`messages`, a PPO step reads `prompt`. Every later record of the source must match the format.
+Each record becomes a `Sample`:
 
   {"messages": [{"role", "content"}, ...]}      prompt = turns before the last assistant turn
   {"prompt", "response"}                         one user turn, one reply
-  {"prompt", "chosen"[, "rejected"][, "margin"]} chosen is the SFT target; strings or message lists
-  {"chosen"[, "rejected"]} HH transcripts        "\\n\\nHuman: ...\\n\\nAssistant: ..." strings
+  {"prompt", "chosen"[, "rejected"][, "margin"]} chosen is the SFT target; strings, assistant-only
+                                                 message lists (TRL), or whole conversations that
+                                                 repeat the prompt turns (UltraFeedback)
+  {"chosen"[, "rejected"]} HH transcripts        "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, or conversations
   {"instruction"[, "input"], "output"}           Alpaca
   {"text"}                                       plain language modelling, loss on all tokens
   {"prompt"}                                     prompt only (PPO)
 
-Problems raise `DataError` naming the file, the line (record) and the field.
+Problems raise `DataError` naming the source, the line (or row) and the field.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
 from dataclasses import dataclass, field
 
-from .errors import DataError, UserError
+from .errors import DataError, UserError, location
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 FORMATS = ("messages", "prompt_response", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
+NEEDS = ("sft", "pairs", "prompts")
+# Files `datasets.save_to_disk` writes: a DatasetDict, or one Dataset.
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 
 
 @dataclass(frozen=True)
@@ -34,34 +47,47 @@ class Sample:
     rejected: tuple | None = None
     text: str | None = None       # plain-text record
     margin: float | None = None
-    where: str = field(default="", compare=False)  # "path:line"
+    where: str = field(default="", compare=False)  # "path:line" or "source row i"
 
 
-# ----------------------------------------------------------------------------- reading files
+# ----------------------------------------------------------------------------- reading sources
+# Each reader yields (source label, line, row, record): `line` for text files and record numbers of
+# .json/.parquet files (1-based), `row` for records read through `datasets` (0-based, as dataset[i]).
+
+def _decode_error(path: str, line: int | None, raw: bytes, e: UnicodeDecodeError) -> DataError:
+    if line in (None, 1) and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return DataError(path, line, None, "the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                                           "save it as UTF-8")
+    return DataError(path, line, None, f"undecodable bytes (not UTF-8) at byte {e.start}")
+
 
 def _read_jsonl(path: str):
     with open(path, "rb") as f:
         raw_lines = f.read().split(b"\n")
+    # A UTF-8 byte-order mark (what many Windows editors write) is not part of the first record.
+    if raw_lines[0].startswith(codecs.BOM_UTF8):
+        raw_lines[0] = raw_lines[0][len(codecs.BOM_UTF8):]
     for i, raw in enumerate(raw_lines, start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(path, i, None, f"undecodable bytes (not UTF-8) at byte {e.start}") from None
+            raise _decode_error(path, i, raw, e) from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(path, i, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
-        yield i, row
+        yield path, i, None, row
 
 
 def _read_json(path: str):
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: a leading UTF-8 byte-order mark is dropped
     except UnicodeDecodeError as e:
-        raise DataError(path, None, None, f"undecodable bytes (not UTF-8) at byte {e.start}") from None
+        raise _decode_error(path, None, raw, e) from None
     if not text.strip():
         return
     try:
@@ -73,7 +99,7 @@ def _read_json(path: str):
     if not isinstance(data, list):
         raise DataError(path, None, None, "a .json file must hold a list of records (or use .jsonl)")
     for i, row in enumerate(data, start=1):
-        yield i, row
+        yield path, i, None, row
 
 
 def _read_parquet(path: str):
@@ -84,45 +110,119 @@ def _read_parquet(path: str):
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(path, None, None, f"cannot read parquet: {e}") from None
     for i, row in enumerate(table.to_pylist(), start=1):
-        yield i, row
+        yield path, i, None, row
 
 
-def _read_hub(name: str):
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _rows(label: str, dataset):
+    for i, row in enumerate(dataset):
+        yield label, None, i, row
+
+
+def _read_saved_dataset(path: str, split: str | None):
+    """A `datasets.save_to_disk` directory: one Dataset, or a DatasetDict (split `train` unless named)."""
+    import datasets
+
     try:
-        import datasets
+        obj = datasets.load_from_disk(path)
+    except Exception as e:  # a damaged save: datasets/pyarrow raise many types; the user needs the path
+        raise UserError(f"data path '{path}': cannot read the saved dataset ({_one_line(e)})") from None
+    if isinstance(obj, datasets.DatasetDict):
+        split = split or "train"
+        if split not in obj:
+            raise UserError(f"data path '{path}' has no split '{split}' (splits: {', '.join(obj)}); "
+                            f"pick one as '{path}:SPLIT'")
+        return _rows(f"{path}:{split}", obj[split])
+    if split is not None:
+        raise UserError(f"data path '{path}:{split}': '{path}' holds one saved dataset without splits; "
+                        f"give it without ':{split}'")
+    return _rows(path, obj)
 
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # the hub client raises many types; the message is what the user needs
-        raise UserError(
-            f"data path '{name}' is not a local file and could not be loaded as a hub dataset: "
-            f"{type(e).__name__}: {e}") from None
-    for i, row in enumerate(ds, start=1):
-        yield i, row
+
+def _read_dataset_repo(path: str, split: str | None, local: bool):
+    """A local directory laid out like a hub dataset repository, or a hub dataset name (split `train`
+    unless named)."""
+    import datasets
+
+    split = split or "train"
+    what = f"data path '{path}'" if local else f"data path '{path}' is not a local file and"
+    try:
+        ds = datasets.load_dataset(path, split=split)
+    except FileNotFoundError as e:  # also datasets' EmptyDatasetError
+        if local:
+            raise UserError(f"{what} is a directory without dataset files: expected a datasets.save_to_disk "
+                            "directory or a hub-style layout such as data/train-00000-of-00001.parquet") from None
+        raise UserError(f"{what} could not be loaded as a hub dataset: {_one_line(e)}") from None
+    except Exception as e:  # the hub client and the file builders raise many types; the message is what counts
+        if isinstance(e, ValueError) and "split" in str(e).lower():  # 'Unknown split "test". Should be one of ...'
+            raise UserError(f"data path '{path}': {str(e).splitlines()[0]} (pick one as '{path}:SPLIT')") from None
+        if local:
+            raise UserError(f"{what} could not be loaded with datasets.load_dataset: {_one_line(e)}") from None
+        raise UserError(f"{what} could not be loaded as a hub dataset: {_one_line(e)}") from None
+    return _rows(f"{path}:{split}", ds)
+
+
+def _looks_local(path: str) -> bool:
+    return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
+
+
+def split_source(path: str) -> tuple[str, str | None]:
+    """'SOURCE:SPLIT' -> (SOURCE, SPLIT) for a directory or hub name; anything else -> (path, None)."""
+    if os.path.exists(path):
+        return path, None
+    head, sep, tail = path.rpartition(":")
+    if sep and head and tail and "/" not in tail and (os.path.isdir(head) or not _looks_local(head)):
+        return head, tail
+    return path, None
 
 
 def read_records(path: str):
-    """Yield (line_or_record_number, dict) from a local file or a hub dataset name."""
-    if os.path.isdir(path):
-        raise UserError(f"data path '{path}' is a directory; give the .jsonl/.json/.parquet file")
-    if not os.path.exists(path):
-        looks_local = path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
-        if looks_local:
-            raise UserError(f"data file '{path}' does not exist")
-        yield from _read_hub(path)
+    """Yield (source label, line, row, record) from a local file, a dataset directory or a hub dataset."""
+    source, split = split_source(path)
+    if os.path.isdir(source):
+        import datasets
+
+        datasets.disable_progress_bars()
+        if any(os.path.isfile(os.path.join(source, m)) for m in SAVED_DATASET_MARKERS):
+            yield from _read_saved_dataset(source, split)
+        else:
+            yield from _read_dataset_repo(source, split, local=True)
         return
-    if path.endswith(".parquet"):
+    if not os.path.exists(source):
+        if _looks_local(source):
+            raise UserError(f"data file '{path}' does not exist")
+        import datasets
+
+        datasets.disable_progress_bars()
+        yield from _read_dataset_repo(source, split, local=False)
+        return
+    if source.endswith(".parquet"):
         reader = _read_parquet
-    elif path.endswith(".json"):
+    elif source.endswith(".json"):
         reader = _read_json
     else:
         reader = _read_jsonl
-    yield from reader(path)
+    yield from reader(source)
 
 
 # ----------------------------------------------------------------------------- formats
 
-def detect_format(row: dict) -> str | None:
+def detect_format(row: dict, need: str = "sft") -> str | None:
+    """The format of a record for a step that needs `need` ("sft", "pairs" or "prompts").
+
+    The step's own fields win over extra columns: a preference step reads `chosen`/`rejected` (an
+    UltraFeedback row also has `messages`, `score_chosen`, `prompt_id`, ...), a PPO step reads
+    `prompt`; SFT prefers `messages`, then `prompt`+`response`, then `chosen`.
+    """
     keys = set(row)
+    if need == "pairs" and "chosen" in keys:
+        return "preference" if "prompt" in keys else "hh"
+    if need == "prompts" and "prompt" in keys:
+        return "prompt"
     if "messages" in keys:
         return "messages"
     if "prompt" in keys and "response" in keys:
@@ -141,13 +241,15 @@ def detect_format(row: dict) -> str | None:
 
 
 class _Row:
-    """Field access with errors that name the file, line and field."""
+    """Field access with errors that name the source, the line (or row) and the field."""
 
-    def __init__(self, path, line, row):
-        self.path, self.line, self.row = path, line, row
+    def __init__(self, path, line, row, record):
+        self.path, self.line, self.row_index, self.row = path, line, row, record
+        self.where = location(path, line, row)
+        self.notes: list[str] = []  # counted, logged changes to the record (see load_file)
 
     def err(self, fld, problem):
-        return DataError(self.path, self.line, fld, problem)
+        return DataError(self.path, self.line, fld, problem, row=self.row_index)
 
     def string(self, fld, required=True, allow_empty=False):
         if fld not in self.row or self.row[fld] is None:
@@ -225,7 +327,7 @@ def parse_hh(r: _Row, fld: str) -> tuple:
 
 
 def _split_last_reply(r: _Row, fld: str, msgs: tuple):
-    """(prompt, reply) where reply is the final run of assistant turns."""
+    """(prompt, reply) where reply is the final run of assistant turns (None if the last turn is not one)."""
     k = len(msgs)
     while k > 0 and msgs[k - 1]["role"] == "assistant":
         k -= 1
@@ -243,38 +345,76 @@ def _prompt_messages(r: _Row) -> tuple:
     return ({"role": "user", "content": r.string("prompt")},)
 
 
+def _conversation_prompt(r: _Row, fld: str) -> tuple:
+    """The prompt of a conversation given for PPO (`prompt` list or `messages`). One rule for both: a
+    trailing assistant reply is dropped (and counted in the log), so the model answers the last user turn."""
+    prompt, reply = _split_last_reply(r, fld, r.messages(fld))
+    if reply is not None:
+        r.notes.append(f"dropped the trailing assistant turn of the '{fld}' conversation")
+    return prompt
+
+
+def _reply_side(r: _Row, fld: str, has_prompt: bool):
+    """(prompt turns inside the value or None, reply) of a `chosen`/`rejected` value.
+
+    A string is the reply (with a `prompt` field) or an HH transcript (without one); a list of
+    assistant turns is the reply (TRL's conversational format); any other list is a whole
+    conversation (UltraFeedback) whose final assistant turn(s) are the reply and the rest the prompt.
+    """
+    v = r.row.get(fld)
+    if isinstance(v, list):
+        msgs = r.messages(fld)
+        if all(m["role"] == "assistant" for m in msgs):
+            if not has_prompt:
+                raise r.err(fld, "conversation has no user turn before the assistant reply")
+            return None, msgs
+        prompt, reply = _split_last_reply(r, fld, msgs)
+        if reply is None:
+            raise r.err(fld, "conversation does not end with an assistant reply")
+        return prompt, reply
+    if has_prompt:
+        return None, ({"role": "assistant", "content": r.string(fld)},)
+    msgs = parse_hh(r, fld)
+    return msgs[:-1], msgs[-1:]
+
+
+def _same_turns(a: tuple, b: tuple) -> bool:
+    """Equal roles and contents (surrounding whitespace aside)."""
+    return len(a) == len(b) and all(x["role"] == y["role"] and x["content"].strip() == y["content"].strip()
+                                    for x, y in zip(a, b))
+
+
+def parse_pair(r: _Row) -> Sample:
+    """Preference records with or without a `prompt` field (see `_reply_side`). The prompt turns appear
+    once (pitfall 22): when `chosen`/`rejected` are whole conversations, the turns before their last
+    reply are the prompt; they must be the same in both, and equal the `prompt` field when it is given."""
+    has_prompt = "prompt" in r.row
+    given = _prompt_messages(r) if has_prompt else None
+    fields = ("chosen", "rejected") if r.row.get("rejected") is not None else ("chosen",)
+    sides = {fld: _reply_side(r, fld, has_prompt) for fld in fields}
+    inner = [(fld, turns) for fld, (turns, _) in sides.items() if turns is not None]
+    # A conversation's own turns are what gets rendered (the prompt field may differ in whitespace only).
+    prompt = inner[0][1] if inner else given
+    for fld, turns in inner:
+        if given is not None and not _same_turns(turns, given):
+            raise r.err("prompt", f"differs from the turns before the last reply in '{fld}' (a conversation in "
+                                  "chosen/rejected must start with the prompt's turns)")
+        if not _same_turns(turns, prompt):
+            raise r.err("rejected", "chosen and rejected conversations differ before the last reply")
+    rejected = sides["rejected"][1] if "rejected" in sides else None
+    return Sample(prompt=prompt, chosen=sides["chosen"][1], rejected=rejected, margin=r.margin(), where=r.where)
+
+
 def parse_record(fmt: str, r: _Row) -> Sample:
-    where = f"{r.path}:{r.line}"
+    where = r.where
     if fmt == "messages":
         msgs = r.messages("messages")
         prompt, reply = _split_last_reply(r, "messages", msgs)
         return Sample(prompt=prompt, chosen=reply, where=where)
     if fmt == "prompt_response":
         return Sample(prompt=_prompt_messages(r), chosen=r.text_or_messages("response"), where=where)
-    if fmt == "preference":
-        prompt = _prompt_messages(r)
-        chosen = r.text_or_messages("chosen")
-        rejected = r.text_or_messages("rejected") if r.row.get("rejected") is not None else None
-        return Sample(prompt=prompt, chosen=chosen, rejected=rejected, margin=r.margin(), where=where)
-    if fmt == "hh":
-        if isinstance(r.row.get("chosen"), list):
-            c_prompt, chosen = _split_last_reply(r, "chosen", r.messages("chosen"))
-            rejected = None
-            if r.row.get("rejected") is not None:
-                rj_prompt, rejected = _split_last_reply(r, "rejected", r.messages("rejected"))
-                if rj_prompt != c_prompt:
-                    raise r.err("rejected", "chosen and rejected conversations differ before the last reply")
-            if chosen is None:
-                raise r.err("chosen", "conversation does not end with an assistant reply")
-            return Sample(prompt=c_prompt, chosen=chosen, rejected=rejected, margin=r.margin(), where=where)
-        c = parse_hh(r, "chosen")
-        rejected = None
-        if r.row.get("rejected") is not None:
-            rj = parse_hh(r, "rejected")
-            if rj[:-1] != c[:-1]:
-                raise r.err("rejected", "chosen and rejected transcripts differ before the last Assistant turn")
-            rejected = rj[-1:]
-        return Sample(prompt=c[:-1], chosen=c[-1:], rejected=rejected, margin=r.margin(), where=where)
+    if fmt in ("preference", "hh"):
+        return parse_pair(r)
     if fmt == "alpaca":
         instruction = r.string("instruction")
         inp = r.string("input", required=False, allow_empty=True) or ""
@@ -284,22 +424,17 @@ def parse_record(fmt: str, r: _Row) -> Sample:
     if fmt == "text":
         return Sample(text=r.string("text"), where=where)
     if fmt == "prompt":
-        v = r.row.get("prompt")
-        if isinstance(v, list):
-            prompt, reply = _split_last_reply(r, "prompt", r.messages("prompt"))
-            if reply is not None:
-                raise r.err("prompt", "a prompt conversation must end with a user turn")
-            return Sample(prompt=prompt, where=where)
+        if isinstance(r.row.get("prompt"), list):
+            return Sample(prompt=_conversation_prompt(r, "prompt"), where=where)
         return Sample(prompt=_prompt_messages(r), where=where)
     raise AssertionError(fmt)
 
 
-# What each kind of consumer needs from a record.
-NEEDS = {
-    "sft": "a response (prompt/response, preference, messages, alpaca, HH or text formats)",
-    "pairs": "chosen and rejected responses",
-    "prompts": "a prompt",
-}
+def parse_for(need: str, fmt: str, r: _Row) -> Sample:
+    """The record as the step reads it: PPO takes the prompt of a `messages` conversation."""
+    if need == "prompts" and fmt == "messages":
+        return Sample(prompt=_conversation_prompt(r, "messages"), where=r.where)
+    return parse_record(fmt, r)
 
 
 def _check_need(need: str, s: Sample, r: _Row, fmt: str):
@@ -315,31 +450,40 @@ def _check_need(need: str, s: Sample, r: _Row, fmt: str):
         raise r.err("prompt", "format 'text' has no prompt")
 
 
-def load_file(path: str, need: str) -> list[Sample]:
-    samples, fmt = [], None
-    for line, row in read_records(path):
-        r = _Row(path, line, row)
-        if not isinstance(row, dict):
-            raise r.err(None, f"expected a JSON object, got {type(row).__name__}")
+def load_file(path: str, need: str, log=print) -> list[Sample]:
+    """Every record of one source as Samples for a step that needs `need`. Changes made to records
+    (a dropped trailing assistant turn of a PPO prompt) are counted and logged with the first place."""
+    if need not in NEEDS:
+        raise ValueError(f"need must be one of {NEEDS}, got {need!r}")
+    samples, fmt, label = [], None, path
+    notes: dict[str, list] = {}  # note -> [count, first where]
+    for label, line, row, record in read_records(path):
+        r = _Row(label, line, row, record)
+        if not isinstance(record, dict):
+            raise r.err(None, f"expected a JSON object, got {type(record).__name__}")
         if fmt is None:
-            fmt = detect_format(row)
+            fmt = detect_format(record, need)
             if fmt is None:
-                raise r.err(None, f"record matches no known format (fields: {', '.join(sorted(row)) or 'none'}); "
+                raise r.err(None, f"record matches no known format (fields: {', '.join(sorted(record)) or 'none'}); "
                                   "expected messages, prompt+response, prompt+chosen[+rejected], chosen (HH), "
                                   "instruction+output, text or prompt")
-        s = parse_record(fmt, r)
+        s = parse_for(need, fmt, r)
         _check_need(need, s, r, fmt)
         samples.append(s)
+        for note in r.notes:
+            notes.setdefault(note, [0, r.where])[0] += 1
     if not samples:
-        raise DataError(path, None, None, "file is empty (no records)")
+        raise DataError(label, None, None, "file is empty (no records)")
+    for note, (count, first) in notes.items():
+        log(f"{path}: {note} in {count} of {len(samples)} rows (first: {first})")
     return samples
 
 
 def load_samples(paths: list[str], need: str, log=print) -> list[Sample]:
-    """Load and mix several files. For pairs, rows with chosen == rejected are counted and skipped."""
+    """Load and mix several sources. For pairs, rows with chosen == rejected are counted and skipped."""
     out = []
     for p in paths:
-        file_samples = load_file(p, need)
+        file_samples = load_file(p, need, log)
         if need == "pairs":
             kept = [s for s in file_samples if s.chosen != s.rejected]
             if len(kept) != len(file_samples):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Sample
-from .errors import UserError
+from .errors import UserError, at_record
 from .templates import render_segments, resolve_template
 
 IGNORE = -100
@@ -125,7 +125,10 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
     """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong."""
     items, skipped, first, kept = [], 0, None, []
     for i, s in enumerate(samples):
-        pairs = fn(s)
+        try:
+            pairs = fn(s)
+        except UserError as e:  # a template that refuses the record: name the record
+            raise at_record(s.where, e) from None
         fitted = [encoder.fit(ids, labels) for ids, labels in pairs]
         if any(f is None for f in fitted):
             if encoder.overlong == "error":

@@ -13,13 +13,29 @@ class UserError(Exception):
     """An error caused by the user's input; its message names the file, line and field where known."""
 
 
+def location(path: str, line: int | None = None, row: int | None = None) -> str:
+    """Where a record is: `path:line` for a text line (or a record number of a .json/.parquet file),
+    `source row i` for a record read through `datasets` (0-based, as `dataset[i]`), else the path."""
+    if line is not None:
+        return f"{path}:{line}"
+    if row is not None:
+        return f"{path} row {row}"
+    return str(path)
+
+
 class DataError(UserError):
-    def __init__(self, path: str, line: int | None, field: str | None, problem: str):
-        where = f"{path}:{line}" if line is not None else str(path)
+    def __init__(self, path: str, line: int | None, field: str | None, problem: str, row: int | None = None):
+        where = location(path, line, row)
         if field:
             where += f": field '{field}'"
         super().__init__(f"{where}: {problem}")
-        self.path, self.line, self.field, self.problem = path, line, field, problem
+        self.path, self.line, self.row, self.field, self.problem = path, line, row, field, problem
+
+
+def at_record(where: str, error: UserError) -> UserError:
+    """`error` (raised while rendering or encoding one record) with the record's location in front."""
+    msg = str(error)
+    return error if not where or msg.startswith(where) else UserError(f"{where}: {msg}")
 
 
 def exit_on_user_error(fn):

@@ -24,14 +24,38 @@ def _check_source(path: str, what: str) -> None:
         raise UserError(f"{what} '{path}' does not exist")
 
 
+def check_weight_files(path: str, what: str) -> None:
+    """Refuse a local model directory whose safetensors files are damaged or cut short, naming the file
+    (the loader's own error does not). Reads only each file's header: `safe_open` checks that the header
+    parses and that the file covers every tensor it lists."""
+    if not os.path.isdir(path):
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        file = os.path.join(path, name)
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{what} '{path}': weights file '{file}' is damaged or truncated ({e})") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "--model_name_or_path"):
     from transformers import AutoTokenizer
 
     _check_source(path, what)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot load a tokenizer from {what} '{path}': {e}") from None
+    except (OSError, ValueError) as e:  # missing files, unreachable hub name; a damaged tokenizer.json or config
+        raise UserError(f"cannot load a tokenizer from {what} '{path}': {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool = False,
@@ -43,6 +67,7 @@ def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool =
     reward head, a dropped LM head). With `zero3_config`, weights load straight into ZeRO-3 shards.
     """
     _check_source(path, what)
+    check_weight_files(path, what)
     hf_ds = None
     if zero3_config is not None and zero3_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -57,8 +82,8 @@ def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool =
     try:
         model, info = cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                           output_loading_info=True, **kwargs)
-    except OSError as e:
-        raise UserError(f"cannot load a model from {what} '{path}': {e}") from None
+    except (OSError, ValueError) as e:  # missing or damaged files, a config transformers cannot read
+        raise UserError(f"cannot load a model from {what} '{path}': {_first_line(e)}") from None
     missing = [k for k in info.get("missing_keys", []) if not any(fnmatch.fnmatch(k, p) for p in allow_missing)]
     unexpected = [k for k in info.get("unexpected_keys", [])
                   if not any(fnmatch.fnmatch(k, p) for p in allow_unexpected)]
@@ -68,6 +93,30 @@ def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool =
                         f"unexpected {sorted(unexpected)[:8]}, mismatched {list(mismatched)[:8]}")
     model._hf_ds_config = hf_ds
     return model
+
+
+# Dropout modules, and the float rates HF attention and decoder code read directly (llama's
+# attention_dropout, OPT's dropout / activation_dropout / layerdrop, ...).
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout: dropout modules, and every float attribute named like a dropout rate
+    ("...dropout...", "...drop_prob...", "...pdrop", "layerdrop"; OPT's layerdrop skips whole layers
+    in training). The reward model then trains the deterministic score that evaluation reads, DPO's
+    policy equals its reference before the first step (loss log 2), and PPO's first ratio is 1."""
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and _is_dropout_rate(name):
+                setattr(module, name, 0.0)
+
+
+def _is_dropout_rate(name: str) -> bool:
+    name = name.lower()
+    return "dropout" in name or "drop_prob" in name or name.endswith("pdrop") or name == "layerdrop"
 
 
 def apply_lora(model, lora_dim: int, lora_alpha: int, module_names: str, only_optimize_lora: bool,

@@ -119,11 +119,13 @@ def export_pad_token_id(tokenizer) -> int | None:
 
 
 def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remote_code: bool = False,
-                      zero3_config: dict | None = None, what: str = "--model_name_or_path"):
+                      zero3_config: dict | None = None, what: str = "--model_name_or_path", new_head: bool = True):
     """A one-label `AutoModelForSequenceClassification` from a causal LM or an earlier reward model.
 
     From a causal LM the head `score.weight` is new (HF's init: normal(0, config.initializer_range),
     no bias) and `lm_head.weight` is dropped; from a sequence classifier nothing may differ.
+    `new_head=False` (scoring with a trained model) refuses a model without a trained score head,
+    whose scores would be those of a random head and change with every load.
     `pad_id` is set on the in-memory config only when it has none, because HF's forward refuses
     batches > 1 without one; its pooled output is never used (see `sequence_rewards`).
     """
@@ -138,6 +140,10 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if is_classifier and config.num_labels != 1:
         raise UserError(f"{what} '{path}' is a classifier with {config.num_labels} labels; a reward model has one")
+    if not is_classifier and not new_head:
+        arch = ", ".join(config.architectures or []) or config.model_type
+        raise UserError(f"{what} '{path}' is not a reward model ({arch}, not a *ForSequenceClassification with a "
+                        "trained score head): its scores would come from a random head; give a step-2 output")
     # HF prints the expected head swap as a warning table; the key check below is ours and stricter.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -152,17 +158,6 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
     if text_config.pad_token_id is None:
         text_config.pad_token_id = pad_id
     return model
-
-
-def disable_dropout(model) -> None:
-    """Zero every dropout (nn.Dropout modules and the float rates attention code reads directly),
-    so training optimises the same deterministic score evaluation and inference read."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
 
 
 @torch.no_grad()

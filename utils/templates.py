@@ -90,8 +90,14 @@ def _raw(messages, add_generation_prompt: bool) -> str:
 def render_text(messages, template: str, tokenizer, add_generation_prompt: bool) -> str:
     """The whole conversation as one string (template already resolved, not 'auto')."""
     if template == "chat":
-        return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:  # raise_exception() in the template (role order, system turns), or a broken template
+            raise UserError(f"the tokenizer's chat template refused this conversation: {e} (--template chat; "
+                            "fix the record or pick --template hh, alpaca or raw)") from None
     fn = {"hh": _hh, "alpaca": _alpaca, "raw": _raw}[template]
     return fn(messages, add_generation_prompt)
 
