@@ -28,12 +28,15 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from launch.compare import encoder_for
+    from utils.errors import UserError
     from utils.generation import generate_answers
-    from utils.model import load_tokenizer
+    from utils.model import load_model, load_tokenizer
 
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
     tok = load_tokenizer(a.model, what="--model")
     enc = encoder_for(a.model, tok)
-    model = AutoModelForCausalLM.from_pretrained(a.model)
+    model = load_model(AutoModelForCausalLM, a.model, what="--model").eval()
     history: list[dict] = []
     print(f"chatting with {a.model} (template {enc.template}); /reset, /quit", flush=True)
     while True:

@@ -35,10 +35,10 @@ def evaluate_model(model_dir: str, prompts: list, max_new_tokens: int):
     from transformers import AutoModelForCausalLM
 
     from utils.generation import generate_answers
-    from utils.model import load_tokenizer
+    from utils.model import load_model, load_tokenizer
 
     tok = load_tokenizer(model_dir, what="--models")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = load_model(AutoModelForCausalLM, model_dir, what="--models").eval()
     return generate_answers(model, encoder_for(model_dir, tok), prompts, max_new_tokens=max_new_tokens)
 
 
@@ -48,7 +48,7 @@ def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:
 
     tok = load_tokenizer(reward_dir, what="--reward_model")
     enc = encoder_for(reward_dir, tok)
-    model = load_reward_model(reward_dir, pad_id=enc.pad_id, what="--reward_model").eval()
+    model = load_reward_model(reward_dir, pad_id=enc.pad_id, what="--reward_model", new_head=False).eval()
     seqs = [enc.encode_reply(p, ({"role": "assistant", "content": a.text.strip()},))[0]
             for p, a in zip(prompts, answers)]
     return score_ids(model, seqs, enc.pad_id)
@@ -92,9 +92,16 @@ def main(argv=None) -> dict:
         if "=" not in spec:
             raise UserError(f"--models: expected NAME=DIR, got '{spec}'")
         pairs.append(spec.split("=", 1))
+    if a.max_new_tokens < 1 or a.samples < 0:
+        raise UserError("--max_new_tokens must be >= 1 and --samples >= 0")
+    if a.json and os.path.isdir(a.json):
+        raise UserError(f"--json '{a.json}' is a directory; give a file name")
+    try:
+        form = re.compile(a.form) if a.form else None
+    except re.error as e:
+        raise UserError(f"--form {a.form!r} is not a regular expression: {e}") from None
     prompts = [s.prompt for s in load_samples([a.prompts], "prompts")]
     preferred = [w.strip().lower() for w in a.preferred.split(",") if w.strip()]
-    form = re.compile(a.form) if a.form else None
     results, answers = {}, {}
     for name, path in pairs:
         answers[name] = evaluate_model(path, prompts, a.max_new_tokens)

@@ -10,13 +10,39 @@ import argparse
 import json
 import math
 import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from utils.errors import DataError, UserError, exit_on_user_error  # noqa: E402
 
 KEYS = ["loss", "accuracy", "reward", "kl", "eos_rate", "rewards/accuracies", "rewards/margins"]
 
 
 def load(path: str) -> list[dict]:
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    file = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(file):
+        what = "does not exist" if not os.path.exists(path) else "has no metrics.jsonl"
+        raise UserError(f"--runs: run directory '{path}' {what}")
+    rows = []
+    with open(file) as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(file, i, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
+    runs = [tuple(s.split("=", 1)) for s in specs]
+    bad = [s for s, r in zip(specs, runs) if len(r) != 2 or not all(r)]
+    if bad:
+        raise UserError(f"--runs: expected NAME=DIR, got {bad[0]!r}")
+    return runs
 
 
 def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
@@ -35,6 +61,7 @@ def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
     return out
 
 
+@exit_on_user_error
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="NAME=DIR pairs; DIR holds metrics.jsonl")
@@ -45,7 +72,10 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ps = panels([tuple(s.split("=", 1)) for s in a.runs])
+    ps = panels(parse_runs(a.runs))
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if os.path.isdir(a.out) or not os.path.isdir(out_dir):
+        raise UserError(f"--out '{a.out}': {'is a directory' if os.path.isdir(a.out) else 'its folder does not exist'}")
     cols = 4
     rows = max(1, math.ceil(len(ps) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -40,9 +41,14 @@ def test_defaults_and_booleans():
     assert ns.compute_fp32_loss is False and ns.trust_remote_code is True
 
 
-def test_missing_required_flag_exits():
-    with pytest.raises(SystemExit):
+def test_missing_required_flag_is_a_user_error():
+    with pytest.raises(UserError, match="^--model_name_or_path is required$"):
         parse(SHARED_GROUPS, "t", ["--output_dir", "o"], required=("model_name_or_path", "output_dir"))
+    # argparse's own complaints are one line too (no usage block), naming the flag.
+    with pytest.raises(UserError, match=r"^argument --zero_stage: invalid choice: 5 \(choose from 0, 1, 2, 3\)"):
+        parse(SHARED_GROUPS, "t", BASE + ["--zero_stage", "5"])
+    with pytest.raises(UserError, match="^argument --learning_rate: invalid float value: 'fast'"):
+        parse(SHARED_GROUPS, "t", BASE + ["--learning_rate", "fast"])
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -72,3 +78,98 @@ def test_inherits_template_and_length(tmp_path):
     assert resolve_data_settings(ns, str(tmp_path)) == ("raw", 5)
     ns = parse(SHARED_GROUPS, "t", BASE)
     assert resolve_data_settings(ns, str(tmp_path / "none")) == ("auto", 512)
+
+
+# ----------------------------------------------------------------------------- one validation for flags and files
+
+def write_config(tmp_path, text: str, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_values_get_the_flags_types(tmp_path):
+    cfg = write_config(tmp_path, "data_path: data/sft.jsonl\nlearning_rate: 1e-5\nmax_steps: '7'\n"
+                                 "offload: 'yes'\nnum_train_epochs: 2\neval_data_path: []\n")
+    ns = parse(SHARED_GROUPS, "t", ["--config", cfg, "--model_name_or_path", "m", "--output_dir", "o"])
+    assert ns.data_path == ["data/sft.jsonl"]  # a scalar where a list is expected: a one-element list
+    assert ns.learning_rate == 1e-5 and isinstance(ns.learning_rate, float)  # YAML reads 1e-5 as a string
+    assert ns.max_steps == 7 and ns.offload is True and ns.num_train_epochs == 2.0 and ns.eval_data_path == []
+
+
+@pytest.mark.parametrize("text,message", [
+    ("zero_stage: 5", "key 'zero_stage': 5 is not one of 0, 1, 2, 3"),
+    ("dtype: fp64", "key 'dtype': 'fp64' is not one of fp32, fp16, bf16"),
+    ("learning_rate: -1", "key 'learning_rate': must be > 0, got -1.0"),
+    ("per_device_train_batch_size: 0", "key 'per_device_train_batch_size': must be >= 1, got 0"),
+    ("eval_fraction: 1.5", "key 'eval_fraction': must be in (0, 1), got 1.5"),
+    ("max_steps: 2.5", "key 'max_steps': expected an integer, got 2.5"),
+    ("learning_rate: fast", "key 'learning_rate': expected a number, got 'fast'"),
+    ("offload: maybe", "key 'offload': expected true/false, got 'maybe'"),
+    ("zero_stage: true", "key 'zero_stage': expected an integer, got True"),
+    ("data_path: [a.jsonl, 3]", "key 'data_path': expected a string or a list of strings, got ['a.jsonl', 3]"),
+    ("template: [chat]", "key 'template': expected a string, got ['chat']"),
+    ("seed: null", "key 'seed': expected an integer, got null"),
+])
+def test_bad_config_values_are_one_line_naming_the_key(tmp_path, text, message):
+    cfg = write_config(tmp_path, text + "\n")
+    with pytest.raises(UserError) as e:
+        parse(SHARED_GROUPS, "t", BASE + ["--config", cfg])
+    assert str(e.value) == f"--config file '{cfg}': {message}"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--learning_rate", "-1", "--learning_rate must be > 0, got -1.0"),
+    ("--learning_rate", "0", "--learning_rate must be > 0, got 0.0"),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be >= 1, got 0"),
+    ("--gradient_accumulation_steps", "-2", "--gradient_accumulation_steps must be >= 1, got -2"),
+    ("--eval_fraction", "1", "--eval_fraction must be in (0, 1), got 1.0"),
+    ("--adam_beta2", "1.0", "--adam_beta2 must be in [0, 1), got 1.0"),
+    ("--max_grad_norm", "-0.5", "--max_grad_norm must be >= 0, got -0.5"),
+    ("--num_train_epochs", "0", "--num_train_epochs must be > 0, got 0.0"),
+    ("--log_interval", "0", "--log_interval must be >= 1, got 0"),
+    ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
+    ("--learning_rate", "nan", "--learning_rate must be > 0, got nan"),
+])
+def test_flag_ranges_are_checked_up_front(flag, value, message):
+    with pytest.raises(UserError) as e:
+        parse(SHARED_GROUPS, "t", BASE + [flag, value])
+    assert str(e.value) == message
+
+
+def test_step_groups_carry_their_ranges():
+    """DPO keeps --learning_rate 0 for "scaled to the model size"; step 3's copies of shared flags keep
+    their ranges; step-specific fields have their own."""
+    from dpo.main import DPOArgs
+    from step2_reward.main import RewardArgs
+    from step3_ppo.config import GROUPS, REQUIRED
+
+    dpo = dict(defaults={"learning_rate": 0.0}, limits={"learning_rate": {"ge": 0}})
+    assert parse((*SHARED_GROUPS, DPOArgs), "t", BASE, **dpo).learning_rate == 0.0
+    for flags, message in ((["--learning_rate", "-1"], "--learning_rate must be >= 0, got -1.0"),
+                           (["--beta", "0"], "--beta must be > 0, got 0.0"),
+                           (["--label_smoothing", "0.5"], "--label_smoothing must be in [0, 0.5), got 0.5"),
+                           (["--rpo_alpha", "-1"], "--rpo_alpha must be >= 0, got -1.0")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+            parse((*SHARED_GROUPS, DPOArgs), "t", BASE + flags, **dpo)
+    with pytest.raises(UserError, match="^--center_rewards_coefficient must be >= 0"):
+        parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--center_rewards_coefficient", "-1"])
+    ppo = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
+           "--output_dir", "o"]
+    for flags, message in ((["--actor_learning_rate", "-1"], "--actor_learning_rate must be >= 0, got -1.0"),
+                           (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+                           (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
+                           (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            parse(GROUPS, "t", ppo + flags, required=REQUIRED)
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("keep me")
+    with pytest.raises(UserError, match=f"^--output_dir '{tmp_path}/f' is a file, not a directory$"):
+        parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "a", "--output_dir", str(tmp_path / "f")])
+    with pytest.raises(UserError, match="is inside .*, which is a file"):
+        parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "a",
+                                   "--output_dir", str(tmp_path / "f" / "out")])
+    assert (tmp_path / "f").read_text() == "keep me"
+    assert parse(SHARED_GROUPS, "t", BASE[:4] + ["--output_dir", str(tmp_path / "new" / "out")])

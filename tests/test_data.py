@@ -157,3 +157,163 @@ def test_step_stream_same_global_batch_for_any_world_size(monkeypatch):
     first = [s.next_step()[0] for _ in range(3)]
     second = [s.next_step()[0] for _ in range(3)]
     assert first != second and s.epoch == 2
+
+
+# ----------------------------------------------------------------------------- the fields a step needs
+
+U = {"role": "user", "content": "Tell me about the cat."}
+A_GOOD = {"role": "assistant", "content": "The cat is great."}
+A_BAD = {"role": "assistant", "content": "The cat is dull."}
+UF = {"prompt": U["content"], "chosen": [U, A_GOOD], "rejected": [U, A_BAD], "messages": [U, A_GOOD],
+      "score_chosen": 8.0, "score_rejected": 2.0, "prompt_id": "abc"}
+
+
+@pytest.mark.parametrize("row,need,fmt", [
+    (UF, "pairs", "preference"),
+    (UF, "sft", "messages"),
+    (UF, "prompts", "prompt"),
+    ({k: v for k, v in UF.items() if k != "messages"}, "sft", "preference"),
+    ({"chosen": [U, A_GOOD], "rejected": [U, A_BAD], "messages": [U, A_GOOD]}, "pairs", "hh"),
+    ({"messages": [U, A_GOOD], "prompt": "x"}, "prompts", "prompt"),
+    ({"messages": [U, A_GOOD]}, "prompts", "messages"),
+    ({"prompt": "a", "response": "b"}, "pairs", "prompt_response"),
+])
+def test_detect_format_by_what_the_step_needs(row, need, fmt):
+    assert detect_format(row, need) == fmt
+
+
+@pytest.mark.parametrize("messages", [True, False])
+def test_ultrafeedback_rows_have_the_prompt_once(tmp_path, messages):
+    """prompt string + chosen/rejected as whole conversations (pitfall 22): the user turn is the prompt,
+    only the final assistant turn is the reply, in every step, with or without a `messages` column."""
+    row = dict(UF) if messages else {k: v for k, v in UF.items() if k != "messages"}
+    path = write_jsonl(tmp_path / "uf.jsonl", [row])
+    pairs = load_file(path, "pairs")[0]
+    assert pairs.prompt == (U,) and pairs.chosen == (A_GOOD,) and pairs.rejected == (A_BAD,)
+    sft = load_file(path, "sft")[0]
+    assert sft.prompt == (U,) and sft.chosen == (A_GOOD,)
+    assert load_file(path, "prompts")[0].prompt == (U,)
+    # TRL's conversational preference format (prompt list, assistant-only replies) reads the same.
+    trl = write_jsonl(tmp_path / "trl.jsonl", [{"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]}])
+    assert load_file(trl, "pairs")[0] == pairs
+    assert load_file(trl, "sft")[0].prompt == sft.prompt and load_file(trl, "sft")[0].chosen == sft.chosen
+
+
+def test_multi_turn_conversations_split_at_the_last_reply(tmp_path):
+    sys_turn = {"role": "system", "content": "Be kind."}
+    before = [sys_turn, U, {"role": "assistant", "content": "Which cat?"}, {"role": "user", "content": "Yours."}]
+    path = write_jsonl(tmp_path / "mt.jsonl", [{"prompt": before, "chosen": before + [A_GOOD],
+                                                "rejected": before + [A_BAD]},
+                                               {"chosen": before + [A_GOOD], "rejected": before + [A_BAD]}])
+    for s in load_file(path, "pairs"):
+        assert s.prompt == tuple(before) and s.chosen == (A_GOOD,) and s.rejected == (A_BAD,)
+
+
+@pytest.mark.parametrize("row,field,problem", [
+    ({"prompt": "Tell me about the dog.", "chosen": [U, A_GOOD], "rejected": [U, A_BAD]}, "prompt",
+     "differs from the turns before the last reply in 'chosen'"),
+    ({"prompt": U["content"], "chosen": "The cat is great.", "rejected": [{"role": "user", "content": "Hm?"}, A_BAD]},
+     "prompt", "differs from the turns before the last reply in 'rejected'"),
+    ({"chosen": [U, A_GOOD], "rejected": [{"role": "user", "content": "Other."}, A_BAD]}, "rejected",
+     "chosen and rejected conversations differ before the last reply"),
+    ({"prompt": U["content"], "chosen": [U, A_GOOD, U], "rejected": [U, A_BAD]}, "chosen",
+     "conversation does not end with an assistant reply"),
+    ({"chosen": [A_GOOD], "rejected": [A_BAD]}, "chosen", "conversation has no user turn before the assistant reply"),
+])
+def test_pair_conversations_that_do_not_fit_name_line_and_field(tmp_path, row, field, problem):
+    path = write_jsonl(tmp_path / "p.jsonl", [UF, row])
+    with pytest.raises(DataError) as e:
+        load_file(path, "pairs")
+    assert str(e.value).startswith(f"{path}:2: field '{field}': {problem}"), str(e.value)
+
+
+def test_ppo_prompts_drop_a_trailing_assistant_turn_in_both_layouts(tmp_path):
+    """One rule for a prompt conversation that ends with an assistant turn, whether it is a `prompt` list
+    or `messages`: the turn is dropped, and the log counts the rows and names the first."""
+    for fld in ("prompt", "messages"):
+        path = write_jsonl(tmp_path / f"{fld}.jsonl", [{fld: [U, A_GOOD]}, {fld: [U]}, {fld: [U, A_BAD, U, A_GOOD]}])
+        logs = []
+        samples = load_samples([path], "prompts", log=logs.append)
+        assert [s.prompt for s in samples] == [(U,), (U,), (U, A_BAD, U)]
+        assert logs == [f"{path}: dropped the trailing assistant turn of the '{fld}' conversation in 2 of 3 rows "
+                        f"(first: {path}:1)"]
+
+
+# ----------------------------------------------------------------------------- sources
+
+def test_utf8_bom_is_accepted_and_utf16_named(tmp_path):
+    rows = [{"prompt": "P", "response": "R"}, {"prompt": "Q", "response": "S"}]
+    body = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    want = load_file(write_jsonl(tmp_path / "plain.jsonl", rows), "sft")
+    assert [s.prompt for s in load_file(str(tmp_path / "bom.jsonl"), "sft")] == [s.prompt for s in want]
+    assert [s.prompt for s in load_file(str(tmp_path / "bom.json"), "sft")] == [s.prompt for s in want]
+    (tmp_path / "u16.jsonl").write_bytes(body.encode("utf-16"))
+    with pytest.raises(DataError, match=r"u16.jsonl:1: the file is UTF-16"):
+        load_file(str(tmp_path / "u16.jsonl"), "sft")
+    # A byte-order mark anywhere else is not one: line 2 is malformed JSON.
+    (tmp_path / "mid.jsonl").write_bytes(body.encode() + b"\xef\xbb\xbf" + json.dumps(rows[0]).encode())
+    with pytest.raises(DataError, match=r"mid.jsonl:3: malformed JSON"):
+        load_file(str(tmp_path / "mid.jsonl"), "sft")
+
+
+@pytest.fixture(scope="module")
+def dataset_dirs(tmp_path_factory):
+    """The same 4 UltraFeedback-style rows as a save_to_disk Dataset, a save_to_disk DatasetDict
+    (train/test) and a hub-style directory (data/train-00000-of-00001.parquet + data/test-...)."""
+    import datasets
+
+    tmp_path = tmp_path_factory.mktemp("datasets")
+    (tmp_path / "empty").mkdir()
+    rows = [dict(UF, prompt_id=str(i)) for i in range(4)]
+    rows[1] = dict(rows[1], chosen=[U, {"role": "assistant", "content": "The cat is lovely."}])
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0, 1])}).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    ds.select([2]).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
+    return tmp_path, rows
+
+
+def test_dataset_directories_load_with_splits(dataset_dirs):
+    root, rows = dataset_dirs
+    want = load_file(write_jsonl(root / "rows.jsonl", rows), "pairs")  # the same rows as a file
+    for path, n, where in ((root / "disk", 4, f"{root / 'disk'} row 3"),
+                           (root / "dict", 4, f"{root / 'dict'}:train row 3"),
+                           (f"{root / 'dict'}:test", 2, f"{root / 'dict'}:test row 1"),
+                           (root / "hub", 4, f"{root / 'hub'}:train row 3"),
+                           (f"{root / 'hub'}:test", 1, f"{root / 'hub'}:test row 0")):
+        got = load_file(str(path), "pairs")
+        assert len(got) == n and got[-1].where == where
+        if n > 1:
+            assert got == want[:n]  # Sample equality ignores `where`
+    assert load_file(f"{root / 'hub'}:test", "pairs") == [want[2]]
+    assert len(load_samples([str(root / "disk"), str(root / "hub")], "sft")) == 8
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("dict:dev", "data path '{root}/dict' has no split 'dev' (splits: train, test); pick one as '{root}/dict:SPLIT'"),
+    ("disk:test", "data path '{root}/disk:test': '{root}/disk' holds one saved dataset without splits"),
+    ("hub:dev", "data path '{root}/hub': Unknown split \"dev\""),
+    ("empty", "data path '{root}/empty' is a directory without dataset files"),
+    ("nope/x.jsonl", "data file '{root}/nope/x.jsonl' does not exist"),
+])
+def test_dataset_directory_errors(dataset_dirs, spec, message):
+    root, _ = dataset_dirs
+    with pytest.raises(UserError) as e:
+        load_file(f"{root}/{spec}", "pairs")
+    assert str(e.value).startswith(message.format(root=root)), str(e.value)
+
+
+def test_dataset_rows_are_named_by_row_index(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "P", "chosen": "C", "rejected": "R"}, {"prompt": "P", "chosen": "C", "rejected": None}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(DataError) as e:
+        load_file(str(tmp_path / "d"), "pairs")
+    assert str(e.value) == (f"{tmp_path / 'd'} row 1: field 'rejected': missing field (preference training needs "
+                            "chosen and rejected)")
+    assert e.value.row == 1 and e.value.line is None

@@ -134,3 +134,95 @@ def test_position_ids_left_padding():
     batch = pad_batch([[5, 6], [7, 8, 9]], None, 0, left=True)
     assert batch["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
     assert batch["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+# ----------------------------------------------------------------------------- UltraFeedback rows, token by token
+
+# A Llama-2-style chat template (BOS and [INST] around each user turn, EOS after each reply) that refuses
+# conversations whose roles do not alternate, as the real one does.
+STRICT_LLAMA_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+GOOD = {"role": "assistant", "content": "The apple is great."}
+BAD = {"role": "assistant", "content": "The apple is dull."}
+
+
+def strict_llama(tokenizer_of):
+    import copy
+
+    tok = copy.deepcopy(tokenizer_of("llama"))
+    tok.chat_template = STRICT_LLAMA_TEMPLATE
+    return tok
+
+
+def chat_ids(tok, messages, add_generation_prompt=False) -> list[int]:
+    return list(tok.apply_chat_template(list(messages), tokenize=True,
+                                        add_generation_prompt=add_generation_prompt)["input_ids"])
+
+
+def reference_ids(tok, family: str, messages) -> tuple[list[int], int]:
+    """(ids of the whole conversation, ids of its prompt) straight from the tokenizer: its chat template
+    (up to the EOS that ends the reply: the encoder drops template text after it), or for the
+    template-less OPT tokenizer the hh rendering tokenized in one piece, plus EOS."""
+    if family == "opt":
+        full = tok(render_text(messages, "hh", tok, False))["input_ids"] + [tok.eos_token_id]
+        return full, len(tok(render_text(messages[:-1], "hh", tok, True))["input_ids"])
+    full = chat_ids(tok, messages)
+    return full[: len(full) - full[::-1].index(tok.eos_token_id)], len(chat_ids(tok, messages[:-1], True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("messages_column", [True, False])
+def test_ultrafeedback_rows_encode_like_the_chat_template(tmp_path, tokenizer_of, family, messages_column):
+    """An UltraFeedback row (prompt string, chosen/rejected as whole conversations, optionally `messages`)
+    gives exactly the tokenizer's own ids for prompt + reply, the user turn once, and a loss mask on the
+    reply and its EOS only: for SFT, and for both sides of the pair reward and DPO train on."""
+    import json
+
+    from utils.data import load_file
+    from utils.pairs import collate_pairs, encode_pairs
+
+    tok = strict_llama(tokenizer_of) if family == "llama" else tokenizer_of(family)
+    enc = Encoder(tok, "auto", 256)
+    assert enc.template == ("hh" if family == "opt" else "chat")
+    row = {"prompt": USER["content"], "chosen": [USER, GOOD], "rejected": [USER, BAD], "score_chosen": 9.0}
+    if messages_column:
+        row["messages"] = [USER, GOOD]
+    path = tmp_path / "uf.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+
+    (pair,) = encode_pairs(load_file(str(path), "pairs"), enc, "train", log=None)
+    for ids, labels, reply in ((pair.chosen, pair.chosen_labels, GOOD), (pair.rejected, pair.rejected_labels, BAD)):
+        full, n_prompt = reference_ids(tok, family, (USER, reply))
+        assert ids == full, (tok.convert_ids_to_tokens(ids), tok.convert_ids_to_tokens(full))
+        assert labels == [IGNORE] * n_prompt + full[n_prompt:] and pair.prompt_len == n_prompt
+        assert tok.decode(ids).count(USER["content"]) == 1
+        assert labels[-1] == tok.eos_token_id
+    batch = collate_pairs([pair], enc.pad_id)
+    assert batch["input_ids"][0, : len(pair.chosen)].tolist() == pair.chosen
+    assert batch["labels"][1, : len(pair.rejected)].tolist() == pair.rejected_labels
+
+    (sample,) = load_file(str(path), "sft")
+    ids, labels = enc.encode_sft(sample)
+    assert (ids, labels) == (pair.chosen, pair.chosen_labels)
+
+
+def test_template_errors_name_the_record(tokenizer_of, tmp_path):
+    """A chat template that raises (here: two user turns in a row) is one line naming file:line."""
+    import json
+
+    from utils.data import load_file
+
+    tok = strict_llama(tokenizer_of)
+    enc = Encoder(tok, "chat", 256)
+    path = tmp_path / "roles.jsonl"
+    twice = {"messages": [USER, USER, GOOD]}
+    path.write_text(json.dumps({"messages": [USER, GOOD]}) + "\n" + json.dumps(twice) + "\n")
+    samples = load_file(str(path), "sft")
+    with pytest.raises(UserError) as e:
+        encode_all(samples, lambda s: (enc.encode_sft(s),), enc, "train")
+    assert str(e.value) == (f"{path}:2: the tokenizer's chat template refused this conversation: Conversation roles "
+                            "must alternate user/assistant/user/assistant/... (--template chat; fix the record or "
+                            "pick --template hh, alpaca or raw)")

@@ -209,6 +209,9 @@ def _read_config(path: str) -> dict:
     return data
 
 
+KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
 def config_value(sp: Spec, value):
     """A --config value as the flag would have parsed it: same type, choices and range. Raises
     ValueError with the problem (the caller names the file and the key)."""
@@ -220,7 +223,7 @@ def config_value(sp: Spec, value):
     if value is None:
         if sp.default is None:
             return None
-        raise ValueError(f"expected a {sp.type.__name__}, got null")
+        raise ValueError(f"expected {KINDS.get(sp.type, sp.type.__name__)}, got null")
     if sp.type is bool:
         if isinstance(value, str):
             try:
@@ -231,7 +234,7 @@ def config_value(sp: Spec, value):
             raise ValueError(f"expected true or false, got {value!r}")
         return value
     if isinstance(value, bool) or isinstance(value, (list, dict)):
-        raise ValueError(f"expected a {sp.type.__name__}, got {value!r}")
+        raise ValueError(f"expected {KINDS.get(sp.type, sp.type.__name__)}, got {value!r}")
     if sp.type in (int, float):
         if isinstance(value, float) and sp.type is int and not value.is_integer():
             raise ValueError(f"expected an integer, got {value!r}")
@@ -239,7 +242,7 @@ def config_value(sp: Spec, value):
             # YAML reads 1e-5 (no dot) as a string; the flag's own type parses it as on the command line.
             value = sp.type(value) if not isinstance(value, float) or sp.type is float else int(value)
         except ValueError:
-            raise ValueError(f"expected a {'number' if sp.type is float else 'integer'}, got {value!r}") from None
+            raise ValueError(f"expected {KINDS.get(sp.type, sp.type.__name__)}, got {value!r}") from None
     elif not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     if sp.choices is not None and value not in sp.choices:
