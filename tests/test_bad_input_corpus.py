@@ -1,9 +1,12 @@
 """The bad-input corpus (tests/bad_inputs/, outcomes documented in its README.md) and the security rules.
 
 Every corpus file gives its documented outcome: either a `UserError`/`DataError` whose message names the
-file, the line (record) and the field, or a counted skip whose log line says how many and names the first
-file:line. The in-process tests call the same functions the programs call; four `python <step>/main.py`
-runs (e2e) check the whole path: exit code 2, the message on stderr, no traceback, nothing written.
+file, the line (record) and the field, or it loads as documented (a counted skip or change whose log
+line says how many and names the first file:line, a BOM, an UltraFeedback row, a dataset directory).
+The in-process tests call the same functions the programs call, and each program's main() for the
+mistakes it refuses before it starts a process group (flags, --config, --output_dir, models);
+`python <step>/main.py` and a 2-rank `deepspeed` run (e2e) check the whole path: exit code 2, one
+line on stderr, no traceback, nothing written.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import shutil
 
 import pytest
 
+from conftest import DATA as DATA_DIR
 from conftest import REPO, run_python
+from utils.args import SHARED_GROUPS, parse
 from utils.data import load_samples, load_splits
 from utils.encoding import IGNORE, Encoder, encode_all
 from utils.errors import DataError, UserError
@@ -42,6 +47,13 @@ ERRORS = {
     "sft/wrong_kind.jsonl": "{path}:1: field 'prompt': record has no assistant reply to train on",
     "sft/not_a_list.json": "{path}: a .json file must hold a list of records (or use .jsonl)",
     "sft/missing.jsonl": "data file '{path}' does not exist",
+    "sft/utf16.jsonl": "{path}:1: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+    "sft/hub_layout:test": "data path '{source}': Unknown split \"test\". Should be one of ['train']. (pick one as "
+                           "'{source}:SPLIT')",
+    "sft/saved_dataset:test": "data path '{path}': '{source}' holds one saved dataset without splits; give it "
+                              "without ':test'",
+    "sft/not_a_dataset": "data path '{path}' is a directory without dataset files: expected a datasets.save_to_disk "
+                         "directory or a hub-style layout such as data/train-00000-of-00001.parquet",
     "pairs/malformed_json.jsonl": "{path}:2: malformed JSON (",
     "pairs/missing_field.jsonl": "{path}:2: field 'rejected': missing field (preference training needs chosen "
                                  "and rejected)",
@@ -55,6 +67,8 @@ ERRORS = {
     "pairs/no_format.jsonl": "{path}:1: record matches no known format (fields: bad, good, question)",
     "pairs/wrong_kind.jsonl": "{path}:1: field 'rejected': missing field",
     "pairs/missing.jsonl": "data file '{path}' does not exist",
+    "pairs/prompt_mismatch.jsonl": "{path}:2: field 'prompt': differs from the turns before the last reply in "
+                                   "'chosen' (a conversation in chosen/rejected must start with the prompt's turns)",
     "prompts/malformed_json.jsonl": "{path}:3: malformed JSON (",
     "prompts/missing_field.jsonl": "{path}:2: field 'prompt': missing field",
     "prompts/empty_field.jsonl": "{path}:2: field 'prompt': field is empty",
@@ -66,12 +80,44 @@ ERRORS = {
     "prompts/wrong_kind.jsonl": "{path}:1: field 'prompt': format 'text' has no prompt",
     "prompts/missing.jsonl": "data file '{path}' does not exist",
 }
-# Files that load: rows are skipped and counted (chosen == rejected) or follow --overlong.
-LOADS = ("pairs/chosen_equals_rejected.jsonl", "sft/overlong.jsonl", "pairs/overlong.jsonl", "prompts/overlong.jsonl")
+# Errors about the path rather than a record (UserError, not DataError).
+PATH_ERRORS = {"sft/missing.jsonl", "pairs/missing.jsonl", "prompts/missing.jsonl", "sft/hub_layout:test",
+               "sft/saved_dataset:test", "sft/not_a_dataset"}
+# Raised when a record is rendered: by a chat template that requires alternating user/assistant turns
+# (Llama-2 style, STRICT_LLAMA_TEMPLATE below); the other templates accept the record.
+RENDER_ERRORS = {
+    "sft/role_order.jsonl": "{path}:2: the tokenizer's chat template refused this conversation: Conversation roles "
+                            "must alternate user/assistant/user/assistant/... (--template chat; fix the record or "
+                            "pick --template hh, alpaca or raw)",
+    "pairs/role_order.jsonl": "{path}:1: the tokenizer's chat template refused this conversation: Conversation roles "
+                              "must alternate user/assistant/user/assistant/... (--template chat; fix the record or "
+                              "pick --template hh, alpaca or raw)",
+}
+# --config files: refused with one line naming the key, or (data_path_scalar) read as intended.
+CONFIG_ERRORS = {
+    "config/zero_stage_5.yaml": "--config file '{path}': key 'zero_stage': 5 is not one of 0, 1, 2, 3",
+    "config/dtype_fp64.yaml": "--config file '{path}': key 'dtype': 'fp64' is not one of fp32, fp16, bf16",
+    "config/negative_learning_rate.json": "--config file '{path}': key 'learning_rate': must be > 0, got -1.0",
+}
+# Files that load: rows are skipped or changed and counted, or follow --overlong, or are read as documented.
+LOADS = ("pairs/chosen_equals_rejected.jsonl", "sft/overlong.jsonl", "pairs/overlong.jsonl", "prompts/overlong.jsonl",
+         "sft/bom.jsonl", "pairs/bom.json", "sft/ultrafeedback.jsonl", "pairs/ultrafeedback.jsonl",
+         "sft/saved_dataset", "sft/hub_layout", "prompts/trailing_assistant_messages.jsonl",
+         "prompts/trailing_assistant_prompt.jsonl", "config/data_path_scalar.yaml")
+STRICT_LLAMA_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 
 def corpus_path(name: str) -> str:
     return os.path.join(CORPUS, name)
+
+
+def expected(table: dict, name: str) -> str:
+    path = corpus_path(name)
+    return table[name].format(path=path, source=path.split(":")[0])
 
 
 @pytest.mark.parametrize("name", sorted(ERRORS))
@@ -80,11 +126,93 @@ def test_bad_file_raises_error_naming_file_line_field(name):
     logs = []
     with pytest.raises(UserError) as e:
         load_splits([path], None, 0.1, 0, NEED[name.split("/")[0]], log=logs.append)
-    assert str(e.value).startswith(ERRORS[name].format(path=path)), str(e.value)
-    # A missing file is not a data problem; everything else is a DataError with its parts set.
-    assert isinstance(e.value, DataError) == (not name.endswith("missing.jsonl"))
+    assert str(e.value).startswith(expected(ERRORS, name)), str(e.value)
+    # A path that cannot be read is not a data problem; everything else is a DataError with its parts set.
+    assert isinstance(e.value, DataError) == (name not in PATH_ERRORS)
     if name == "pairs/all_chosen_equal_rejected.jsonl":  # the skip is logged before the error
         assert logs == [f"{path}: skipped 2 of 2 rows where chosen == rejected (first: {path}:1)"]
+
+
+@pytest.mark.parametrize("name", sorted(RENDER_ERRORS))
+def test_template_that_refuses_a_record_names_it(tokenizer_of, name):
+    import copy
+
+    from utils.pairs import encode_pairs
+
+    tok = copy.deepcopy(tokenizer_of("llama"))
+    tok.chat_template = STRICT_LLAMA_TEMPLATE
+    encoder = Encoder(tok, "auto", 256)
+    samples = load_samples([corpus_path(name)], NEED[name.split("/")[0]])
+    with pytest.raises(UserError) as e:
+        if name.startswith("pairs/"):
+            encode_pairs(samples, encoder, "train")
+        else:
+            encode_all(samples, lambda s: (encoder.encode_sft(s),), encoder, "train")
+    assert str(e.value) == expected(RENDER_ERRORS, name)
+    # Without the strict template the same records encode (hh renders any role order).
+    hh = Encoder(tok, "hh", 256)
+    assert encode_all(samples, lambda s: (hh.encode_reply(s.prompt, s.chosen),), hh, "train").items
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_ERRORS))
+def test_bad_config_file_is_one_line_naming_the_key(name):
+    with pytest.raises(UserError) as e:
+        parse(SHARED_GROUPS, "t", ["--config", corpus_path(name), "--model_name_or_path", "m", "--data_path", "d",
+                                   "--output_dir", "o"])
+    assert str(e.value) == expected(CONFIG_ERRORS, name)
+
+
+def test_config_scalar_data_path_is_one_path():
+    ns = parse(SHARED_GROUPS, "t", ["--config", corpus_path("config/data_path_scalar.yaml"),
+                                    "--model_name_or_path", "m", "--output_dir", "o"])
+    assert ns.data_path == ["tests/bad_inputs/sft/missing_field.jsonl"] and ns.learning_rate == 1e-3
+
+
+def test_bom_files_load_like_plain_ones(tmp_path):
+    import codecs
+
+    for name in ("sft/bom.jsonl", "pairs/bom.json"):
+        with open(corpus_path(name), "rb") as f:
+            raw = f.read()
+        assert raw.startswith(codecs.BOM_UTF8)
+        plain = tmp_path / os.path.basename(name)
+        plain.write_bytes(raw[len(codecs.BOM_UTF8):])
+        need = NEED[name.split("/")[0]]
+        assert load_samples([corpus_path(name)], need) == load_samples([str(plain)], need)
+
+
+@pytest.mark.parametrize("name", ["sft/ultrafeedback.jsonl", "pairs/ultrafeedback.jsonl"])
+def test_ultrafeedback_rows_load_with_the_prompt_once(name):
+    with open(corpus_path(name)) as f:
+        rows = [json.loads(line) for line in f]
+    for need in ("sft", "pairs", "prompts"):
+        samples = load_samples([corpus_path(name)], need)
+        for row, s in zip(rows, samples):
+            assert s.prompt == ({"role": "user", "content": row["prompt"]},), (need, s)
+            if need != "prompts":
+                assert s.chosen == tuple(row["chosen"][1:])
+            if need == "pairs":
+                assert s.rejected == tuple(row["rejected"][1:])
+
+
+def test_dataset_directories_load():
+    samples = load_samples([corpus_path("sft/saved_dataset"), corpus_path("sft/hub_layout:train")], "sft")
+    assert [s.chosen[0]["content"] for s in samples] == ["The apple is great.", "The river is great.",
+                                                          "The owl is great."] * 2
+    assert samples[2].where == f"{corpus_path('sft/saved_dataset')} row 2"
+    assert samples[3].where == f"{corpus_path('sft/hub_layout')}:train row 0"
+
+
+@pytest.mark.parametrize("name,field,dropped", [("prompts/trailing_assistant_messages.jsonl", "messages", (2, 1)),
+                                                ("prompts/trailing_assistant_prompt.jsonl", "prompt", (1, 2))])
+def test_trailing_assistant_turn_of_a_prompt_is_dropped_and_counted(name, field, dropped):
+    path = corpus_path(name)
+    logs = []
+    samples = load_samples([path], "prompts", log=logs.append)
+    assert all(s.prompt[-1]["role"] == "user" and len(s.prompt) == 1 for s in samples)
+    count, first = dropped
+    assert logs == [f"{path}: dropped the trailing assistant turn of the '{field}' conversation in {count} of "
+                    f"{len(samples)} rows (first: {path}:{first})"]
 
 
 def test_chosen_equals_rejected_is_a_counted_skip():
@@ -169,11 +297,12 @@ def test_overlong_prompt_follows_the_rule(tokenizer_of, capsys, rule):
 
 
 def test_corpus_and_readme_cover_each_other():
-    """Every corpus file has a documented outcome here and in tests/bad_inputs/README.md, and back."""
+    """Every corpus file (or directory) has a documented outcome here and in tests/bad_inputs/README.md,
+    and back."""
     files = {os.path.relpath(p, CORPUS) for p in glob.glob(os.path.join(CORPUS, "*", "*"))}
-    cases = set(ERRORS) | set(LOADS)
+    cases = set(ERRORS) | set(RENDER_ERRORS) | set(CONFIG_ERRORS) | set(LOADS)
     missing_paths = {n for n in cases if n.endswith("missing.jsonl")}
-    assert files == cases - missing_paths
+    assert files == {n.split(":")[0] for n in cases - missing_paths}
     with open(os.path.join(CORPUS, "README.md")) as f:
         readme = f.read()
     assert not [n for n in cases if f"`{n}`" not in readme]
@@ -188,7 +317,7 @@ def bare_models(tiny_dir, tmp_path_factory):
     a program that loads a model before checking the data fails with a different error."""
     src = tiny_dir("llama")
     out = {}
-    for name, arch in (("lm", None), ("rm", "LlamaForSequenceClassification")):
+    for name, arch in (("lm", None), ("rm", "LlamaForSequenceClassification"), ("strict", None)):
         d = str(tmp_path_factory.mktemp(f"bare-{name}"))
         for f in os.listdir(src):
             if not f.endswith(".safetensors"):
@@ -199,31 +328,196 @@ def bare_models(tiny_dir, tmp_path_factory):
             cfg["architectures"] = [arch]
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(cfg, f)
+        if name == "strict":  # a Llama-2-style chat template that refuses non-alternating roles
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(d)
+            tok.chat_template = STRICT_LLAMA_TEMPLATE
+            tok.save_pretrained(d)
         out[name] = d
     return out
 
 
-# program -> (its model flags given the bare dirs, the corpus file it is given)
+# program -> (its model flags given the bare dirs, the flags naming its bad input, the error it gives)
 PROGRAMS = {
-    "step1_sft": (lambda m: ["--model_name_or_path", m["lm"]], "sft/missing_field.jsonl"),
-    "step2_reward": (lambda m: ["--model_name_or_path", m["lm"]], "pairs/empty_field.jsonl"),
-    "dpo": (lambda m: ["--model_name_or_path", m["lm"]], "pairs/wrong_type.jsonl"),
+    # A YAML scalar `data_path:` is one path (it used to be read one character at a time).
+    "step1_sft": (lambda m: ["--model_name_or_path", m["lm"]],
+                  ["--config", "tests/bad_inputs/config/data_path_scalar.yaml"],
+                  "tests/bad_inputs/sft/missing_field.jsonl:2: field 'response': missing field"),
+    "step2_reward": (lambda m: ["--model_name_or_path", m["lm"]], ["--data_path", "tests/bad_inputs/pairs/empty_field.jsonl"],
+                     "tests/bad_inputs/pairs/empty_field.jsonl:2: field 'chosen': field is empty"),
+    "dpo": (lambda m: ["--model_name_or_path", m["strict"]],
+            ["--data_path", "tests/bad_inputs/pairs/role_order.jsonl", "--eval_data_path", "data/preference.jsonl"],
+            "tests/bad_inputs/pairs/role_order.jsonl:1: the tokenizer's chat template refused this conversation: "
+            "Conversation roles must alternate"),
     "step3_ppo": (lambda m: ["--actor_model_name_or_path", m["lm"], "--critic_model_name_or_path", m["rm"]],
-                  "prompts/wrong_type.jsonl"),
+                  ["--data_path", "tests/bad_inputs/prompts/wrong_type.jsonl"],
+                  "tests/bad_inputs/prompts/wrong_type.jsonl:2: field 'prompt': expected a string, got dict"),
 }
+
+
+def snapshot(*roots) -> dict:
+    """(size, mtime) of every file under `roots`: compared before and after a refused run."""
+    out = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                st = os.stat(os.path.join(dirpath, n))
+                out[os.path.join(dirpath, n)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("program", sorted(PROGRAMS))
 def test_program_exits_2_with_the_message_before_loading_models(bare_models, tmp_path, program):
-    model_flags, name = PROGRAMS[program]
-    rel = os.path.join("tests", "bad_inputs", name)  # as a user types it, relative to the working directory
+    model_flags, data_flags, message = PROGRAMS[program]
     out = tmp_path / "out"
-    p = run_python(f"{program}/main.py", [*model_flags(bare_models), "--data_path", rel, "--output_dir", out])
+    before = snapshot(CORPUS, *bare_models.values())
+    # Paths as a user types them, relative to the working directory.
+    p = run_python(f"{program}/main.py", [*model_flags(bare_models), *data_flags, "--output_dir", out])
     assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
-    assert f"error: {ERRORS[name].format(path=rel)}" in p.stderr, p.stderr[-3000:]
+    assert f"error: {message}" in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stdout + p.stderr
-    assert not out.exists()
+    assert not out.exists() and snapshot(CORPUS, *bare_models.values()) == before
+
+
+# ----------------------------------------------------------------------------- the programs, in process
+# Mistakes each program refuses before it starts a process group: its main() is called here directly.
+
+def refused(module: str, argv: list, capsys) -> str:
+    """Run `module.main(argv)`; it must exit 2 with exactly one line `error: ...` on stderr and no
+    traceback. Returns the message."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (e.value.code, captured.err)
+    assert "Traceback" not in captured.out + captured.err
+    return lines[0][len("error: "):]
+
+
+@pytest.fixture(scope="module")
+def damaged_models(tiny_dir, tmp_path_factory):
+    """A causal LM and a reward model whose model.safetensors is cut in half."""
+    from utils.reward import load_reward_model
+
+    out = {}
+    for name in ("lm", "rm"):
+        d = tmp_path_factory.mktemp(f"truncated-{name}")
+        if name == "lm":
+            shutil.copytree(tiny_dir("llama"), d, dirs_exist_ok=True)
+        else:
+            from transformers import AutoTokenizer
+
+            load_reward_model(tiny_dir("llama"), pad_id=0).save_pretrained(d)
+            AutoTokenizer.from_pretrained(tiny_dir("llama")).save_pretrained(d)
+        weights = d / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+        out[name] = str(d)
+    return out
+
+
+def program_cases(models: dict, tmp: str) -> dict:
+    """case -> (module, argv, the message). `models`: a working tiny causal LM ("lm"), the truncated
+    ones ("bad_lm", "bad_rm") and a file that is not a directory ("file")."""
+    sft, pairs, prompts = (os.path.join(DATA_DIR, n) for n in ("sft.jsonl", "preference.jsonl", "prompts.jsonl"))
+    one = ["--model_name_or_path", models["lm"], "--output_dir", f"{tmp}/out"]
+    ppo = ["--actor_model_name_or_path", models["lm"], "--critic_model_name_or_path", models["lm"],
+           "--data_path", prompts, "--output_dir", f"{tmp}/out"]
+    cfg = os.path.join(CORPUS, "config")
+    return {
+        "sft --learning_rate -1": ("step1_sft.main", one + ["--data_path", sft, "--learning_rate", "-1"],
+                                   "--learning_rate must be > 0, got -1.0"),
+        "reward --learning_rate -1": ("step2_reward.main", one + ["--data_path", pairs, "--learning_rate", "-1"],
+                                      "--learning_rate must be > 0, got -1.0"),
+        "dpo --learning_rate -1": ("dpo.main", one + ["--data_path", pairs, "--learning_rate", "-1"],
+                                   "--learning_rate must be >= 0, got -1.0"),
+        "ppo --actor_learning_rate -1": ("step3_ppo.main", ppo + ["--actor_learning_rate", "-1"],
+                                         "--actor_learning_rate must be >= 0, got -1.0"),
+        "ppo --critic_learning_rate -1": ("step3_ppo.main", ppo + ["--critic_learning_rate", "-1"],
+                                          "--critic_learning_rate must be >= 0, got -1.0"),
+        "rw_eval --batch_size 0": ("step2_reward.rw_eval", ["--model", models["lm"], "--pairs", pairs,
+                                                            "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+        "sft config zero_stage 5": ("step1_sft.main", one + ["--data_path", sft, "--config", f"{cfg}/zero_stage_5.yaml"],
+                                    f"--config file '{cfg}/zero_stage_5.yaml': key 'zero_stage': 5 is not one of "
+                                    "0, 1, 2, 3"),
+        "dpo config dtype fp64": ("dpo.main", one + ["--data_path", pairs, "--config", f"{cfg}/dtype_fp64.yaml"],
+                                  f"--config file '{cfg}/dtype_fp64.yaml': key 'dtype': 'fp64' is not one of fp32, "
+                                  "fp16, bf16"),
+        "sft --zero_stage 5": ("step1_sft.main", one + ["--data_path", sft, "--zero_stage", "5"],
+                               "argument --zero_stage: invalid choice: 5 (choose from 0, 1, 2, 3) (see --help)"),
+        "sft --output_dir file": ("step1_sft.main", ["--model_name_or_path", models["lm"], "--data_path", sft,
+                                                     "--output_dir", models["file"]],
+                                  f"--output_dir '{models['file']}' is a file, not a directory"),
+        "ppo --output_dir file": ("step3_ppo.main", ppo + ["--output_dir", models["file"]],
+                                  f"--output_dir '{models['file']}' is a file, not a directory"),
+        "rw_eval causal LM": ("step2_reward.rw_eval", ["--model", models["lm"], "--prompt", "Hi.", "--responses", "Yo."],
+                              f"--model '{models['lm']}' is not a reward model (LlamaForCausalLM, not a "
+                              "*ForSequenceClassification with a trained score head): its scores would come from a "
+                              "random head; give a step-2 output"),
+        "rw_eval truncated weights": ("step2_reward.rw_eval", ["--model", models["bad_rm"], "--prompt", "Hi.",
+                                                               "--responses", "Yo."],
+                                      f"--model '{models['bad_rm']}': weights file '{models['bad_rm']}/model.safetensors' "
+                                      "is damaged or truncated (Error while deserializing header: incomplete metadata, "
+                                      "file not fully covered)"),
+        "chat truncated weights": ("launch.chat", ["--model", models["bad_lm"]],
+                                   f"--model '{models['bad_lm']}': weights file '{models['bad_lm']}/model.safetensors' "
+                                   "is damaged or truncated (Error while deserializing header: incomplete metadata, "
+                                   "file not fully covered)"),
+        "report missing run": ("launch.report", ["--runs", f"sft={tmp}/no-run", "--out", f"{tmp}/r.png"],
+                               f"--runs: run directory '{tmp}/no-run' does not exist"),
+        "report NAME=DIR": ("launch.report", ["--runs", "sft", "--out", f"{tmp}/r.png"],
+                            "--runs: expected NAME=DIR, got 'sft'"),
+    }
+
+
+CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": ""}, ""))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_program_refuses_a_mistake_in_one_line(tiny_dir, damaged_models, tmp_path, capsys, case):
+    (tmp_path / "a-file").write_text("keep me")
+    models = {"lm": tiny_dir("llama"), "bad_lm": damaged_models["lm"], "bad_rm": damaged_models["rm"],
+              "file": str(tmp_path / "a-file")}
+    module, argv, message = program_cases(models, str(tmp_path))[case]
+    before = snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values())
+    assert refused(module, argv, capsys) == message
+    assert snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values()) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_weights_name_the_file_in_every_loader(damaged_models):
+    """Every program loads models through utils.model.load_model (reward models too)."""
+    from transformers import AutoModelForCausalLM
+
+    from utils.model import load_model
+    from utils.reward import load_reward_model
+
+    for name, load in (("lm", lambda d: load_model(AutoModelForCausalLM, d)),
+                       ("rm", lambda d: load_reward_model(d, pad_id=0))):
+        with pytest.raises(UserError, match=re.escape(f"weights file '{damaged_models[name]}/model.safetensors' "
+                                                      "is damaged or truncated")):
+            load(damaged_models[name])
+
+
+@pytest.mark.e2e
+def test_output_dir_that_is_a_file_is_refused_on_every_rank(tiny_dir, tmp_path):
+    """2 ranks: both refuse it at start-up (before the model loads), so no rank is left waiting in a
+    collective for one that died (which used to end in a gloo error on rank 1)."""
+    from conftest import run_deepspeed
+
+    target = tmp_path / "model-out"
+    target.write_text("keep me")
+    p = run_deepspeed("step1_sft/main.py", ["--model_name_or_path", tiny_dir("llama"), "--data_path",
+                                            os.path.join(DATA_DIR, "sft.jsonl"), "--output_dir", target], check=False)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert lines == [f"error: --output_dir '{target}' is a file, not a directory"] * 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr and "gloo" not in (p.stdout + p.stderr).lower()
+    assert target.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["model-out"]
 
 
 # ----------------------------------------------------------------------------- security

@@ -166,6 +166,14 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
     return _rows(f"{path}:{split}", ds)
 
 
+def _quiet_datasets() -> None:
+    """No progress bars or info lines from `datasets` on every rank; its errors still reach us."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def _looks_local(path: str) -> bool:
     return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
 
@@ -184,9 +192,7 @@ def read_records(path: str):
     """Yield (source label, line, row, record) from a local file, a dataset directory or a hub dataset."""
     source, split = split_source(path)
     if os.path.isdir(source):
-        import datasets
-
-        datasets.disable_progress_bars()
+        _quiet_datasets()
         if any(os.path.isfile(os.path.join(source, m)) for m in SAVED_DATASET_MARKERS):
             yield from _read_saved_dataset(source, split)
         else:
@@ -195,9 +201,7 @@ def read_records(path: str):
     if not os.path.exists(source):
         if _looks_local(source):
             raise UserError(f"data file '{path}' does not exist")
-        import datasets
-
-        datasets.disable_progress_bars()
+        _quiet_datasets()
         yield from _read_dataset_repo(source, split, local=False)
         return
     if source.endswith(".parquet"):
