@@ -31,12 +31,13 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from dpo.trainer import collate_pairs, disable_dropout, precompute_reference, train  # noqa: E402
+from dpo.trainer import precompute_reference, train  # noqa: E402
 from utils import ds  # noqa: E402
 from utils.data import load_samples  # noqa: E402
 from utils.encoding import Encoder  # noqa: E402
 from utils.metrics import MetricsLogger  # noqa: E402
-from utils.model import load_tokenizer  # noqa: E402
+from utils.model import disable_dropout, load_tokenizer  # noqa: E402
+from utils.pairs import collate_pairs, encode_pairs  # noqa: E402
 from utils.tiny import make_tiny_model  # noqa: E402
 from utils.train import StepStream  # noqa: E402
 
@@ -152,14 +153,14 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     encoder = Encoder(tokenizer, "auto", 512)
     samples = load_samples([os.path.join(REPO, "data", "preference.jsonl")], "pairs", log=lambda *_: None)
-    items = [(encoder.encode_reply(s.prompt, s.chosen), encoder.encode_reply(s.prompt, s.rejected)) for s in samples]
+    items = encode_pairs(samples, encoder, "bench", log=lambda *_: None)
     # TRL gets the same texts: our rendered prompt, and each reply as the template renders it (EOS added by TRL).
     texts = {"prompt": [encoder.render_prompt(s.prompt) for s in samples],
              "chosen": [" " + s.chosen[0]["content"] for s in samples],
              "rejected": [" " + s.rejected[0]["content"] for s in samples]}
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     disable_dropout(base)
-    n_tokens = sum(len(c[0]) + len(r[0]) for c, r in items) / len(items)
+    n_tokens = sum(len(it.chosen) + len(it.rejected) for it in items) / len(items)
     print(f"model: {a.family} hidden={a.hidden} layers={a.layers} params={sum(p.numel() for p in base.parameters())}"
           f" | pairs={len(items)} tokens/pair={n_tokens:.1f} batch={a.batch_size} pairs | "
           f"{a.rounds} x {a.chunk} timed steps each | threads={torch.get_num_threads()}", flush=True)

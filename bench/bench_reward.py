@@ -32,14 +32,14 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from step2_reward.main import encode_pairs  # noqa: E402
-from step2_reward.trainer import collate, train  # noqa: E402
+from step2_reward.trainer import train  # noqa: E402
 from utils import ds  # noqa: E402
 from utils.data import load_samples  # noqa: E402
 from utils.encoding import Encoder  # noqa: E402
 from utils.metrics import MetricsLogger  # noqa: E402
-from utils.model import load_tokenizer  # noqa: E402
-from utils.reward import disable_dropout, load_reward_model  # noqa: E402
+from utils.model import disable_dropout, load_tokenizer  # noqa: E402
+from utils.pairs import collate_pairs, encode_pairs  # noqa: E402
+from utils.reward import load_reward_model  # noqa: E402
 from utils.tiny import make_tiny_model  # noqa: E402
 from utils.train import StepStream  # noqa: E402
 
@@ -74,7 +74,7 @@ class Ours:
                            world=1, grad_clip=1.0)
         self.engine = ds.init_train_engine(model, cfg=cfg, lr=LR, weight_decay=0.0, betas=(0.9, 0.95), offload=False,
                                            scheduler="constant", warmup=0, total_steps=10**6)
-        self.collate = functools.partial(collate, pad_id=pad_id, shared_prompt=shared)
+        self.collate = functools.partial(collate_pairs, pad_id=pad_id, shared_prompt=shared)
         self.stream = TimedStream(StepStream(items, a.batch_size, 1, self.collate, seed=0))
         self.args = SimpleNamespace(gradient_accumulation_steps=1, compute_fp32_loss=True,
                                     center_rewards_coefficient=0.0, per_device_eval_batch_size=a.batch_size,

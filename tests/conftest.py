@@ -100,6 +100,50 @@ def assert_user_error(p: subprocess.CompletedProcess, expected: str, what: str =
     assert "Traceback" not in p.stdout + p.stderr, (what, p.stderr[-2000:])
 
 
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def ultrafeedback(row: dict, messages: bool = True) -> dict:
+    """A {"prompt", "chosen", "rejected"} row of data/preference.jsonl in the ultrafeedback_binarized layout:
+    chosen/rejected as whole conversations that repeat the user turn, scores, an id, and (optionally) a
+    `messages` column holding the chosen conversation."""
+    user = {"role": "user", "content": row["prompt"]}
+    out = {"prompt": row["prompt"], "prompt_id": str(abs(hash(row["prompt"]))),
+           "chosen": [user, {"role": "assistant", "content": row["chosen"]}],
+           "rejected": [user, {"role": "assistant", "content": row["rejected"]}],
+           "score_chosen": 8.0, "score_rejected": 3.0}
+    if messages:
+        out["messages"] = out["chosen"]
+    return out
+
+
+def save_to_disk(rows: list[dict], path) -> str:
+    """A `datasets.Dataset.save_to_disk` directory of `rows`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def hub_layout(rows: list[dict], path) -> str:
+    """A directory laid out like a hub dataset repository: data/train-00000-of-00001.parquet."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    os.makedirs(os.path.join(path, "data"), exist_ok=True)
+    datasets.Dataset.from_list(rows).to_parquet(os.path.join(path, "data", "train-00000-of-00001.parquet"))
+    return str(path)
+
+
 def read_metrics(output_dir: str) -> list[dict]:
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -167,7 +167,8 @@ def test_step_groups_carry_their_ranges():
 def test_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("keep me")
     with pytest.raises(UserError, match=f"^--output_dir '{tmp_path}/f' is a file, not a directory$"):
-        parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "a", "--output_dir", str(tmp_path / "f")])
+        parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "a",
+                                   "--output_dir", str(tmp_path / "f")])
     with pytest.raises(UserError, match="is inside .*, which is a file"):
         parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "a",
                                    "--output_dir", str(tmp_path / "f" / "out")])

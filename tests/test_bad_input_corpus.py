@@ -344,7 +344,8 @@ PROGRAMS = {
     "step1_sft": (lambda m: ["--model_name_or_path", m["lm"]],
                   ["--config", "tests/bad_inputs/config/data_path_scalar.yaml"],
                   "tests/bad_inputs/sft/missing_field.jsonl:2: field 'response': missing field"),
-    "step2_reward": (lambda m: ["--model_name_or_path", m["lm"]], ["--data_path", "tests/bad_inputs/pairs/empty_field.jsonl"],
+    "step2_reward": (lambda m: ["--model_name_or_path", m["lm"]],
+                     ["--data_path", "tests/bad_inputs/pairs/empty_field.jsonl"],
                      "tests/bad_inputs/pairs/empty_field.jsonl:2: field 'chosen': field is empty"),
     "dpo": (lambda m: ["--model_name_or_path", m["strict"]],
             ["--data_path", "tests/bad_inputs/pairs/role_order.jsonl", "--eval_data_path", "data/preference.jsonl"],
@@ -441,7 +442,8 @@ def program_cases(models: dict, tmp: str) -> dict:
                                           "--critic_learning_rate must be >= 0, got -1.0"),
         "rw_eval --batch_size 0": ("step2_reward.rw_eval", ["--model", models["lm"], "--pairs", pairs,
                                                             "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
-        "sft config zero_stage 5": ("step1_sft.main", one + ["--data_path", sft, "--config", f"{cfg}/zero_stage_5.yaml"],
+        "sft config zero_stage 5": ("step1_sft.main",
+                                    one + ["--data_path", sft, "--config", f"{cfg}/zero_stage_5.yaml"],
                                     f"--config file '{cfg}/zero_stage_5.yaml': key 'zero_stage': 5 is not one of "
                                     "0, 1, 2, 3"),
         "dpo config dtype fp64": ("dpo.main", one + ["--data_path", pairs, "--config", f"{cfg}/dtype_fp64.yaml"],
@@ -454,13 +456,15 @@ def program_cases(models: dict, tmp: str) -> dict:
                                   f"--output_dir '{models['file']}' is a file, not a directory"),
         "ppo --output_dir file": ("step3_ppo.main", ppo + ["--output_dir", models["file"]],
                                   f"--output_dir '{models['file']}' is a file, not a directory"),
-        "rw_eval causal LM": ("step2_reward.rw_eval", ["--model", models["lm"], "--prompt", "Hi.", "--responses", "Yo."],
+        "rw_eval causal LM": ("step2_reward.rw_eval",
+                              ["--model", models["lm"], "--prompt", "Hi.", "--responses", "Yo."],
                               f"--model '{models['lm']}' is not a reward model (LlamaForCausalLM, not a "
                               "*ForSequenceClassification with a trained score head): its scores would come from a "
                               "random head; give a step-2 output"),
         "rw_eval truncated weights": ("step2_reward.rw_eval", ["--model", models["bad_rm"], "--prompt", "Hi.",
                                                                "--responses", "Yo."],
-                                      f"--model '{models['bad_rm']}': weights file '{models['bad_rm']}/model.safetensors' "
+                                      f"--model '{models['bad_rm']}': weights file "
+                                      f"'{models['bad_rm']}/model.safetensors' "
                                       "is damaged or truncated (Error while deserializing header: incomplete metadata, "
                                       "file not fully covered)"),
         "chat truncated weights": ("launch.chat", ["--model", models["bad_lm"]],

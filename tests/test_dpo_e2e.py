@@ -1,5 +1,10 @@
 """End to end on 2 CPU ranks: a tiny SFT model with a 50/50 warm/cold answer style, then DPO on the
-shipped preference pairs (warm chosen, cold rejected) moves held-out greedy answers to warm ones."""
+shipped preference pairs (warm chosen, cold rejected) moves held-out greedy answers to warm ones.
+
+Both runs read their training data from dataset directories, half from a `datasets.save_to_disk`
+directory and half from a hub-style directory (data/train-00000-of-00001.parquet), mixed; DPO's pairs
+are in the UltraFeedback layout (with a `messages` column in one half, without in the other). Mixed in
+order, they are the same samples as the shipped .jsonl files."""
 from __future__ import annotations
 
 import json
@@ -11,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, read_metrics, run_deepspeed
+from conftest import DATA, hub_layout, read_jsonl, read_metrics, run_deepspeed, save_to_disk, ultrafeedback
 
 sys.path.insert(0, DATA)
 from make_data import COLD, WARM  # noqa: E402
@@ -57,8 +62,15 @@ def adjective(answer: str) -> str:
 @pytest.mark.e2e
 def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    rows = read_jsonl(os.path.join(DATA, "sft.jsonl"))
+    half = len(rows) // 2
+    sft_data = [save_to_disk(rows[:half], tmp_path / "sft_disk"), hub_layout(rows[half:], tmp_path / "sft_hub")]
+    pairs = read_jsonl(os.path.join(DATA, "preference.jsonl"))
+    half = len(pairs) // 2
+    dpo_data = [save_to_disk([ultrafeedback(r) for r in pairs[:half]], tmp_path / "pairs_disk"),
+                hub_layout([ultrafeedback(r, messages=False) for r in pairs[half:]], tmp_path / "pairs_hub")]
     run_deepspeed("step1_sft/main.py", [
-        "--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
+        "--model_name_or_path", tiny_dir("llama"), "--data_path", *sft_data,
         "--output_dir", sft, "--learning_rate", "3e-3", "--num_train_epochs", "15",
         "--per_device_train_batch_size", "8", "--log_interval", "1000"])
     before = greedy_answers(str(sft))
@@ -69,10 +81,11 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     # 285 pairs, 8 per rank x 2 ranks -> 18 steps per epoch; held-out nouns for evaluation. The
     # precomputed reference is the path with DPO's own distributed code (sharded forwards, gather,
     # freeing the engine); live and precomputed give the same loss (tests/test_dpo_loss.py).
-    run_deepspeed("dpo/main.py", [
-        "--model_name_or_path", sft, "--data_path", os.path.join(DATA, "preference.jsonl"),
+    p = run_deepspeed("dpo/main.py", [
+        "--model_name_or_path", sft, "--data_path", *dpo_data,
         "--eval_data_path", os.path.join(DATA, "heldout_preference.jsonl"), "--output_dir", dpo,
         "--precompute_ref_logprobs", "--eval_interval", "9", "--log_interval", "6"])
+    assert "train_pairs=285 eval_pairs=54" in p.stdout, p.stdout[-3000:]
     after = greedy_answers(str(dpo))
     warm_after = sum(adjective(a) in WARM for a, _ in after) / len(after)
     assert warm_after >= 0.9 and warm_after > warm_before, (warm_before, after)

@@ -1,6 +1,7 @@
 """Step 2 end to end: a short step-1 run, then `deepspeed --num_gpus 2` reward training on the shipped
-preference set (warm adjectives preferred to cold ones), checked by numbers and by reloading the
-saved directory in plain transformers."""
+preference set (warm adjectives preferred to cold ones) in the UltraFeedback layout (chosen/rejected as
+whole conversations, plus a `messages` column), checked by numbers and by reloading the saved directory
+in plain transformers. The layout gives the same samples, so the same numbers, as the plain file."""
 from __future__ import annotations
 
 import json
@@ -10,29 +11,36 @@ import shutil
 import pytest
 import torch
 
-from conftest import DATA, assert_user_error, read_metrics, run_deepspeed, run_python
+from conftest import (DATA, assert_user_error, read_jsonl, read_metrics, run_deepspeed, run_python, ultrafeedback,
+                      write_jsonl)
 
 pytestmark = pytest.mark.e2e
-RM_ARGS = ["--data_path", os.path.join(DATA, "preference.jsonl"),
-           "--eval_data_path", os.path.join(DATA, "heldout_preference.jsonl"),
-           "--learning_rate", "1e-3", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+RM_ARGS = ["--learning_rate", "1e-3", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
            "--log_interval", "6", "--eval_interval", "12", "--save_interval", "12", "--zero_stage", "3"]
 
 
 @pytest.fixture(scope="module")
 def reward_run(tiny_dir, tmp_path_factory):
-    """(sft_dir, reward_dir): a brief SFT of the tiny llama, then a ZeRO-3 reward run from it."""
+    """(sft_dir, reward_dir, data flags): a brief SFT of the tiny llama, then a ZeRO-3 reward run from it
+    on data/preference.jsonl in the UltraFeedback layout with a `messages` column, evaluated on the held-out
+    pairs in that layout without one."""
     root = tmp_path_factory.mktemp("step2")
     sft, rm = str(root / "sft"), str(root / "rm")
+    pairs = write_jsonl(root / "ultrafeedback.jsonl",
+                        [ultrafeedback(r) for r in read_jsonl(os.path.join(DATA, "preference.jsonl"))])
+    heldout_rows = read_jsonl(os.path.join(DATA, "heldout_preference.jsonl"))
+    heldout = write_jsonl(root / "heldout_ultrafeedback.jsonl",
+                          [ultrafeedback(r, messages=False) for r in heldout_rows])
+    data_args = ["--data_path", pairs, "--eval_data_path", heldout, *RM_ARGS]
     run_deepspeed("step1_sft/main.py", [
         "--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
         "--output_dir", sft, "--learning_rate", "3e-3", "--num_train_epochs", "2",
         "--per_device_train_batch_size", "8"])
-    run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--output_dir", rm, *RM_ARGS])
-    return sft, rm
+    run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--output_dir", rm, *data_args])
+    return sft, rm, data_args
 
 
-def plain_scores(out_dir: str, rows: list[dict]) -> list[tuple[float, float]]:
+def plain_scores(out_dir: str, rows: list[dict], pairs_file: str) -> list[tuple[float, float]]:
     """(chosen, rejected) rewards from plain transformers: each rendered text tokenized by the tokenizer
     alone and scored as a batch of one, no padding, no project code in the forward."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -43,7 +51,7 @@ def plain_scores(out_dir: str, rows: list[dict]) -> list[tuple[float, float]]:
     model = AutoModelForSequenceClassification.from_pretrained(out_dir).eval()
     tok = AutoTokenizer.from_pretrained(out_dir)
     render = Encoder(tok, json.load(open(os.path.join(out_dir, "args.json")))["template"], 512).render_prompt
-    samples = {s.where: s for s in load_samples([os.path.join(DATA, "heldout_preference.jsonl")], "pairs")}
+    samples = {s.where: s for s in load_samples([pairs_file], "pairs")}
     out = []
     for row in rows:
         s = samples[row["where"]]
@@ -57,12 +65,13 @@ def plain_scores(out_dir: str, rows: list[dict]) -> list[tuple[float, float]]:
 
 
 def test_reward_model_learns_and_reloads_in_plain_transformers(reward_run, tmp_path):
-    _, rm = reward_run
+    _, rm, data_args = reward_run
+    heldout = data_args[data_args.index("--eval_data_path") + 1]
     metrics = read_metrics(rm)
     evals = [m for m in metrics if m["split"] == "eval"]
     train = [m for m in metrics if m["split"] == "train"]
     assert [e["step"] for e in evals] == [0, 12, 24, 36]
-    assert evals[-1]["accuracy"] >= 0.95, evals
+    assert evals[-1]["accuracy"] >= 0.95 and evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.3, evals
     assert evals[-1]["loss"] < 0.2 * evals[0]["loss"], evals
     assert evals[-1]["margin"] > 1.0 and evals[-1]["chosen_reward"] > evals[-1]["rejected_reward"]
     assert train[-1]["loss"] < train[0]["loss"]
@@ -80,7 +89,7 @@ def test_reward_model_learns_and_reloads_in_plain_transformers(reward_run, tmp_p
     # The saved model reproduces the rewards training evaluated, and so the ranking of every pair.
     rows = [json.loads(line) for line in open(os.path.join(rm, "eval_rewards.jsonl"))]
     assert len(rows) == 54
-    plain = plain_scores(rm, rows)
+    plain = plain_scores(rm, rows, heldout)
     for row, (c, r) in zip(rows, plain):
         assert c == pytest.approx(row["chosen_reward"], abs=1e-4)
         assert r == pytest.approx(row["rejected_reward"], abs=1e-4)
@@ -89,8 +98,7 @@ def test_reward_model_learns_and_reloads_in_plain_transformers(reward_run, tmp_p
 
     # The evaluation tool gives the same numbers.
     out_file = str(tmp_path / "scores.jsonl")
-    p = run_python("step2_reward/rw_eval.py", ["--model", rm, "--pairs", os.path.join(DATA, "heldout_preference.jsonl"),
-                                               "--output", out_file])
+    p = run_python("step2_reward/rw_eval.py", ["--model", rm, "--pairs", heldout, "--output", out_file])
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"accuracy={evals[-1]['accuracy']:.4f}" in p.stdout, p.stdout
     for row, mine in zip(rows, (json.loads(line) for line in open(out_file))):
@@ -107,11 +115,11 @@ def test_resume_with_shared_prompt_forward_continues_the_same_run(reward_run, tm
     """Restart from the step-24 checkpoint with --shared_prompt_forward: the resumed run ends where the
     uninterrupted concatenated-forward run did, which checks resuming and that both forwards train the
     same model (ZeRO-3, 2 ranks)."""
-    sft, rm = reward_run
+    sft, rm, data_args = reward_run
     resumed = tmp_path / "resumed"
     shutil.copytree(os.path.join(rm, "checkpoints", "step-24"), resumed / "checkpoints" / "step-24")
     p = run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--output_dir", str(resumed),
-                                               "--resume", "--shared_prompt_forward", *RM_ARGS])
+                                               "--resume", "--shared_prompt_forward", *data_args])
     assert "resumed from" in p.stdout and "at step 24" in p.stdout
     final, ref = read_metrics(str(resumed))[-1], read_metrics(rm)[-1]
     assert final["step"] == ref["step"] == 36 and final["split"] == "eval"
