@@ -112,14 +112,16 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
 
 def ultrafeedback(row: dict, messages: bool = True) -> dict:
-    """A {"prompt", "chosen", "rejected"} row of data/preference.jsonl in the ultrafeedback_binarized layout:
-    chosen/rejected as whole conversations that repeat the user turn, scores, an id, and (optionally) a
-    `messages` column holding the chosen conversation."""
+    """A {"prompt", "chosen", "rejected"} row of data/preference.jsonl (or a {"prompt", "response"} row of
+    data/sft.jsonl, as chosen only) in the ultrafeedback_binarized layout: chosen/rejected as whole
+    conversations that repeat the user turn, scores, an id, and (optionally) a `messages` column holding
+    the chosen conversation."""
     user = {"role": "user", "content": row["prompt"]}
-    out = {"prompt": row["prompt"], "prompt_id": str(abs(hash(row["prompt"]))),
-           "chosen": [user, {"role": "assistant", "content": row["chosen"]}],
-           "rejected": [user, {"role": "assistant", "content": row["rejected"]}],
-           "score_chosen": 8.0, "score_rejected": 3.0}
+    out = {"prompt": row["prompt"], "prompt_id": str(len(row["prompt"])),
+           "chosen": [user, {"role": "assistant", "content": row.get("chosen", row.get("response"))}],
+           "score_chosen": 8.0}
+    if "rejected" in row:
+        out.update(rejected=[user, {"role": "assistant", "content": row["rejected"]}], score_rejected=3.0)
     if messages:
         out["messages"] = out["chosen"]
     return out

@@ -2,9 +2,10 @@
 shipped preference pairs (warm chosen, cold rejected) moves held-out greedy answers to warm ones.
 
 Both runs read their training data from dataset directories, half from a `datasets.save_to_disk`
-directory and half from a hub-style directory (data/train-00000-of-00001.parquet), mixed; DPO's pairs
-are in the UltraFeedback layout (with a `messages` column in one half, without in the other). Mixed in
-order, they are the same samples as the shipped .jsonl files."""
+directory and half from a hub-style directory (data/train-00000-of-00001.parquet), mixed, in the
+UltraFeedback layout (conversations that repeat the user turn; a `messages` column in one half, none in
+the other: SFT then reads `messages` in one and `chosen` in the other). Mixed in order, they are the same
+samples as the shipped .jsonl files, so the runs are the same too."""
 from __future__ import annotations
 
 import json
@@ -64,7 +65,8 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
     rows = read_jsonl(os.path.join(DATA, "sft.jsonl"))
     half = len(rows) // 2
-    sft_data = [save_to_disk(rows[:half], tmp_path / "sft_disk"), hub_layout(rows[half:], tmp_path / "sft_hub")]
+    sft_data = [save_to_disk([ultrafeedback(r) for r in rows[:half]], tmp_path / "sft_disk"),
+                hub_layout([ultrafeedback(r, messages=False) for r in rows[half:]], tmp_path / "sft_hub")]
     pairs = read_jsonl(os.path.join(DATA, "preference.jsonl"))
     half = len(pairs) // 2
     dpo_data = [save_to_disk([ultrafeedback(r) for r in pairs[:half]], tmp_path / "pairs_disk"),
