@@ -13,11 +13,11 @@ from typing import NamedTuple
 
 import torch
 
-from utils import ds
+from utils import ds, packing
 from utils.encoding import IGNORE, pad_batch, position_ids_from_mask
 from utils.losses import pairwise_reward_loss, step_loss_scale
 from utils.metrics import Throughput
-from utils.reward import sequence_rewards, shared_prompt_rewards
+from utils.reward import sequence_rewards, shared_prompt_rewards, token_scores
 from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 SUMS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "margin_sum", "pairs")
@@ -41,10 +41,14 @@ def make_items(encoded, samples) -> list[Pair]:
     return items
 
 
-def collate(items: list[Pair], pad_id: int, shared_prompt: bool = False) -> dict:
+def collate(items: list[Pair], pad_id: int, shared_prompt: bool = False, pack: bool = False) -> dict:
     """Pairs -> one right-padded batch of 2B rows, chosen first; or, with `shared_prompt`, B left-padded
-    prompts and 2B right-padded replies (chosen and rejected of pair b in rows 2b and 2b + 1)."""
+    prompts and 2B right-padded replies (chosen and rejected of pair b in rows 2b and 2b + 1); or, with
+    `pack`, the 2B sequences (chosen first) packed into rows (utils/packing.py)."""
     margin = torch.tensor([it.margin for it in items], dtype=torch.float32)
+    if pack:
+        return {**packing.pack([it.chosen for it in items] + [it.rejected for it in items], None, pad_id),
+                "margin": margin}
     if shared_prompt:
         prompts = pad_batch([it.chosen[:it.prompt_len] for it in items], None, pad_id, left=True)
         replies = pad_batch([r for it in items for r in (it.chosen[it.prompt_len:], it.rejected[it.prompt_len:])],
@@ -63,6 +67,9 @@ def pair_rewards(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.T
         rewards = shared_prompt_rewards(engine, batch["prompt_ids"], batch["prompt_mask"], batch["reply_ids"],
                                         batch["reply_mask"], fp32)
         return rewards[0::2], rewards[1::2]
+    if packing.is_packed(batch):
+        rewards = packing.last_token_scores(token_scores(engine, batch["input_ids"], None, batch["position_ids"]), batch)
+        return (rewards.float() if fp32 else rewards).chunk(2)
     rewards = sequence_rewards(engine, batch["input_ids"], batch["attention_mask"], batch["position_ids"], fp32)
     return rewards.chunk(2)
 
@@ -71,7 +78,7 @@ def pair_tokens(batch: dict) -> int:
     """Real tokens of the batch's chosen and rejected sequences (the same count for either layout)."""
     if "prompt_ids" in batch:
         return int(2 * batch["prompt_mask"].sum() + batch["reply_mask"].sum())
-    return int(batch["attention_mask"].sum())
+    return packing.real_tokens(batch)
 
 
 def summarize(sums: dict) -> dict:
