@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -54,36 +53,14 @@ def encode_corpus(model_dir: str, data: str, max_seq_len: int, out_path: str) ->
 
 def run_ours(a, model_dir: str, data: str, out: str, ranks: int, packing: bool, zero_stage: int,
              offload: bool = False, steps: int | None = None) -> dict:
-    """step1_sft/main.py as a user runs it (python for 1 process, deepspeed for 2 ranks); the rates of its
-    metrics.jsonl windows after the first."""
-    windows = a.windows if steps is None else 1
-    steps = steps or a.window * (windows + 1)
-    prog = [os.path.join(REPO, "step1_sft/main.py"), "--model_name_or_path", model_dir, "--data_path", data,
-            "--output_dir", out, "--per_device_train_batch_size", str(a.batch // ranks), "--max_steps", str(steps),
-            "--log_interval", str(a.window), "--zero_stage", str(zero_stage), "--learning_rate", str(LR),
-            "--lr_scheduler_type", "constant", "--max_seq_len", str(a.max_seq_len), "--eval_fraction", "0.02",
-            "--per_device_eval_batch_size", str(a.batch)]
-    prog += ["--packing"] * packing + ["--offload"] * offload
-    env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
-    if ranks == 1:
-        cmd = [sys.executable, *prog]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"], *prog]
-    p, rss = common.run_measured(cmd, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"our SFT run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    timed = [r for r in rows if r["split"] == "train"][1:] or [r for r in rows if r["split"] == "train"]
-    return {"samples_per_sec": statistics.median(r["samples_per_sec"] for r in timed),
-            "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed), "rss_mb": rss}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """step1_sft/main.py as a user runs it; the median rate of its metrics windows after the first."""
+    steps = steps or a.window * (a.windows + 1)
+    args = ["--model_name_or_path", model_dir, "--data_path", data, "--per_device_train_batch_size",
+            str(a.batch // ranks), "--max_steps", str(steps), "--log_interval", str(a.window), "--zero_stage",
+            str(zero_stage), "--learning_rate", str(LR), "--lr_scheduler_type", "constant", "--max_seq_len",
+            str(a.max_seq_len), "--eval_fraction", "0.02", "--per_device_eval_batch_size", str(a.batch)]
+    args += ["--packing"] * packing + ["--offload"] * offload
+    return common.run_program("step1_sft/main.py", args, out, ranks, "samples_per_sec")
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str, padding_free: bool = False) -> dict:
@@ -132,10 +109,9 @@ def trl_worker(a) -> None:
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
-    steps_t = marks.clock.steps()  # steps 2 .. steps+1 (the first end has no earlier mark)
-    wins = [sum(w for w, _ in steps_t[i:i + a.window]) for i in range(a.window, len(steps_t) - a.window + 1, a.window)]
-    rate = statistics.median(a.batch * a.window / w for w in wins)
-    print(json.dumps({"samples_per_sec": rate, "threads": torch.get_num_threads(),
+    # steps 2 .. steps + 1 (the first step end has no earlier mark)
+    rate = common.window_rate([w for w, _ in marks.clock.steps()], a.window, a.batch)
+    print(json.dumps({"rate": rate, "threads": torch.get_num_threads(),
                       "rss_self_mb": common.peak_rss_mb()}))
 
 
@@ -217,29 +193,16 @@ def main() -> None:
                 lambda rep, pf=pf: run_trl(a, trl_py, model_dir, encoded, os.path.join(work, f"trl-{rep}"), pf))
         else:
             raise SystemExit(f"--runners: unknown runner {name!r}")
-    results = {name: [] for name in runners}
-    for rep in range(a.reps):
-        for name, fn in runners.items():
-            results[name].append(fn(rep))
+    results = common.interleave(runners, a.reps)
     load1 = common.load_average()
     report(a, results, peak, flops_per_sample, tokens_per_sample, stats, load0, load1)
 
 
 def report(a, results: dict, peak: dict, flops_per_sample: float, tokens_per_sample: float, stats: dict,
            load0: float, load1: float) -> None:
-    print(f"{'runner':42s} {'samples/s':>20s} {'tokens/s':>22s} {'MFU (fp32 peak)':>16s} {'peak RSS':>10s}")
-    out = {"size": a.size, "batch": a.batch, "peak_gflops": peak, "load_average": [load0, load1], "model": stats,
-           "tokens_per_sample": tokens_per_sample, "runners": {}}
-    for name, reps in results.items():
-        sps = common.summary([r["samples_per_sec"] for r in reps])
-        tps = common.summary([r.get("tokens_per_sec", r["samples_per_sec"] * tokens_per_sample) for r in reps])
-        mfu = sps["median"] * flops_per_sample / (peak["fp32"] * 1e9)
-        rss = max(r["rss_mb"] or 0 for r in reps)
-        out["runners"][name] = {"samples_per_sec": sps, "tokens_per_sec": tps, "mfu_fp32": mfu, "peak_rss_mb": rss}
-        print(f"{name:42s} {common.fmt(sps):>20s} {common.fmt(tps, digits=0):>22s} {100 * mfu:15.1f}% "
-              f"{rss:8.0f} MB")
-    med = {name: r["samples_per_sec"]["median"] for name, r in out["runners"].items()}
-    trl = next((v for k, v in med.items() if k == "trl SFTTrainer, 1 process"), None)
+    table = common.print_table(results, "samples", flops_per_sample, tokens_per_sample, peak)
+    med = {name: r["rate"]["median"] for name, r in table.items()}
+    trl = med.get("trl SFTTrainer, 1 process")
     for name, v in med.items():
         if trl and name.startswith("ours, 1 process"):
             print(f"ratio {name} / trl SFTTrainer (1 process vs 1 process): {v / trl:.2f}x")
@@ -249,7 +212,8 @@ def report(a, results: dict, peak: dict, flops_per_sample: float, tokens_per_sam
     print(f"load average: {load0:.2f} at start, {load1:.2f} at end ({os.cpu_count()} cores)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump({"size": a.size, "batch": a.batch, "peak_gflops": peak, "load_average": [load0, load1],
+                       "model": stats, "tokens_per_sample": tokens_per_sample, "runners": table}, f, indent=2)
 
 
 def memory_table(a, model_dir: str, data: str, work: str, load0: float) -> None:

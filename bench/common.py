@@ -143,6 +143,13 @@ def fmt(s: dict, unit: str = "", digits: int = 1) -> str:
     return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
+def ratios(medians: dict, pairs: list[tuple[str, str]]) -> None:
+    """Print ours / theirs for each (ours, theirs) pair of runner names that both ran."""
+    for ours, theirs in pairs:
+        if ours in medians and theirs in medians:
+            print(f"ratio {ours} / {theirs}: {medians[ours] / medians[theirs]:.2f}x")
+
+
 def trl_python(flag: str | None) -> str | None:
     """The interpreter for the TRL side: the flag, else this one if it imports trl, else the separate
     TRL virtual environment if it exists; None when there is none (the comparison is skipped)."""
@@ -207,14 +214,15 @@ def make_model(root: str, size: str, family: str = "llama") -> str:
     return path
 
 
-def model_stats(model_dir: str) -> dict:
-    """N (matmul parameters), all parameters, layers and attention width of a saved causal LM."""
+def model_stats(model_dir: str, reward: bool = False) -> dict:
+    """N (matmul parameters), all parameters, layers and attention width of a saved causal LM, or of the
+    one-label sequence classifier built on it (`reward`: no LM head, a d x 1 score head)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, **({"num_labels": 1} if reward else {}))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_config(config)
     layers, width = attention_dims(config)
     return {"matmul_params": matmul_params(model), "params": sum(p.numel() for p in model.parameters()),
             "layers": layers, "width": width}
@@ -255,3 +263,64 @@ def make_corpus(path: str, tokenizer, kind: str, n: int, lo: int, hi: int, seed:
             else:
                 row = {"prompt": prompt, "chosen": reply(length()), "rejected": reply(length())}
             f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- running our programs
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_program(script: str, args: list[str], out: str, ranks: int, rate_key: str) -> dict:
+    """One of our programs as a user runs it (python for 1 process, deepspeed for more ranks), with
+    --log_interval windows; returns the median `rate_key` and tokens/s of the windows after the first
+    (warm-up), and the peak RSS of the largest process."""
+    env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
+    prog = [os.path.join(REPO, script), *args, "--output_dir", out]
+    if ranks == 1:
+        cmd = [sys.executable, *prog]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"], *prog]
+    p, rss = run_measured(cmd, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [r for r in rows if r["split"] == "train"]
+    timed = train[1:] or train
+    return {"rate": statistics.median(r[rate_key] for r in timed),
+            "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed), "rss_mb": rss}
+
+
+def window_rate(step_times: list[float], window: int, per_step: int) -> float:
+    """Median rate over windows of `window` steps, the first window (warm-up) left out."""
+    wins = [sum(step_times[i:i + window]) for i in range(window, len(step_times) - window + 1, window)]
+    return statistics.median(per_step * window / w for w in wins)
+
+
+def interleave(runners: dict, reps: int) -> dict:
+    """Call every runner once per repetition, taking turns, so a load change hits all of them alike."""
+    results = {name: [] for name in runners}
+    for rep in range(reps):
+        for name, fn in runners.items():
+            results[name].append(fn(rep))
+    return results
+
+
+def print_table(results: dict, unit: str, per_item_flops, per_item_tokens: float, peak: dict) -> dict:
+    """Rows of median (spread) rate, tokens/s, MFU against the fp32 peak and peak RSS; returns medians.
+    `per_item_flops`: model FLOPs per sample (or pair), or a dict of them per runner name."""
+    print(f"{'runner':46s} {unit + '/s':>20s} {'tokens/s':>20s} {'MFU (fp32 peak)':>16s} {'peak RSS':>10s}")
+    out = {}
+    for name, reps in results.items():
+        rate = summary([r["rate"] for r in reps])
+        tps = summary([r.get("tokens_per_sec") or r["rate"] * per_item_tokens for r in reps])
+        flops = per_item_flops[name] if isinstance(per_item_flops, dict) else per_item_flops
+        mfu = rate["median"] * flops / (peak["fp32"] * 1e9)
+        rss = max((r.get("rss_mb") or 0) for r in reps)
+        out[name] = {"rate": rate, "tokens_per_sec": tps, "mfu_fp32": mfu, "peak_rss_mb": rss}
+        print(f"{name:46s} {fmt(rate):>20s} {fmt(tps, digits=0):>20s} {100 * mfu:15.1f}% {rss:8.0f} MB")
+    return out
