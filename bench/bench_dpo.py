@@ -56,7 +56,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
             "--zero_stage", "2" if ranks > 1 else "0", "--learning_rate", str(LR), "--lr_scheduler_type", "constant",
             "--beta", str(BETA), "--max_seq_len", str(a.max_seq_len), "--eval_fraction", "0.02",
             "--per_device_eval_batch_size", str(a.batch), *extra]
-    return common.run_program("dpo/main.py", args, out, ranks, "pairs_per_sec")
+    return common.run_program("dpo/main.py", args, out, ranks, "pairs_per_sec", a.threads)
 
 
 def run_trl(a, python: str, model_dir: str, texts: str, out: str, precompute: bool) -> dict:
@@ -131,7 +131,8 @@ def main() -> None:
     ap.add_argument("--model_dir", help=argparse.SUPPRESS)
     ap.add_argument("--texts", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
     ap.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "trl":

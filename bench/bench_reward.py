@@ -49,7 +49,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
             "--zero_stage", "2" if ranks > 1 else "0", "--learning_rate", str(LR), "--lr_scheduler_type", "constant",
             "--max_seq_len", str(a.max_seq_len), "--eval_fraction", "0.02", "--per_device_eval_batch_size",
             str(a.batch), *extra]
-    return common.run_program("step2_reward/main.py", args, out, ranks, "pairs_per_sec")
+    return common.run_program("step2_reward/main.py", args, out, ranks, "pairs_per_sec", a.threads)
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str) -> dict:
@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--model_dir", help=argparse.SUPPRESS)
     ap.add_argument("--encoded", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
     a = ap.parse_args()
     if a.worker == "trl":
         return trl_worker(a)

@@ -60,7 +60,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, packing: bool, 
             str(zero_stage), "--learning_rate", str(LR), "--lr_scheduler_type", "constant", "--max_seq_len",
             str(a.max_seq_len), "--eval_fraction", "0.02", "--per_device_eval_batch_size", str(a.batch)]
     args += ["--packing"] * packing + ["--offload"] * offload
-    return common.run_program("step1_sft/main.py", args, out, ranks, "samples_per_sec")
+    return common.run_program("step1_sft/main.py", args, out, ranks, "samples_per_sec", a.threads)
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str, padding_free: bool = False) -> dict:
@@ -141,7 +141,8 @@ def main() -> None:
     ap.add_argument("--model_dir", help=argparse.SUPPRESS)
     ap.add_argument("--encoded", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
     ap.add_argument("--padding_free", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "trl":

@@ -275,11 +275,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_program(script: str, args: list[str], out: str, ranks: int, rate_key: str) -> dict:
+def run_program(script: str, args: list[str], out: str, ranks: int, rate_key: str,
+                threads: int | None = None) -> dict:
     """One of our programs as a user runs it (python for 1 process, deepspeed for more ranks), with
     --log_interval windows; returns the median `rate_key` and tokens/s of the windows after the first
-    (warm-up), and the peak RSS of the largest process."""
+    (warm-up), and the peak RSS of the largest process. `threads` sets OMP_NUM_THREADS for a 1-process
+    run (utils/ds.py keeps an explicit setting); ranks of a multi-rank run share the cores."""
     env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
+    if threads and ranks == 1:
+        env["OMP_NUM_THREADS"] = str(threads)
     prog = [os.path.join(REPO, script), *args, "--output_dir", out]
     if ranks == 1:
         cmd = [sys.executable, *prog]
