@@ -200,7 +200,7 @@ class Clock:
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4),
     "small": dict(hidden=256, layers=4, heads=4),
-    "realistic": dict(hidden=512, layers=8, heads=8),
+    "realistic": dict(hidden=512, layers=10, heads=8),
 }
 
 
