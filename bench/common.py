@@ -317,7 +317,8 @@ def interleave(runners: dict, reps: int) -> dict:
 def print_table(results: dict, unit: str, per_item_flops, per_item_tokens: float, peak: dict) -> dict:
     """Rows of median (spread) rate, tokens/s, MFU against the fp32 peak and peak RSS; returns medians.
     `per_item_flops`: model FLOPs per sample (or pair), or a dict of them per runner name."""
-    print(f"{'runner':46s} {unit + '/s':>20s} {'tokens/s':>20s} {'MFU (fp32 peak)':>16s} {'peak RSS':>10s}")
+    w = max([len(name) for name in results] + [6])
+    print(f"{'runner':{w}s} {unit + '/s':>20s} {'tokens/s':>20s} {'MFU (fp32 peak)':>16s} {'peak RSS':>10s}")
     out = {}
     for name, reps in results.items():
         rate = summary([r["rate"] for r in reps])
@@ -326,5 +327,5 @@ def print_table(results: dict, unit: str, per_item_flops, per_item_tokens: float
         mfu = rate["median"] * flops / (peak["fp32"] * 1e9)
         rss = max((r.get("rss_mb") or 0) for r in reps)
         out[name] = {"rate": rate, "tokens_per_sec": tps, "mfu_fp32": mfu, "peak_rss_mb": rss}
-        print(f"{name:46s} {fmt(rate):>20s} {fmt(tps, digits=0):>20s} {100 * mfu:15.1f}% {rss:8.0f} MB")
+        print(f"{name:{w}s} {fmt(rate):>20s} {fmt(tps, digits=0):>20s} {100 * mfu:15.1f}% {rss:8.0f} MB")
     return out
