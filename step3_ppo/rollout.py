@@ -132,11 +132,12 @@ def split_samples(b: dict, fields: dict) -> list[dict]:
     different rollouts can be mixed into mini-batches."""
     out = []
     P = b["prompt_width"]
-    for i in range(b["seq"].shape[0]):
-        p_mask = b["attention_mask"][i, :P].bool()
-        n = int(b["action_mask"][i].sum())
-        row = {"prompt": b["seq"][i, :P][p_mask].cpu(), "answer": b["answers"][i, :n].cpu()}
-        row.update({k: v[i, :n].cpu() for k, v in fields.items()})
+    # One device-to-host copy per tensor and one sync for the lengths, not one per row and field.
+    seq, mask, answers = b["seq"].cpu(), b["attention_mask"].cpu(), b["answers"].cpu()
+    fields = {k: v.cpu() for k, v in fields.items()}
+    for i, n in enumerate(b["action_mask"].sum(-1).tolist()):
+        row = {"prompt": seq[i, :P][mask[i, :P].bool()], "answer": answers[i, :n]}
+        row.update({k: v[i, :n] for k, v in fields.items()})
         out.append(row)
     return out
 
