@@ -1,205 +1,207 @@
-"""DPO training throughput: our loop (dpo/trainer.py) against TRL's DPOTrainer (when `trl` imports),
-each with a live reference model and with precomputed reference log-probabilities.
+"""DPO throughput, like for like: our dpo/main.py against TRL's DPOTrainer, live and precomputed reference.
 
-All runners train copies of one freshly built tiny model on data/preference.jsonl (prompts rendered by
-our template; TRL tokenizes the same prompt and reply texts), one process, same micro-batch, learning
-rate, beta and loss, fp32, no gradient checkpointing, dropout off. Warm-up steps (and TRL's own
-precompute pass) are excluded; pairs/s is the micro-batch size over the median step time, with runners
-alternating in short chunks so a shared machine's load spikes hit all of them alike. One thread by
-default: that is what each rank of a 2-rank run on a 2-core machine gets, and with one thread the
-process's CPU time per step hardly depends on other processes, so the pairs per CPU-second column
-stays comparable on a loaded machine where wall time does not.
+    python bench/bench_dpo.py                       # tiny test model on data/preference.jsonl
+    python bench/bench_dpo.py --size realistic      # ~24M-parameter Llama on generated variable-length pairs
 
-    python bench/bench_dpo.py [--hidden 128 --layers 4 --batch_size 8 --rounds 6 --chunk 4 --threads 1]
+Both sides train copies of one random-init model against a frozen copy of it, on the same texts (our
+rendered prompt and each reply; TRL tokenizes them and adds the EOS), same pairs per step, beta,
+sigmoid loss, fp32, no gradient checkpointing, dropout off, learning rate, Adam betas, clipping and
+constant schedule, and the same threads (1 process each). Ours also runs with --packing, and on 2 ranks
+(ZeRO-2) on a line of its own. Method as in bench_sft.py: fresh processes per repetition, windows of
+--window steps after a warm-up window (TRL's precompute pass and ours happen before the first step and
+are not timed), medians over --reps with the spread, MFU against the measured fp32 matmul peak (a live
+reference's forward counts as model work), peak RSS, load.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import io
+import json
 import os
-import statistics
 import sys
 import tempfile
-import time
-from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from dpo.trainer import precompute_reference, train  # noqa: E402
-from utils import ds  # noqa: E402
-from utils.data import load_samples  # noqa: E402
-from utils.encoding import Encoder  # noqa: E402
-from utils.metrics import MetricsLogger  # noqa: E402
-from utils.model import disable_dropout, load_tokenizer  # noqa: E402
-from utils.pairs import collate_pairs, encode_pairs  # noqa: E402
-from utils.tiny import make_tiny_model  # noqa: E402
-from utils.train import StepStream  # noqa: E402
+import common  # noqa: E402
 
 LR, BETA = 1e-4, 0.1
 
 
-class TimedStream:
-    """A StepStream that notes when each optimizer step asks for its data: consecutive notes bound one
-    whole step of the trainer (data, forwards, backward, optimizer, bookkeeping)."""
+def texts_and_lengths(model_dir: str, data: str, max_seq_len: int, out_path: str) -> list[tuple[int, int]]:
+    """The TRL dataset (rendered prompt, " " + reply texts) written to `out_path`; returns our encoded
+    (chosen, rejected) sequence lengths."""
+    from utils.data import load_samples
+    from utils.encoding import Encoder
+    from utils.model import load_tokenizer
 
-    def __init__(self, stream: StepStream):
-        self.stream, self.times = stream, []
-
-    def next_step(self) -> list:
-        self.times.append((time.perf_counter(), time.process_time()))
-        return self.stream.next_step()
-
-
-class Ours:
-    """dpo.trainer.train on a DeepSpeed engine; `ref` is a DeepSpeed eval engine, or None when the
-    items carry precomputed reference log-probs."""
-
-    def __init__(self, model, ref, items, pad_id: int, a, out_dir: str):
-        cfg = ds.ds_config(stage=a.zero_stage, offload=False, dtype="fp32", micro_batch=a.batch_size, grad_accum=1,
-                           world=1, grad_clip=1.0)
-        self.engine = ds.init_train_engine(model, cfg=cfg, lr=LR, weight_decay=0.0, betas=(0.9, 0.95), offload=False,
-                                           scheduler="constant", warmup=0, total_steps=10**6)
-        self.ref = ref
-        self.stream = TimedStream(StepStream(items, a.batch_size, 1, lambda b: collate_pairs(b, pad_id), seed=0))
-        self.args = SimpleNamespace(gradient_accumulation_steps=1, compute_fp32_loss=True, beta=BETA,
-                                    loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0,
-                                    per_device_eval_batch_size=a.batch_size, resume=False, log_interval=10,
-                                    eval_interval=0, save_interval=0, output_dir=out_dir)
-        self.logger, self.pad_id = MetricsLogger(out_dir), pad_id
-        self.few = items[:1]  # train() evaluates before and after its steps; one pair keeps that negligible
-
-    def run(self, steps: int) -> list[float]:
-        self.stream.times = []
-        with contextlib.redirect_stdout(io.StringIO()):  # metric lines go to metrics.jsonl only
-            train(self.args, self.engine, self.ref, self.stream, self.few, self.logger, self.pad_id, steps + 1)
-        return deltas(self.stream.times)  # steps + 1 starts: `steps` whole steps between them
+    enc = Encoder(load_tokenizer(model_dir), "auto", max_seq_len)
+    samples = load_samples([data], "pairs", log=lambda *_: None)
+    lengths = []
+    with open(out_path, "w") as f:
+        for s in samples:
+            c, r = enc.encode_reply(s.prompt, s.chosen)[0], enc.encode_reply(s.prompt, s.rejected)[0]
+            if max(len(c), len(r)) > max_seq_len:
+                continue
+            lengths.append((len(c), len(r)))
+            f.write(json.dumps({"prompt": enc.render_prompt(s.prompt), "chosen": " " + s.chosen[-1]["content"],
+                                "rejected": " " + s.rejected[-1]["content"]}) + "\n")
+    return lengths
 
 
-class Trl:
-    """trl.DPOTrainer on the same texts; per-step times between consecutive step ends."""
-
-    def __init__(self, model, ref, tokenizer, texts: dict, a, out_dir: str, precompute: bool):
-        from datasets import Dataset
-        from transformers import TrainerCallback
-        from trl import DPOConfig, DPOTrainer
-
-        class StepEnds(TrainerCallback):
-            def __init__(self):
-                self.times = []
-
-            def on_step_end(self, args, state, control, **kw):
-                self.times.append((time.perf_counter(), time.process_time()))
-
-        cfg = DPOConfig(output_dir=out_dir, per_device_train_batch_size=a.batch_size, max_steps=1, learning_rate=LR,
-                        beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
-                        precompute_ref_batch_size=a.batch_size, lr_scheduler_type="constant",
-                        logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-                        bf16=False, gradient_checkpointing=False, disable_dropout=True, seed=0, max_length=None,
-                        dataloader_num_workers=0, ddp_find_unused_parameters=False, adam_beta2=0.95,
-                        max_grad_norm=1.0, disable_tqdm=True)
-        self.ends = StepEnds()
-        self.trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_dict(texts),
-                                  processing_class=copy.deepcopy(tokenizer), callbacks=[self.ends])
-
-    def run(self, steps: int) -> list[float]:
-        self.trainer.args.max_steps = steps + 1  # the first step of a call has no previous end to time from
-        self.ends.times = []
-        with contextlib.redirect_stdout(io.StringIO()):  # its end-of-train summary line
-            self.trainer.train()
-        return deltas(self.ends.times)
+def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str]) -> dict:
+    args = ["--model_name_or_path", model_dir, "--data_path", data, "--per_device_train_batch_size",
+            str(a.batch // ranks), "--max_steps", str(a.window * (a.windows + 1)), "--log_interval", str(a.window),
+            "--zero_stage", "2" if ranks > 1 else "0", "--learning_rate", str(LR), "--lr_scheduler_type", "constant",
+            "--beta", str(BETA), "--max_seq_len", str(a.max_seq_len), "--eval_fraction", "0.02",
+            "--per_device_eval_batch_size", str(a.batch), *extra]
+    return common.run_program("dpo/main.py", args, out, ranks, "pairs_per_sec", a.threads)
 
 
-def deltas(marks: list) -> list[tuple[float, float]]:
-    """(wall, CPU) seconds between consecutive (perf_counter, process_time) marks."""
-    return [(w1 - w0, c1 - c0) for (w0, c0), (w1, c1) in zip(marks[:-1], marks[1:])]
+def run_trl(a, python: str, model_dir: str, texts: str, out: str, precompute: bool) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--worker", "trl", "--model_dir", model_dir, "--texts", texts,
+           "--out", out, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows),
+           "--threads", str(a.threads)] + ["--precompute"] * precompute
+    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+    res = common.worker_json(p, "TRL DPO worker")
+    res["rss_mb"] = rss
+    return res
 
 
-def interleaved(runners: dict, rounds: int, chunk: int) -> dict:
-    """Median (wall, CPU) step time per runner, alternating chunks of steps; the first round is warm-up."""
-    times = {name: [] for name in runners}
-    for r in range(rounds + 1):
-        for name, runner in runners.items():
-            t = runner.run(chunk)
-            if r > 0:
-                times[name].extend(t)
-    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
-            for name, t in times.items()}
+def trl_worker(a) -> None:
+    """Runs under the TRL interpreter: DPOTrainer on the same texts, steps timed between step ends."""
+    import contextlib
+    import io
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in open(a.texts)]
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32).eval()
+    clock = common.Clock()
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.mark()
+
+    steps = a.window * (a.windows + 1)
+    cfg = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps + 1, learning_rate=LR,
+                    beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=a.precompute,
+                    precompute_ref_batch_size=a.batch, lr_scheduler_type="constant", logging_steps=10**9,
+                    save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+                    gradient_checkpointing=False, disable_dropout=True, seed=0, max_length=None,
+                    dataloader_num_workers=0, adam_beta2=0.95, max_grad_norm=1.0, disable_tqdm=True)
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, callbacks=[Marks()])
+    torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.train()
+    rate = common.window_rate([w for w, _ in clock.steps()], a.window, a.batch)
+    print(json.dumps({"rate": rate, "threads": torch.get_num_threads()}))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="llama", choices=["llama", "gpt2", "opt", "qwen2"],
-                   help="tiny model family (utils/tiny.py)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny model")
-    p.add_argument("--layers", type=int, default=4, help="layers of the tiny model")
-    p.add_argument("--batch_size", type=int, default=8, help="pairs per micro-batch (2x sequences per forward)")
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up round)")
-    p.add_argument("--chunk", type=int, default=4, help="optimizer steps per runner per round")
-    p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage for our engine")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: as init_distributed sets them)")
-    a = p.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="tiny", choices=list(common.SIZES), help="model size (bench/common.py)")
+    ap.add_argument("--data", default=None, help="preference pairs; default: data/preference.jsonl, or a generated "
+                                                 "variable-length corpus for realistic")
+    ap.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=None,
+                    help="use the generated variable-length corpus (default: on for realistic)")
+    ap.add_argument("--corpus_size", type=int, default=300)
+    ap.add_argument("--max_seq_len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=None, help="pairs per optimizer step (8 tiny, 4 realistic)")
+    ap.add_argument("--window", type=int, default=None, help="steps per timing window (10 tiny, 3 realistic)")
+    ap.add_argument("--windows", type=int, default=3, help="timed windows per run (after one warm-up window)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
+    ap.add_argument("--runners", default="ours,ours_pre,ours_pre_packed,ours_2ranks,trl,trl_pre",
+                    help="comma list of: ours, ours_pre, ours_packed, ours_pre_packed, ours_2ranks, trl, trl_pre "
+                         "(_pre: precomputed reference log-probs)")
+    ap.add_argument("--trl_python", default=None, help="interpreter with trl installed (default: this one if it "
+                                                      f"imports trl, else {common.TRL_VENV_PYTHON})")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model_dir", help=argparse.SUPPRESS)
+    ap.add_argument("--texts", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
+    ap.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker == "trl":
+        return trl_worker(a)
+    realistic = a.size == "realistic"
+    a.corpus = realistic if a.corpus is None else a.corpus
+    a.batch = a.batch or (4 if realistic else 8)
+    a.window = a.window or (3 if realistic else 10)
 
-    ds.init_distributed(seed=0)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    load0 = common.load_average()
+    peak = common.peaks(a.threads)
     work = tempfile.mkdtemp(prefix="bench_dpo_")
-    model_dir = make_tiny_model(a.family, os.path.join(work, "model"), hidden=a.hidden, layers=a.layers)
-    tokenizer = load_tokenizer(model_dir)
-    encoder = Encoder(tokenizer, "auto", 512)
-    samples = load_samples([os.path.join(REPO, "data", "preference.jsonl")], "pairs", log=lambda *_: None)
-    items = encode_pairs(samples, encoder, "bench", log=lambda *_: None)
-    # TRL gets the same texts: our rendered prompt, and each reply as the template renders it (EOS added by TRL).
-    texts = {"prompt": [encoder.render_prompt(s.prompt) for s in samples],
-             "chosen": [" " + s.chosen[0]["content"] for s in samples],
-             "rejected": [" " + s.rejected[0]["content"] for s in samples]}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    disable_dropout(base)
-    n_tokens = sum(len(it.chosen) + len(it.rejected) for it in items) / len(items)
-    print(f"model: {a.family} hidden={a.hidden} layers={a.layers} params={sum(p.numel() for p in base.parameters())}"
-          f" | pairs={len(items)} tokens/pair={n_tokens:.1f} batch={a.batch_size} pairs | "
-          f"{a.rounds} x {a.chunk} timed steps each | threads={torch.get_num_threads()}", flush=True)
+    model_dir = common.make_model(work, a.size)
+    stats = common.model_stats(model_dir)
+    data = a.data or os.path.join(REPO, "data", "preference.jsonl")
+    if a.corpus and not a.data:
+        from utils.model import load_tokenizer
 
-    ref = ds.init_eval_engine(copy.deepcopy(base).requires_grad_(False),
-                              ds.ds_eval_config(stage=0, dtype="fp32", micro_batch=a.batch_size, world=1))
-    t0 = time.perf_counter()
-    cached = precompute_reference(ref, items, 2 * a.batch_size, encoder.pad_id)
-    print(f"our reference precompute: {len(items) / (time.perf_counter() - t0):.1f} pairs/s", flush=True)
-    runners = {
-        "ours, live reference": Ours(copy.deepcopy(base), ref, items, encoder.pad_id, a, os.path.join(work, "o1")),
-        "ours, precomputed reference": Ours(copy.deepcopy(base), None, cached, encoder.pad_id, a,
-                                            os.path.join(work, "o2")),
-    }
-    try:
-        import trl
-    except ImportError:
-        trl = None
-        print("trl is not installed: no comparison (pip install trl)")
-    if trl is not None:
-        for pre in (False, True):
-            name = f"trl {trl.__version__} DPOTrainer, {'precomputed' if pre else 'live'} reference"
-            with contextlib.redirect_stderr(io.StringIO()):  # its tokenizing progress bars
-                runners[name] = Trl(copy.deepcopy(base), copy.deepcopy(base).eval(), tokenizer, texts, a,
-                                    os.path.join(work, f"t{int(pre)}"), pre)
-    if a.threads:
-        torch.set_num_threads(a.threads)  # accelerate (inside TRL's trainer) resets it to the core count
-    step_time = interleaved(runners, a.rounds, a.chunk)
-    assert not a.threads or torch.get_num_threads() == a.threads, "something changed the thread count"
-    rates = {name: (a.batch_size / wall, a.batch_size / cpu) for name, (wall, cpu) in step_time.items()}
-    print(f"{'':52s} {'pairs/s':>8s} {'pairs/CPU-s':>12s}  median step: wall, CPU")
-    for name, (wall, cpu) in rates.items():
-        wall_ms, cpu_ms = (1000 * t for t in step_time[name])
-        print(f"{name:52s} {wall:8.1f} {cpu:12.1f}  {wall_ms:.1f} ms, {cpu_ms:.1f} ms")
-    if trl is not None:
-        names = list(rates)
-        for ours, theirs, mode in ((names[0], names[2], "live"), (names[1], names[3], "precomputed")):
-            print(f"ratio ours / trl, {mode} reference: {rates[ours][0] / rates[theirs][0]:.2f}x (wall), "
-                  f"{rates[ours][1] / rates[theirs][1]:.2f}x (CPU time)")
+        data = os.path.join(work, "pairs.jsonl")
+        common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
+    texts = os.path.join(work, "texts.jsonl")
+    lengths = texts_and_lengths(model_dir, data, a.max_seq_len, texts)
+    flat = [n for pair in lengths for n in pair]
+    policy = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
+    tokens_per_pair = sum(flat) / len(lengths)
+    common.header("DPO", a.threads, peak, f"load average {load0:.2f} at start")
+    print(f"model llama-{a.size}: {stats['params'] / 1e6:.2f}M parameters, fp32 | data "
+          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: {len(lengths)} pairs, "
+          f"{tokens_per_pair:.0f} tokens/pair (sequences {min(flat)}-{max(flat)}) | batch {a.batch} pairs | "
+          f"{a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
+
+    trl_py = common.trl_python(a.trl_python)
+    ours = {"ours": ("ours, 1 process, live reference", 1, []),
+            "ours_pre": ("ours, 1 process, precomputed reference", 1, ["--precompute_ref_logprobs"]),
+            "ours_packed": ("ours, 1 process, live reference, --packing", 1, ["--packing"]),
+            "ours_pre_packed": ("ours, 1 process, precomputed reference, --packing", 1,
+                                ["--precompute_ref_logprobs", "--packing"]),
+            "ours_2ranks": ("ours, 2 ranks ZeRO-2, live reference", 2, [])}
+    trl = {"trl": ("trl DPOTrainer, 1 process, live reference", False),
+           "trl_pre": ("trl DPOTrainer, 1 process, precomputed reference", True)}
+    runners, flops = {}, {}
+    for name in a.runners.split(","):
+        if name in ours:
+            label, ranks, extra = ours[name]
+            runners[label] = (lambda rep, name=name, ranks=ranks, extra=extra: run_ours(
+                a, model_dir, data, os.path.join(work, f"{name}-{rep}"), ranks, extra))
+        elif name in trl:
+            if trl_py is None:
+                print("trl: no interpreter with trl found (pass --trl_python): no comparison")
+                continue
+            label, pre = trl[name]
+            runners[label] = (lambda rep, name=name, pre=pre: run_trl(a, trl_py, model_dir, texts,
+                                                                      os.path.join(work, f"{name}-{rep}"), pre))
+        else:
+            raise SystemExit(f"--runners: unknown runner {name!r}")
+        # The policy's forward + backward, plus the live reference's forward (a third of it).
+        flops[label] = policy * (1.0 if "precomputed" in label else 4.0 / 3.0)
+    results = common.interleave(runners, a.reps)
+    load1 = common.load_average()
+    table = common.print_table(results, "pairs", flops, tokens_per_pair, peak)
+    med = {name: r["rate"]["median"] for name, r in table.items()}
+    common.ratios(med, [(ours["ours"][0], trl["trl"][0]), (ours["ours_pre"][0], trl["trl_pre"][0]),
+                        (ours["ours_packed"][0], trl["trl"][0]), (ours["ours_pre_packed"][0], trl["trl_pre"][0]),
+                        (ours["ours_pre_packed"][0], ours["ours_pre"][0]), (ours["ours_packed"][0], ours["ours"][0])])
+    print(f"load average: {load0:.2f} at start, {load1:.2f} at end ({os.cpu_count()} cores)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"size": a.size, "batch": a.batch, "peak_gflops": peak, "load_average": [load0, load1],
+                       "model": stats, "tokens_per_pair": tokens_per_pair, "runners": table}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,111 +1,231 @@
-"""SFT throughput: this pipeline (2 DeepSpeed ranks) vs TRL's SFTTrainer (one process) on the same
-tiny model, data and global batch. Prints samples/s, tokens/s and the ratio.
+"""SFT throughput, like for like: our step1_sft/main.py against TRL's SFTTrainer, and against the machine.
 
-    python bench/bench_sft.py [--steps 60] [--hidden 128 --layers 4] [--batch 16]
+    python bench/bench_sft.py                          # tiny test model on data/sft.jsonl
+    python bench/bench_sft.py --size realistic         # ~24M-parameter Llama on a variable-length corpus
+    python bench/bench_sft.py --size realistic --memory    # peak RSS per rank for ZeRO-0/2/3 and offload
 
-Timing skips the first `--warmup` steps (start-up, first-call compilation of kernels).
+Both sides get the same random-init model, the same token ids (TRL receives our encoded samples with
+their completion masks, so templates and truncation cannot differ), micro-batch, fp32, learning rate,
+Adam betas, clipping and constant schedule, and the same thread count (1 process each, all cores).
+Ours also runs with --packing, and on 2 DeepSpeed ranks (ZeRO-2, global batch unchanged) on a line of
+its own: the ratio against TRL compares 1 process with 1 process only. Each runner is a fresh process
+per repetition (repetitions interleaved, so load changes hit all runners alike); within a run, steps
+are timed in windows of --window steps, the first window is warm-up, and the run's rate is the median
+window. Printed: the median over --reps repetitions and the spread, model FLOP/s as a fraction of the
+measured fp32 matmul peak (bench/common.py says how FLOPs are counted), peak RSS, and the load average.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+LR = 1e-4
 
 
-def bench_ours(model_dir: str, data: str, a, out: str) -> dict:
-    per_rank = a.batch // a.ranks
-    import socket
+# ----------------------------------------------------------------------------- data
 
-    with socket.socket() as sock:  # a free rendezvous port, so the bench can run beside other jobs
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = ["deepspeed", "--num_gpus", str(a.ranks), "--master_port", str(port), os.path.join(REPO, "step1_sft/main.py"),
-           "--model_name_or_path", model_dir, "--data_path", data, "--output_dir", out,
-           "--per_device_train_batch_size", str(per_rank), "--max_steps", str(a.steps), "--zero_stage", str(a.zero_stage),
-           "--log_interval", str(a.warmup), "--learning_rate", "1e-3", "--eval_fraction", "0.05"]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True,
-                   env=dict(os.environ, PYTHONPATH=REPO))
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    timed = [r for r in rows if r["split"] == "train" and r["step"] > a.warmup]
-    return {"samples_per_sec": sum(r["samples_per_sec"] for r in timed) / len(timed),
-            "tokens_per_sec": sum(r["tokens_per_sec"] for r in timed) / len(timed)}
+def encode_corpus(model_dir: str, data: str, max_seq_len: int, out_path: str) -> list[int]:
+    """Our encoding of `data` written as {"input_ids", "completion_mask"} rows (what TRL is given);
+    returns every sample's length."""
+    from utils.data import load_samples
+    from utils.encoding import IGNORE, Encoder, encode_all
+    from utils.model import load_tokenizer
 
-
-TRL_SCRIPT = r"""
-import json, sys, time
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import SFTConfig, SFTTrainer
-model_dir, data, out, steps, batch, warmup = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
-tok = AutoTokenizer.from_pretrained(model_dir)
-if tok.pad_token is None:
-    tok.pad_token = tok.eos_token
-rows = [json.loads(l) for l in open(data)]
-# Same rendered text as the pipeline's hh template; completion-only loss.
-ds = Dataset.from_list([{"prompt": f"Human: {r['prompt']}\n\nAssistant:", "completion": " " + r["response"]} for r in rows])
-class Clock(TrainerCallback):
-    def __init__(self): self.t = None; self.tokens = 0
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == warmup: self.t = time.perf_counter()
-clock = Clock()
-cfg = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
-                logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-                max_length=512, completion_only_loss=True, bf16=False, fp16=False)
-model = AutoModelForCausalLM.from_pretrained(model_dir)
-tr = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
-tr.train()
-dt = time.perf_counter() - clock.t
-print(json.dumps({"samples_per_sec": (steps - warmup) * batch / dt}))
-"""
+    enc = Encoder(load_tokenizer(model_dir), "auto", max_seq_len)
+    items = encode_all(load_samples([data], "sft", log=lambda *_: None), lambda s: (enc.encode_sft(s),), enc,
+                       "bench", log=lambda *_: None).items
+    with open(out_path, "w") as f:
+        for ((ids, labels),) in items:
+            f.write(json.dumps({"input_ids": ids, "completion_mask": [int(l != IGNORE) for l in labels]}) + "\n")
+    return [len(ids) for ((ids, _),) in items]
 
 
-def bench_trl(model_dir: str, data: str, a, out: str) -> dict | None:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return None
-    p = subprocess.run([sys.executable, "-c", TRL_SCRIPT, model_dir, data, out, str(a.steps), str(a.batch),
-                        str(a.warmup)], capture_output=True, text=True, cwd=REPO)
-    if p.returncode != 0:
-        print(p.stderr[-3000:], file=sys.stderr)
-        return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
+# ----------------------------------------------------------------------------- runners
 
+def run_ours(a, model_dir: str, data: str, out: str, ranks: int, packing: bool, zero_stage: int,
+             offload: bool = False, steps: int | None = None) -> dict:
+    """step1_sft/main.py as a user runs it; the median rate of its metrics windows after the first."""
+    steps = steps or a.window * (a.windows + 1)
+    args = ["--model_name_or_path", model_dir, "--data_path", data, "--per_device_train_batch_size",
+            str(a.batch // ranks), "--max_steps", str(steps), "--log_interval", str(a.window), "--zero_stage",
+            str(zero_stage), "--learning_rate", str(LR), "--lr_scheduler_type", "constant", "--max_seq_len",
+            str(a.max_seq_len), "--eval_fraction", "0.02", "--per_device_eval_batch_size", str(a.batch)]
+    args += ["--packing"] * packing + ["--offload"] * offload
+    return common.run_program("step1_sft/main.py", args, out, ranks, "samples_per_sec", a.threads)
+
+
+def run_trl(a, python: str, model_dir: str, encoded: str, out: str, padding_free: bool = False) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--worker", "trl", "--model_dir", model_dir, "--encoded", encoded,
+           "--out", out, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows),
+           "--threads", str(a.threads)] + ["--padding_free"] * padding_free
+    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+    res = common.worker_json(p, "TRL SFT worker")
+    res["rss_mb"] = rss
+    return res
+
+
+def trl_worker(a) -> None:
+    """Runs under the TRL interpreter: SFTTrainer on our token ids, steps timed between step ends."""
+    import contextlib
+    import io
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in open(a.encoded)]
+    data = Dataset.from_list(rows)
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    class Marks(TrainerCallback):
+        def __init__(self):
+            self.clock = common.Clock()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.clock.mark()
+
+    marks = Marks()
+    steps = a.window * (a.windows + 1)
+    cfg = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps + 1, learning_rate=LR,
+                    lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0, weight_decay=0.0,
+                    logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                    dataloader_num_workers=0, max_length=None, completion_only_loss=True, bf16=False, fp16=False,
+                    gradient_checkpointing=False, padding_free=a.padding_free, disable_tqdm=True, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[marks])
+    torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    # steps 2 .. steps + 1 (the first step end has no earlier mark)
+    rate = common.window_rate([w for w, _ in marks.clock.steps()], a.window, a.batch)
+    print(json.dumps({"rate": rate, "threads": torch.get_num_threads(),
+                      "rss_self_mb": common.peak_rss_mb()}))
+
+
+# ----------------------------------------------------------------------------- main
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16, help="global batch (split over ranks for ours)")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--zero_stage", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--data", default=os.path.join(REPO, "data", "sft.jsonl"))
+    ap.add_argument("--size", default="tiny", choices=list(common.SIZES), help="model size (bench/common.py)")
+    ap.add_argument("--data", default=None, help="SFT data; default: data/sft.jsonl for tiny/small, a generated "
+                                                 "variable-length corpus for realistic")
+    ap.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=None,
+                    help="use the generated variable-length corpus (default: on for realistic)")
+    ap.add_argument("--corpus_size", type=int, default=400, help="records in the generated corpus")
+    ap.add_argument("--max_seq_len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=None, help="samples per optimizer step (16 tiny, 8 realistic)")
+    ap.add_argument("--window", type=int, default=None, help="steps per timing window (10 tiny, 3 realistic)")
+    ap.add_argument("--windows", type=int, default=3, help="timed windows per run (after one warm-up window)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
+    ap.add_argument("--runners", default="ours,ours_packed,ours_2ranks,trl",
+                    help="comma list of: ours, ours_packed, ours_2ranks, ours_2ranks_packed, trl, trl_padding_free")
+    ap.add_argument("--trl_python", default=None, help="interpreter with trl installed (default: this one if it "
+                                                      f"imports trl, else {common.TRL_VENV_PYTHON})")
+    ap.add_argument("--memory", action="store_true", help="only the peak-RSS table (2 ranks, ZeRO-0/2/3, offload)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    # worker mode (internal)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model_dir", help=argparse.SUPPRESS)
+    ap.add_argument("--encoded", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
+    ap.add_argument("--padding_free", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from utils.tiny import make_tiny_model
+    if a.worker == "trl":
+        return trl_worker(a)
+    realistic = a.size == "realistic"
+    a.corpus = realistic if a.corpus is None else a.corpus
+    a.batch = a.batch or (8 if realistic else 16)
+    a.window = a.window or (3 if realistic else 10)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model("llama", os.path.join(tmp, "model"), hidden=a.hidden, layers=a.layers,
-                                    heads=4)
-        t0 = time.perf_counter()
-        ours = bench_ours(model_dir, a.data, a, os.path.join(tmp, "ours"))
-        print(f"ours ({a.ranks} ranks, ZeRO-{a.zero_stage}): {ours['samples_per_sec']:.1f} samples/s, "
-              f"{ours['tokens_per_sec']:.0f} tokens/s  [{time.perf_counter() - t0:.0f}s wall incl. start-up]")
-        trl = bench_trl(model_dir, a.data, a, os.path.join(tmp, "trl"))
-        if trl is None:
-            print("trl: not installed (pip install trl) - no comparison")
+    load0 = common.load_average()
+    peak = common.peaks(a.threads)
+    work = tempfile.mkdtemp(prefix="bench_sft_")
+    model_dir = common.make_model(work, a.size)
+    stats = common.model_stats(model_dir)
+    data = a.data or os.path.join(REPO, "data", "sft.jsonl")
+    if a.corpus and not a.data:
+        from utils.model import load_tokenizer
+
+        data = os.path.join(work, "corpus.jsonl")
+        common.make_corpus(data, load_tokenizer(model_dir), "sft", a.corpus_size, 16, a.max_seq_len - 32)
+    encoded = os.path.join(work, "encoded.jsonl")
+    lengths = encode_corpus(model_dir, data, a.max_seq_len, encoded)
+    flops_per_sample = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], lengths) / len(lengths)
+    tokens_per_sample = sum(lengths) / len(lengths)
+    common.header("SFT", a.threads, peak, f"load average {load0:.2f} at start")
+    print(f"model llama-{a.size}: {stats['params'] / 1e6:.2f}M parameters ({stats['matmul_params'] / 1e6:.2f}M in "
+          f"matmuls), fp32 | data {'generated corpus' if a.corpus else os.path.relpath(data, REPO)}: {len(lengths)} "
+          f"samples, {tokens_per_sample:.0f} tokens/sample (min {min(lengths)}, max {max(lengths)}) | batch "
+          f"{a.batch} | {a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
+
+    if a.memory:
+        return memory_table(a, model_dir, data, work, load0)
+
+    trl_py = common.trl_python(a.trl_python)
+    runners = {}
+    for name in a.runners.split(","):
+        packed = name.endswith("packed")
+        if name.startswith("ours"):
+            ranks = 2 if "2ranks" in name else 1
+            label = f"ours, {'2 ranks ZeRO-2' if ranks == 2 else '1 process'}{', --packing' if packed else ''}"
+            runners[label] = (lambda rep, ranks=ranks, packed=packed, name=name: run_ours(
+                a, model_dir, data, os.path.join(work, f"{name}-{rep}"), ranks, packed, 2 if ranks == 2 else 0))
+        elif name.startswith("trl"):
+            if trl_py is None:
+                print("trl: no interpreter with trl found (pass --trl_python): no comparison")
+                continue
+            pf = name == "trl_padding_free"
+            runners[f"trl SFTTrainer, 1 process{', padding_free' if pf else ''}"] = (
+                lambda rep, pf=pf: run_trl(a, trl_py, model_dir, encoded, os.path.join(work, f"trl-{rep}"), pf))
         else:
-            print(f"trl SFTTrainer (1 process): {trl['samples_per_sec']:.1f} samples/s")
-            print(f"ratio ours/trl: {ours['samples_per_sec'] / trl['samples_per_sec']:.2f}x")
+            raise SystemExit(f"--runners: unknown runner {name!r}")
+    results = common.interleave(runners, a.reps)
+    load1 = common.load_average()
+    report(a, results, peak, flops_per_sample, tokens_per_sample, stats, load0, load1)
+
+
+def report(a, results: dict, peak: dict, flops_per_sample: float, tokens_per_sample: float, stats: dict,
+           load0: float, load1: float) -> None:
+    table = common.print_table(results, "samples", flops_per_sample, tokens_per_sample, peak)
+    med = {name: r["rate"]["median"] for name, r in table.items()}
+    trl = med.get("trl SFTTrainer, 1 process")
+    for name, v in med.items():
+        if trl and name.startswith("ours, 1 process"):
+            print(f"ratio {name} / trl SFTTrainer (1 process vs 1 process): {v / trl:.2f}x")
+    if "ours, 1 process" in med and "ours, 1 process, --packing" in med:
+        print(f"packing: {med['ours, 1 process, --packing'] / med['ours, 1 process']:.2f}x samples/s and tokens/s "
+              "over padding (the same samples)")
+    print(f"load average: {load0:.2f} at start, {load1:.2f} at end ({os.cpu_count()} cores)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"size": a.size, "batch": a.batch, "peak_gflops": peak, "load_average": [load0, load1],
+                       "model": stats, "tokens_per_sample": tokens_per_sample, "runners": table}, f, indent=2)
+
+
+def memory_table(a, model_dir: str, data: str, work: str, load0: float) -> None:
+    """Peak RSS of the largest rank, 2 ranks, a few steps each: where ZeRO's partitioning shows on a CPU."""
+    print(f"{'2 ranks, global batch ' + str(a.batch):34s} {'peak RSS per rank':>18s}")
+    for stage, offload in ((0, False), (2, False), (3, False), (2, True), (3, True)):
+        r = run_ours(a, model_dir, data, os.path.join(work, f"mem-z{stage}{'o' * offload}"), 2, False, stage,
+                     offload=offload, steps=3)
+        print(f"{'ZeRO-' + str(stage) + (' + optimizer offload' if offload else ''):34s} {r['rss_mb']:15.0f} MB",
+              flush=True)
+    print(f"load average: {load0:.2f} at start, {common.load_average():.2f} at end ({os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from dpo.trainer import precompute_reference, train
-from utils import ds
+from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
@@ -82,6 +82,8 @@ def main(argv=None) -> None:
 
     # Data: chosen and rejected are each prompt + reply with only the reply and its EOS labelled.
     tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
+    if args.packing:
+        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
     train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
     eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
         disable_dropout(model)
     model = prepare_model(model, args)
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        lambda b: collate_pairs(b, encoder.pad_id), args.seed)
+                        lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
     lr = args.learning_rate or size_scaled_lr(count_parameters(model), DPO_LR_AT_7B)
     ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")

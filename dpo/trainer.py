@@ -7,7 +7,7 @@ import inspect
 
 import torch
 
-from utils import ds
+from utils import ds, packing
 from utils.encoding import IGNORE
 from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
 from utils.metrics import Throughput
@@ -30,6 +30,8 @@ def concatenated_logps(model, batch: dict, fp32: bool = True):
     (`logits_to_keep`: the last K positions, from the one before the batch's first response token):
     with long prompts and large vocabularies the prompt positions' logits are most of the memory.
     """
+    if packing.is_packed(batch):
+        return packing.sequence_logps(model(**packing.forward_inputs(batch), use_cache=False).logits, batch, fp32)
     labels = batch["labels"]
     kwargs = {}
     if accepts_logits_to_keep(model):
@@ -40,6 +42,15 @@ def concatenated_logps(model, batch: dict, fp32: bool = True):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                    **kwargs).logits
     return sequence_logps(logits, labels, fp32)
+
+
+def pair_counts(batch: dict) -> tuple[int, int]:
+    """(pairs, trained chosen tokens) of a padded or packed batch (chosen samples come first in both)."""
+    if packing.is_packed(batch):
+        b = packing.sample_count(batch) // 2
+        return b, int(((batch["segment_ids"][:, 1:] < b) & (batch["labels"][:, 1:] != IGNORE)).sum())
+    chosen = batch["labels"][: batch["labels"].size(0) // 2]
+    return chosen.size(0), int(count_target_tokens(chosen))
 
 
 def reference_logps(ref, batch: dict, fp32: bool = True) -> torch.Tensor:
@@ -149,9 +160,8 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
         batches = [to_device(b) for b in stream.next_step()]
         # Pairs and chosen tokens of the whole step (all ranks, all micro-batches) normalise every
         # micro-batch, so the gradient is the full-batch mean however the batch is split (pitfall 16).
-        halves = [b["labels"][: b["labels"].size(0) // 2] for b in batches]
-        n_pairs, n_tokens = ds.all_reduce_sum([sum(h.size(0) for h in halves),
-                                               sum(int(count_target_tokens(h)) for h in halves)]).tolist()
+        counts = [pair_counts(b) for b in batches]
+        n_pairs, n_tokens = ds.all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)]).tolist()
         step_loss = 0.0
         for b in batches:
             ref_logps = reference_logps(ref, b, fp32)
@@ -161,7 +171,7 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
             engine.step()
             step_loss += loss.item()
             window.add(d)
-            speed.add(logps.size(0) // 2, int(b["attention_mask"].sum()))
+            speed.add(logps.size(0) // 2, packing.real_tokens(b))
         step += 1
         step_loss = ds.all_reduce_sum([step_loss])[0].item()
         check_finite(step_loss, step)

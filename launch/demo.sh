@@ -9,17 +9,24 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+t_setup=$(date +%s)
 bash launch/setup.sh
+echo "[demo] setup (install check): $(( $(date +%s) - t_setup ))s"
 PY="${PYTHON:-python3}"
 DEMO_DIR="${DEMO_DIR:-demo_out}"
 mkdir -p "$DEMO_DIR"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 export MODEL_SIZE=tiny NGPUS="${NGPUS:-2}"
 start=$(date +%s)
+lap=$start
+phase() {  # phase NAME: print the time since the previous phase
+  local now; now=$(date +%s); echo "[demo] $1: $(( now - lap ))s"; lap=$now
+}
 
 if [ ! -f "$DEMO_DIR/base/config.json" ]; then
   "$PY" -m utils.tiny --family llama --output_dir "$DEMO_DIR/base" --seed 0 >/dev/null 2>&1
 fi
+phase "tiny base model"
 
 # Step settings for the tiny model (hidden 64, 2 layers): high learning rates, short runs.
 MODEL="$DEMO_DIR/base" SFT_DATA=data/sft.jsonl PREF_DATA=data/preference.jsonl PROMPT_DATA=data/prompts.jsonl \
@@ -29,6 +36,7 @@ REWARD_ARGS="${REWARD_ARGS:---learning_rate 1e-3 --num_train_epochs 2 --eval_dat
 PPO_ARGS="${PPO_ARGS:---max_answer_seq_len 16 --per_device_generation_batch_size 16 --per_device_training_batch_size 8 --max_steps 24}" \
 DPO_ARGS="${DPO_ARGS:---precompute_ref_logprobs --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 18}" \
   bash launch/pipeline.sh
+phase "pipeline (SFT, reward model, PPO, DPO)"
 
 echo
 echo "== held-out prompts (nouns never seen in training): before (SFT) and after (PPO, DPO) =="
@@ -36,6 +44,8 @@ echo "== held-out prompts (nouns never seen in training): before (SFT) and after
   --prompts data/heldout_prompts.jsonl --reward_model "$DEMO_DIR/reward" \
   --preferred great,wonderful,lovely,amazing,delightful,brilliant --form '^The \w+ is \w+\.$' \
   --max_new_tokens 16 --samples 4 --json "$DEMO_DIR/results.json" 2>/dev/null
+phase "held-out comparison"
 "$PY" launch/report.py --runs sft="$DEMO_DIR/sft" reward="$DEMO_DIR/reward" ppo="$DEMO_DIR/ppo" dpo="$DEMO_DIR/dpo" \
   --out "$DEMO_DIR/report.png"
+phase "report"
 echo "demo finished in $(( $(date +%s) - start ))s; models in $DEMO_DIR/{sft,reward,ppo/actor,dpo}, curves in $DEMO_DIR/report.png"

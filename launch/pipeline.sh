@@ -31,6 +31,7 @@ run_step() {  # run_step NAME OUTPUT_CHECK_DIR STEP_KIND EXTRA_ARGS; environment
     return 0
   fi
   echo "[pipeline] $name: running (log: $log)"
+  local t0; t0=$(date +%s)
   # shellcheck disable=SC2086
   bash "$HERE/run.sh" "$kind" $extra >"$log" 2>&1 || rc=$?
   if [ "${DRY_RUN:-0}" = "1" ]; then
@@ -42,7 +43,7 @@ run_step() {  # run_step NAME OUTPUT_CHECK_DIR STEP_KIND EXTRA_ARGS; environment
     tail -n 15 "$log" >&2
     exit 1
   fi
-  echo "[pipeline] $name: done -> $check"
+  echo "[pipeline] $name: done -> $check ($(( $(date +%s) - t0 ))s)"
 }
 
 for step in $STEPS; do

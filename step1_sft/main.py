@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate, train
-from utils import ds
+from utils import ds, packing
 from utils.args import SHARED_GROUPS, parse
 from utils.encoding import encode_all
 from utils.errors import exit_on_user_error
@@ -26,6 +26,8 @@ def main(argv=None) -> None:
 
     # Data: read and validate everything before the model is touched, so bad input fails fast.
     tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "sft")
+    if args.packing:
+        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
     train_items = encode_all(train_samples, lambda s: (encoder.encode_sft(s),), encoder, "train", ds.print0).items
     eval_items = encode_all(eval_samples, lambda s: (encoder.encode_sft(s),), encoder, "eval", ds.print0).items
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train={len(train_items)} "
@@ -37,7 +39,7 @@ def main(argv=None) -> None:
                        trust_remote_code=args.trust_remote_code, zero3_config=cfg)
     model = prepare_model(model, args)
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        lambda b: collate(b, encoder.pad_id), args.seed)
+                        lambda b: collate(b, encoder.pad_id, args.packing), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
     engine = init_engine_from_args(args, model, cfg, total_steps)
 

@@ -5,16 +5,17 @@ import math
 
 import torch
 
-from utils import ds
+from utils import ds, packing
 from utils.encoding import IGNORE, pad_batch
 from utils.losses import count_target_tokens, sft_loss, step_loss_scale
 from utils.metrics import Throughput
 from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 
-def collate(items, pad_id: int) -> dict:
-    """items: [((ids, labels),), ...] -> right-padded batch, padded to the longest sample only."""
-    return pad_batch([it[0][0] for it in items], [it[0][1] for it in items], pad_id)
+def collate(items, pad_id: int, pack: bool = False) -> dict:
+    """items: [((ids, labels),), ...] -> right-padded batch, padded to the longest sample only; or with
+    `pack`, the samples concatenated into rows (utils/packing.py)."""
+    return (packing.pack if pack else pad_batch)([it[0][0] for it in items], [it[0][1] for it in items], pad_id)
 
 
 @torch.no_grad()
@@ -50,12 +51,12 @@ def train(args, engine, stream, eval_items, logger, pad_id: int, total_steps: in
         n_tokens = ds.all_reduce_sum([local_tokens])[0].item()
         step_loss = 0.0
         for b in batches:
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            logits = engine(**packing.forward_inputs(b), use_cache=False).logits
             loss, _ = sft_loss(logits, b["labels"], n_tokens, fp32)
             engine.backward(loss * step_loss_scale(world, ga))
             engine.step()
             step_loss += loss.item()
-            speed.add(b["input_ids"].size(0), int(b["attention_mask"].sum()))
+            speed.add(packing.sample_count(b), packing.real_tokens(b))
         step += 1
         step_loss = ds.all_reduce_sum([step_loss])[0].item()
         check_finite(step_loss, step)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from transformers.utils import logging as hf_logging
 
 from step2_reward.trainer import train
-from utils import ds
+from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.model import disable_dropout, prepare_model, save_hf
@@ -38,11 +38,15 @@ def main(argv=None) -> None:
                  argv, required=("model_name_or_path", "data_path", "output_dir"))
     if args.shared_prompt_forward and args.gradient_checkpointing:
         raise UserError("--shared_prompt_forward needs the KV cache, which --gradient_checkpointing turns off")
+    if args.shared_prompt_forward and args.packing:
+        raise UserError("--shared_prompt_forward and --packing are two different batch layouts; choose one")
     hf_logging.disable_progress_bar()
     rank, world = ds.init_distributed(args.seed)
 
     # Data: read and validate everything before the model is touched, so bad input fails fast.
     tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
+    if args.packing:
+        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
     train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
     eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
@@ -57,7 +61,7 @@ def main(argv=None) -> None:
     model = prepare_model(model, args, task_type="SEQ_CLS")
     collate_fn = functools.partial(collate_pairs, pad_id=encoder.pad_id, shared_prompt=args.shared_prompt_forward)
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        collate_fn, args.seed)
+                        functools.partial(collate_fn, pack=args.packing), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
     engine = init_engine_from_args(args, model, cfg, total_steps)
 

@@ -12,11 +12,11 @@ import json
 import os
 import torch
 
-from utils import ds
+from utils import ds, packing
 from utils.losses import pairwise_reward_loss, step_loss_scale
 from utils.metrics import Throughput
 from utils.pairs import pair_tokens
-from utils.reward import sequence_rewards, shared_prompt_rewards
+from utils.reward import sequence_rewards, shared_prompt_rewards, token_scores
 from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
 
 SUMS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "margin_sum", "pairs")
@@ -28,6 +28,9 @@ def pair_rewards(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.T
         rewards = shared_prompt_rewards(engine, batch["prompt_ids"], batch["prompt_mask"], batch["reply_ids"],
                                         batch["reply_mask"], fp32)
         return rewards[0::2], rewards[1::2]
+    if packing.is_packed(batch):
+        rewards = packing.last_token_scores(token_scores(engine, batch["input_ids"], None, batch["position_ids"]), batch)
+        return (rewards.float() if fp32 else rewards).chunk(2)
     rewards = sequence_rewards(engine, batch["input_ids"], batch["attention_mask"], batch["position_ids"], fp32)
     return rewards.chunk(2)
 

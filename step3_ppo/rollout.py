@@ -32,25 +32,43 @@ def generation_config(args, encoder, greedy: bool = False) -> GenerationConfig:
                             pad_token_id=encoder.pad_id, bos_token_id=None, use_cache=True)
 
 
+# Generation's own logits stand in for the actor's experience forward only where they are the same
+# numbers: in fp32 the cached decode and the full forward agree to ~1e-6 (checked once per run, see
+# `experience`); in bf16/fp16 they differ by ~1e-2, which would make PPO's first ratio exp(logp - old) != 1.
+REUSE_LOGITS_DTYPES = (torch.float32,)
+REUSE_TOLERANCE = 1e-5
+
+
+def reuses_generation_logits(actor) -> bool:
+    return next(actor.module.parameters()).dtype in REUSE_LOGITS_DTYPES and not getattr(actor, "_gen_logits_off", False)
+
+
 @torch.no_grad()
 def generate(actor, prompts: list[list[int]], encoder, gen_cfg: GenerationConfig) -> dict:
     """Answers for this rank's prompts. Generation stops once every sequence (on every rank, under ZeRO-3)
     has emitted EOS or reached the length limit. Returns the rollout batch on the training device:
-    seq, attention_mask [B, P+W], answers, action_mask [B, W], has_eos [B], prompt_width P."""
+    seq, attention_mask [B, P+W], answers, action_mask [B, W], has_eos [B], prompt_width P, and in fp32
+    gen_logits [B, W, V], the raw logits each answer token was sampled from."""
     batch = {k: v.to(ds.device()) for k, v in collate_prompts(prompts, encoder.pad_id).items()}
     zero3 = actor.zero_optimization_stage() == 3
+    keep = reuses_generation_logits(actor)
     with generation_mode(actor) as model:
         # synced_gpus: under ZeRO-3 a rank whose answers are done keeps stepping until all ranks are.
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             generation_config=gen_cfg, synced_gpus=zero3 and ds.world_size() > 1)
+                             generation_config=gen_cfg, synced_gpus=zero3 and ds.world_size() > 1,
+                             output_logits=keep, return_dict_in_generate=keep)
+    seqs = out.sequences if keep else out
     P = batch["input_ids"].shape[1]
-    answers = out[:, P:]
+    answers = seqs[:, P:]
     lengths, has_eos = response_lengths(answers, encoder.eos_id)
     action_mask = mask_from_lengths(lengths, answers.shape[1])
     answers = answers.masked_fill(action_mask == 0, encoder.pad_id)
-    return {"seq": torch.cat([batch["input_ids"], answers], dim=1),
-            "attention_mask": torch.cat([batch["attention_mask"], action_mask], dim=1),
-            "answers": answers, "action_mask": action_mask, "has_eos": has_eos, "prompt_width": P}
+    b = {"seq": torch.cat([batch["input_ids"], answers], dim=1),
+         "attention_mask": torch.cat([batch["attention_mask"], action_mask], dim=1),
+         "answers": answers, "action_mask": action_mask, "has_eos": has_eos, "prompt_width": P}
+    if keep:
+        b["gen_logits"] = torch.stack(out.logits, dim=1)
+    return b
 
 
 def model_inputs(b: dict) -> dict:
@@ -81,8 +99,25 @@ def final_scores(reward, b: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def experience(models, b: dict, temperature: float) -> dict:
-    """Forward passes of the rollout batch through actor, reference, critic and reward model."""
-    logits = answer_logits(models.actor, b, temperature)
+    """Forward passes of the rollout batch through reference, critic and reward model, and through the
+    actor unless generation kept its logits (fp32). The first time generation's logits are used, they
+    are checked against the actor's forward once; beyond REUSE_TOLERANCE the run goes back to forwards."""
+    gen = b.pop("gen_logits", None)
+    if gen is not None:
+        logits = gen / temperature if temperature != 1.0 else gen
+        if not getattr(models.actor, "_gen_logits_checked", False):
+            forward = answer_logits(models.actor, b, temperature)
+            diff = float(((token_logprobs(logits, b["answers"]) - token_logprobs(forward, b["answers"]))
+                          * b["action_mask"]).abs().max())
+            diff = max(ds.all_gather_objects(diff))  # one decision on every rank: ZeRO-3 forwards are collective
+            models.actor._gen_logits_checked = True
+            models.actor._gen_logits_off = diff > REUSE_TOLERANCE
+            ds.print0(f"generation log-probs vs the actor's forward: max |difference| {diff:.2e} "
+                      f"({'above' if diff > REUSE_TOLERANCE else 'within'} {REUSE_TOLERANCE:g}: "
+                      f"{'the experience forward stays' if diff > REUSE_TOLERANCE else 'reused, no experience forward'})")
+            logits = forward if diff > REUSE_TOLERANCE else logits
+    else:
+        logits = answer_logits(models.actor, b, temperature)
     logp = token_logprobs(logits, b["answers"])
     entropy = entropy_from_logits(logits)
     ref_logp = token_logprobs(answer_logits(models.ref, b, temperature), b["answers"])
@@ -97,11 +132,12 @@ def split_samples(b: dict, fields: dict) -> list[dict]:
     different rollouts can be mixed into mini-batches."""
     out = []
     P = b["prompt_width"]
-    for i in range(b["seq"].shape[0]):
-        p_mask = b["attention_mask"][i, :P].bool()
-        n = int(b["action_mask"][i].sum())
-        row = {"prompt": b["seq"][i, :P][p_mask].cpu(), "answer": b["answers"][i, :n].cpu()}
-        row.update({k: v[i, :n].cpu() for k, v in fields.items()})
+    # One device-to-host copy per tensor and one sync for the lengths, not one per row and field.
+    seq, mask, answers = b["seq"].cpu(), b["attention_mask"].cpu(), b["answers"].cpu()
+    fields = {k: v.cpu() for k, v in fields.items()}
+    for i, n in enumerate(b["action_mask"].sum(-1).tolist()):
+        row = {"prompt": seq[i, :P][mask[i, :P].bool()], "answer": answers[i, :n]}
+        row.update({k: v[i, :n] for k, v in fields.items()})
         out.append(row)
     return out
 

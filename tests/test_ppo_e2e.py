@@ -88,7 +88,9 @@ def test_ppo_raises_reward_and_the_saved_actor_answers_warmly(sft_and_rm, tmp_pa
         assert all(k in r for k in METRICS), sorted(set(METRICS) - set(r))
     first, last = quarters(train, "reward")
     assert last > first + 1.0 and last > 2.5, (first, last)  # the RM's scores are about -4.5 (cold) .. +4.3 (warm)
-    assert train[0]["kl"] == 0.0  # the actor starts as the reference; the KL reported is the penalised one
+    # The actor starts as the reference; the KL reported is the penalised one. The actor's log-probs come
+    # from generation's cached decode (fp32), within 1e-5 of a full forward, so the KL is 0 to ~1e-7.
+    assert abs(train[0]["kl"]) < 1e-5
     assert max(r["kl"] for r in train) < 10.0
     assert quarters(train, "eos_rate")[1] >= 0.9
     evals = [r for r in rows if r["split"] == "eval"]

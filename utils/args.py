@@ -82,6 +82,9 @@ class DataArgs:
                            ge=0)
     overlong: str = arg("skip", "samples longer than --max_seq_len: skip (counted in the log), truncate, "
                         "or error", choices=["skip", "truncate", "error"])
+    packing: bool = arg(False, "training micro-batches concatenate their samples into rows (position ids restart "
+                        "per sample, attention never crosses samples) instead of padding each to the longest "
+                        "one; the same losses (utils/packing.py); llama, qwen2 and gpt2 families")
 
 
 @dataclass

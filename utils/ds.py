@@ -18,14 +18,45 @@ from .errors import UserError
 
 # ----------------------------------------------------------------------------- ranks
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built C++ ops (cpu_adam, shm_comm) go: TORCH_EXTENSIONS_DIR when set, else a
+    folder of this environment (sys.prefix/torch_extensions, or a per-environment folder under
+    ~/.cache/ds-rlhf when sys.prefix is read-only), which is then set for this process and its children.
+
+    torch's default, ~/.cache/torch_extensions/py311_cpu, depends only on the Python and CUDA versions, so
+    every environment of a user shares it. Each process writes its environment's torch include paths and
+    flags into the op's build.ninja (torch.utils.cpp_extension._write_ninja_file_and_build_library), and
+    ninja rebuilds whenever that command changed: with two environments taking turns (a second venv with
+    another torch build), every program start of either one recompiles the op, about a minute each. One
+    folder per environment builds each op once."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    path = os.path.join(sys.prefix, "torch_extensions")
+    try:
+        os.makedirs(path, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        import hashlib
+
+        key = hashlib.sha1(f"{sys.prefix}|{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
+        path = os.path.join(os.path.expanduser("~"), ".cache", "ds-rlhf", "torch_extensions", key)
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    return path
+
+
 def init_distributed(seed: int) -> tuple[int, int]:
     """Initialise the process group (works for `deepspeed` and plain `python`), seed everything.
     Returns (rank, world_size)."""
+    extensions_dir()  # before DeepSpeed builds or loads its first op (shm_comm, at init_distributed on a CPU)
     import deepspeed
 
-    # One process per core pair at most: oversubscribed CPU threads slow every rank down.
+    # One process per core pair at most: oversubscribed CPU threads slow every rank down. An explicit
+    # OMP_NUM_THREADS wins (on a machine shared with other jobs, 1 thread per process avoids threads
+    # waiting for each other to be scheduled at every parallel region).
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if "RANK" not in os.environ:  # plain `python main.py`: a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -209,6 +240,11 @@ def init_train_engine(model, *, cfg: dict, lr: float, weight_decay: float, betas
     opt = build_optimizer(model, lr, weight_decay, betas, offload and cfg["zero_optimization"]["stage"] > 0)
     sched = build_scheduler(opt, scheduler, warmup, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    if world_size() == 1 and cfg["zero_optimization"]["stage"] == 0:
+        # One process, no ZeRO: DeepSpeed's gradient all-reduce flattens every gradient into a buffer,
+        # "averages" it over one rank and copies it back, at every step (~7% of a tiny model's step);
+        # without it the gradients, and so every number, are bit-for-bit the same.
+        engine.enable_backward_allreduce = False
     return engine
 
 

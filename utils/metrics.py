@@ -6,6 +6,8 @@ import math
 import os
 import time
 
+import torch
+
 from . import ds
 
 
@@ -82,4 +84,7 @@ class Throughput:
         samples, tokens = ds.all_reduce_sum([self.samples, self.tokens]).tolist()
         dt = max(time.perf_counter() - self.t0, 1e-9)
         self.reset()
-        return {"samples_per_sec": samples / dt, "tokens_per_sec": tokens / dt}
+        out = {"samples_per_sec": samples / dt, "tokens_per_sec": tokens / dt}
+        if torch.cuda.is_available():  # this rank's peak so far, for the memory columns of the benches
+            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out

@@ -12,6 +12,8 @@ Batch layouts (`collate_pairs`):
   shared prompt  (reward model, --shared_prompt_forward) B left-padded prompts and 2B right-padded
                  replies, chosen and rejected of pair b in rows 2b and 2b + 1:
                  prompt_ids, prompt_mask [B, P]; reply_ids, reply_mask [2B, R]; margin [B]
+  packed         (--packing) the 2B sequences of the concatenated layout, chosen first, packed into rows
+                 with per-sample position ids (utils/packing.py); margin [B], ref_logps as above
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import packing
 from .encoding import IGNORE, Encoder, encode_all, pad_batch, position_ids_from_mask
 
 
@@ -45,22 +48,29 @@ def encode_pairs(samples, encoder: Encoder, what: str, log=print) -> list[Pair]:
     return pairs
 
 
-def collate_pairs(items: list[Pair], pad_id: int, shared_prompt: bool = False) -> dict:
-    """Pairs -> one batch in the concatenated layout, or with `shared_prompt` the shared-prompt layout
-    (see the module docstring)."""
+def collate_pairs(items: list[Pair], pad_id: int, shared_prompt: bool = False, pack: bool = False) -> dict:
+    """Pairs -> one batch in the concatenated layout, with `shared_prompt` the shared-prompt layout, or
+    with `pack` the 2B sequences (chosen first) packed into rows (see the module docstring)."""
     margin = torch.tensor([it.margin for it in items], dtype=torch.float32)
+    seqs = [it.chosen for it in items] + [it.rejected for it in items]
+    labels = [it.chosen_labels for it in items] + [it.rejected_labels for it in items]
+    ref = None
+    if items[0].ref is not None:
+        ref = torch.tensor([it.ref[0] for it in items] + [it.ref[1] for it in items])
+    if pack:
+        batch = {**packing.pack(seqs, labels, pad_id), "margin": margin}
+        return batch if ref is None else {**batch, "ref_logps": ref}
     if shared_prompt:
         prompts = pad_batch([it.chosen[:it.prompt_len] for it in items], None, pad_id, left=True)
         replies = pad_batch([r for it in items for r in (it.chosen[it.prompt_len:], it.rejected[it.prompt_len:])],
                             None, pad_id)
         return {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"],
                 "reply_ids": replies["input_ids"], "reply_mask": replies["attention_mask"], "margin": margin}
-    batch = pad_batch([it.chosen for it in items] + [it.rejected for it in items],
-                      [it.chosen_labels for it in items] + [it.rejected_labels for it in items], pad_id)
+    batch = pad_batch(seqs, labels, pad_id)
     batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     batch["margin"] = margin
-    if items[0].ref is not None:
-        batch["ref_logps"] = torch.tensor([it.ref[0] for it in items] + [it.ref[1] for it in items])
+    if ref is not None:
+        batch["ref_logps"] = ref
     return batch
 
 
@@ -68,4 +78,4 @@ def pair_tokens(batch: dict) -> int:
     """Real tokens of a batch's chosen and rejected sequences (the same count for either layout)."""
     if "prompt_ids" in batch:
         return int(2 * batch["prompt_mask"].sum() + batch["reply_mask"].sum())
-    return int(batch["attention_mask"].sum())
+    return packing.real_tokens(batch)

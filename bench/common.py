@@ -1,0 +1,331 @@
+"""What every benchmark shares: the machine's matmul peak, model FLOPs, memory, load, repetitions.
+
+Rules the benches follow (so that two numbers printed side by side compare like with like):
+  * the same process count and threads on both sides (ours 1 process vs TRL 1 process; ours on 2 ranks
+    is printed on its own line, never as the ratio), the same model, data, lengths and batch;
+  * warm-up excluded; every figure is the median of --reps repetitions (each a fresh process) with
+    the spread (min-max) beside it;
+  * the machine's own fp32 and bf16 matmul peak is measured here, with the thread count of the measured
+    process, and achieved model FLOP/s is printed as a fraction of it (CPU "MFU");
+  * the load average at start and end is printed with every result: other processes slow a run down.
+
+Model FLOPs (PaLM, Chowdhery et al. 2022, appendix B): a training step on a sequence of T tokens costs
+    6 * N * T + 12 * L * d * T^2
+with N the parameters that take part in matrix products (every nn.Linear / Conv1D weight, the LM head
+included even when tied to the embedding; embedding lookups, norms and biases left out), L layers and
+d the attention width; the second term is attention (QK^T and AV, forward and backward). A forward
+pass alone is one third of it. Only real tokens count (padding is not useful work), so a packed run
+and a padded run of the same data do the same model FLOPs and differ in time only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRL_VENV_PYTHON = "/work/venv-trl/bin/python"
+
+
+# ----------------------------------------------------------------------------- machine
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def matmul_peak_gflops(dtype: str, threads: int, n: int = 2048, reps: int = 7) -> float:
+    """Median GFLOP/s of an n x n x n torch matmul in `dtype` ("fp32" or "bf16") on `threads` threads.
+
+    Measured in a child process so the caller's thread setting and allocator are not touched."""
+    code = ("import statistics, sys, time, torch\n"
+            "n, reps, dt, th = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])\n"
+            "torch.set_num_threads(th)\n"
+            "t = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dt]\n"
+            "a, b = torch.randn(n, n, dtype=t), torch.randn(n, n, dtype=t)\n"
+            "for _ in range(2): a @ b\n"
+            "times = []\n"
+            "for _ in range(reps):\n"
+            "    t0 = time.perf_counter(); a @ b; times.append(time.perf_counter() - t0)\n"
+            "print(2 * n ** 3 / statistics.median(times) / 1e9)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(n), str(reps), dtype, str(threads)], check=True,
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def peaks(threads: int) -> dict:
+    return {"fp32": matmul_peak_gflops("fp32", threads), "bf16": matmul_peak_gflops("bf16", threads)}
+
+
+# ----------------------------------------------------------------------------- model FLOPs
+
+def matmul_params(model) -> int:
+    """N of the FLOPs formula: weights of nn.Linear and GPT-2's Conv1D (tied LM head counted once as a matmul)."""
+    import torch
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - older transformers
+        Conv1D = ()
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)):
+            n += m.weight.numel()
+    return n
+
+
+def attention_dims(config) -> tuple[int, int]:
+    """(layers, attention width) of a decoder config."""
+    c = config.get_text_config()
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    width = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    head_dim = getattr(c, "head_dim", None) or width // heads
+    return layers, heads * head_dim
+
+
+def train_flops(n_matmul: int, layers: int, width: int, lengths) -> float:
+    """Model FLOPs of one training pass (forward + backward) over sequences of the given lengths."""
+    return float(sum(6 * n_matmul * t + 12 * layers * width * t * t for t in lengths))
+
+
+# ----------------------------------------------------------------------------- memory
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cuda_max_allocated_mb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+RUN_MEASURED = r"""
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[1:])
+print(f"\n@@peak_rss_kb {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(p.returncode)
+"""
+
+
+def run_measured(cmd: list[str], env: dict | None = None, cwd: str = REPO, timeout: float = 3600):
+    """Run `cmd` and return (CompletedProcess, peak RSS in MiB of its largest process).
+
+    A fresh wrapper process runs the command, so RUSAGE_CHILDREN covers this command's process tree
+    only; for `deepspeed --num_gpus 2` the largest process is the biggest rank (peak RSS per rank)."""
+    p = subprocess.run([sys.executable, "-c", RUN_MEASURED, *cmd], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    rss = None
+    lines = p.stderr.rstrip().splitlines()
+    if lines and lines[-1].startswith("@@peak_rss_kb "):
+        rss = int(lines[-1].split()[1]) / 1024
+        p.stderr = "\n".join(lines[:-1])
+    return p, rss
+
+
+# ----------------------------------------------------------------------------- repetitions and printing
+
+def summary(values: list[float]) -> dict:
+    """Median and spread of the repetitions."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict, unit: str = "", digits: int = 1) -> str:
+    if s["n"] == 1:
+        return f"{s['median']:.{digits}f}{unit}"
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def ratios(medians: dict, pairs: list[tuple[str, str]]) -> None:
+    """Print ours / theirs for each (ours, theirs) pair of runner names that both ran."""
+    for ours, theirs in pairs:
+        if ours in medians and theirs in medians:
+            print(f"ratio {ours} / {theirs}: {medians[ours] / medians[theirs]:.2f}x")
+
+
+def trl_python(flag: str | None) -> str | None:
+    """The interpreter for the TRL side: the flag, else this one if it imports trl, else the separate
+    TRL virtual environment if it exists; None when there is none (the comparison is skipped)."""
+    if flag:
+        return flag
+    try:
+        import trl  # noqa: F401
+
+        return sys.executable
+    except ImportError:
+        return TRL_VENV_PYTHON if os.path.exists(TRL_VENV_PYTHON) else None
+
+
+def header(what: str, threads: int, peak: dict, extra: str = "") -> None:
+    print(f"== {what} | {os.cpu_count()} cores, {threads} thread(s) per process | matmul peak "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s{(' | ' + extra) if extra else ''}",
+          flush=True)
+
+
+def worker_json(p: subprocess.CompletedProcess, what: str) -> dict:
+    """The last JSON line a worker printed, or exit with its error."""
+    if p.returncode != 0:
+        raise SystemExit(f"{what} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    for line in reversed(p.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{what} printed no result:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+class Clock:
+    """(wall, CPU) marks; CPU time per step barely depends on other processes, wall time does."""
+
+    def __init__(self):
+        self.marks = []
+
+    def mark(self) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def steps(self, skip: int = 0) -> list[tuple[float, float]]:
+        d = [(w1 - w0, c1 - c0) for (w0, c0), (w1, c1) in zip(self.marks[:-1], self.marks[1:])]
+        return d[skip:]
+
+
+# ----------------------------------------------------------------------------- models and data
+
+# Model sizes: "tiny" is the test model (utils/tiny.py defaults); "realistic" is a CPU-sized Llama
+# (about 24M parameters; the shipped tokenizer's 512-token vocabulary keeps the LM head small).
+SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4),
+    "small": dict(hidden=256, layers=4, heads=4),
+    "realistic": dict(hidden=512, layers=10, heads=8),
+}
+
+
+def make_model(root: str, size: str, family: str = "llama") -> str:
+    """A random-init model directory of the named size (fixed seed: every process sees the same weights)."""
+    from utils.tiny import make_tiny_model
+
+    path = os.path.join(root, f"{family}-{size}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_tiny_model(family, path, seed=0, **SIZES[size])
+    return path
+
+
+def model_stats(model_dir: str, reward: bool = False) -> dict:
+    """N (matmul parameters), all parameters, layers and attention width of a saved causal LM, or of the
+    one-label sequence classifier built on it (`reward`: no LM head, a d x 1 score head)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir, **({"num_labels": 1} if reward else {}))
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_config(config)
+    layers, width = attention_dims(config)
+    return {"matmul_params": matmul_params(model), "params": sum(p.numel() for p in model.parameters()),
+            "layers": layers, "width": width}
+
+
+def _words() -> list[str]:
+    with open(os.path.join(REPO, "data", "vocab_words.txt")) as f:
+        return [w.strip() for w in f if w.strip()]
+
+
+def make_corpus(path: str, tokenizer, kind: str, n: int, lo: int, hi: int, seed: int = 0) -> None:
+    """A variable-length corpus: `n` records whose replies are about lo..hi tokens, log-uniformly spread
+    (many short, a few long, as in real instruction data). kind "sft": {"prompt", "response"}; "pairs":
+    {"prompt", "chosen", "rejected"} with the two replies of independent lengths."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    words = _words()
+    cost = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
+
+    def reply(target: int) -> str:
+        out, t = [], 0
+        while t < target:
+            w = rng.choice(words)
+            out.append(w)
+            t += cost[w]
+        return (" ".join(out)).capitalize() + "."
+
+    def length() -> int:
+        return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = f"Tell me about the {rng.choice(words)} and the {rng.choice(words)}."
+            if kind == "sft":
+                row = {"prompt": prompt, "response": reply(length())}
+            else:
+                row = {"prompt": prompt, "chosen": reply(length()), "rejected": reply(length())}
+            f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- running our programs
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_program(script: str, args: list[str], out: str, ranks: int, rate_key: str,
+                threads: int | None = None) -> dict:
+    """One of our programs as a user runs it (python for 1 process, deepspeed for more ranks), with
+    --log_interval windows; returns the median `rate_key` and tokens/s of the windows after the first
+    (warm-up), and the peak RSS of the largest process. `threads` sets OMP_NUM_THREADS for a 1-process
+    run (utils/ds.py keeps an explicit setting); ranks of a multi-rank run share the cores."""
+    env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
+    if threads and ranks == 1:
+        env["OMP_NUM_THREADS"] = str(threads)
+    prog = [os.path.join(REPO, script), *args, "--output_dir", out]
+    if ranks == 1:
+        cmd = [sys.executable, *prog]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"], *prog]
+    p, rss = run_measured(cmd, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [r for r in rows if r["split"] == "train"]
+    timed = train[1:] or train
+    return {"rate": statistics.median(r[rate_key] for r in timed),
+            "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed), "rss_mb": rss}
+
+
+def window_rate(step_times: list[float], window: int, per_step: int) -> float:
+    """Median rate over windows of `window` steps, the first window (warm-up) left out."""
+    wins = [sum(step_times[i:i + window]) for i in range(window, len(step_times) - window + 1, window)]
+    return statistics.median(per_step * window / w for w in wins)
+
+
+def interleave(runners: dict, reps: int) -> dict:
+    """Call every runner once per repetition, taking turns, so a load change hits all of them alike."""
+    results = {name: [] for name in runners}
+    for rep in range(reps):
+        for name, fn in runners.items():
+            results[name].append(fn(rep))
+    return results
+
+
+def print_table(results: dict, unit: str, per_item_flops, per_item_tokens: float, peak: dict) -> dict:
+    """Rows of median (spread) rate, tokens/s, MFU against the fp32 peak and peak RSS; returns medians.
+    `per_item_flops`: model FLOPs per sample (or pair), or a dict of them per runner name."""
+    w = max([len(name) for name in results] + [6])
+    print(f"{'runner':{w}s} {unit + '/s':>20s} {'tokens/s':>20s} {'MFU (fp32 peak)':>16s} {'peak RSS':>10s}")
+    out = {}
+    for name, reps in results.items():
+        rate = summary([r["rate"] for r in reps])
+        tps = summary([r.get("tokens_per_sec") or r["rate"] * per_item_tokens for r in reps])
+        flops = per_item_flops[name] if isinstance(per_item_flops, dict) else per_item_flops
+        mfu = rate["median"] * flops / (peak["fp32"] * 1e9)
+        rss = max((r.get("rss_mb") or 0) for r in reps)
+        out[name] = {"rate": rate, "tokens_per_sec": tps, "mfu_fp32": mfu, "peak_rss_mb": rss}
+        print(f"{name:{w}s} {fmt(rate):>20s} {fmt(tps, digits=0):>20s} {100 * mfu:15.1f}% {rss:8.0f} MB")
+    return out
