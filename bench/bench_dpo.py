@@ -38,7 +38,7 @@ from utils.encoding import Encoder  # noqa: E402
 from utils.metrics import MetricsLogger  # noqa: E402
 from utils.model import load_tokenizer  # noqa: E402
 from utils.tiny import make_tiny_model  # noqa: E402
-from utils.train import StepStream  # noqa: E402
+from utils.stream import StepStream  # noqa: E402
 
 LR, BETA = 1e-4, 0.1
 

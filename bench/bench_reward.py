@@ -41,7 +41,7 @@ from utils.metrics import MetricsLogger  # noqa: E402
 from utils.model import load_tokenizer  # noqa: E402
 from utils.reward import disable_dropout, load_reward_model  # noqa: E402
 from utils.tiny import make_tiny_model  # noqa: E402
-from utils.train import StepStream  # noqa: E402
+from utils.stream import StepStream  # noqa: E402
 
 LR = 1e-4
 

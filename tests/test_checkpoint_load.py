@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.train import _rng_state, _set_rng_state, _weights_only_loader
+from utils.checkpoint import _rng_state, _set_rng_state, _weights_only_loader
 
 
 def safe_loader():
