@@ -56,7 +56,9 @@ elif [ "${NUM_NODES:-1}" -gt 1 ]; then
   : "${NODE_RANK:?set NODE_RANK (0..NUM_NODES-1) on each node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
   NNODES="$NUM_NODES"
   NODES_FILE="${TMPDIR:-/tmp}/ds-rlhf-hostfile-${NNODES}x${NGPUS}"
-  for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$NGPUS"; done >"$NODES_FILE"
+  NODES_TMP=$(mktemp "$NODES_FILE.XXXXXX")  # written whole, then renamed: every node writes the same file
+  for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$NGPUS"; done >"$NODES_TMP"
+  mv -f "$NODES_TMP" "$NODES_FILE"
   LAUNCH+=(--hostfile "$NODES_FILE" --no_ssh --num_nodes "$NNODES" --node_rank "$NODE_RANK"
            --master_addr "$MASTER_ADDR" --num_gpus "$NGPUS")
   MASTER_PORT="${MASTER_PORT:-29500}"  # every node must use the same one
