@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -112,6 +113,9 @@ def test_pipeline_stops_on_sigterm_then_continues_skips_and_names_changed_inputs
     assert stop["rc"] == 143, stop["output"][-3000:]
     assert "stopped by SIGTERM during step 'sft'" in stop["output"], stop["output"][-3000:]
     assert stop["step"] is not None and stop["step"] >= 6 and stop["step"] in checkpoints_of(str(work / "sft"))
+    log = open(work / "logs" / "sft.log").read()
+    assert "--resume: no checkpoint in" in log and "starting from step 0" in log  # the pipeline always resumes
+    assert re.search(rf"stopped after step {stop['step']}: rank \d saw its launcher", log), log[-3000:]
 
     def pipeline(**extra):
         e = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NUM_NODES", "ZERO_STAGE", "OFFLOAD")}
