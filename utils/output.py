@@ -127,6 +127,8 @@ def check_output_dir(args) -> None:
                         "pass --overwrite_output_dir to replace it, or choose another directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir '{out}' is a file")
+    if is_finished(part) and not os.path.exists(out):
+        raise UserError(f"'{part}' holds a finished run whose move to '{out}' was interrupted: rename it to '{out}'")
     if os.path.isdir(part) and not args.resume and not overwrite:
         raise UserError(f"'{part}' holds an unfinished run of --output_dir '{out}': pass --resume to continue it "
                         "from its last checkpoint, or --overwrite_output_dir to start over")
@@ -172,9 +174,15 @@ def finish_output_dir(args, record: dict) -> None:
         os.rename(part, out)
         shutil.rmtree(replaced)
     else:
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty
-        os.rename(part, out)
+        try:
+            if os.path.isdir(out):
+                os.rmdir(out)  # empty
+            os.rename(part, out)
+        except OSError:  # OUTPUT_DIR is a mount point or on another file system: move the entries
+            os.makedirs(out, exist_ok=True)
+            for name in sorted(os.listdir(part), key=lambda n: n == DONE):  # done.json last
+                shutil.move(os.path.join(part, name), os.path.join(out, name))
+            os.rmdir(part)
 
 
 def _read(path: str) -> str:
