@@ -17,12 +17,14 @@ from transformers.utils import logging as hf_logging
 
 from dpo.trainer import precompute_reference, train
 from utils import ds, packing
-from utils.args import SHARED_GROUPS, arg, parse
+from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
 from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
+from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
-from utils.train import (StepStream, count_parameters, ds_config_from_args, init_engine_from_args, load_step_data,
+from utils.stream import StepStream
+from utils.train import (count_parameters, ds_config_from_args, finish_run, init_engine_from_args, load_step_data,
                          size_scaled_lr, start_run)
 
 # TRL's DPOConfig default, the usual full fine-tuning DPO rate for 7B models (Zephyr used 5e-7).
@@ -69,14 +71,19 @@ def load_reference(args, tokenizer, world: int):
     return ds.init_eval_engine(ref, cfg)
 
 
-@exit_on_user_error
-def main(argv=None) -> None:
-    args = parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
+def parse_args(argv=None):
+    return parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
                  required=("model_name_or_path", "data_path", "output_dir"), defaults={"learning_rate": 0.0},
                  limits={"learning_rate": {"ge": 0}},
                  helps={"learning_rate": "peak learning rate; 0 = scaled to the model size: 1e-6 at 7B "
                                          "parameters times sqrt(7e9 / parameters), capped at 1e-3"})
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
     check_args(args)
+    check_output_dir(args)
     hf_logging.disable_progress_bar()
     rank, world = ds.init_distributed(args.seed)
 
@@ -122,8 +129,8 @@ def main(argv=None) -> None:
     logger = start_run(args, total_steps, resolved)
     train(args, engine, ref, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()
-    save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})
-    ds.print0(f"saved {args.output_dir}")
+    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved))
+    finish_run(args, resolved)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from utils import ds, packing
 from utils.encoding import IGNORE
 from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
 from utils.metrics import Throughput
+from utils.checkpoint import Checkpointer
 from utils.pairs import Pair, collate_pairs
-from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
+from utils.stream import eval_batches
+from utils.train import check_finite, to_device
 
 # Per-pair diagnostics averaged over a logging window or the eval set ("losses" is reported as "loss").
 PAIR_KEYS = ("losses", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -152,7 +154,9 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
     """Run optimizer steps up to `total_steps`; `ref` is None when the items carry precomputed
     reference log-probs. Returns the last eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
-    step = resume_step(args, {"model": engine}, stream, logger)
+    ckpt = Checkpointer(args, {"model": engine}, logger, lambda: {"stream": stream.state_dict()},
+                        lambda st: stream.load_state_dict(st["stream"]))
+    step = ckpt.resume()
     if step == 0:
         logger.log({"step": 0, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
     speed, window = Throughput(), PairStats()
@@ -183,9 +187,7 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
             window = PairStats()
         if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
             logger.log({"step": step, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
-        if args.save_interval and step % args.save_interval == 0:
-            save_checkpoint(args.output_dir, step, {"model": engine}, {"stream": stream.state_dict()},
-                            args.save_total_limit)
+        ckpt.after_step(step)  # periodic checkpoint; a stop request: checkpoint and exit (utils/signals.py)
     final = evaluate(engine, ref, eval_items, args, pad_id)
     logger.log({"step": step, "split": "eval", **final})
     return final

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline: step 1 (SFT) -> step 2 (reward model) -> step 3 (PPO), and DPO from the SFT model.
-# Each step's output feeds the next; a step whose output is already complete is skipped, so a rerun
-# after a failure continues where it stopped. Stops with a clear message when a step fails.
+# Each step's output feeds the next. A step whose output directory holds a finished run of the same
+# inputs (its done.json: models, data files, flags) is skipped; one made from other inputs is refused
+# with a line naming the input, or run again with FORCE=1; an unfinished one continues from its last
+# checkpoint (--resume). So a rerun after a failure or a stop continues where it stopped.
 #
 # Environment:
 #   MODEL         base causal LM (hub name or directory)                      required
@@ -11,7 +13,11 @@
 #   WORK_DIR      outputs: WORK_DIR/{sft,reward,ppo,dpo}, logs in WORK_DIR/logs   default: out
 #   STEPS         which steps to run, in order                                default: "sft reward ppo dpo"
 #   SFT_ARGS, REWARD_ARGS, PPO_ARGS, DPO_ARGS   extra flags per step (word-split)
-#   MODEL_SIZE, NGPUS, HOSTFILE, ZERO_STAGE, OFFLOAD, DRY_RUN   as in launch/run.sh
+#   FORCE=1       rerun steps whose inputs changed (replacing their finished output)
+#   MODEL_SIZE, NGPUS, HOSTFILE, NUM_NODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, ZERO_STAGE, OFFLOAD,
+#   DRY_RUN       as in launch/run.sh
+# SIGTERM, SIGINT or SIGUSR1 stops the running step (launch/run.sh: checkpoint, then exit) and the
+# pipeline, which exits 143; the same command continues it.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${MODEL:?set MODEL to the base model}" "${SFT_DATA:?set SFT_DATA}" "${PREF_DATA:?set PREF_DATA}"
@@ -19,43 +25,75 @@ PROMPT_DATA="${PROMPT_DATA:-$PREF_DATA}"
 WORK_DIR="${WORK_DIR:-out}"
 STEPS="${STEPS:-sft reward ppo dpo}"
 mkdir -p "$WORK_DIR/logs"
+export RLHF_WATCH_PIDS="${RLHF_WATCH_PIDS:+$RLHF_WATCH_PIDS }$(hostname):$$"
 
-complete() {  # a saved Hugging Face model directory with its args.json
-  [ -f "$1/config.json" ] && [ -f "$1/args.json" ] && compgen -G "$1/*.safetensors" >/dev/null
+STEP_PID=""
+STOPPED=""
+stop() {
+  STOPPED="$1"
+  # SIGTERM whatever arrived: a background run.sh ignores SIGINT (bash without job control). It stops
+  # the job and waits for it.
+  [ -n "$STEP_PID" ] && kill -TERM "$STEP_PID" 2>/dev/null || true
 }
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+trap 'stop USR1' USR1
 
-run_step() {  # run_step NAME OUTPUT_CHECK_DIR STEP_KIND EXTRA_ARGS; environment set by the caller
-  local name="$1" check="$2" kind="$3" extra="$4" log="$WORK_DIR/logs/$1.log" rc=0
-  if [ "${DRY_RUN:-0}" != "1" ] && complete "$check"; then
-    echo "[pipeline] $name: $check is complete, skipping"
+run_step() {  # run_step NAME STEP_KIND EXTRA_ARGS; environment set by the caller
+  local name="$1" kind="$2" extra="$3" log="$WORK_DIR/logs/$1.log" rc=0 status flags=()
+  if [ "${DRY_RUN:-0}" = "1" ]; then
+    # shellcheck disable=SC2086
+    bash "$HERE/run.sh" "$kind" $extra
     return 0
   fi
-  echo "[pipeline] $name: running (log: $log)"
+  # shellcheck disable=SC2086
+  status=$(STATUS=1 bash "$HERE/run.sh" "$kind" $extra 2>&1) || rc=$?
+  case "$rc" in
+    0) echo "[pipeline] $name: $status; skipping"
+       return 0 ;;
+    1) flags=(--resume)  # continues an unfinished run; starts fresh (saying so) when there is none
+       echo "[pipeline] $name: running ($status; log: $log)" ;;
+    3) if [ "${FORCE:-0}" != "1" ]; then
+         echo "[pipeline] error: $name: $status; set FORCE=1 to run it again" >&2
+         exit 2
+       fi
+       flags=(--overwrite_output_dir)
+       echo "[pipeline] $name: $status; FORCE=1: running it again (log: $log)" ;;
+    *) echo "[pipeline] error: $name: $status" >&2
+       exit 2 ;;
+  esac
+  rc=0
   local t0; t0=$(date +%s)
   # shellcheck disable=SC2086
-  bash "$HERE/run.sh" "$kind" $extra >"$log" 2>&1 || rc=$?
-  if [ "${DRY_RUN:-0}" = "1" ]; then
-    cat "$log"
-    return 0
+  bash "$HERE/run.sh" "$kind" $extra "${flags[@]}" >"$log" 2>&1 &
+  STEP_PID=$!
+  while kill -0 "$STEP_PID" 2>/dev/null; do
+    wait "$STEP_PID" && rc=0 || rc=$?  # a trapped signal ends `wait` early: wait again
+  done
+  STEP_PID=""
+  if [ -n "$STOPPED" ]; then
+    echo "[pipeline] stopped by SIG$STOPPED during step '$name' (exit $rc); last lines of $log:" >&2
+    tail -n 3 "$log" >&2
+    echo "[pipeline] run the same command again to continue" >&2
+    exit 143
   fi
-  if [ "$rc" -ne 0 ] || ! complete "$check"; then
+  if [ "$rc" -ne 0 ]; then
     echo "[pipeline] error: step '$name' failed (exit $rc); last lines of $log:" >&2
     tail -n 15 "$log" >&2
     exit 1
   fi
-  echo "[pipeline] $name: done -> $check ($(( $(date +%s) - t0 ))s)"
+  echo "[pipeline] $name: done -> $WORK_DIR/$name ($(( $(date +%s) - t0 ))s)"
 }
 
 for step in $STEPS; do
+  [ -n "$STOPPED" ] && exit 143
   case "$step" in
-    sft)    MODEL="$MODEL" DATA="$SFT_DATA" OUTPUT_DIR="$WORK_DIR/sft" \
-              run_step sft "$WORK_DIR/sft" sft "${SFT_ARGS:-}" ;;
+    sft)    MODEL="$MODEL" DATA="$SFT_DATA" OUTPUT_DIR="$WORK_DIR/sft" run_step sft sft "${SFT_ARGS:-}" ;;
     reward) MODEL="$WORK_DIR/sft" DATA="$PREF_DATA" OUTPUT_DIR="$WORK_DIR/reward" \
-              run_step reward "$WORK_DIR/reward" reward "${REWARD_ARGS:-}" ;;
+              run_step reward reward "${REWARD_ARGS:-}" ;;
     ppo)    ACTOR="$WORK_DIR/sft" CRITIC="$WORK_DIR/reward" DATA="$PROMPT_DATA" OUTPUT_DIR="$WORK_DIR/ppo" \
-              run_step ppo "$WORK_DIR/ppo/actor" ppo "${PPO_ARGS:-}" ;;
-    dpo)    MODEL="$WORK_DIR/sft" DATA="$PREF_DATA" OUTPUT_DIR="$WORK_DIR/dpo" \
-              run_step dpo "$WORK_DIR/dpo" dpo "${DPO_ARGS:-}" ;;
+              run_step ppo ppo "${PPO_ARGS:-}" ;;
+    dpo)    MODEL="$WORK_DIR/sft" DATA="$PREF_DATA" OUTPUT_DIR="$WORK_DIR/dpo" run_step dpo dpo "${DPO_ARGS:-}" ;;
     *) echo "[pipeline] error: unknown step '$step' in STEPS (sft reward ppo dpo)" >&2; exit 2 ;;
   esac
 done

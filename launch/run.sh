@@ -6,14 +6,25 @@
 # Environment (all optional):
 #   MODEL_SIZE   preset row of launch/presets.sh (125m 350m 1.3b 7b 13b 70b tiny); default 1.3b
 #   NGPUS        GPUs per node; detected with nvidia-smi when unset (2 CPU ranks without a GPU)
-#   HOSTFILE     DeepSpeed hostfile for several nodes ("host slots=8" per line); NNODES is read from it
+#   HOSTFILE     DeepSpeed hostfile for several nodes ("host slots=8" per line), started from this node
+#                over ssh (pdsh); NNODES is read from it
+#   NUM_NODES, NODE_RANK, MASTER_ADDR   several nodes without ssh: run this script on every node with the
+#                same NUM_NODES, MASTER_ADDR (node 0's address) and MASTER_PORT and its own NODE_RANK
 #   GPU_MEM_GB   memory per GPU used by the ZeRO table (default 80)
 #   ZERO_STAGE, OFFLOAD=0|1   override the table's choice
 #   MODEL        model to start from (sft, reward, dpo); ACTOR and CRITIC for ppo
 #   DATA         data file(s), space separated; OUTPUT_DIR   where the step writes
 #   MASTER_PORT  rendezvous port (deepspeed's default 29500 when unset)
 #   DRY_RUN=1    print the exact command instead of running it
+#   STATUS=1     print whether OUTPUT_DIR holds a finished run of these inputs (exit 0), none (1) or one
+#                made from other inputs (3, naming the input), without running (utils/output.py)
+#   STOP_TIMEOUT seconds a stopping job may take before it is killed (default 600)
 # Flags after STEP are passed through unchanged and win over the preset (argparse keeps the last).
+#
+# SIGTERM, SIGINT or SIGUSR1 to this script stops the job: the job runs in its own process group, the
+# `deepspeed` command is sent SIGTERM, the ranks (which watch it, utils/signals.py) finish their
+# optimizer step, write a checkpoint and exit, and this script waits for every process of the group
+# and exits 143. A second signal kills the group at once.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
@@ -38,6 +49,19 @@ if [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; }
   NNODES=$(grep -cvE '^\s*(#|$)' "$HOSTFILE")
   LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NGPUS")
+elif [ "${NUM_NODES:-1}" -gt 1 ]; then
+  # One `deepspeed --no_ssh` per node, as on clusters without ssh between nodes (SLURM, Kubernetes).
+  # DeepSpeed takes the node list from a hostfile even then; the names are only labels, every node
+  # connects to MASTER_ADDR:MASTER_PORT.
+  : "${NODE_RANK:?set NODE_RANK (0..NUM_NODES-1) on each node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+  NNODES="$NUM_NODES"
+  NODES_FILE="${TMPDIR:-/tmp}/ds-rlhf-hostfile-${NNODES}x${NGPUS}"
+  NODES_TMP=$(mktemp "$NODES_FILE.XXXXXX")  # written whole, then renamed: every node writes the same file
+  for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$NGPUS"; done >"$NODES_TMP"
+  mv -f "$NODES_TMP" "$NODES_FILE"
+  LAUNCH+=(--hostfile "$NODES_FILE" --no_ssh --num_nodes "$NNODES" --node_rank "$NODE_RANK"
+           --master_addr "$MASTER_ADDR" --num_gpus "$NGPUS")
+  MASTER_PORT="${MASTER_PORT:-29500}"  # every node must use the same one
 else
   LAUNCH+=(--num_gpus "$NGPUS")
 fi
@@ -91,4 +115,48 @@ fi
 cd "$REPO"
 # The checkout's packages win over any installed copy (and work without `pip install -e .`).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-exec "${CMD[@]}"
+if [ "${STATUS:-0}" = "1" ]; then
+  exec "${PYTHON:-python3}" -m utils.output status "${ARGS[@]}" "${DATA_ARGS[@]}" "${OUT_ARGS[@]}" "$@"
+fi
+
+# The ranks stop when this script goes away too, even by SIGKILL (utils/signals.py watches these pids).
+export RLHF_WATCH_PIDS="${RLHF_WATCH_PIDS:+$RLHF_WATCH_PIDS }$(hostname):$$"
+STOPPING=""
+group_alive() {  # a process of the job's group is still running (zombies awaiting their reaper do not count)
+  ps -e -o pgid=,stat= | awk -v g="$JOB" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+}
+stop_job() {
+  if [ -n "$STOPPING" ]; then
+    echo "[run.sh] $1 again: killing the job" >&2
+    kill -KILL -- "-$JOB" 2>/dev/null || true
+    return
+  fi
+  STOPPING=$(date +%s)
+  echo "[run.sh] $1: stopping the job (each rank finishes its step and writes a checkpoint)" >&2
+  # Only the `deepspeed` command: DeepSpeed's per-node launcher, when signalled itself, SIGKILLs the
+  # ranks 30 s later, which could cut a large checkpoint short; the ranks notice the command's exit.
+  kill -TERM "$JOB" 2>/dev/null || true
+}
+trap 'stop_job SIGTERM' TERM
+trap 'stop_job SIGINT' INT
+trap 'stop_job SIGUSR1' USR1
+set -m  # job control: the job gets its own process group, so its processes can be waited for together
+"${CMD[@]}" &
+JOB=$!
+set +m
+rc=0
+while kill -0 "$JOB" 2>/dev/null; do
+  wait "$JOB" && rc=0 || rc=$?  # a trapped signal ends `wait` early: wait again
+done
+# DeepSpeed's launcher and the ranks may outlive the `deepspeed` command: wait for the whole group.
+while group_alive; do
+  if [ -n "$STOPPING" ] && [ $(( $(date +%s) - STOPPING )) -gt "${STOP_TIMEOUT:-600}" ]; then
+    echo "[run.sh] the job did not stop within ${STOP_TIMEOUT:-600} s: killing it" >&2
+    kill -KILL -- "-$JOB" 2>/dev/null || true
+  fi
+  sleep 0.5
+done
+if [ -n "$STOPPING" ]; then
+  exit 143
+fi
+exit "$rc"

@@ -10,17 +10,24 @@ from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate, train
 from utils import ds, packing
-from utils.args import SHARED_GROUPS, parse
+from utils.args import SHARED_GROUPS, args_record, parse
 from utils.encoding import encode_all
 from utils.errors import exit_on_user_error
 from utils.model import load_model, prepare_model, save_hf
-from utils.train import StepStream, ds_config_from_args, init_engine_from_args, load_step_data, start_run
+from utils.output import check_output_dir, partial_dir
+from utils.stream import StepStream
+from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
+
+
+def parse_args(argv=None):
+    return parse(SHARED_GROUPS, "Step 1: supervised fine-tuning (loss on response tokens only)", argv,
+                 required=("model_name_or_path", "data_path", "output_dir"))
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = parse(SHARED_GROUPS, "Step 1: supervised fine-tuning (loss on response tokens only)", argv,
-                 required=("model_name_or_path", "data_path", "output_dir"))
+    args = parse_args(argv)
+    check_output_dir(args)
     hf_logging.disable_progress_bar()
     rank, world = ds.init_distributed(args.seed)
 
@@ -49,8 +56,8 @@ def main(argv=None) -> None:
     logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()
-    save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})
-    ds.print0(f"saved {args.output_dir}")
+    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved))
+    finish_run(args, resolved)
 
 
 if __name__ == "__main__":

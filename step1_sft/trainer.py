@@ -9,7 +9,9 @@ from utils import ds, packing
 from utils.encoding import IGNORE, pad_batch
 from utils.losses import count_target_tokens, sft_loss, step_loss_scale
 from utils.metrics import Throughput
-from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
+from utils.checkpoint import Checkpointer
+from utils.stream import eval_batches
+from utils.train import check_finite, to_device
 
 
 def collate(items, pad_id: int, pack: bool = False) -> dict:
@@ -39,7 +41,9 @@ def evaluate(engine, items, batch_size: int, pad_id: int, fp32: bool) -> dict:
 def train(args, engine, stream, eval_items, logger, pad_id: int, total_steps: int) -> dict:
     """Run optimizer steps up to `total_steps`; returns the last eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
-    step = resume_step(args, {"model": engine}, stream, logger)
+    ckpt = Checkpointer(args, {"model": engine}, logger, lambda: {"stream": stream.state_dict()},
+                        lambda st: stream.load_state_dict(st["stream"]))
+    step = ckpt.resume()
     if step == 0:
         logger.log({"step": 0, "split": "eval", **evaluate(engine, eval_items, args.per_device_eval_batch_size,
                                                             pad_id, fp32)})
@@ -69,9 +73,7 @@ def train(args, engine, stream, eval_items, logger, pad_id: int, total_steps: in
         if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
             logger.log({"step": step, "split": "eval", **evaluate(engine, eval_items, args.per_device_eval_batch_size,
                                                                    pad_id, fp32)})
-        if args.save_interval and step % args.save_interval == 0:
-            save_checkpoint(args.output_dir, step, {"model": engine}, {"stream": stream.state_dict()},
-                            args.save_total_limit)
+        ckpt.after_step(step)  # periodic checkpoint; a stop request: checkpoint and exit (utils/signals.py)
     final = evaluate(engine, eval_items, args.per_device_eval_batch_size, pad_id, fp32)
     logger.log({"step": step, "split": "eval", **final})
     return final

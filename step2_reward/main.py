@@ -13,12 +13,14 @@ from transformers.utils import logging as hf_logging
 
 from step2_reward.trainer import train
 from utils import ds, packing
-from utils.args import SHARED_GROUPS, arg, parse
+from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.model import disable_dropout, prepare_model, save_hf
+from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
 from utils.reward import export_pad_token_id, load_reward_model
-from utils.train import StepStream, ds_config_from_args, init_engine_from_args, load_step_data, start_run
+from utils.stream import StepStream
+from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
 
 @dataclass
@@ -32,10 +34,15 @@ class RewardArgs:
                                       "rewards to float rounding; not with --gradient_checkpointing")
 
 
+def parse_args(argv=None):
+    return parse((*SHARED_GROUPS, RewardArgs), "Step 2: reward model (pairwise loss on the last-token score)",
+                 argv, required=("model_name_or_path", "data_path", "output_dir"))
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = parse((*SHARED_GROUPS, RewardArgs), "Step 2: reward model (pairwise loss on the last-token score)",
-                 argv, required=("model_name_or_path", "data_path", "output_dir"))
+    args = parse_args(argv)
+    check_output_dir(args)
     if args.shared_prompt_forward and args.gradient_checkpointing:
         raise UserError("--shared_prompt_forward needs the KV cache, which --gradient_checkpointing turns off")
     if args.shared_prompt_forward and args.packing:
@@ -78,8 +85,8 @@ def main(argv=None) -> None:
         ds.print0(f"saved config.pad_token_id = {export_pad} (was {config.pad_token_id} for training batches; "
                   f"tokenizer pad={tokenizer.pad_token_id} eos={tokenizer.eos_token_id})")
         config.pad_token_id = export_pad
-    save_hf(engine.module, tokenizer, args.output_dir, {**vars(args), **resolved})
-    ds.print0(f"saved {args.output_dir}")
+    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved))
+    finish_run(args, resolved)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ import torch
 from utils import ds, packing
 from utils.losses import pairwise_reward_loss, step_loss_scale
 from utils.metrics import Throughput
+from utils.checkpoint import Checkpointer
+from utils.output import partial_dir
 from utils.pairs import pair_tokens
 from utils.reward import sequence_rewards, shared_prompt_rewards, token_scores
-from utils.train import check_finite, eval_batches, resume_step, save_checkpoint, to_device
+from utils.stream import eval_batches
+from utils.train import check_finite, to_device
 
 SUMS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "margin_sum", "pairs")
 
@@ -81,7 +84,9 @@ def train(args, engine, stream, eval_items, logger, collate_fn, total_steps: int
     pairs); returns the final eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
     center, eval_bs = args.center_rewards_coefficient, args.per_device_eval_batch_size
-    step = resume_step(args, {"model": engine}, stream, logger)
+    ckpt = Checkpointer(args, {"model": engine}, logger, lambda: {"stream": stream.state_dict()},
+                        lambda st: stream.load_state_dict(st["stream"]))
+    step = ckpt.resume()
     if step == 0:
         logger.log({"step": 0, "split": "eval", **evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32)})
     speed, window = Throughput(), dict.fromkeys(SUMS, 0.0)
@@ -113,10 +118,8 @@ def train(args, engine, stream, eval_items, logger, collate_fn, total_steps: int
         if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
             logger.log({"step": step, "split": "eval",
                         **evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32)})
-        if args.save_interval and step % args.save_interval == 0:
-            save_checkpoint(args.output_dir, step, {"model": engine}, {"stream": stream.state_dict()},
-                            args.save_total_limit)
+        ckpt.after_step(step)  # periodic checkpoint; a stop request: checkpoint and exit (utils/signals.py)
     final = evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32,
-                     scores_path=os.path.join(args.output_dir, "eval_rewards.jsonl"))
+                     scores_path=os.path.join(partial_dir(args.output_dir), "eval_rewards.jsonl"))
     logger.log({"step": step, "split": "eval", **final})
     return final

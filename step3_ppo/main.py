@@ -19,13 +19,15 @@ from step3_ppo.config import GROUPS, REQUIRED
 from step3_ppo.models import build_models, check_args, require_reward_model
 from step3_ppo.trainer import train
 from utils import ds
-from utils.args import parse, resolve_data_settings
+from utils.args import args_record, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all
 from utils.errors import UserError, at_record, exit_on_user_error
 from utils.model import load_tokenizer, save_hf
+from utils.output import check_output_dir, partial_dir
 from utils.reward import export_pad_token_id
-from utils.train import StepStream, start_run
+from utils.stream import StepStream
+from utils.train import finish_run, start_run
 
 
 def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[list[int]]:
@@ -63,11 +65,16 @@ def check_tokenizers(actor_tok, other_path: str, what: str, trust_remote_code: b
                         "ids between the models, so they must share one (train step 2 from the step-1 model)")
 
 
+def parse_args(argv=None):
+    return parse(GROUPS, "Step 3: PPO with actor, critic, reference and reward models", argv, required=REQUIRED)
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = parse(GROUPS, "Step 3: PPO with actor, critic, reference and reward models", argv, required=REQUIRED)
+    args = parse_args(argv)
     hf_logging.disable_progress_bar()
     check_args(args)
+    check_output_dir(args)
     rank, world = ds.init_distributed(args.seed)
     reward_path = args.reward_model_name_or_path or args.critic_model_name_or_path
 
@@ -107,15 +114,15 @@ def main(argv=None) -> None:
     train(args, models, encoder, stream, unsup, eval_prompts, logger, total_steps)
     logger.close()
 
-    meta = {**vars(args), **resolved}
-    save_hf(models.actor.module, tokenizer, os.path.join(args.output_dir, "actor"), meta)
+    meta, out = args_record(args, resolved), partial_dir(args.output_dir)
+    save_hf(models.actor.module, tokenizer, os.path.join(out, "actor"), meta)
     # As in step 2: the saved config's pad id is the one plain transformers needs to pool at the EOS.
     critic_config = models.critic.module.config.get_text_config()
     critic_config.pad_token_id = export_pad_token_id(tokenizer)
-    save_hf(models.critic.module, tokenizer, os.path.join(args.output_dir, "critic"), meta)
+    save_hf(models.critic.module, tokenizer, os.path.join(out, "critic"), meta)
     if models.ema is not None:
-        save_hf(models.ema, tokenizer, os.path.join(args.output_dir, "actor_ema"), meta)
-    ds.print0(f"saved {args.output_dir}/actor, critic{', actor_ema' if models.ema is not None else ''}")
+        save_hf(models.ema, tokenizer, os.path.join(out, "actor_ema"), meta)
+    finish_run(args, resolved)
 
 
 if __name__ == "__main__":

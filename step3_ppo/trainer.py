@@ -26,7 +26,10 @@ from utils.losses import sft_loss
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, compute_rewards,
                       entropy_from_logits, gae_advantages, masked_mean, policy_loss, token_logprobs, value_loss,
                       whiten_from_sums)
-from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
+from utils.checkpoint import Checkpointer
+from utils.errors import UserError
+from utils.stream import eval_batches
+from utils.train import check_finite, to_device
 
 
 def make_kl_controller(args):
@@ -181,24 +184,36 @@ def sample_table(tokenizer, b: dict, k: int = 3) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the loop
 
+def client_state(models, stream, unsup, kl_ctl, reward_norm) -> dict:
+    return {"prompts": stream.state_dict(), "unsup": unsup.state_dict() if unsup is not None else None,
+            "kl_ctl": kl_ctl.state_dict(), "reward_norm": reward_norm.state_dict(),
+            "ema": ema_state(models.ema) if models.ema is not None else None}
+
+
+def restore_client_state(state: dict, models, stream, unsup, kl_ctl, reward_norm) -> None:
+    stream.load_state_dict(state["prompts"])
+    if unsup is not None:
+        unsup.load_state_dict(state["unsup"])
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    reward_norm.load_state_dict(state["reward_norm"])
+    if models.ema is not None:
+        sharded = 3 in (state["saved_zero_stage"].get("actor"), models.actor.zero_optimization_stage())
+        if sharded and (state["saved_world_size"] != ds.world_size()
+                        or state["saved_zero_stage"].get("actor") != models.actor.zero_optimization_stage()):
+            raise UserError("--resume --enable_ema: under ZeRO-3 each rank's checkpoint holds its own shard of the "
+                            "EMA, which cannot be regrouped for another world size or ZeRO stage")
+        load_ema_state(models.ema, state["ema"])
+
+
 def train(args, models, encoder, stream, unsup, eval_items, logger, total_steps: int) -> dict:
     """PPO steps up to `total_steps`; returns the last step's metrics."""
     kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
     gen_cfg = generation_config(args, encoder)
-    step, last = 0, {}
+    last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank
-    if args.resume and (ckpt := latest_checkpoint(args.output_dir)):
-        state = load_checkpoint(ckpt, engines)
-        stream.load_state_dict(state["prompts"])
-        if unsup is not None:
-            unsup.load_state_dict(state["unsup"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        reward_norm.load_state_dict(state["reward_norm"])
-        if models.ema is not None:
-            load_ema_state(models.ema, state["ema"])
-        step = state["step"]
-        logger.write(f"resumed from {ckpt} at step {step}")
-        logger.advance(step)
+    ckpt = Checkpointer(args, engines, logger, lambda: client_state(models, stream, unsup, kl_ctl, reward_norm),
+                        lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm))
+    step = ckpt.resume()
     if step == 0 and eval_items:
         logger.log({"step": 0, "split": "eval", **evaluate(args, models, encoder, eval_items)})
     while step < total_steps:
@@ -228,11 +243,7 @@ def train(args, models, encoder, stream, unsup, eval_items, logger, total_steps:
             logger.log({"step": step, "split": "samples", "samples": sample_table(encoder.tokenizer, rollouts[0])})
         if eval_items and args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
             logger.log({"step": step, "split": "eval", **evaluate(args, models, encoder, eval_items)})
-        if args.save_interval and step % args.save_interval == 0:
-            client = {"prompts": stream.state_dict(), "unsup": unsup.state_dict() if unsup is not None else None,
-                      "kl_ctl": kl_ctl.state_dict(), "reward_norm": reward_norm.state_dict(),
-                      "ema": ema_state(models.ema) if models.ema is not None else None}
-            save_checkpoint(args.output_dir, step, engines, client, args.save_total_limit)
+        ckpt.after_step(step)  # periodic checkpoint; a stop request: checkpoint and exit (utils/signals.py)
     if eval_items:
         logger.log({"step": step, "split": "eval", **evaluate(args, models, encoder, eval_items)})
     return last

@@ -156,22 +156,34 @@ def last_by_step(metrics: list[dict], split: str = "train", key: str = "loss") -
     return {m["step"]: m[key] for m in metrics if m["split"] == split and key in m}
 
 
-def run_killed_after_checkpoint(script: str, args: list[str], out: str, timeout: float = 300) -> str:
-    """Start a 2-rank run, SIGKILL the whole process group once a checkpoint is complete."""
+def partial(out: str) -> str:
+    """Where a run writes until it has finished (utils/output.py)."""
+    return os.path.normpath(out) + ".partial"
+
+
+def checkpoints_of(out: str) -> list[int]:
+    root = os.path.join(partial(out), "checkpoints")
+    return sorted(int(d.split("-")[1]) for d in os.listdir(root) if re.fullmatch(r"step-\d+", d)) if os.path.isdir(
+        root) else []
+
+
+def run_killed_after_checkpoint(script: str, args: list[str], out: str, newer_than: int = 0,
+                                timeout: float = 300) -> str:
+    """Start a 2-rank run, SIGKILL the whole process group once a checkpoint after step `newer_than` is
+    complete (a hard kill: nothing runs after it)."""
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(REPO, script), *args]
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    root = os.path.join(out, "checkpoints")
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
-            done = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+            done = [s for s in checkpoints_of(out) if s > newer_than]
             if done:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return max(done, key=lambda d: int(d.split("-")[1]))
+                return f"step-{max(done)}"
             if proc.poll() is not None:
                 raise AssertionError(f"run finished before a checkpoint was written (rc {proc.returncode})")
             time.sleep(0.05)
@@ -180,3 +192,76 @@ def run_killed_after_checkpoint(script: str, args: list[str], out: str, timeout:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         clean_shm(port)
+
+
+def _session_alive(sid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+    return alive
+
+
+def train_lines(out: str) -> int:
+    path = os.path.join(partial(out), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum('"split": "train"' in line for line in f)
+
+
+def run_stopped(script: str, args: list[str], out: str, after: int, sig=signal.SIGTERM, target: str = "launcher",
+                env: dict | None = None, timeout: float = 300) -> dict:
+    """Start a 2-rank run in a session of its own, send `sig` to `target` once OUT.partial/metrics.jsonl
+    has `after` train lines, and wait until every process of the session has ended; that must take under
+    60 s and leave no /dev/shm buffer. `script` is a program (started with `deepspeed`) or a launch script
+    (`launch/run.sh STEP`, `launch/pipeline.sh`: started with bash, `env` sets it up). `target`:
+    "launcher" (the process started: `deepspeed` or the script) or "rank1" (that rank's process alone).
+    Returns rc, seconds (signal to last exit), output, and the stop checkpoint's step."""
+    import psutil
+
+    port = free_port()
+    if script.endswith(".sh") or script.startswith("launch/"):
+        cmd = ["bash", *script.split(), *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(REPO, script), *args]
+    full_env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(port), **(env or {}))
+    os.makedirs(os.path.dirname(os.path.normpath(out)), exist_ok=True)
+    log = open(os.path.normpath(out) + ".stop.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while train_lines(out) < after:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise AssertionError(f"run ended or stalled before step {after} (rc {proc.poll()}):\n{log.read()[-4000:]}")
+            time.sleep(0.05)
+        if target == "launcher":
+            victim = proc.pid
+        else:
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "--local_rank=1" in " ".join(p.cmdline())]
+            victim = ranks[0].pid
+        t0 = time.time()
+        os.kill(victim, sig)
+        while _session_alive(proc.pid) and time.time() - t0 < 120:
+            time.sleep(0.1)
+        seconds = time.time() - t0
+        rc = proc.wait(timeout=10)
+    finally:
+        if _session_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = clean_shm(port)
+    log.seek(0)
+    output = log.read()
+    log.close()
+    assert seconds < 60, (seconds, output[-3000:])
+    assert not left, left
+    stopped = re.findall(r"stopped after step (\d+)", output)  # a launch script logs the job elsewhere
+    step = int(stopped[-1]) if stopped else max(checkpoints_of(out), default=None)
+    return {"rc": rc, "seconds": seconds, "output": output, "step": step}

@@ -548,7 +548,7 @@ def test_no_unsafe_loading_or_saving_in_our_code():
     """torch.load only with weights_only=True; no pickle-family modules; no np.load(allow_pickle=True);
     trust_remote_code never hard-coded to True; no torch.save or safe_serialization=False (models are written
     by utils.model.save_hf as safetensors; resumable state goes through DeepSpeed's checkpoints, read back
-    with weights_only=True by utils.train)."""
+    with weights_only=True by utils.checkpoint)."""
     problems = []
     for path in _our_sources():
         with open(path) as f:

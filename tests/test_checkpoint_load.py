@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.train import _rng_state, _set_rng_state, _weights_only_loader
+from utils.checkpoint import _rng_state, _set_rng_state, _weights_only_loader
 
 
 def safe_loader():
@@ -65,3 +65,18 @@ def test_other_objects_are_refused_without_running(tmp_path):
     torch.save({"args": __import__("argparse").Namespace(lr=1.0)}, path)
     with pytest.raises(UserError, match="argparse.Namespace"):
         safe_loader()(path)
+
+
+def test_deepspeeds_own_torch_load_calls_are_made_safe_too(tmp_path):
+    """DeepSpeed's universal-checkpoint converter and loader call torch.load(weights_only=False) directly;
+    while a checkpoint is converted or loaded those calls go through the same safe loader."""
+    from utils.checkpoint import _TORCH_LOAD, _only_safe_torch_load
+
+    marker = str(tmp_path / "ran")
+    path = str(tmp_path / "optimizer_state.pt")
+    torch.save({"param_groups": [], "payload": _RunsCode(marker)}, path)
+    with _only_safe_torch_load():
+        with pytest.raises(UserError, match="holds io.open"):
+            torch.load(path, weights_only=False)
+    assert not os.path.exists(marker)
+    assert torch.load is _TORCH_LOAD  # restored afterwards

@@ -1,11 +1,13 @@
-"""The same global batch on 1 rank and on 2 ranks (ZeRO 0 and 3, and packed) gives the same losses."""
+"""The same global batch on 1 rank, on 2 ranks (ZeRO 0 and 3, and packed) and on 2 nodes x 1 rank gives the same
+losses."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
-from conftest import DATA, read_metrics, run_deepspeed, run_python
+from conftest import DATA, REPO, clean_shm, free_port, read_metrics, run_deepspeed, run_python
 
 pytestmark = pytest.mark.e2e
 
@@ -35,3 +37,29 @@ def test_one_rank_equals_two_ranks(tiny_dir, tmp_path, script, data, lr, toleran
         for key, tol in tolerances.items():
             got, want = train_values(out, key), train_values(one, key)
             assert got == pytest.approx(want, abs=tol), (stage, extra, key, got, want)
+    if script == "step1_sft/main.py":
+        nodes = str(tmp_path / "two-nodes")
+        run_two_nodes("sft", common + ["--output_dir", nodes, "--per_device_train_batch_size", "4", "--max_seq_len",
+                                       "512", "--zero_stage", "0"])
+        assert train_values(nodes, "loss") == pytest.approx(train_values(str(tmp_path / "two-z0"), "loss"), abs=1e-6)
+
+
+def run_two_nodes(step: str, args: list[str]) -> None:
+    """Two "nodes" of one rank on this machine, started the way multi-node runs start without ssh: one
+    launch/run.sh per node (NUM_NODES, NODE_RANK, MASTER_ADDR -> `deepspeed --no_ssh --node_rank i`)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "ZERO_STAGE", "OFFLOAD")}
+    env.update(NUM_NODES="2", NGPUS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MODEL_SIZE="tiny")
+    procs = [subprocess.Popen(["bash", os.path.join(REPO, "launch/run.sh"), step, *args], cwd=REPO,
+                              env=dict(env, NODE_RANK=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        clean_shm(port)
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, (i, out[-4000:])
+    assert "world=2" in outs[0]  # one process group over both nodes

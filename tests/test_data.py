@@ -135,7 +135,7 @@ def test_step_stream_same_global_batch_for_any_world_size(monkeypatch):
     """1 rank x 8 and 2 ranks x 4 see the same global batches; each epoch is a new permutation that
     covers every item; every rank runs the same number of micro-batches."""
     from utils import ds
-    from utils.train import StepStream
+    from utils.stream import StepStream
 
     items = list(range(21))
 

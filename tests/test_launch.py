@@ -1,9 +1,12 @@
-"""Launchers: syntax, dry-run commands, and a valid DeepSpeed config for every preset x GPU count."""
+"""Launchers: syntax, dry-run commands, a valid DeepSpeed config for every preset x GPU count, and the
+pipeline's stop / continue / skip behaviour."""
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -16,7 +19,7 @@ STEPS = {"sft": "step1_sft/main.py", "reward": "step2_reward/main.py", "dpo": "d
 
 
 def dry_run(step: str, **env) -> tuple[str, list[str]]:
-    e = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NGPUS", "ZERO_STAGE", "OFFLOAD")}
+    e = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NGPUS", "ZERO_STAGE", "OFFLOAD", "NUM_NODES")}
     e.update(DRY_RUN="1", **env)
     p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), step], env=e, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -77,3 +80,57 @@ def test_bad_size_is_refused():
     p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], capture_output=True, text=True,
                        env=dict(os.environ, DRY_RUN="1", MODEL_SIZE="3b"))
     assert p.returncode != 0 and "unknown MODEL_SIZE '3b'" in p.stderr
+
+
+def test_multi_node_without_ssh(tmp_path):
+    """NUM_NODES / NODE_RANK / MASTER_ADDR: one `deepspeed --no_ssh` per node, over a generated hostfile."""
+    header, cmd = dry_run("sft", MODEL_SIZE="7b", NGPUS="8", NUM_NODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1",
+                          MASTER_PORT="29555", TMPDIR=str(tmp_path))
+    assert "2 node(s) x 8" in header and "ZeRO-2" in header
+    assert flag(cmd, "--num_nodes") == "2" and flag(cmd, "--node_rank") == "1" and "--no_ssh" in cmd
+    assert flag(cmd, "--master_addr") == "10.0.0.1" and flag(cmd, "--master_port") == "29555"
+    assert open(flag(cmd, "--hostfile")).read() == "node0 slots=8\nnode1 slots=8\n"
+    e = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR", "HOSTFILE")}
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], capture_output=True, text=True,
+                       env=dict(e, DRY_RUN="1", NUM_NODES="2"))
+    assert p.returncode != 0 and "set NODE_RANK" in p.stderr
+
+
+@pytest.mark.e2e
+def test_pipeline_stops_on_sigterm_then_continues_skips_and_names_changed_inputs(tiny_dir, tmp_path):
+    """SIGTERM to launch/pipeline.sh reaches the ranks through launch/run.sh (checkpoint, exit, nothing
+    left running); the same command continues the step from its checkpoint; once it is finished a rerun
+    skips it (done.json), and changed data is refused with a line naming the file."""
+    from conftest import DATA, checkpoints_of, last_by_step, read_metrics, run_stopped
+
+    data = tmp_path / "sft.jsonl"
+    shutil.copy(os.path.join(DATA, "sft.jsonl"), data)
+    work = tmp_path / "work"
+    env = dict(MODEL=tiny_dir("llama"), SFT_DATA=str(data), PREF_DATA=os.path.join(DATA, "preference.jsonl"),
+               WORK_DIR=str(work), STEPS="sft", MODEL_SIZE="tiny", NGPUS="2",
+               SFT_ARGS="--max_steps 30 --log_interval 1 --per_device_train_batch_size 4")
+    stop = run_stopped("launch/pipeline.sh", [], str(work / "sft"), after=6, env=env)
+    assert stop["rc"] == 143, stop["output"][-3000:]
+    assert "stopped by SIGTERM during step 'sft'" in stop["output"], stop["output"][-3000:]
+    assert stop["step"] is not None and stop["step"] >= 6 and stop["step"] in checkpoints_of(str(work / "sft"))
+    log = open(work / "logs" / "sft.log").read()
+    assert "--resume: no checkpoint in" in log and "starting from step 0" in log  # the pipeline always resumes
+    assert re.search(rf"stopped after step {stop['step']}: rank \d saw its launcher", log), log[-3000:]
+
+    def pipeline(**extra):
+        e = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NUM_NODES", "ZERO_STAGE", "OFFLOAD")}
+        e.update(env, MASTER_PORT=str(__import__("conftest").free_port()), **extra)
+        return subprocess.run(["bash", os.path.join(REPO, "launch/pipeline.sh")], env=e, capture_output=True,
+                              text=True, timeout=900)
+
+    p = pipeline()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"unfinished run at step {stop['step']}" in p.stdout
+    assert f"at step {stop['step']}" in open(work / "logs" / "sft.log").read()
+    assert sorted(last_by_step(read_metrics(str(work / "sft")))) == list(range(1, 31))
+    p = pipeline()
+    assert p.returncode == 0 and "complete for these inputs; skipping" in p.stdout, p.stdout + p.stderr
+    with open(data, "a") as f:
+        f.write('{"prompt": "Tell me about the owl.", "response": "The owl is great."}\n')
+    p = pipeline()
+    assert p.returncode == 2 and f"data file {data} changed" in p.stderr and "FORCE=1" in p.stderr, p.stderr

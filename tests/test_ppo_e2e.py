@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, REPO, last_by_step, read_metrics, run_deepspeed, run_killed_after_checkpoint
+from conftest import DATA, REPO, checkpoints_of, last_by_step, partial, read_metrics, run_deepspeed, run_stopped
 
 sys.path.insert(0, os.path.join(REPO, "data"))
 from make_data import COLD, WARM  # noqa: E402
@@ -114,8 +114,21 @@ def test_ppo_raises_reward_and_the_saved_actor_answers_warmly(sft_and_rm, tmp_pa
     assert args["step"] == "ppo" and args["template"] == "hh" and args["reward_model_name_or_path"] == rm
 
 
+def with_dropout(model_dir: str, out: str) -> str:
+    """A copy of a llama directory whose config asks for attention dropout 0.1."""
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg["attention_dropout"] = 0.1
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    return out
+
+
 def test_ppo_zero3_offload_ema_adaptive_kl_and_resume(sft_and_rm, tmp_path):
-    sft, rm = sft_and_rm
+    # Actor and critic configs ask for dropout 0.1; PPO turns it off (the default --disable_dropout), which
+    # must still hold after a resume for the resumed steps to match.
+    sft, rm = (with_dropout(d, str(tmp_path / name)) for d, name in zip(sft_and_rm, ("sft", "rm")))
     out = str(tmp_path / "ppo3")
     flags = ["--max_steps", "16", "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--offload_reference_model",
              "--enable_ema", "--ema_beta", "0", "--target_kl", "1.0", "--kl_horizon", "100", "--save_interval", "8",
@@ -136,18 +149,20 @@ def test_ppo_zero3_offload_ema_adaptive_kl_and_resume(sft_and_rm, tmp_path):
     assert all(torch.equal(actor[k], ema[k]) for k in actor)  # beta 0: the EMA is the actor, shard by shard
     assert max((actor[k] - start[k]).abs().max().item() for k in actor) > 1e-3
 
-    # The same run, killed with SIGKILL once its step-8 checkpoint is complete, then --resume: steps 9-16
-    # (actor, critic, EMA, KL controller, rollout RNG) and the final weights are those of the first run.
+    # The same run, stopped by SIGTERM to `deepspeed` after a few steps (both ranks checkpoint at the step
+    # they agree on and exit 143, nothing is left running), then --resume: the later steps (actor, critic,
+    # EMA, KL controller, rollout RNG) and the final weights are those of the first run.
     broken = str(tmp_path / "broken")
     args = ["--actor_model_name_or_path", sft, "--critic_model_name_or_path", rm, *PPO_ARGS, *flags]
-    assert run_killed_after_checkpoint("step3_ppo/main.py", args + ["--output_dir", broken], broken) == "step-8"
-    assert not os.path.exists(os.path.join(broken, "actor", "model.safetensors"))
+    stop = run_stopped("step3_ppo/main.py", args + ["--output_dir", broken], broken, after=3)
+    assert "exits with return code = 143" in stop["output"] and stop["step"] in checkpoints_of(broken), stop["output"]
+    assert not os.path.exists(os.path.join(broken, "actor")) and os.path.isdir(partial(broken))
     resumed, _ = ppo(sft, rm, broken, *flags, "--resume")
-    assert [r["step"] for r in resumed].count(8) == 1  # steps 1-8 were not run again
+    assert [r["step"] for r in resumed].count(stop["step"]) == 1  # steps before the stop were not run again
     for k in ("reward", "kl", "kl_coef", "actor_loss", "critic_loss", "response_length"):
         a, b = last_by_step(train, key=k), last_by_step(read_metrics(broken), key=k)
         assert sorted(b) == list(range(1, 17)), sorted(b)
-        for s in range(9, 17):
+        for s in range(stop["step"] + 1, 17):
             assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), (s, k, a[s], b[s])
     for name in ("actor", "actor_ema", "critic"):
         first, again = weights(os.path.join(out, name)), weights(os.path.join(broken, name))

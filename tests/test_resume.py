@@ -1,70 +1,148 @@
-"""Kill -9 after a checkpoint, --resume, and the remaining losses match an uninterrupted run."""
+"""Stopping and resuming: SIGTERM to the launcher (or a signal to one rank) checkpoints and stops the
+whole job, a hard kill resumes from the last periodic checkpoint, --resume reproduces the uninterrupted
+run (with dropout 0.1), also on another world size and ZeRO stage; output directories are never lost."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 
 import pytest
 
-from conftest import DATA, last_by_step, read_metrics, run_deepspeed, run_killed_after_checkpoint
+from conftest import (DATA, assert_user_error, checkpoints_of, last_by_step, partial, read_metrics, run_deepspeed,
+                      run_killed_after_checkpoint, run_python, run_stopped)
 
 pytestmark = pytest.mark.e2e
+STOPPED = 143  # utils/signals.py: STOP_EXIT_CODE
 
 
-def test_sft_resume_matches_uninterrupted(tiny_dir, tmp_path):
-    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
-              "--learning_rate", "3e-3", "--max_steps", "120", "--per_device_train_batch_size", "4",
-              "--log_interval", "1", "--save_interval", "10", "--save_total_limit", "2", "--zero_stage", "2"]
-    full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
-    run_deepspeed("step1_sft/main.py", common + ["--output_dir", full])
-    run_killed_after_checkpoint("step1_sft/main.py", common + ["--output_dir", broken], broken)
-    assert not os.path.exists(os.path.join(broken, "model.safetensors"))
-    p = run_deepspeed("step1_sft/main.py", common + ["--output_dir", broken, "--resume"])
-    resumed_at = int(p.stdout.split("resumed from")[1].split("at step")[1].split()[0])
-    assert resumed_at >= 10
-    a, b = last_by_step(read_metrics(full)), last_by_step(read_metrics(broken))
-    later = [s for s in a if s > resumed_at]
-    assert len(later) >= 10
-    for s in later:
-        assert b[s] == pytest.approx(a[s], abs=1e-5), (s, a[s], b[s])
-    ev_a, ev_b = last_by_step(read_metrics(full), "eval"), last_by_step(read_metrics(broken), "eval")
-    assert ev_b[120] == pytest.approx(ev_a[120], abs=1e-5)
-    # Only complete checkpoints remain, at most --save_total_limit of them.
-    ckpts = os.listdir(os.path.join(broken, "checkpoints"))
+def snapshot(root: str) -> dict:
+    """Every file under `root` with its size and modification time."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def assert_same_losses(a: dict, b: dict, steps, tol: float) -> None:
+    for s in steps:
+        assert b[s] == pytest.approx(a[s], abs=tol), (s, a[s], b[s])
+
+
+def assert_stopped_cleanly(stop: dict, out: str) -> None:
+    """Every rank exited 143 after a complete checkpoint at the step they agreed on, with the resume command.
+    (A `deepspeed` command that got SIGTERM itself died of it at once; its launcher reports the ranks' code.)"""
+    assert stop["rc"] in (STOPPED, -signal.SIGTERM), stop["output"][-3000:]
+    assert f"exits with return code = {STOPPED}" in stop["output"], stop["output"][-3000:]
+    assert stop["step"] in checkpoints_of(out), (stop["step"], checkpoints_of(out))
+    ckpt = os.path.join(partial(out), "checkpoints", f"step-{stop['step']}")
+    meta = json.load(open(os.path.join(ckpt, "meta.json")))
+    assert meta["step"] == stop["step"] and meta["world_size"] == 2
+    assert "resume with: " in stop["output"] and "--resume" in stop["output"].split("resume with: ")[1]
+
+
+def test_sft_stop_kill_resume_and_overwrite_with_dropout(tiny_dir, tmp_path):
+    """OPT (dropout 0.1, which SFT keeps): a finished run is refused without --overwrite_output_dir and left
+    untouched; an overwrite run is stopped by SIGTERM to `deepspeed` (the old model stays loadable, its
+    metrics intact), resumed, hard-killed after a periodic checkpoint, resumed again: every loss equals
+    the uninterrupted run's, and the old metrics end up in metrics.previous.jsonl."""
+    from transformers import AutoModelForCausalLM
+
+    common = ["--model_name_or_path", tiny_dir("opt"), "--data_path", os.path.join(DATA, "sft.jsonl"),
+              "--learning_rate", "3e-3", "--max_steps", "40", "--per_device_train_batch_size", "4",
+              "--log_interval", "1", "--eval_interval", "20", "--save_interval", "10", "--zero_stage", "2"]
+    out = str(tmp_path / "sft")
+    run_deepspeed("step1_sft/main.py", common + ["--output_dir", out])
+    full = read_metrics(out)
+    old_text = open(os.path.join(out, "metrics.jsonl")).read()
+    before = snapshot(out)
+
+    p = run_python("step1_sft/main.py", common + ["--output_dir", out])
+    assert_user_error(p, f"--output_dir '{out}' holds a finished run.*--overwrite_output_dir")
+    assert snapshot(out) == before and not os.path.exists(partial(out))
+
+    stop = run_stopped("step1_sft/main.py", common + ["--output_dir", out, "--overwrite_output_dir"], out, after=13)
+    assert_stopped_cleanly(stop, out)
+    assert snapshot(out) == before  # the finished run is untouched while the new one trains
+    AutoModelForCausalLM.from_pretrained(out)
+
+    args = common + ["--output_dir", out, "--overwrite_output_dir", "--resume"]
+    assert run_killed_after_checkpoint("step1_sft/main.py", args, out, newer_than=stop["step"]) in ("step-20",
+                                                                                                    "step-30")
+    assert snapshot(out) == before
+    p = run_deepspeed("step1_sft/main.py", args)
+    assert "resumed from" in p.stdout
+    assert not os.path.exists(partial(out))
+    a, b = last_by_step(full), last_by_step(read_metrics(out))
+    assert sorted(b) == list(range(1, 41))
+    assert_same_losses(a, b, range(1, 41), 1e-5)
+    ev_a, ev_b = last_by_step(full, "eval"), last_by_step(read_metrics(out), "eval")
+    assert ev_b[40] == pytest.approx(ev_a[40], abs=1e-5)
+    assert open(os.path.join(out, "metrics.previous.jsonl")).read() == old_text
+    assert json.load(open(os.path.join(out, "done.json")))["inputs"]["flags"]["max_steps"] == 40
+    ckpts = os.listdir(os.path.join(out, "checkpoints"))
     assert all(c.startswith("step-") for c in ckpts) and len(ckpts) <= 2
 
 
 @pytest.mark.parametrize("stage", [["--zero_stage", "0"], ["--zero_stage", "1"], ["--zero_stage", "2", "--offload"]])
 def test_every_zero_stage_resumes_through_the_weights_only_loader(tiny_dir, tmp_path, stage):
     """The checkpoint files of ZeRO-0/1/2 (+ CPU-offloaded Adam) hold nothing the weights_only loader refuses
-    (ZeRO-3 is covered by the reward-model and PPO resume tests), and the resumed steps match."""
-    out = str(tmp_path / "o")
+    (ZeRO-3 is covered by the reward-model, PPO and world-size tests), and the resumed steps match."""
+    out, again = str(tmp_path / "o"), str(tmp_path / "again")
     args = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
             "--learning_rate", "3e-3", "--max_steps", "6", "--per_device_train_batch_size", "4", "--log_interval",
-            "1", "--save_interval", "3", "--output_dir", out, *stage]
-    run_deepspeed("step1_sft/main.py", args)
-    full = last_by_step(read_metrics(out))
-    shutil.rmtree(os.path.join(out, "checkpoints", "step-6"))
-    p = run_deepspeed("step1_sft/main.py", args + ["--resume"])
+            "1", "--save_interval", "3", *stage]
+    run_deepspeed("step1_sft/main.py", args + ["--output_dir", out])
+    shutil.copytree(os.path.join(out, "checkpoints", "step-3"), os.path.join(partial(again), "checkpoints", "step-3"))
+    p = run_deepspeed("step1_sft/main.py", args + ["--output_dir", again, "--resume"])
     assert "at step 3" in p.stdout
-    again = last_by_step(read_metrics(out))
-    assert [again[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], abs=1e-5)
+    full, resumed = last_by_step(read_metrics(out)), last_by_step(read_metrics(again))
+    assert_same_losses(full, resumed, (4, 5, 6), 1e-5)
 
 
-def test_resume_refuses_changed_batch(tiny_dir, tmp_path):
-    out = str(tmp_path / "o")
+def test_resume_on_another_world_size_and_zero_stage(tiny_dir, tmp_path):
+    """The same global batch (16) split 2 ranks x 8, 1 rank x 16 and 2 ranks x 8 under ZeRO-3: a 2-rank
+    ZeRO-2 checkpoint resumes on 1 rank, that run's 1-rank checkpoint resumes on 2 ranks under ZeRO-3
+    (DeepSpeed's universal checkpoint), and both continue the uninterrupted curve."""
     common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
-              "--max_steps", "4", "--save_interval", "2", "--output_dir", out]
-    run_deepspeed("step1_sft/main.py", common + ["--per_device_train_batch_size", "4"])
-    p = run_deepspeed("step1_sft/main.py", common + ["--per_device_train_batch_size", "8", "--resume"], check=False)
-    assert p.returncode != 0
-    assert "--per_device_train_batch_size 4 -> 8" in p.stdout + p.stderr
-    assert "Traceback" not in p.stdout + p.stderr
+              "--learning_rate", "3e-3", "--max_steps", "12", "--log_interval", "1", "--save_interval", "4",
+              "--save_total_limit", "0"]
+    full, one, three = str(tmp_path / "full"), str(tmp_path / "one"), str(tmp_path / "three")
+    run_deepspeed("step1_sft/main.py", common + ["--output_dir", full, "--per_device_train_batch_size", "8",
+                                                 "--zero_stage", "2"])
+    ref = last_by_step(read_metrics(full))
+    shutil.copytree(os.path.join(full, "checkpoints", "step-4"), os.path.join(partial(one), "checkpoints", "step-4"))
+    p = run_python("step1_sft/main.py", common + ["--output_dir", one, "--per_device_train_batch_size", "16",
+                                                  "--zero_stage", "2", "--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "universal checkpoint" in p.stdout and "at step 4" in p.stdout
+    assert_same_losses(ref, last_by_step(read_metrics(one)), range(5, 13), 1e-4)
+
+    shutil.copytree(os.path.join(one, "checkpoints", "step-8"), os.path.join(partial(three), "checkpoints", "step-8"))
+    p = run_deepspeed("step1_sft/main.py", common + ["--output_dir", three, "--per_device_train_batch_size", "8",
+                                                     "--zero_stage", "3", "--resume"])
+    assert "universal checkpoint" in p.stdout and "at step 8" in p.stdout
+    assert_same_losses(ref, last_by_step(read_metrics(three)), range(9, 13), 1e-4)
+
+    # Another global batch, or other inputs, is refused before args.json is rewritten.
+    shutil.copytree(os.path.join(full, "checkpoints", "step-4"), os.path.join(partial(str(tmp_path / "x")),
+                                                                             "checkpoints", "step-4"))
+    sentinel = os.path.join(partial(str(tmp_path / "x")), "args.json")
+    open(sentinel, "w").write("{}")
+    bad = common + ["--output_dir", str(tmp_path / "x"), "--resume", "--zero_stage", "2"]
+    p = run_python("step1_sft/main.py", bad + ["--per_device_train_batch_size", "8"])
+    assert_user_error(p, "global batch of 16 samples, now it is 8")
+    p = run_python("step1_sft/main.py", bad + ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3"])
+    assert_user_error(p, r"inputs changed since checkpoint .*--learning_rate 0.003 -> 0.001")
+    assert open(sentinel).read() == "{}"
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoints(tiny_dir, tmp_path):
     """An exploding learning rate drives the loss to NaN/inf within a few steps."""
-    from conftest import run_python
+    import re
 
     out = str(tmp_path / "nan")
     p = run_python("step1_sft/main.py", [
@@ -73,33 +151,33 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tiny_dir, tmp_path):
         "--zero_stage", "0"])
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    import re
-
     m = re.search(r"loss is (nan|inf|-inf) at step (\d+)", p.stderr)
     assert m, p.stderr[-2000:]
     step = int(m.group(2))
-    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
-    assert ckpts and all(c.startswith("step-") for c in ckpts)
-    assert max(int(c.split("-")[1]) for c in ckpts) == step - 1
-    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert checkpoints_of(out) and max(checkpoints_of(out)) == step - 1
+    assert not os.path.exists(out)  # nothing finished: no output directory
 
 
-@pytest.mark.parametrize("script,extra", [
-    ("step2_reward/main.py", ["--learning_rate", "1e-3", "--zero_stage", "3"]),
-    ("dpo/main.py", ["--learning_rate", "1e-4", "--zero_stage", "2"]),
+@pytest.mark.parametrize("script,extra,target,sig", [
+    # Reward model under ZeRO-3: SIGTERM to the `deepspeed` command.
+    ("step2_reward/main.py", ["--learning_rate", "1e-3", "--zero_stage", "3"], "launcher", signal.SIGTERM),
+    # DPO: SIGUSR1 to rank 1 only; rank 0 learns of it through the per-step agreement.
+    ("dpo/main.py", ["--learning_rate", "1e-4", "--zero_stage", "2"], "rank1", signal.SIGUSR1),
 ])
-def test_pairs_programs_resume_after_kill(tiny_dir, tmp_path, script, extra):
-    """Reward model and DPO: SIGKILL after a checkpoint, --resume, same later losses."""
-    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "preference.jsonl"),
-              "--max_steps", "60", "--per_device_train_batch_size", "4", "--log_interval", "1",
-              "--save_interval", "10", *extra]
+def test_pairs_programs_stop_and_resume(tiny_dir, tmp_path, script, extra, target, sig):
+    """Reward model and DPO on OPT (dropout 0.1 in its config; both programs turn it off by default, so this
+    checks they still do after a resume): a stop request checkpoints at the same step on both ranks and
+    exits 143, --resume gives the uninterrupted losses."""
+    common = ["--model_name_or_path", tiny_dir("opt"), "--data_path", os.path.join(DATA, "preference.jsonl"),
+              "--max_steps", "30", "--per_device_train_batch_size", "4", "--log_interval", "1",
+              "--save_interval", "0", *extra]
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
     run_deepspeed(script, common + ["--output_dir", full])
-    run_killed_after_checkpoint(script, common + ["--output_dir", broken], broken)
+    stop = run_stopped(script, common + ["--output_dir", broken], broken, after=8, sig=sig, target=target)
+    assert_stopped_cleanly(stop, broken)
     p = run_deepspeed(script, common + ["--output_dir", broken, "--resume"])
-    resumed_at = int(p.stdout.split("resumed from")[1].split("at step")[1].split()[0])
+    assert f"at step {stop['step']}" in p.stdout
     a, b = last_by_step(read_metrics(full)), last_by_step(read_metrics(broken))
-    later = [s for s in a if s > resumed_at]
-    assert len(later) >= 10, (resumed_at, sorted(a))
-    for s in later:
-        assert b[s] == pytest.approx(a[s], abs=1e-5), (s, a[s], b[s])
+    later = [s for s in a if s > stop["step"]]
+    assert len(later) >= 10, (stop["step"], sorted(a))
+    assert_same_losses(a, b, later, 1e-5)

@@ -117,7 +117,7 @@ def test_resume_with_shared_prompt_forward_continues_the_same_run(reward_run, tm
     same model (ZeRO-3, 2 ranks)."""
     sft, rm, data_args = reward_run
     resumed = tmp_path / "resumed"
-    shutil.copytree(os.path.join(rm, "checkpoints", "step-24"), resumed / "checkpoints" / "step-24")
+    shutil.copytree(os.path.join(rm, "checkpoints", "step-24"), tmp_path / "resumed.partial" / "checkpoints" / "step-24")
     p = run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--output_dir", str(resumed),
                                                "--resume", "--shared_prompt_forward", *data_args])
     assert "resumed from" in p.stdout and "at step 24" in p.stdout

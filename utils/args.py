@@ -114,14 +114,19 @@ class DeepSpeedArgs:
 
 @dataclass
 class LogArgs:
-    output_dir: str = arg(None, "where the model, args.json and metrics.jsonl are written")
+    output_dir: str = arg(None, "where the finished model, args.json and metrics.jsonl end up (written to "
+                          "OUTPUT_DIR.partial while the run trains, then renamed)")
     enable_tensorboard: bool = arg(False, "also write tensorboard events")
     tensorboard_path: str = arg("", "tensorboard directory (default: OUTPUT_DIR/tensorboard)")
     log_interval: int = arg(10, "optimizer steps between train metric lines", ge=1)
     eval_interval: int = arg(0, "optimizer steps between evaluations (0: before and after training only)", ge=0)
-    save_interval: int = arg(0, "optimizer steps between resumable checkpoints (0: none)", ge=0)
+    save_interval: int = arg(0, "optimizer steps between resumable checkpoints (0: none; a stop signal "
+                             "always writes one)", ge=0)
     save_total_limit: int = arg(2, "checkpoints kept in OUTPUT_DIR/checkpoints (0: all)", ge=0)
-    resume: bool = arg(False, "continue from the latest complete checkpoint in --output_dir")
+    resume: bool = arg(False, "continue the unfinished run of --output_dir (in OUTPUT_DIR.partial) from its latest "
+                       "complete checkpoint; without one, start from step 0")
+    overwrite_output_dir: bool = arg(False, "replace the finished run in --output_dir (kept until this run has "
+                                     "finished) or discard an unfinished one")
 
 
 SHARED_GROUPS = (ModelArgs, DataArgs, TrainArgs, DeepSpeedArgs, LogArgs)
@@ -305,11 +310,12 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
     return ns
 
 
-def save_args(ns: argparse.Namespace, path: str, extra: dict | None = None) -> None:
+def args_record(ns: argparse.Namespace, extra: dict | None = None) -> dict:
+    """What args.json holds: the flags (without the launcher's --local_rank and --config) plus the
+    settings resolved at run time."""
     d = {k: v for k, v in vars(ns).items() if k not in ("local_rank", "config")}
     d.update(extra or {})
-    with open(path, "w") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
+    return d
 
 
 def inherited(model_dir: str | None) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import signals
 from .errors import UserError
 
 
@@ -61,6 +62,7 @@ def init_distributed(seed: int) -> tuple[int, int]:
     if "RANK" not in os.environ:  # plain `python main.py`: a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    signals.install(on_exit=_remove_shm_buffers)  # before the shared-memory buffers exist
     deepspeed.init_distributed(verbose=False)
     atexit.register(_remove_shm_buffers)
     if torch.cuda.is_available():
@@ -69,21 +71,22 @@ def init_distributed(seed: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def finish() -> None:
-    """End a run that finished on every rank: wait for all ranks, then leave without interpreter teardown.
+def finish(code: int = 0) -> None:
+    """End a run that finished (or stopped, with `code`) on every rank: wait for all ranks, then leave
+    without interpreter teardown.
 
     Tearing torch's gloo process group down at exit (in `destroy_process_group` or during interpreter
     finalisation) can kill a rank with SIGABRT ("terminate called without an active exception") after
     the run has trained and saved: the launcher then reports a failure and a chained pipeline stops.
     CI saw it twice in about 20 resumed 2-rank runs; torch has no fix (pytorch PR #179291 was abandoned).
     By now every file is written and closed, so each rank flushes its streams, removes its
-    shared-memory buffers and ends with `os._exit(0)`."""
+    shared-memory buffers and ends with `os._exit(code)`."""
     barrier()
     _remove_shm_buffers()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _remove_shm_buffers() -> None:
@@ -139,6 +142,14 @@ def all_reduce_sum(values) -> torch.Tensor:
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(t)
     return t.cpu()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one all_reduce MAX of one number)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_gather_objects(obj) -> list:
@@ -204,7 +215,9 @@ def _param_groups(model, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        # ds_shape: under ZeRO-3 the parameter is already partitioned into a flat (1-D) shard.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

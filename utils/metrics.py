@@ -12,17 +12,20 @@ from . import ds
 
 
 class MetricsLogger:
+    """Appends to OUTPUT_DIR/metrics.jsonl (a resumed run continues the file; nothing deletes it).
+    `args_json`, when given, is written to OUTPUT_DIR/args.json by `write_args()`, which the loop calls
+    once its start-up checks (resume included) have passed."""
+
     def __init__(self, output_dir: str, enable_tensorboard: bool = False, tensorboard_path: str = "",
-                 total_steps: int = 0, resume: bool = False):
+                 total_steps: int = 0, args_json: dict | None = None):
         self.active = ds.is_rank0()
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.args_path, self.args_json = os.path.join(output_dir, "args.json"), args_json
         self.tb = None
         self.bar = None
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -31,6 +34,12 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, mininterval=2.0)
+
+    def write_args(self) -> None:
+        if self.active and self.args_json is not None:
+            with open(self.args_path + ".tmp", "w") as f:
+                json.dump(self.args_json, f, indent=2, sort_keys=True)
+            os.replace(self.args_path + ".tmp", self.args_path)
 
     def log(self, event: dict) -> None:
         if not self.active:

@@ -181,7 +181,9 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> N
     """Write a Hugging Face directory (safetensors + tokenizer + args.json) from any ZeRO stage.
 
     All ranks must call it: ZeRO-3 parameters are gathered one at a time (buffers included).
-    Written to a temporary name and renamed, so a kill never leaves a half-written model.
+    The steps call it on their run directory (OUTPUT_DIR.partial), which replaces OUTPUT_DIR only once
+    the run has finished (utils/output.py); within it the files are written to a temporary name and
+    moved in, so a rerun after a kill never finds a half-written file.
     """
     from peft import PeftModel
 

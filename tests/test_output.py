@@ -1,0 +1,185 @@
+"""Output directories, the inputs' fingerprint, the world-size independent data position and stop
+requests, without DeepSpeed processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from utils import signals
+from utils.errors import UserError
+from utils.output import (check_output_dir, finish_output_dir, first_difference, fingerprint, partial_dir,
+                          prepare_partial, status)
+
+
+def run_args(tmp_path, **kw):
+    data = tmp_path / "d.jsonl"
+    if not data.exists():
+        data.write_text('{"prompt": "a", "response": "b"}\n')
+    model = tmp_path / "model"
+    if not model.exists():
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        (model / "model.safetensors").write_bytes(b"x" * 10)
+    base = dict(output_dir=str(tmp_path / "out"), resume=False, overwrite_output_dir=False, local_rank=-1,
+                model_name_or_path=str(model), data_path=[str(data)], eval_data_path=[], learning_rate=1e-3,
+                per_device_train_batch_size=8, log_interval=10)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def finished_run(args, metrics: str = '{"step": 1}\n') -> None:
+    part = prepare_partial(args)
+    for name in ("config.json", "model.safetensors", "args.json"):
+        open(os.path.join(part, name), "w").write(name)
+    open(os.path.join(part, "metrics.jsonl"), "w").write(metrics)
+    finish_output_dir(args, {"step": "sft"})
+
+
+def test_finished_run_is_refused_and_replaced_only_at_the_end(tmp_path):
+    args = run_args(tmp_path)
+    check_output_dir(args)  # nothing there yet
+    finished_run(args, '{"old": 1}\n')
+    out = args.output_dir
+    assert sorted(os.listdir(out)) == ["args.json", "config.json", "done.json", "metrics.jsonl", "model.safetensors"]
+    assert not os.path.exists(partial_dir(out))
+    with pytest.raises(UserError, match=f"--output_dir '{out}' holds a finished run.*--overwrite_output_dir"):
+        check_output_dir(args)
+
+    again = run_args(tmp_path, overwrite_output_dir=True)
+    check_output_dir(again)
+    part = prepare_partial(again)
+    open(os.path.join(part, "metrics.jsonl"), "w").write('{"new": 1}\n')
+    # While the new run trains, the finished one is untouched.
+    assert open(os.path.join(out, "metrics.jsonl")).read() == '{"old": 1}\n'
+    open(os.path.join(part, "config.json"), "w").write("new")
+    finish_output_dir(again, {"step": "sft"})
+    assert open(os.path.join(out, "config.json")).read() == "new"
+    assert open(os.path.join(out, "metrics.jsonl")).read() == '{"new": 1}\n'
+    assert open(os.path.join(out, "metrics.previous.jsonl")).read() == '{"old": 1}\n'
+    assert not os.path.exists(partial_dir(out)) and not os.path.exists(out + ".replaced")
+
+
+def test_partial_run_needs_resume_or_overwrite_and_keeps_its_metrics(tmp_path):
+    args = run_args(tmp_path)
+    part = prepare_partial(args)
+    open(os.path.join(part, "metrics.jsonl"), "w").write('{"killed": 1}\n')
+    with pytest.raises(UserError, match=r"unfinished run.*--resume.*--overwrite_output_dir"):
+        check_output_dir(args)
+    check_output_dir(run_args(tmp_path, resume=True))
+    assert prepare_partial(run_args(tmp_path, resume=True)) == part
+    assert open(os.path.join(part, "metrics.jsonl")).read() == '{"killed": 1}\n'  # a resume appends
+    fresh = run_args(tmp_path, overwrite_output_dir=True)
+    check_output_dir(fresh)
+    prepare_partial(fresh)
+    assert not os.path.exists(os.path.join(part, "metrics.jsonl"))
+    assert open(os.path.join(part, "metrics.previous.jsonl")).read() == '{"killed": 1}\n'
+
+
+def test_other_files_in_the_output_dir_are_refused(tmp_path):
+    args = run_args(tmp_path)
+    os.makedirs(args.output_dir)
+    check_output_dir(args)  # an empty directory is fine
+    open(os.path.join(args.output_dir, "notes.txt"), "w").write("mine")
+    with pytest.raises(UserError, match="not empty and holds no finished run"):
+        check_output_dir(args)
+
+
+def test_fingerprint_names_the_input_that_changed(tmp_path):
+    args = run_args(tmp_path)
+    old = json.loads(json.dumps(fingerprint(args)))  # as stored in done.json
+    assert first_difference(old, fingerprint(args)) is None
+    assert first_difference(old, fingerprint(run_args(tmp_path, log_interval=1))) is None  # bookkeeping only
+    assert "--learning_rate 0.001 -> 0.01" in first_difference(old, fingerprint(run_args(tmp_path, learning_rate=1e-2)))
+    assert first_difference(old, fingerprint(run_args(tmp_path, per_device_train_batch_size=4)),
+                            ignore={"per_device_train_batch_size"}) is None
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "bb"}\n')
+    assert f"data file {data} changed (size 33 -> 34 bytes" in first_difference(old, fingerprint(args))
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    os.utime(data, ns=(1, 1))
+    assert f"data file {data} changed" in first_difference(old, fingerprint(args))
+    old = json.loads(json.dumps(fingerprint(args)))
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"y" * 11)
+    assert "--model_name_or_path" in first_difference(old, fingerprint(args)) and "model.safetensors changed" in \
+        first_difference(old, fingerprint(args))
+
+
+def test_status_for_launch_scripts(tmp_path):
+    args = run_args(tmp_path)
+    assert status(args)[0] == 1
+    finished_run(args)
+    code, msg = status(args)
+    assert code == 0 and "complete for these inputs" in msg
+    code, msg = status(run_args(tmp_path, learning_rate=0.5))
+    assert code == 3 and "--learning_rate 0.001 -> 0.5" in msg
+
+
+def test_step_stream_position_is_world_size_independent(monkeypatch):
+    """A position saved under 2 ranks x 4 x 2 accumulation resumes at the same next samples under
+    1 rank x 16 and 4 ranks x 2 x 2 (global batch 16), also across an epoch boundary; another global
+    batch is refused."""
+    from utils import ds
+    from utils.stream import StepStream
+
+    items = list(range(37))
+
+    def global_steps(world, bs, ga, steps, state=None):
+        streams = []
+        for rank in range(world):
+            monkeypatch.setattr(ds, "world_size", lambda: world)
+            monkeypatch.setattr(ds, "rank", lambda r=rank: r)
+            st = StepStream(items, bs, ga, list, seed=5)
+            if state is not None:
+                st.load_state_dict(state)
+            streams.append(st)
+        out = [sorted(x for st in streams for mb in st.next_step() for x in mb) for _ in range(steps)]
+        return out, streams[0].state_dict()
+
+    ref, _ = global_steps(1, 16, 1, 8)
+    first, state = global_steps(2, 4, 2, 4)
+    assert first == ref[:4]
+    assert global_steps(1, 16, 1, 4, state)[0] == ref[4:]
+    assert global_steps(4, 2, 2, 4, state)[0] == ref[4:]
+    with pytest.raises(UserError, match="global batch of 16 samples, now it is 8"):
+        global_steps(1, 8, 1, 1, state)
+
+
+def test_signal_is_deferred_once_training_runs(tmp_path):
+    """Before the loop a signal ends the process at once with 143; once deferred it is only recorded."""
+    code = ("import os, signal, sys, time\n"
+            "from utils import signals\n"
+            "signals.install(on_exit=lambda: print('cleaned', flush=True))\n"
+            "if sys.argv[1] == 'defer':\n"
+            "    signals.defer()\n"
+            "print('ready', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.2)\n"
+            "print('request', signals.request(), flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    early = subprocess.run([sys.executable, "-c", code, "now"], env=env, capture_output=True, text=True)
+    assert early.returncode == signals.STOP_EXIT_CODE and "cleaned" in early.stdout and "request" not in early.stdout
+    late = subprocess.run([sys.executable, "-c", code, "defer"], env=env, capture_output=True, text=True)
+    assert late.returncode == 0 and "request received SIGUSR1" in late.stdout
+
+
+def test_a_watched_launcher_that_exits_is_a_stop_request(monkeypatch):
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monkeypatch.setattr(signals._STATE, "watched", [psutil.Process(child.pid)])
+        monkeypatch.setattr(signals._STATE, "request", None)
+        assert signals.request() is None
+        child.send_signal(signal.SIGKILL)
+        time.sleep(0.2)  # a zombie until reaped below: already counts as gone
+        assert signals.request() == f"saw its launcher (pid {child.pid}) exit"
+    finally:
+        child.kill()
+        child.wait()

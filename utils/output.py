@@ -1,0 +1,240 @@
+"""Output directories that are never half-replaced (pitfall 24).
+
+A run writes everything (args.json, metrics.jsonl, checkpoints/, its model) to the sibling
+`OUTPUT_DIR.partial` while it trains. When the model is saved there, `done.json` (the fingerprint of
+the run's inputs) is added and the directory is renamed to OUTPUT_DIR. So OUTPUT_DIR is always either
+absent, the earlier finished run, or the new finished one; a killed run leaves its partial directory,
+which `--resume` continues.
+
+- A finished run in OUTPUT_DIR (or any non-empty OUTPUT_DIR) is replaced only with
+  --overwrite_output_dir; it stays in place until the new run has finished, and its metrics.jsonl is
+  then appended to the new directory's metrics.previous.jsonl.
+- A partial run is continued with --resume or discarded with --overwrite_output_dir (its
+  metrics.jsonl goes to the new partial directory's metrics.previous.jsonl).
+- done.json records the inputs: every model directory (its config.json and weight files, with sizes
+  and modification times), every data file (size and modification time) and the flags that change
+  the result. `python -m utils.output status SCRIPT ARGS...` compares them with a new command line;
+  launch/run.sh uses it to skip a finished step or name the input that changed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+from .errors import UserError
+
+DONE = "done.json"
+PARTIAL_SUFFIX = ".partial"
+# Flags that change where or how often a run writes, not what it learns: not part of the fingerprint.
+BOOKKEEPING = {"output_dir", "resume", "overwrite_output_dir", "local_rank", "config", "log_interval",
+               "eval_interval", "save_interval", "save_total_limit", "enable_tensorboard", "tensorboard_path",
+               "print_answers_interval"}
+# How the work is split over ranks and computed, not what is computed: a resumed run may change these
+# (another world size, another ZeRO stage, a cheaper forward); the data stream checks the global batch.
+SPLIT = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+         "zero_stage", "offload", "actor_zero_stage", "critic_zero_stage", "per_device_generation_batch_size",
+         "per_device_training_batch_size", "generation_batches", "offload_reference_model",
+         "offload_reward_model", "gradient_checkpointing", "actor_gradient_checkpointing",
+         "critic_gradient_checkpointing", "shared_prompt_forward", "precompute_ref_logprobs",
+         "attn_implementation"}
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt")
+
+
+def partial_dir(output_dir: str) -> str:
+    """Where a run writes until it has finished."""
+    return os.path.normpath(output_dir) + PARTIAL_SUFFIX
+
+
+def is_finished(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, DONE))
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+def _file_sig(path: str) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _model_sig(path: str) -> dict | str:
+    if not os.path.isdir(path):
+        return path  # a hub name: the name is all we know without the network
+    files = [os.path.join(path, "config.json")] + sorted(f for pat in WEIGHTS for f in glob.glob(os.path.join(path, pat)))
+    return {"path": os.path.realpath(path),
+            "files": {os.path.basename(f): _file_sig(f) for f in files if os.path.isfile(f)}}
+
+
+def fingerprint(args) -> dict:
+    """The inputs of a run: models (config and weights), data files and result-changing flags."""
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in BOOKKEEPING}
+    models = {k: _model_sig(v) for k, v in flags.items() if k.endswith("model_name_or_path") and v}
+    data = {}
+    for k, v in flags.items():
+        if k.endswith("data_path") and v:
+            for p in (v if isinstance(v, list) else [v]):
+                data[p] = _file_sig(p) if os.path.isfile(p) else "hub"
+    return {"models": models, "data": data, "flags": flags}
+
+
+def first_difference(old: dict, new: dict, ignore=()) -> str | None:
+    """A one-line description of the first input that differs between two fingerprints, or None."""
+    for name, sig in new["models"].items():
+        was = old["models"].get(name)
+        if was != sig:
+            if isinstance(sig, dict) and isinstance(was, dict) and was.get("path") == sig.get("path"):
+                changed = sorted(set(sig["files"]) ^ set(was["files"]) |
+                                 {f for f in sig["files"] if was["files"].get(f) != sig["files"][f]})
+                return f"--{name} {sig['path']}: {', '.join(changed)} changed"
+            return f"--{name}: {_show(was)} -> {_show(sig)}"
+    for path in sorted(set(old["data"]) | set(new["data"])):
+        was, now = old["data"].get(path), new["data"].get(path)
+        if was != now:
+            if was is None or now is None:
+                return f"data file {path} {'added' if was is None else 'removed'}"
+            return f"data file {path} changed (size {was[0]} -> {now[0]} bytes, modified {_when(now)})"
+    for k in sorted(set(old["flags"]) | set(new["flags"])):
+        if k in ignore:
+            continue
+        if old["flags"].get(k) != new["flags"].get(k):
+            return f"--{k} {old['flags'].get(k)} -> {new['flags'].get(k)}"
+    return None
+
+
+def _show(sig) -> str:
+    return sig["path"] if isinstance(sig, dict) else str(sig)
+
+
+def _when(sig) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sig[1] / 1e9)) if isinstance(sig, list) else "?"
+
+
+# ----------------------------------------------------------------------------- start and finish
+
+def check_output_dir(args) -> None:
+    """Refuse, before anything is written, to replace a finished run or a partial one without being
+    asked (read-only; every rank may call it)."""
+    out, part = os.path.normpath(args.output_dir), partial_dir(args.output_dir)
+    overwrite = args.overwrite_output_dir
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if is_finished(out):
+            raise UserError(f"--output_dir '{out}' holds a finished run ({DONE}); pass --overwrite_output_dir "
+                            "to replace it (the finished run stays until the new one has finished)")
+        raise UserError(f"--output_dir '{out}' is not empty and holds no finished run of this project (no {DONE}); "
+                        "pass --overwrite_output_dir to replace it, or choose another directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir '{out}' is a file")
+    if is_finished(part) and not os.path.exists(out):
+        raise UserError(f"'{part}' holds a finished run whose move to '{out}' was interrupted: rename it to '{out}'")
+    if os.path.isdir(part) and not args.resume and not overwrite:
+        raise UserError(f"'{part}' holds an unfinished run of --output_dir '{out}': pass --resume to continue it "
+                        "from its last checkpoint, or --overwrite_output_dir to start over")
+
+
+def prepare_partial(args) -> str:
+    """Rank 0: create the partial directory (discarding an earlier one when starting over with
+    --overwrite_output_dir, its metrics kept) and return it."""
+    part = partial_dir(args.output_dir)
+    if os.path.isdir(part) and not args.resume:  # check_output_dir allowed this only with --overwrite_output_dir
+        old = os.path.join(part, "metrics.jsonl")
+        kept = _read(old) if os.path.isfile(old) else ""
+        kept = (_read(os.path.join(part, "metrics.previous.jsonl")) if os.path.isfile(
+            os.path.join(part, "metrics.previous.jsonl")) else "") + kept
+        shutil.rmtree(part)
+        os.makedirs(part)
+        if kept:
+            with open(os.path.join(part, "metrics.previous.jsonl"), "w") as f:
+                f.write(kept)
+    os.makedirs(part, exist_ok=True)
+    return part
+
+
+def finish_output_dir(args, record: dict) -> None:
+    """Rank 0, after the model is saved in the partial directory: write done.json and put the directory
+    in place of OUTPUT_DIR. An earlier finished run there is replaced only now; its metrics.jsonl is
+    appended to metrics.previous.jsonl."""
+    out, part = os.path.normpath(args.output_dir), partial_dir(args.output_dir)
+    with open(os.path.join(part, DONE + ".tmp"), "w") as f:
+        json.dump({**record, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "inputs": fingerprint(args)}, f,
+                  indent=2, sort_keys=True)
+    os.replace(os.path.join(part, DONE + ".tmp"), os.path.join(part, DONE))
+    if os.path.isdir(out) and os.listdir(out):
+        previous = "".join(_read(os.path.join(out, n)) for n in ("metrics.previous.jsonl", "metrics.jsonl")
+                           if os.path.isfile(os.path.join(out, n)))
+        if previous:
+            with open(os.path.join(part, "metrics.previous.jsonl"), "a") as f:
+                f.write(previous)
+        replaced = out + ".replaced"
+        if os.path.exists(replaced):
+            shutil.rmtree(replaced)
+        os.rename(out, replaced)  # the next rename follows at once; between them OUTPUT_DIR is absent, never mixed
+        os.rename(part, out)
+        shutil.rmtree(replaced)
+    else:
+        try:
+            if os.path.isdir(out):
+                os.rmdir(out)  # empty
+            os.rename(part, out)
+        except OSError:  # OUTPUT_DIR is a mount point or on another file system: move the entries
+            os.makedirs(out, exist_ok=True)
+            for name in sorted(os.listdir(part), key=lambda n: n == DONE):  # done.json last
+                shutil.move(os.path.join(part, name), os.path.join(out, name))
+            os.rmdir(part)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------- status (for launch/run.sh)
+
+STATUS_DONE, STATUS_RUN, STATUS_CHANGED = 0, 1, 3
+
+
+def status(args) -> tuple[int, str]:
+    """(code, message): STATUS_DONE when OUTPUT_DIR holds a finished run of exactly these inputs,
+    STATUS_CHANGED (naming the input) when it, or a partial run to resume, was made from other inputs,
+    else STATUS_RUN."""
+    from .checkpoint import latest_meta
+
+    out, now = os.path.normpath(args.output_dir), fingerprint(args)
+    if is_finished(out):
+        with open(os.path.join(out, DONE)) as f:
+            done = json.load(f)
+        diff = first_difference(done.get("inputs", {"models": {}, "data": {}, "flags": {}}), now)
+        return (STATUS_CHANGED, f"{out} was made from other inputs: {diff}") if diff else (
+            STATUS_DONE, f"{out} is complete for these inputs")
+    meta = latest_meta(partial_dir(out))
+    if meta is not None:
+        diff = first_difference(meta["inputs"], now, ignore=SPLIT)
+        if diff:
+            return STATUS_CHANGED, f"the unfinished run in {partial_dir(out)} was started from other inputs: {diff}"
+        return STATUS_RUN, f"{partial_dir(out)} holds an unfinished run at step {meta['step']}"
+    return STATUS_RUN, f"{out} has no finished run"
+
+
+def main(argv=None) -> None:
+    """python -m utils.output status SCRIPT ARGS...: prints one line, exits with the status code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] != "status":
+        print("usage: python -m utils.output status SCRIPT [ARGS...]", file=sys.stderr)
+        sys.exit(2)
+    import importlib
+
+    module = os.path.normpath(argv[1]).removesuffix(".py").replace(os.sep, ".")
+    parse_args = importlib.import_module(module).parse_args
+    try:
+        code, msg = status(parse_args(argv[2:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(msg, flush=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
