@@ -15,6 +15,7 @@ Problems raise `DataError` naming the file, the line (record) and the field.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from .errors import DataError, UserError
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 FORMATS = ("messages", "prompt_response", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
+PROMPT_FIELDS = ("prompt", "messages")  # the fields a prompt is read from; the rest of a row is its columns
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class Sample:
     text: str | None = None       # plain-text record
     margin: float | None = None
     where: str = field(default="", compare=False)  # "path:line"
+    # The record's other fields (e.g. a verifiable `answer`), kept for prompt loads only: step 3 passes
+    # them to rule-based reward functions as keyword arguments.
+    columns: dict | None = field(default=None, compare=False, repr=False)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -329,6 +334,8 @@ def load_file(path: str, need: str) -> list[Sample]:
                                   "instruction+output, text or prompt")
         s = parse_record(fmt, r)
         _check_need(need, s, r, fmt)
+        if need == "prompts":
+            s = dataclasses.replace(s, columns={k: v for k, v in row.items() if k not in PROMPT_FIELDS})
         samples.append(s)
     if not samples:
         raise DataError(path, None, None, "file is empty (no records)")
