@@ -27,6 +27,7 @@ from step3_ppo.models import ema_state, ema_update_, load_ema_state, step_togeth
 from step3_ppo.rollout import (answer_logits, answer_values, collate_samples, experience, final_scores, generate,
                                generation_config, model_inputs, repeat_prompts, rule_scores, split_samples)
 from utils import ds
+from utils.errors import UserError
 from utils.losses import sft_loss, step_loss_scale
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss, compute_rewards,
                       discounted_returns, entropy_from_logits, gae_advantages, grpo_advantages, group_stats,
@@ -242,10 +243,19 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
 
 def score_rollout(models, funcs, tokenizer, b: dict, items: list, max_len: int) -> None:
     """Add the weighted rule-based rewards to the batch's score (the reward model's, or 0) in place,
-    keeping each function's values for the metrics."""
-    if funcs:
+    keeping each function's values for the metrics. A reward function that fails on one rank stops
+    every rank with its message (the others would otherwise die in their next collective)."""
+    if not funcs:
+        return
+    error = None
+    try:
         total, b["func_rewards"] = rule_scores(funcs, tokenizer, b, items, max_len)
-        b["score"] = b["score"] + total
+    except UserError as e:
+        error = str(e)
+    failed = [e for e in ds.all_gather_objects(error) if e]
+    if failed:
+        raise UserError(failed[0])
+    b["score"] = b["score"] + total
 
 
 @torch.no_grad()
