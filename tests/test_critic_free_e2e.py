@@ -57,14 +57,15 @@ def greedy_exact_match(model_dir: str) -> float:
 def test_grpo_with_only_a_reward_function_learns_to_count(count_sft, tmp_path):
     out = str(tmp_path / "grpo")
     train, evals = step3(count_sft, out, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "8",
-                         "--reward_funcs", "utils.reward_funcs:exact_match", "--kl_coef", "0", "--max_steps", "12",
-                         "--eval_data_path", HELDOUT)
+                         "--reward_funcs", "utils.reward_funcs:exact_match", "utils.reward_funcs:answer_format",
+                         "--kl_coef", "0", "--max_steps", "12", "--eval_data_path", HELDOUT)
     assert [r["step"] for r in train] == list(range(1, 13))
     for r in train:
         assert all(k in r for k in METRICS), sorted(set(METRICS) - set(r))
         assert "kl" not in r and "critic_loss" not in r  # no reference model, no critic
     # 8 prompts x 8 answers per rank; every group is one prompt's 8 answers
-    assert train[0]["reward"] == train[0]["reward/exact_match"] == pytest.approx(train[0]["group_reward_mean"])
+    assert train[0]["reward"] == pytest.approx(train[0]["reward/exact_match"] + train[0]["reward/answer_format"])
+    assert train[0]["reward"] == pytest.approx(train[0]["group_reward_mean"])
     assert [e["step"] for e in evals] == [0, 12]
     before, after = evals[0]["reward/exact_match"], evals[-1]["reward/exact_match"]
     assert 0.1 < before < 0.6 and after >= before + 0.2, (before, after)  # the SFT model is right some of the time
