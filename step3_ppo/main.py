@@ -34,10 +34,20 @@ from utils.reward_funcs import call_reward_func, load_reward_funcs
 from utils.train import StepStream, start_run
 
 
-def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[PromptItem]:
-    """Prompt items: ids (template and generation prompt included), the last turn's text, the row's other
-    fields and its file:line. Over-long prompts follow --overlong; truncate keeps the last tokens, where
-    the question and the generation prompt are (and a leading BOS)."""
+def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[list[int]]:
+    """Prompt ids (template and generation prompt included). Over-long prompts follow --overlong; truncate
+    keeps the last tokens, where the question and the generation prompt are (and a leading BOS)."""
+    return [ids for _, ids in _encoded_prompts(samples, encoder, max_len, what)]
+
+
+def prompt_items(samples, encoder: Encoder, max_len: int, what: str) -> list[PromptItem]:
+    """encode_prompts' ids with what the reward functions need: the prompt's last turn, the row's other
+    fields and its file:line."""
+    return [PromptItem(ids, s.prompt[-1]["content"], s.columns or {}, s.where)
+            for s, ids in _encoded_prompts(samples, encoder, max_len, what)]
+
+
+def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[tuple]:
     out, skipped, first = [], 0, None
     for s in samples:
         ids = encoder.encode_prompt(s.prompt)
@@ -50,7 +60,7 @@ def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[P
                 continue
             head = [encoder.bos_id] if encoder.bos_id is not None and ids[0] == encoder.bos_id else []
             ids = head + ids[len(ids) - (max_len - len(head)):]
-        out.append(PromptItem(ids, s.prompt[-1]["content"], s.columns or {}, s.where))
+        out.append((s, ids))
     if skipped:
         ds.print0(f"{what}: skipped {skipped} of {len(samples)} prompts longer than --max_prompt_seq_len "
                   f"{max_len} (--overlong skip; first: {first})")
@@ -94,10 +104,10 @@ def main(argv=None) -> None:
     template, sft_len = resolve_data_settings(types.SimpleNamespace(template=args.template, max_seq_len=0),
                                               args.actor_model_name_or_path)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)
-    prompts = encode_prompts(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
-                             "prompts")
-    eval_prompts = (encode_prompts(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,
-                                   args.max_prompt_seq_len, "eval prompts") if args.eval_data_path else [])
+    prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
+                           "prompts")
+    eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,
+                                 args.max_prompt_seq_len, "eval prompts") if args.eval_data_path else [])
     for first in (prompts[0], *eval_prompts[:1]):
         check_reward_funcs(funcs, first, args.max_answer_seq_len)
     stream = StepStream(prompts, args.per_device_generation_batch_size, args.generation_batches, list, args.seed)

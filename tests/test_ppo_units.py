@@ -277,11 +277,10 @@ def test_prompt_truncation_keeps_the_end_and_the_bos(tokenizer_of):
     short = Sample(prompt=user("Hi."), where="p.jsonl:2")
     full = Encoder(tok, "hh", 999).encode_prompt(long.prompt)
     enc = Encoder(tok, "hh", 32, overlong="truncate")
-    cut = [it.ids for it in encode_prompts([long, short], enc, 32, "prompts")]
+    cut = encode_prompts([long, short], enc, 32, "prompts")
     assert len(cut[0]) == 32 and cut[0][0] == tok.bos_token_id and cut[0][1:] == full[-31:]
     assert cut[1] == enc.encode_prompt(short.prompt)
-    kept = encode_prompts([long, short], Encoder(tok, "hh", 32, overlong="skip"), 32, "prompts")
-    assert [it.ids for it in kept] == [cut[1]] and kept[0].where == "p.jsonl:2" and kept[0].text == "Hi."
+    assert encode_prompts([long, short], Encoder(tok, "hh", 32, overlong="skip"), 32, "prompts") == [cut[1]]
     with pytest.raises(UserError, match="p.jsonl:1"):
         encode_prompts([long], Encoder(tok, "hh", 32, overlong="error"), 32, "prompts")
 

@@ -157,3 +157,19 @@ def test_prompt_rows_keep_their_other_fields(tmp_path):
     assert load_samples([os.path.join(DATA, "sft.jsonl")], "sft")[0].columns is None  # prompt loads only
     shipped = load_samples([os.path.join(DATA, "count_heldout.jsonl")], "prompts")
     assert all(s.columns["answer"].isdigit() for s in shipped)
+
+
+def test_step3_prompt_items_carry_text_columns_and_row(tokenizer_of, tmp_path):
+    from step3_ppo.main import encode_prompts, prompt_items
+    from utils.encoding import Encoder
+
+    f, g = tmp_path / "p.jsonl", tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"prompt": "Count: 1 2.", "answer": "2"}) + "\n")
+    g.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi."}], "answer": 1}) + "\n")
+    enc = Encoder(tokenizer_of("llama"), "hh", 64)
+    samples = load_samples([str(f), str(g)], "prompts")
+    items = prompt_items(samples, enc, 64, "prompts")
+    assert [it.ids for it in items] == encode_prompts(samples, enc, 64, "prompts")
+    assert [(it.text, it.columns, it.where) for it in items] == [("Count: 1 2.", {"answer": "2"}, f"{f}:1"),
+                                                                ("Hi.", {"answer": 1}, f"{g}:1")]
