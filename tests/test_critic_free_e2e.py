@@ -109,7 +109,7 @@ def test_a_reward_function_failing_on_one_rank_stops_both_with_one_line(count_sf
                      "        raise KeyError('rank one')\n"
                      "    return [0.0] * len(completions)\n")
     p = run_deepspeed("step3_ppo/main.py", ["--actor_model_name_or_path", count_sft, "--output_dir", tmp_path / "o",
-                                            *COMMON, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2",
+                                            *COMMON, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "4",
                                             "--kl_coef", "0", "--reward_funcs", f"{picky}:picky", "--max_steps", "1"],
                       check=False)
     assert_user_error(p, r"picky.py:picky raised KeyError: 'rank one' \(prompt .*count_prompts.jsonl:\d+, answer ")
