@@ -31,7 +31,7 @@ from utils.errors import UserError
 from utils.losses import sft_loss, step_loss_scale
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss, compute_rewards,
                       discounted_returns, entropy_from_logits, gae_advantages, grpo_advantages, group_stats,
-                      kl_penalty, policy_loss_per_token, rloo_advantages, std_from_sums, token_logprobs,
+                      masked_kl, policy_loss_per_token, rloo_advantages, std_from_sums, token_logprobs,
                       value_loss_per_token, whiten_from_sums)
 from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
 
@@ -162,7 +162,7 @@ def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_t
     stats = {k: float((terms[k] * mask).sum()) / n_tok for k in ("clipped", "approx_kl")}
     stats["clipfrac"] = stats.pop("clipped")
     if algo.kl_in == "loss" and algo.reference:
-        kl = kl_penalty(logp, b["ref_logp"], args.kl_estimator)
+        kl = masked_kl(logp, b["ref_logp"], mask, args.kl_estimator)
         per_token = per_token + kl_coef * kl
         stats["kl_loss"] = float(aggregate_loss(kl.detach(), mask, algo.loss_agg, n_tok, n_seq,
                                                 args.max_answer_seq_len))

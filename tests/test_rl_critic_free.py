@@ -14,8 +14,9 @@ from step3_ppo.trainer import build_buffer
 from utils.args import parse
 from utils.errors import UserError
 from utils.losses import step_loss_scale
-from utils.rl import (LOSS_AGGREGATIONS, RunningMoments, aggregate_loss, discounted_returns, grpo_advantages,
-                      group_stats, kl_penalty, policy_loss, policy_loss_per_token, reinforce_pp_advantages,
+from utils.rl import (LOSS_AGGREGATIONS, RunningMoments, aggregate_loss, compute_rewards, discounted_returns,
+                      grpo_advantages,
+                      group_stats, kl_penalty, masked_kl, policy_loss, policy_loss_per_token, reinforce_pp_advantages,
                       rloo_advantages, std_from_sums)
 
 F64 = torch.float64
@@ -407,3 +408,19 @@ def test_algorithm_defaults_and_models_loaded():
     assert _algo_args("reinforce_pp", k=1)[1].scale == "batch"
     args = types.SimpleNamespace(**vars(_algo_args("grpo")[0]))
     assert args.advantage_estimator == "grpo"  # resolving never changes the parsed flags
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_under_the_mask_is_zero_even_where_padding_would_overflow(estimator):
+    """Padding log-probabilities are arbitrary: k3 of logp - ref = -200 is exp(200) = inf in fp32, and
+    inf * 0 is NaN. The KL must be computed as 0 there, in value and in gradient."""
+    mask = torch.tensor([[1, 1, 0, 0]])
+    logp = torch.tensor([[-0.5, -1.0, -200.0, -300.0]], requires_grad=True)
+    ref = torch.tensor([[-0.7, -0.9, 0.0, 0.0]])
+    kl = masked_kl(logp, ref, mask, estimator)
+    assert kl[0, 2:].tolist() == [0.0, 0.0]
+    assert torch.allclose(kl[0, :2], kl_penalty(logp[:, :2], ref[:, :2], estimator)[0])
+    kl.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2:].tolist() == [0.0, 0.0]
+    rewards, kl2, _ = compute_rewards(logp.detach(), ref, torch.tensor([1.0]), mask, 0.1, estimator)
+    assert torch.isfinite(rewards).all() and torch.isfinite(kl2).all()

@@ -169,6 +169,18 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
+def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, action_mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """kl_penalty on the answer tokens, exactly 0 under the mask. [B, T] -> [B, T].
+
+    The log-ratio is set to 0 under the mask *before* the estimator: padding holds arbitrary
+    log-probabilities, and k3's exp() of a large one overflows to inf, which a later `* mask` would
+    turn into NaN (and so would its gradient). Differentiable in logp.
+    """
+    valid = action_mask.bool()
+    same = torch.where(valid, _at_least_fp32(ref_logp), _at_least_fp32(logp).detach())
+    return torch.where(valid, kl_penalty(logp, same, estimator), torch.zeros_like(same))
+
+
 def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Length of each generated answer, its first EOS included, and whether it has an EOS at all.
 
@@ -244,7 +256,7 @@ def compute_rewards(
     penalty, so the KL that is reported is the KL that is trained with (pitfalls.md item 12).
     """
     mask = action_mask.to(_at_least_fp32(logp).dtype)
-    kl = kl_penalty(logp, ref_logp, estimator) * mask
+    kl = masked_kl(logp, ref_logp, action_mask, estimator) * mask
     if clip_reward_value is not None:
         score = score.clamp(-clip_reward_value, clip_reward_value)
     rewards = place_terminal_reward(-kl_coef * kl, score, action_mask)
