@@ -51,10 +51,11 @@ def test_overlong_penalty_is_dapo_soft_punishment():
 def test_shipped_preference_rewards():
     funcs = load_reward_funcs([os.path.join(DATA, "rewards.py") + ":warm_word",
                                os.path.join(DATA, "rewards.py") + ":well_formed"], ["1", "0.5"])
-    total, per = score_with_funcs(funcs, ["p"] * 3, ["The cat is great.", "The cat is dull.", "great great"],
-                                  [{}, {}, {}], [[1]] * 3, 16, ["a:1", "a:2", "a:3"])
-    assert per == {"warm_word": [1.0, 0.0, 1.0], "well_formed": [1.0, 1.0, 0.0]}
-    assert total == [1.5, 0.5, 1.0]
+    answers = ["The apple is great.", " The turtle is dull.", "great great", "The o is amazing.", "The apple is big."]
+    total, per = score_with_funcs(funcs, ["p"] * 5, answers, [{}] * 5, [[1]] * 5, 16, [f"a:{i}" for i in range(5)])
+    # well_formed wants a noun and an adjective of the task: "The o is amazing." is the hack it closes
+    assert per == {"warm_word": [1.0, 0.0, 1.0, 1.0, 0.0], "well_formed": [1.0, 1.0, 0.0, 0.0, 0.0]}
+    assert total == [1.5, 0.5, 1.0, 1.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- loading
