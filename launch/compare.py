@@ -3,10 +3,13 @@
     python launch/compare.py --models sft=out/sft ppo=out/ppo/actor dpo=out/dpo \
         --prompts data/heldout_prompts.jsonl --reward_model out/reward \
         --preferred great,wonderful --form '^The \\w+ is \\w+\\.$' --json results.json
+    python launch/compare.py --models sft=out/sft grpo=out/grpo/actor --prompts data/count_heldout.jsonl \
+        --reward_funcs utils.reward_funcs:exact_match
 
 For every model: greedy answers (each rendered with the template in that model's args.json), the
 reward model's mean score of them (prompt + answer + EOS, scored at the last token), the rate of
-answers containing a preferred word, the EOS rate and, with --form, the rate of well-formed answers.
+answers containing a preferred word, the EOS rate, with --form the rate of well-formed answers, and with
+--reward_funcs the mean of each rule-based reward (step 3's functions, given each prompt row's fields).
 Then a few prompts with every model's answer side by side.
 """
 from __future__ import annotations
@@ -54,6 +57,17 @@ def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:
     return score_ids(model, seqs, enc.pad_id)
 
 
+def rule_means(funcs, samples: list, answers, max_new_tokens: int) -> dict:
+    """Mean of each reward function over the answers (values of None left out)."""
+    from utils.reward_funcs import score_with_funcs
+
+    _, per = score_with_funcs(funcs, [s.prompt[-1]["content"] for s in samples], [a.text for a in answers],
+                              [s.columns for s in samples], [a.ids for a in answers], max_new_tokens,
+                              [s.where for s in samples])
+    return {f"reward/{name}": sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
+            for name, vals in per.items()}
+
+
 def summarise(answers, scores, preferred: list[str], form) -> dict:
     n = len(answers)
     words = [set(re.findall(r"\w+", a.text.lower())) for a in answers]
@@ -69,10 +83,12 @@ def summarise(answers, scores, preferred: list[str], form) -> dict:
 def print_table(results: dict) -> None:
     cols = ["reward", "preferred_rate", "eos_rate", "well_formed_rate", "mean_length_tokens"]
     cols = [c for c in cols if any(r[c] is not None for r in results.values())]
+    cols += [c for c in next(iter(results.values())) if c.startswith("reward/")]
     width = max(len(k) for k in results) + 2
-    print("model".ljust(width) + "".join(c.rjust(20) for c in cols))
+    widths = [max(20, len(c) + 2) for c in cols]
+    print("model".ljust(width) + "".join(c.rjust(w) for c, w in zip(cols, widths)))
     for name, r in results.items():
-        print(name.ljust(width) + "".join(f"{r[c]:20.3f}" for c in cols))
+        print(name.ljust(width) + "".join(f"{r[c]:{w}.3f}" for c, w in zip(cols, widths)))
 
 
 @exit_on_user_error
@@ -83,6 +99,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reward_model", default=None, help="step-2 reward model directory to score the answers")
     ap.add_argument("--preferred", default="", help="comma-separated words that mark the preferred behaviour")
     ap.add_argument("--form", default=None, help="regex a well-formed answer matches (EOS required too)")
+    ap.add_argument("--reward_funcs", nargs="*", default=[], help="rule-based rewards FILE.py:NAME or "
+                    "package.module:NAME (step 3's convention, with each prompt row's other fields); their means")
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--samples", type=int, default=4, help="prompts shown side by side")
     ap.add_argument("--json", default=None, help="also write the summary and answers here")
@@ -100,13 +118,19 @@ def main(argv=None) -> dict:
         form = re.compile(a.form) if a.form else None
     except re.error as e:
         raise UserError(f"--form {a.form!r} is not a regular expression: {e}") from None
-    prompts = [s.prompt for s in load_samples([a.prompts], "prompts")]
+    samples = load_samples([a.prompts], "prompts")
+    prompts = [s.prompt for s in samples]
+    from utils.reward_funcs import load_reward_funcs
+
+    funcs = load_reward_funcs(a.reward_funcs, [])
     preferred = [w.strip().lower() for w in a.preferred.split(",") if w.strip()]
     results, answers = {}, {}
     for name, path in pairs:
         answers[name] = evaluate_model(path, prompts, a.max_new_tokens)
         scores = reward_scores(a.reward_model, prompts, answers[name]) if a.reward_model else None
         results[name] = summarise(answers[name], scores, preferred, form)
+        if funcs:
+            results[name].update(rule_means(funcs, samples, answers[name], a.max_new_tokens))
     print(f"\n{len(prompts)} prompts from {a.prompts}")
     print_table(results)
     for i in range(min(a.samples, len(prompts))):

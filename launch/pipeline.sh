@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The whole pipeline: step 1 (SFT) -> step 2 (reward model) -> step 3 (PPO), and DPO from the SFT model.
-# Each step's output feeds the next. A step whose output directory holds a finished run of the same
-# inputs (its done.json: models, data files, flags) is skipped; one made from other inputs is refused
-# with a line naming the input, or run again with FORCE=1; an unfinished one continues from its last
-# checkpoint (--resume). So a rerun after a failure or a stop continues where it stopped.
+# The whole pipeline: step 1 (SFT) -> step 2 (reward model) -> step 3 (PPO, or a critic-free ALGO), and DPO
+# from the SFT model. Each step's output feeds the next. A step whose output directory holds a finished run
+# of the same inputs (its done.json: models, data files, flags) is skipped; one made from other inputs is
+# refused with a line naming the input, or run again with FORCE=1; an unfinished one continues from its
+# last checkpoint (--resume). So a rerun after a failure or a stop continues where it stopped.
 #
 # Environment:
 #   MODEL         base causal LM (hub name or directory)                      required
 #   SFT_DATA      step-1 data (space-separated files)                         required
-#   PREF_DATA     preference pairs for step 2 and DPO                         required
-#   PROMPT_DATA   prompts for PPO                                             default: PREF_DATA
+#   PREF_DATA     preference pairs for step 2 and DPO                         required by those steps
+#   PROMPT_DATA   prompts for step 3                                          default: PREF_DATA
 #   WORK_DIR      outputs: WORK_DIR/{sft,reward,ppo,dpo}, logs in WORK_DIR/logs   default: out
 #   STEPS         which steps to run, in order                                default: "sft reward ppo dpo"
+#   ALGO          step 3: ppo, or grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline (no critic; output in
+#                 WORK_DIR/ALGO)                                              default: ppo
+#   REWARD_FUNCS, REWARD_WEIGHTS   rule-based rewards for step 3 (launch/run.sh). With a critic-free ALGO
+#                 and REWARD_FUNCS no reward model is needed and step 2 is skipped
+#   USE_REWARD_MODEL=1   also score step 3's answers with step 2's model when REWARD_FUNCS are given
 #   SFT_ARGS, REWARD_ARGS, PPO_ARGS, DPO_ARGS   extra flags per step (word-split)
 #   FORCE=1       rerun steps whose inputs changed (replacing their finished output)
 #   MODEL_SIZE, NGPUS, HOSTFILE, NUM_NODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, ZERO_STAGE, OFFLOAD,
@@ -20,10 +25,21 @@
 # pipeline, which exits 143; the same command continues it.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-: "${MODEL:?set MODEL to the base model}" "${SFT_DATA:?set SFT_DATA}" "${PREF_DATA:?set PREF_DATA}"
-PROMPT_DATA="${PROMPT_DATA:-$PREF_DATA}"
+: "${MODEL:?set MODEL to the base model}" "${SFT_DATA:?set SFT_DATA}"
 WORK_DIR="${WORK_DIR:-out}"
 STEPS="${STEPS:-sft reward ppo dpo}"
+ALGO="${ALGO:-ppo}"
+# With reward functions a reward model scores too only when asked; PPO trains step 2 anyway (its critic).
+USE_REWARD_MODEL="${USE_REWARD_MODEL:-$([ -n "${REWARD_FUNCS:-}" ] && echo 0 || echo 1)}"
+skip_reward() { [ "$ALGO" != "ppo" ] && [ "$USE_REWARD_MODEL" = "0" ]; }
+for step in $STEPS; do  # preference pairs are needed only by the steps that read them
+  if [ "$step" = dpo ] || { [ "$step" = reward ] && ! skip_reward; }; then
+    : "${PREF_DATA:?set PREF_DATA (step $step reads preference pairs)}"
+  fi
+done
+PROMPT_DATA="${PROMPT_DATA:-${PREF_DATA:-}}"
+STEP3_DIR="$WORK_DIR/$([ "$ALGO" = ppo ] && echo ppo || echo "$ALGO")"
+export ALGO
 mkdir -p "$WORK_DIR/logs"
 export RLHF_WATCH_PIDS="${RLHF_WATCH_PIDS:+$RLHF_WATCH_PIDS }$(hostname):$$"
 
@@ -89,10 +105,18 @@ for step in $STEPS; do
   [ -n "$STOPPED" ] && exit 143
   case "$step" in
     sft)    MODEL="$MODEL" DATA="$SFT_DATA" OUTPUT_DIR="$WORK_DIR/sft" run_step sft sft "${SFT_ARGS:-}" ;;
-    reward) MODEL="$WORK_DIR/sft" DATA="$PREF_DATA" OUTPUT_DIR="$WORK_DIR/reward" \
+    reward) if skip_reward; then
+              echo "[pipeline] reward: skipped (ALGO=$ALGO scores answers with REWARD_FUNCS only)"
+              continue
+            fi
+            MODEL="$WORK_DIR/sft" DATA="$PREF_DATA" OUTPUT_DIR="$WORK_DIR/reward" \
               run_step reward reward "${REWARD_ARGS:-}" ;;
-    ppo)    ACTOR="$WORK_DIR/sft" CRITIC="$WORK_DIR/reward" DATA="$PROMPT_DATA" OUTPUT_DIR="$WORK_DIR/ppo" \
-              run_step ppo ppo "${PPO_ARGS:-}" ;;
+    ppo)    critic="" rm_dir=""  # PPO: the critic starts from step 2, whose model is also the default reward model
+            [ "$ALGO" = "ppo" ] && critic="$WORK_DIR/reward"
+            { [ "$ALGO" != "ppo" ] || [ -n "${REWARD_FUNCS:-}" ]; } && [ "$USE_REWARD_MODEL" = "1" ] \
+              && rm_dir="$WORK_DIR/reward"
+            ACTOR="$WORK_DIR/sft" CRITIC="$critic" REWARD="$rm_dir" DATA="$PROMPT_DATA" OUTPUT_DIR="$STEP3_DIR" \
+              run_step "$ALGO" ppo "${PPO_ARGS:-}" ;;
     dpo)    MODEL="$WORK_DIR/sft" DATA="$PREF_DATA" OUTPUT_DIR="$WORK_DIR/dpo" run_step dpo dpo "${DPO_ARGS:-}" ;;
     *) echo "[pipeline] error: unknown step '$step' in STEPS (sft reward ppo dpo)" >&2; exit 2 ;;
   esac

@@ -13,6 +13,10 @@
 #   GPU_MEM_GB   memory per GPU used by the ZeRO table (default 80)
 #   ZERO_STAGE, OFFLOAD=0|1   override the table's choice
 #   MODEL        model to start from (sft, reward, dpo); ACTOR and CRITIC for ppo
+#   ALGO         step 3's algorithm: ppo (GAE with a critic; default) or a critic-free estimator: grpo,
+#                dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (--n_samples_per_prompt from the preset)
+#   REWARD       frozen reward model for step 3 (ppo: default CRITIC unless REWARD_FUNCS are given)
+#   REWARD_FUNCS, REWARD_WEIGHTS   rule-based rewards for step 3 (space separated FILE.py:NAME / weights)
 #   DATA         data file(s), space separated; OUTPUT_DIR   where the step writes
 #   MASTER_PORT  rendezvous port (deepspeed's default 29500 when unset)
 #   DRY_RUN=1    print the exact command instead of running it
@@ -94,14 +98,26 @@ case "$STEP" in
           --per_device_train_batch_size "$P_MICRO" --learning_rate "$P_DPO_LR" --max_seq_len "$P_SEQ"
           "${LORA[@]}" "${CKPT[@]}") ;;
   ppo)
-    PPO_LORA=()
-    [ "$P_LORA" != "0" ] && PPO_LORA=(--actor_lora_dim "$P_LORA" --critic_lora_dim "$P_LORA")
     PPO_CKPT=()
     [ "$P_CKPT" = "1" ] && PPO_CKPT=(--actor_gradient_checkpointing)
-    ARGS=(step3_ppo/main.py ${ACTOR:+--actor_model_name_or_path "$ACTOR"}
-          ${CRITIC:+--critic_model_name_or_path "$CRITIC"} --actor_zero_stage "$STAGE" --critic_zero_stage "$STAGE"
-          "${OFF[@]}" --actor_learning_rate "$P_ACTOR_LR" --critic_learning_rate "$P_CRITIC_LR"
-          "${PPO_LORA[@]}" "${PPO_CKPT[@]}") ;;
+    # shellcheck disable=SC2206
+    RULES=(${REWARD_FUNCS:+--reward_funcs $REWARD_FUNCS} ${REWARD_WEIGHTS:+--reward_weights $REWARD_WEIGHTS})
+    case "${ALGO:-ppo}" in
+      ppo)
+        PPO_LORA=()
+        [ "$P_LORA" != "0" ] && PPO_LORA=(--actor_lora_dim "$P_LORA" --critic_lora_dim "$P_LORA")
+        ALGO_ARGS=(${CRITIC:+--critic_model_name_or_path "$CRITIC"} --critic_zero_stage "$STAGE"
+                   --critic_learning_rate "$P_CRITIC_LR" "${PPO_LORA[@]}") ;;
+      grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline)
+        PPO_LORA=()
+        [ "$P_LORA" != "0" ] && PPO_LORA=(--actor_lora_dim "$P_LORA")
+        ALGO_ARGS=(--advantage_estimator "$ALGO" --n_samples_per_prompt "$P_GROUP_K" "${PPO_LORA[@]}") ;;
+      *) echo "error: unknown ALGO '$ALGO' (ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline)" >&2
+         exit 2 ;;
+    esac
+    ARGS=(step3_ppo/main.py ${ACTOR:+--actor_model_name_or_path "$ACTOR"} "${ALGO_ARGS[@]}"
+          ${REWARD:+--reward_model_name_or_path "$REWARD"} "${RULES[@]}" --actor_zero_stage "$STAGE"
+          "${OFF[@]}" --actor_learning_rate "$P_ACTOR_LR" --max_answer_seq_len "$P_ANSWER" "${PPO_CKPT[@]}") ;;
   *) echo "error: unknown step '$STEP' (sft, reward, ppo, dpo)" >&2; exit 2 ;;
 esac
 

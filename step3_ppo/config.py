@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from utils.args import DataArgs, DeepSpeedArgs, LogArgs, ModelArgs, TrainArgs, arg
+from utils.errors import UserError
+from utils.rl import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, LOSS_AGGREGATIONS
 
 
 def only(group, names: tuple[str, ...], defaults: dict | None = None, helps: dict | None = None):
@@ -65,9 +67,9 @@ class PPOModelArgs:
     actor_model_name_or_path: str = arg(None, "step-1 (SFT) model directory: the initial actor and the frozen "
                                               "reference model")
     critic_model_name_or_path: str = arg(None, "step-2 reward-model directory (sequence classification, one label): "
-                                               "the initial critic")
+                                               "the initial critic; needed by --advantage_estimator gae only")
     reward_model_name_or_path: str = arg(None, "frozen reward model directory (None: the "
-                                               "--critic_model_name_or_path model)")
+                                               "--critic_model_name_or_path model, unless --reward_funcs are given)")
     actor_zero_stage: int = arg(2, "ZeRO stage of the actor (the reference model follows it to stage 3)",
                                 choices=[0, 1, 2, 3])
     critic_zero_stage: int = arg(2, "ZeRO stage of the critic (the reward model follows it to stage 3)",
@@ -94,7 +96,8 @@ class RolloutArgs:
                                        "--overlong, and truncate keeps the end of the prompt", ge=1)
     max_answer_seq_len: int = arg(256, "most tokens generated per answer; answers cut here get "
                                        "--missing_eos_penalty", ge=1)
-    per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout", ge=1)
+    per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout (each answered "
+                                                    "--n_samples_per_prompt times on this rank)", ge=1)
     generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer", ge=1)
     temperature: float = arg(1.0, "sampling temperature; log-probabilities are computed at the same temperature",
                              gt=0)
@@ -111,7 +114,7 @@ class PPOArgs:
     critic_learning_rate: float = arg(5e-6, "critic peak learning rate (0 keeps the critic fixed)", ge=0)
     actor_weight_decay: float = arg(0.0, "actor AdamW weight decay", ge=0)
     critic_weight_decay: float = arg(0.0, "critic AdamW weight decay", ge=0)
-    per_device_training_batch_size: int = arg(16, "samples per rank in one PPO mini-batch", ge=1)
+    per_device_training_batch_size: int = arg(16, "answers per rank in one PPO mini-batch", ge=1)
     ppo_epochs: int = arg(1, "passes over the experience buffer per PPO step", ge=1)
     cliprange: float = arg(0.2, "PPO policy ratio clip epsilon", gt=0)
     cliprange_value: float = arg(0.2, "value clip range around the rollout values", gt=0)
@@ -137,5 +140,93 @@ class PPOArgs:
                           ge=0, lt=1)
 
 
-GROUPS = (PPOModelArgs, SharedModel, SharedData, RolloutArgs, PPOArgs, SharedTrain, SharedDeepSpeed, SharedLog)
-REQUIRED = ("actor_model_name_or_path", "critic_model_name_or_path", "data_path", "output_dir")
+@dataclass
+class AlgoArgs:
+    advantage_estimator: str = arg("gae", "gae: PPO with a critic (GAE); grpo: (r - group mean) / group std; "
+                                          "dr_grpo: r - group mean; rloo: r - mean of the other answers; "
+                                          "reinforce_pp: discounted returns normalised over the batch; "
+                                          "reinforce_pp_baseline: the same after subtracting the group mean. "
+                                          "Every estimator but gae trains no critic", choices=list(ADVANTAGE_ESTIMATORS))
+    n_samples_per_prompt: int = arg(1, "answers generated per prompt (K), all on the prompt's rank; the group "
+                                       "estimators need K >= 2")
+    scale_rewards: str = arg("auto", "divide the baselined rewards by the std of the prompt's group, of the whole "
+                                     "batch, or not at all (auto: grpo group; dr_grpo and rloo none; reinforce_pp "
+                                     "batch, which also subtracts the batch mean; gae uses --whiten_advantages)",
+                             choices=["auto", "group", "batch", "none"])
+    loss_agg: str = arg("auto", "how per-token losses become one loss, over the whole optimizer step: token_mean, "
+                                "seq_mean_token_mean (each answer weighs the same) or seq_mean_token_sum_norm "
+                                "(token sums / --max_answer_seq_len) (auto: grpo seq_mean_token_mean; dr_grpo and "
+                                "rloo seq_mean_token_sum_norm; gae and reinforce_pp token_mean)",
+                        choices=["auto", *LOSS_AGGREGATIONS])
+    kl_in: str = arg("reward", "where the KL penalty against the reference goes: reward (per-token penalty in the "
+                               "reward, as in PPO) or loss (kl_coef x --kl_estimator added to the policy loss; "
+                               "GRPO's choice is k3, whose gradient is biased, while k2's is unbiased); "
+                               "with --kl_coef 0 no reference model is loaded at all",
+                     choices=["reward", "loss"])
+    reward_funcs: list = arg([], "rule-based rewards, FILE.py:NAME or package.module:NAME, called as "
+                                 "fn(prompts, completions, **columns) -> list of floats (TRL's convention); added "
+                                 "to the reward model's score, or used alone", nargs="*")
+    reward_weights: list = arg([], "one weight per --reward_funcs entry (default 1.0 each)", nargs="*")
+
+
+GROUPS = (PPOModelArgs, SharedModel, SharedData, RolloutArgs, PPOArgs, AlgoArgs, SharedTrain, SharedDeepSpeed,
+          SharedLog)
+REQUIRED = ("actor_model_name_or_path", "data_path", "output_dir")
+
+# Each estimator's own choices (its paper's) where --scale_rewards / --loss_agg say auto.
+AUTO_SCALE = {"gae": "none", "grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp": "batch",
+              "reinforce_pp_baseline": "batch"}
+AUTO_LOSS_AGG = {"gae": "token_mean", "grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm",
+                 "rloo": "seq_mean_token_sum_norm", "reinforce_pp": "token_mean", "reinforce_pp_baseline": "token_mean"}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What the step-3 flags resolve to (the parsed flags themselves are never changed)."""
+    estimator: str
+    k: int               # answers per prompt
+    scale: str           # group, batch or none
+    loss_agg: str
+    kl_in: str
+    critic: bool         # a critic is loaded and trained
+    reference: bool      # a reference model is loaded (kl_coef > 0)
+    reward_model: str | None  # frozen reward model directory, or None (rule-based rewards only)
+
+
+def resolve_algorithm(args) -> Algorithm:
+    """The run's algorithm from the flags; settings that cannot work together are refused (UserError)."""
+    est, k = args.advantage_estimator, args.n_samples_per_prompt
+    if k < 1:
+        raise UserError("--n_samples_per_prompt must be >= 1")
+    if est in GROUP_ESTIMATORS and k < 2:
+        raise UserError(f"--advantage_estimator {est} compares the answers to one prompt, so it needs "
+                        f"--n_samples_per_prompt >= 2 (got {k})")
+    critic = est == "gae"
+    if critic and not args.critic_model_name_or_path:
+        raise UserError("--advantage_estimator gae (PPO) trains a critic: give --critic_model_name_or_path (a step-2 "
+                        "model), or choose a critic-free --advantage_estimator")
+    if not critic and args.critic_model_name_or_path:
+        raise UserError(f"--advantage_estimator {est} trains no critic, so --critic_model_name_or_path is not used; "
+                        "drop it (pass a reward model as --reward_model_name_or_path)")
+    reward_model = args.reward_model_name_or_path or (args.critic_model_name_or_path if not args.reward_funcs
+                                                      else None)
+    if reward_model is None and not args.reward_funcs:
+        raise UserError("no reward: give --reward_model_name_or_path, --reward_funcs, or both")
+    scale = AUTO_SCALE[est] if args.scale_rewards == "auto" else args.scale_rewards
+    if est == "gae" and args.scale_rewards != "auto":
+        raise UserError("--scale_rewards applies to the critic-free estimators; gae normalises its advantages with "
+                        "--whiten_advantages")
+    if est in ("reinforce_pp", "reinforce_pp_baseline") and scale == "group":
+        raise UserError(f"--advantage_estimator {est} normalises over the batch: --scale_rewards batch or none")
+    if scale == "group" and k < 2:
+        raise UserError("--scale_rewards group needs --n_samples_per_prompt >= 2")
+    if args.kl_in == "loss" and args.kl_estimator == "k1":
+        raise UserError("--kl_in loss with --kl_estimator k1: the gradient of k1 is zero in expectation, so the "
+                        "penalty would do nothing; use k2 (unbiased gradient) or k3 (GRPO's, biased gradient)")
+    if args.kl_coef < 0:
+        raise UserError("--kl_coef must be >= 0")
+    if args.kl_coef == 0 and args.target_kl > 0:
+        raise UserError("--target_kl adapts --kl_coef multiplicatively, which cannot start from 0; give --kl_coef > 0")
+    loss_agg = AUTO_LOSS_AGG[est] if args.loss_agg == "auto" else args.loss_agg
+    return Algorithm(estimator=est, k=k, scale=scale, loss_agg=loss_agg, kl_in=args.kl_in, critic=critic,
+                     reference=args.kl_coef > 0, reward_model=reward_model)

@@ -1,11 +1,15 @@
-"""Step 3: PPO with actor, critic, reference and reward models.
+"""Step 3: PPO with actor, critic, reference and reward models, or a critic-free estimator
+(GRPO, Dr. GRPO, RLOO, REINFORCE++) with a reward model and/or rule-based reward functions.
 
     deepspeed --num_gpus 2 step3_ppo/main.py --actor_model_name_or_path <step-1 dir> \
         --critic_model_name_or_path <step-2 dir> --data_path prompts.jsonl --output_dir out
+    deepspeed --num_gpus 2 step3_ppo/main.py --actor_model_name_or_path <step-1 dir> --advantage_estimator grpo \
+        --n_samples_per_prompt 8 --reward_funcs utils.reward_funcs:exact_match --data_path rows_with_answer.jsonl \
+        --output_dir out
     python step3_ppo/main.py ...   (one process)
 
-Writes OUTPUT_DIR/actor (causal LM), OUTPUT_DIR/critic (sequence classification), OUTPUT_DIR/actor_ema
-(with --enable_ema), args.json and metrics.jsonl.
+Writes OUTPUT_DIR/actor (causal LM), OUTPUT_DIR/critic (sequence classification, PPO only),
+OUTPUT_DIR/actor_ema (with --enable_ema), args.json and metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from step1_sft.trainer import collate as sft_collate
 from step3_ppo.config import GROUPS, REQUIRED
 from step3_ppo.models import build_models, check_args, require_reward_model
+from step3_ppo.rollout import PromptItem
 from step3_ppo.trainer import train
 from utils import ds
 from utils.args import args_record, parse, resolve_data_settings
@@ -26,6 +31,7 @@ from utils.errors import UserError, at_record, exit_on_user_error
 from utils.model import load_tokenizer, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.reward import export_pad_token_id
+from utils.reward_funcs import call_reward_func, load_reward_funcs
 from utils.stream import StepStream
 from utils.train import finish_run, start_run
 
@@ -33,6 +39,17 @@ from utils.train import finish_run, start_run
 def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[list[int]]:
     """Prompt ids (template and generation prompt included). Over-long prompts follow --overlong; truncate
     keeps the last tokens, where the question and the generation prompt are (and a leading BOS)."""
+    return [ids for _, ids in _encoded_prompts(samples, encoder, max_len, what)]
+
+
+def prompt_items(samples, encoder: Encoder, max_len: int, what: str) -> list[PromptItem]:
+    """encode_prompts' ids with what the reward functions need: the prompt's last turn, the row's other
+    fields and its file:line."""
+    return [PromptItem(ids, s.prompt[-1]["content"], s.columns or {}, s.where)
+            for s, ids in _encoded_prompts(samples, encoder, max_len, what)]
+
+
+def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[tuple]:
     out, skipped, first = [], 0, None
     for s in samples:
         try:
@@ -48,7 +65,7 @@ def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[l
                 continue
             head = [encoder.bos_id] if encoder.bos_id is not None and ids[0] == encoder.bos_id else []
             ids = head + ids[len(ids) - (max_len - len(head)):]
-        out.append(ids)
+        out.append((s, ids))
     if skipped:
         ds.print0(f"{what}: skipped {skipped} of {len(samples)} prompts longer than --max_prompt_seq_len "
                   f"{max_len} (--overlong skip; first: {first})")
@@ -65,32 +82,44 @@ def check_tokenizers(actor_tok, other_path: str, what: str, trust_remote_code: b
                         "ids between the models, so they must share one (train step 2 from the step-1 model)")
 
 
+def check_reward_funcs(funcs, item: PromptItem, max_len: int) -> None:
+    """Call every reward function once on the first prompt with an empty answer, so a function that cannot
+    run on these rows (a missing column, a typo) stops the run before any model is loaded."""
+    for f in funcs:
+        call_reward_func(f, [item.text], [""], [item.columns], [[]], max_len, [item.where])
+
+
 def parse_args(argv=None):
-    return parse(GROUPS, "Step 3: PPO with actor, critic, reference and reward models", argv, required=REQUIRED)
+    return parse(GROUPS, "Step 3: PPO with actor, critic, reference and reward models, or a critic-free "
+                         "estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++)", argv, required=REQUIRED)
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
-    check_args(args)
+    algo = check_args(args)
     check_output_dir(args)
+    funcs = load_reward_funcs(args.reward_funcs, args.reward_weights)
     rank, world = ds.init_distributed(args.seed)
-    reward_path = args.reward_model_name_or_path or args.critic_model_name_or_path
 
-    # Data first, so bad input fails before four models are loaded.
+    # Data first, so bad input fails before the models are loaded.
     tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, "--actor_model_name_or_path")
-    for path, what in ((args.critic_model_name_or_path, "--critic_model_name_or_path"),
-                       (reward_path, "--reward_model_name_or_path")):
-        check_tokenizers(tokenizer, path, what, args.trust_remote_code)
-    require_reward_model(reward_path, args.trust_remote_code)
+    for path, what in ((args.critic_model_name_or_path if algo.critic else None, "--critic_model_name_or_path"),
+                       (algo.reward_model, "--reward_model_name_or_path")):
+        if path is not None:
+            check_tokenizers(tokenizer, path, what, args.trust_remote_code)
+    if algo.reward_model is not None:
+        require_reward_model(algo.reward_model, args.trust_remote_code)
     template, sft_len = resolve_data_settings(types.SimpleNamespace(template=args.template, max_seq_len=0),
                                               args.actor_model_name_or_path)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)
-    prompts = encode_prompts(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
-                             "prompts")
-    eval_prompts = (encode_prompts(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,
-                                   args.max_prompt_seq_len, "eval prompts") if args.eval_data_path else [])
+    prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
+                           "prompts")
+    eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,
+                                 args.max_prompt_seq_len, "eval prompts") if args.eval_data_path else [])
+    for first in (prompts[0], *eval_prompts[:1]):
+        check_reward_funcs(funcs, first, args.max_answer_seq_len)
     stream = StepStream(prompts, args.per_device_generation_batch_size, args.generation_batches, list, args.seed)
     unsup = None
     if args.unsup_data_path:
@@ -100,29 +129,37 @@ def main(argv=None) -> None:
         unsup = StepStream(items, args.per_device_training_batch_size, 1, lambda b: sft_collate(b, encoder.pad_id),
                            args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    updates_per_step = args.ppo_epochs * args.per_device_generation_batch_size * args.generation_batches // (
+    updates_per_step = args.ppo_epochs * args.per_device_generation_batch_size * args.generation_batches * algo.k // (
         args.per_device_training_batch_size * args.gradient_accumulation_steps)
     ds.print0(f"template={encoder.template} prompts={len(prompts)} eval_prompts={len(eval_prompts)} world={world} "
-              f"steps={total_steps} optimizer_steps={total_steps * updates_per_step}")
+              f"steps={total_steps} optimizer_steps={total_steps * updates_per_step} estimator={algo.estimator} "
+              f"k={algo.k} scale_rewards={algo.scale} loss_agg={algo.loss_agg} critic={algo.critic} "
+              f"reference={algo.reference} reward_model={algo.reward_model} reward_funcs={[f.name for f in funcs]}")
 
-    models = build_models(args, world, total_steps * updates_per_step, encoder.pad_id)
+    models = build_models(args, algo, world, total_steps * updates_per_step, encoder.pad_id)
     resolved = {"template": encoder.template, "max_seq_len": max(sft_len, args.max_prompt_seq_len +
                                                                  args.max_answer_seq_len),
                 "world_size": world, "total_steps": total_steps, "step": "ppo",
-                "reward_model_name_or_path": reward_path}
+                "reward_model_name_or_path": algo.reward_model, "resolved_scale_rewards": algo.scale,
+                "resolved_loss_agg": algo.loss_agg}
     logger = start_run(args, total_steps, resolved)
-    train(args, models, encoder, stream, unsup, eval_prompts, logger, total_steps)
+    train(args, algo, models, encoder, stream, unsup, eval_prompts, funcs, logger, total_steps)
     logger.close()
 
     meta, out = args_record(args, resolved), partial_dir(args.output_dir)
     save_hf(models.actor.module, tokenizer, os.path.join(out, "actor"), meta)
-    # As in step 2: the saved config's pad id is the one plain transformers needs to pool at the EOS.
-    critic_config = models.critic.module.config.get_text_config()
-    critic_config.pad_token_id = export_pad_token_id(tokenizer)
-    save_hf(models.critic.module, tokenizer, os.path.join(out, "critic"), meta)
+    saved = ["actor"]
+    if models.critic is not None:
+        # As in step 2: the saved config's pad id is the one plain transformers needs to pool at the EOS.
+        critic_config = models.critic.module.config.get_text_config()
+        critic_config.pad_token_id = export_pad_token_id(tokenizer)
+        save_hf(models.critic.module, tokenizer, os.path.join(out, "critic"), meta)
+        saved.append("critic")
     if models.ema is not None:
         save_hf(models.ema, tokenizer, os.path.join(out, "actor_ema"), meta)
+        saved.append("actor_ema")
     finish_run(args, resolved)
+    ds.print0(f"saved {args.output_dir}/{{{', '.join(saved)}}}")
 
 
 if __name__ == "__main__":

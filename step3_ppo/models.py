@@ -1,11 +1,13 @@
 """The four PPO models as DeepSpeed engines, and the DeepSpeed-specific pieces of PPO.
 
 actor      AutoModelForCausalLM from the step-1 model, trained (ZeRO --actor_zero_stage)
-reference  frozen copy of the initial actor (ZeRO-3 when the actor is, or when it is offloaded)
+reference  frozen copy of the initial actor (ZeRO-3 when the actor is, or when it is offloaded);
+           not loaded with --kl_coef 0
 critic     one-label sequence classifier from the step-2 model, trained; a value at every position
-           (utils.reward.token_scores: the head's per-token outputs, not HF's pooled `logits`)
+           (utils.reward.token_scores: the head's per-token outputs, not HF's pooled `logits`);
+           only for --advantage_estimator gae
 reward     frozen one-label sequence classifier; its score at the last real token
-           (utils.reward.sequence_rewards)
+           (utils.reward.sequence_rewards); not loaded when only --reward_funcs score the answers
 
 This module is where step 3 talks to DeepSpeed: engine construction, gathering ZeRO-3 parameters once
 per rollout, stepping actor and critic together under fp16, and the EMA of the actor.
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from step3_ppo.config import Algorithm, resolve_algorithm
 from utils import ds
 from utils.errors import UserError
 from utils.model import disable_dropout, load_model, prepare_model
@@ -28,11 +31,15 @@ from utils.reward import load_reward_model
 
 @dataclass
 class Models:
-    actor: object     # DeepSpeed engines
+    actor: object     # DeepSpeed engines; critic, ref and reward are None where the algorithm needs none
     critic: object
     ref: object
     reward: object
     ema: nn.Module | None  # plain module (ZeRO-3-partitioned like the actor, or full), fp32
+
+    def trained(self) -> list:
+        """The engines stepped together (pitfall 14)."""
+        return [e for e in (self.actor, self.critic) if e is not None]
 
 
 def _lora_args(args, which: str):
@@ -41,26 +48,28 @@ def _lora_args(args, which: str):
                                  lora_module_name=args.lora_module_name, only_optimize_lora=args.only_optimize_lora)
 
 
-def frozen_configs(args, world: int) -> tuple[dict, dict]:
+def frozen_configs(args, world: int, critic: bool = True) -> tuple[dict, dict]:
     """DeepSpeed configs of the reference and reward models. A frozen model runs under ZeRO-3 when its
-    trained twin (actor, critic) does, or when --offload_reference_model / --offload_reward_model asks
-    for its parameters on the CPU: parameter offload exists only in ZeRO-3 (pitfall 13). Otherwise each
-    rank holds a full copy (ZeRO-0)."""
+    trained twin (actor, critic; the actor when there is no critic) does, or when
+    --offload_reference_model / --offload_reward_model asks for its parameters on the CPU: parameter
+    offload exists only in ZeRO-3 (pitfall 13). Otherwise each rank holds a full copy (ZeRO-0)."""
     out = []
     for stage, offload in ((args.actor_zero_stage, args.offload_reference_model),
-                           (args.critic_zero_stage, args.offload_reward_model)):
+                           (args.critic_zero_stage if critic else args.actor_zero_stage, args.offload_reward_model)):
         out.append(ds.ds_eval_config(stage=3 if stage == 3 or offload else 0, dtype=args.dtype,
                                      micro_batch=args.per_device_training_batch_size, world=world,
                                      offload_params=offload))
     return out[0], out[1]
 
 
-def check_args(args) -> None:
-    """Settings that cannot work together, refused before anything is loaded."""
-    if args.offload and min(args.actor_zero_stage, args.critic_zero_stage) == 0:
+def check_args(args) -> Algorithm:
+    """Settings that cannot work together, refused before anything is loaded; returns the algorithm."""
+    algo = resolve_algorithm(args)
+    stages = (args.actor_zero_stage, args.critic_zero_stage) if algo.critic else (args.actor_zero_stage,)
+    if args.offload and min(stages) == 0:
         raise UserError("--offload moves optimizer states to the CPU, which needs ZeRO stage >= 1 for both "
                         "--actor_zero_stage and --critic_zero_stage")
-    if args.dtype == "fp16" and min(args.actor_zero_stage, args.critic_zero_stage) == 0:
+    if args.dtype == "fp16" and min(stages) == 0:
         raise UserError("--dtype fp16 needs ZeRO stage >= 1 for actor and critic (their overflow checks are "
                         "synchronised so an overflow skips both steps); use bf16 or a ZeRO stage >= 1")
     for name in ("max_answer_seq_len", "max_prompt_seq_len", "per_device_generation_batch_size",
@@ -69,14 +78,16 @@ def check_args(args) -> None:
             raise UserError(f"--{name} must be >= 1")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (use --no-do_sample for greedy rollouts)")
-    buffer = args.per_device_generation_batch_size * args.generation_batches
+    buffer = args.per_device_generation_batch_size * args.generation_batches * algo.k
     per_update = args.per_device_training_batch_size * args.gradient_accumulation_steps
     if buffer % per_update:
+        answers = f" x {algo.k} answers" if algo.k > 1 else ""
         raise UserError(f"the experience buffer ({args.per_device_generation_batch_size} prompts x "
-                        f"{args.generation_batches} generation batches = {buffer} per rank) must be a multiple of "
-                        f"--per_device_training_batch_size x --gradient_accumulation_steps ({per_update})")
+                        f"{args.generation_batches} generation batches{answers} = {buffer} per rank) must be a "
+                        f"multiple of --per_device_training_batch_size x --gradient_accumulation_steps ({per_update})")
     if not 0.0 <= args.ema_beta < 1.0:
         raise UserError("--ema_beta must be in [0, 1)")
+    return algo
 
 
 def _causal(args, cfg: dict, dtype: str) -> nn.Module:
@@ -108,25 +119,29 @@ def _train_engine(args, model: nn.Module, cfg: dict, which: str, updates: int):
                                 scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps, total_steps=updates)
 
 
-def build_models(args, world: int, updates: int, pad_id: int) -> Models:
-    """Load the four models (and the EMA) and wrap them in engines; `updates` = optimizer steps of the run.
-    `pad_id` only fills the classifiers' in-memory config.pad_token_id (HF refuses batches without one)."""
-    reward_path = args.reward_model_name_or_path or args.critic_model_name_or_path
+def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int) -> Models:
+    """Load the models the algorithm needs (and the EMA) and wrap them in engines; `updates` = optimizer
+    steps of the run. `pad_id` only fills the classifiers' in-memory config.pad_token_id (HF refuses
+    batches without one)."""
     mb, ga = args.per_device_training_batch_size, args.gradient_accumulation_steps
     train_cfg = {which: ds.ds_config(stage=getattr(args, f"{which}_zero_stage"), offload=args.offload,
                                      dtype=args.dtype, micro_batch=mb, grad_accum=ga, world=world,
                                      grad_clip=args.max_grad_norm) for which in ("actor", "critic")}
-    ref_cfg, reward_cfg = frozen_configs(args, world)
+    ref_cfg, reward_cfg = frozen_configs(args, world, algo.critic)
 
     actor_model = prepare_model(_causal(args, train_cfg["actor"], args.dtype), _lora_args(args, "actor"))
     actor = _train_engine(args, actor_model, train_cfg["actor"], "actor", updates)
-    ref = ds.init_eval_engine(_frozen(_causal(args, ref_cfg, args.dtype)), ref_cfg)
-    critic_model = prepare_model(_classifier(args, args.critic_model_name_or_path, train_cfg["critic"], pad_id,
-                                             "--critic_model_name_or_path"),
-                                 _lora_args(args, "critic"), task_type="SEQ_CLS")
-    critic = _train_engine(args, critic_model, train_cfg["critic"], "critic", updates)
-    reward = ds.init_eval_engine(_frozen(_classifier(args, reward_path, reward_cfg, pad_id,
-                                                     "--reward_model_name_or_path")), reward_cfg)
+    ref = ds.init_eval_engine(_frozen(_causal(args, ref_cfg, args.dtype)), ref_cfg) if algo.reference else None
+    critic = None
+    if algo.critic:
+        critic_model = prepare_model(_classifier(args, args.critic_model_name_or_path, train_cfg["critic"], pad_id,
+                                                 "--critic_model_name_or_path"),
+                                     _lora_args(args, "critic"), task_type="SEQ_CLS")
+        critic = _train_engine(args, critic_model, train_cfg["critic"], "critic", updates)
+    reward = None
+    if algo.reward_model is not None:
+        reward = ds.init_eval_engine(_frozen(_classifier(args, algo.reward_model, reward_cfg, pad_id,
+                                                         "--reward_model_name_or_path")), reward_cfg)
     ema = None
     if args.enable_ema:
         # fp32 whatever the training precision: (1 - beta) * update is below bf16 resolution for beta ~ 0.99.

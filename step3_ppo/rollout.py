@@ -6,8 +6,12 @@ Layout of a rollout batch: prompts left-padded to width P, answers right-padded 
 The logits at positions P-1 .. P+W-2 score the answer tokens; the critic's value of the state before
 answer token t is read at the same position P-1+t; the reward model reads the last real token.
 Position ids come from the mask in every forward (pitfall 4), as `generate()` computes them.
+With --n_samples_per_prompt K each prompt is repeated K times in a row on its own rank, so the K
+answers of a prompt (its group) never leave the rank that generated them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
@@ -16,7 +20,25 @@ from step3_ppo.models import generation_mode
 from utils import ds
 from utils.encoding import pad_batch, position_ids_from_mask
 from utils.reward import sequence_rewards, token_scores
+from utils.reward_funcs import score_with_funcs
 from utils.rl import entropy_from_logits, mask_from_lengths, response_lengths, token_logprobs
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    ids: list          # prompt token ids, template and generation prompt included
+    text: str          # the prompt's last turn, as reward functions receive it
+    columns: dict      # the data row's other fields (e.g. "answer"), for reward functions
+    where: str         # "file:line" of the row
+
+
+def repeat_prompts(items: list[PromptItem], k: int, first_group: int = 0) -> tuple[list[PromptItem], torch.Tensor]:
+    """Each prompt k times in a row, and the group id of every copy: [p0 x k, p1 x k, ...], ids
+    first_group + position of the prompt. Ids come from positions, never from prompt contents, so a
+    prompt drawn twice forms two groups and two prompts never share one (pitfall 25)."""
+    out = [it for it in items for _ in range(k)]
+    groups = torch.arange(first_group, first_group + len(items)).repeat_interleave(k)
+    return out, groups
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict:
@@ -99,9 +121,11 @@ def final_scores(reward, b: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def experience(models, b: dict, temperature: float) -> dict:
-    """Forward passes of the rollout batch through reference, critic and reward model, and through the
-    actor unless generation kept its logits (fp32). The first time generation's logits are used, they
-    are checked against the actor's forward once; beyond REUSE_TOLERANCE the run goes back to forwards."""
+    """Forward passes of the rollout batch through reference, critic and reward model (those that exist:
+    without a reference ref_logp is absent, without a critic values, without a reward model the model
+    score is 0 and the rule-based rewards are the whole score), and through the actor unless generation
+    kept its logits (fp32). The first time generation's logits are used, they are checked against the
+    actor's forward once; beyond REUSE_TOLERANCE the run goes back to forwards."""
     gen = b.pop("gen_logits", None)
     if gen is not None:
         logits = gen / temperature if temperature != 1.0 else gen
@@ -119,10 +143,35 @@ def experience(models, b: dict, temperature: float) -> dict:
     else:
         logits = answer_logits(models.actor, b, temperature)
     logp = token_logprobs(logits, b["answers"])
-    entropy = entropy_from_logits(logits)
-    ref_logp = token_logprobs(answer_logits(models.ref, b, temperature), b["answers"])
-    return {"logp": logp, "ref_logp": ref_logp, "entropy": entropy, "values": answer_values(models.critic, b),
-            "score": final_scores(models.reward, b)}
+    out = {"logp": logp, "entropy": entropy_from_logits(logits)}
+    if models.ref is not None:
+        out["ref_logp"] = token_logprobs(answer_logits(models.ref, b, temperature), b["answers"])
+    if models.critic is not None:
+        out["values"] = answer_values(models.critic, b)
+    out["score"] = (final_scores(models.reward, b) if models.reward is not None
+                    else torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device))
+    return out
+
+
+def completions(tokenizer, b: dict) -> tuple[list[str], list[list[int]]]:
+    """Each answer as reward functions receive it: the decoded text without its EOS (special tokens
+    skipped), and the generated ids with the EOS."""
+    texts, ids = [], []
+    for i in range(b["answers"].shape[0]):
+        n = int(b["action_mask"][i].sum())
+        row = b["answers"][i, :n].tolist()
+        ids.append(row)
+        texts.append(tokenizer.decode(row[:-1] if bool(b["has_eos"][i]) else row, skip_special_tokens=True))
+    return texts, ids
+
+
+def rule_scores(funcs, tokenizer, b: dict, items: list[PromptItem], max_len: int) -> tuple[torch.Tensor, dict]:
+    """The weighted sum of the --reward_funcs for every answer of the batch ([B] fp32 on the batch's
+    device) and each function's values (lists, None where a function does not apply)."""
+    texts, ids = completions(tokenizer, b)
+    total, per_func = score_with_funcs(funcs, [it.text for it in items], texts, [it.columns for it in items], ids,
+                                       max_len, [it.where for it in items])
+    return torch.tensor(total, dtype=torch.float32, device=b["answers"].device), per_func
 
 
 # ----------------------------------------------------------------------------- buffer samples

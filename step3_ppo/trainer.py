@@ -1,11 +1,15 @@
-"""Step 3 loop. One PPO step:
+"""Step 3 loop. One step:
 
-  1. rollouts: --generation_batches batches of this rank's prompts -> answers and the four models'
-     forward passes (rollout.py);
-  2. rewards: score (optionally normalised, minus --missing_eos_penalty, clipped) at the last action,
-     per-token KL penalty, GAE, advantages whitened over the whole buffer of all ranks;
+  1. rollouts: --generation_batches batches of this rank's prompts, each answered
+     --n_samples_per_prompt times on this rank -> answers, the models' forward passes and the
+     rule-based rewards (rollout.py);
+  2. rewards and advantages: score (reward model + weighted --reward_funcs, optionally normalised,
+     minus --missing_eos_penalty, clipped), the KL penalty in the reward (--kl_in reward), then the
+     --advantage_estimator: GAE with advantages whitened over the buffer of all ranks (PPO), a group
+     baseline (grpo, dr_grpo, rloo), or discounted returns normalised over the batch (reinforce_pp);
   3. --ppo_epochs passes over the buffer in shuffled mini-batches: clipped policy loss (+ entropy bonus,
-     + PPO-ptx) for the actor and clipped value loss for the critic, stepped together;
+     + KL term with --kl_in loss, + PPO-ptx) for the actor and clipped value loss for the critic (PPO
+     only), aggregated by --loss_agg over the whole optimizer step, stepped together;
   4. the KL controller adapts to the step's KL, metrics go to metrics.jsonl.
 
 Every rank holds the same number of samples and runs the same forwards and collectives in the same
@@ -13,6 +17,7 @@ order; nothing is dropped on one rank only (pitfall 10).
 """
 from __future__ import annotations
 
+import resource
 import time
 from collections import defaultdict
 
@@ -20,16 +25,19 @@ import torch
 
 from step3_ppo.models import ema_state, ema_update_, load_ema_state, step_together
 from step3_ppo.rollout import (answer_logits, answer_values, collate_samples, experience, final_scores, generate,
-                               generation_config, model_inputs, split_samples)
+                               generation_config, model_inputs, repeat_prompts, rule_scores, split_samples)
 from utils import ds
-from utils.losses import sft_loss
-from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, compute_rewards,
-                      entropy_from_logits, gae_advantages, masked_mean, policy_loss, token_logprobs, value_loss,
-                      whiten_from_sums)
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
+from utils.losses import sft_loss, step_loss_scale
+from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss, compute_rewards,
+                      discounted_returns, entropy_from_logits, gae_advantages, grpo_advantages, group_stats,
+                      masked_kl, policy_loss_per_token, rloo_advantages, std_from_sums, token_logprobs,
+                      value_loss_per_token, whiten_from_sums)
 from utils.stream import eval_batches
 from utils.train import check_finite, to_device
+
+GROUP_EPS = 1e-6  # added to a std before dividing by it (GRPO's epsilon)
 
 
 def make_kl_controller(args):
@@ -40,49 +48,127 @@ def make_kl_controller(args):
 
 # ----------------------------------------------------------------------------- rewards and advantages
 
-def build_buffer(args, rollouts: list[dict], kl_coef: float, reward_norm: RunningMoments):
-    """Per-token rewards, GAE and whitened advantages for every rollout. Returns (rows, stats, n): rows are
-    this rank's per-sample dicts for mini-batching, stats global (all ranks) means for logging, n the global
-    sample count. `return` is the mean per-answer sum of rewards (score - kl_coef * KL), PPO's objective."""
+def final_score(args, b: dict, reward_norm: RunningMoments) -> torch.Tensor:
+    """The answer's scalar reward [B]: the score (reward model + rule-based rewards), optionally
+    normalised, minus --missing_eos_penalty for cut answers, clipped to +-clip_reward_value."""
+    score = reward_norm.normalize(b["score"]) if args.normalize_reward else b["score"]
+    score = score - args.missing_eos_penalty * (~b["has_eos"]).to(score.dtype)
+    if args.clip_reward_value:
+        score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
+    return score
+
+
+def sequence_advantages(algo, reward: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """grpo / dr_grpo / rloo: one advantage per answer [B] from its reward [B] and group ids [B], with
+    the group-std scaling of --scale_rewards group (batch scaling needs every rank: build_buffer)."""
+    if algo.estimator == "rloo":
+        adv = rloo_advantages(reward, groups)
+        if algo.scale == "group":
+            adv = adv / (group_stats(reward, groups)["std"] + GROUP_EPS)
+        return adv
+    return grpo_advantages(reward, groups, scale_by_std=algo.scale == "group", eps=GROUP_EPS)
+
+
+def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: RunningMoments):
+    """Per-token rewards and advantages for every rollout. Returns (rows, stats, n): rows are this rank's
+    per-sample dicts for mini-batching, stats global (all ranks) means for logging, n the global
+    sample count. `return` is the mean per-answer sum of rewards (score - kl_coef * KL with --kl_in
+    reward), the objective; `reward` the mean score."""
     if args.normalize_reward:
         raw = torch.cat([b["score"] for b in rollouts]).double()
         reward_norm.update(*ds.all_reduce_sum([raw.numel(), raw.sum(), raw.square().sum()]).tolist())
+    reward_kl_coef = kl_coef if algo.kl_in == "reward" else 0.0
     local = defaultdict(float)
     for b in rollouts:
         mask = b["action_mask"]
-        score = reward_norm.normalize(b["score"]) if args.normalize_reward else b["score"]
-        score = score - args.missing_eos_penalty * (~b["has_eos"]).to(score.dtype)
-        rewards, kl, _ = compute_rewards(b["logp"], b["ref_logp"], score, mask, kl_coef, args.kl_estimator,
-                                         args.clip_reward_value or None)
-        b["advantages"], b["returns"] = gae_advantages(rewards, b["values"], mask, args.gamma, args.lam)
+        score = final_score(args, b, reward_norm)
+        # Without a reference model the KL is 0 by definition (logp against itself) and is not logged.
+        ref_logp = b["ref_logp"] if "ref_logp" in b else b["logp"]
+        if algo.estimator == "reinforce_pp_baseline":  # group mean subtracted first (Hu et al.)
+            placed = score - group_stats(score, b["groups"])["mean"]
+        else:
+            placed = score
+        rewards, kl, _ = compute_rewards(b["logp"], ref_logp, placed, mask, reward_kl_coef, args.kl_estimator)
+        objective = rewards.sum() if placed is score else score.sum() - reward_kl_coef * kl.sum()
+        if algo.estimator == "gae":
+            b["advantages"], b["returns"] = gae_advantages(rewards, b["values"], mask, args.gamma, args.lam)
+        elif algo.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+            b["advantages"] = discounted_returns(rewards, mask, args.gamma)
+        else:
+            b["seq_reward"] = rewards.sum(-1)  # score - kl_coef * sum_t KL_t: the answer's whole reward
+            b["advantages"] = sequence_advantages(algo, b["seq_reward"], b["groups"])[:, None] * mask
         adv = b["advantages"] * mask
-        for k, v in (("samples", mask.shape[0]), ("reward", b["score"].sum()), ("return", rewards.sum()),
+        lengths = mask.sum(-1)
+        for k, v in (("samples", mask.shape[0]), ("reward", b["score"].sum()), ("return", objective),
                      ("kl", kl.sum()), ("entropy", (b["entropy"] * mask).sum()), ("tokens", mask.sum()),
                      ("eos", b["has_eos"].sum()), ("adv_sum", adv.sum()), ("adv_sq", adv.square().sum())):
             local[k] += float(v)
+        for name, values in b.get("func_rewards", {}).items():
+            local[f"func_sum/{name}"] += sum(v for v in values if v is not None)
+            local[f"func_n/{name}"] += sum(v is not None for v in values)
+        if "seq_reward" in b:
+            local["seq_sum"] += float(b["seq_reward"].sum())
+            local["seq_sq"] += float(b["seq_reward"].square().sum())
+        if algo.k > 1:  # group statistics of the score (before any KL penalty): is there a signal to learn?
+            st = group_stats(score, b["groups"])
+            first = torch.arange(score.numel(), device=score.device) % algo.k == 0
+            for k, v in (("groups", first.sum()), ("group_mean", st["mean"][first].sum()),
+                         ("group_std", st["std"][first].sum()), ("groups_equal", st["equal"][first].sum())):
+                local[k] += float(v)
+        b["lengths"] = lengths
     g = dict(zip(local, ds.all_reduce_sum(list(local.values())).tolist()))
+    n = g["samples"]
+    batch_std = std_from_sums(n, g["seq_sum"], g["seq_sq"]) if algo.scale == "batch" and "seq_sum" in g else None
     rows = []
     for b in rollouts:
-        if args.whiten_advantages:
+        if algo.estimator == "gae" and args.whiten_advantages or (
+                algo.estimator.startswith("reinforce_pp") and algo.scale == "batch"):
             b["advantages"] = whiten_from_sums(b["advantages"], b["action_mask"], g["tokens"], g["adv_sum"],
                                                g["adv_sq"])
-        rows += split_samples(b, {k: b[k] for k in ("logp", "values", "advantages", "returns")})
-    n = g["samples"]
+        elif batch_std is not None:
+            b["advantages"] = b["advantages"] / (batch_std + GROUP_EPS)
+        fields = ["logp", "advantages"] + (["values", "returns"] if algo.critic else [])
+        if algo.kl_in == "loss" and algo.reference:
+            fields.append("ref_logp")
+        rows += split_samples(b, {k: b[k] for k in fields})
+    lengths = torch.cat([b["lengths"] for b in rollouts]).float()
+    low_high = ds.all_gather_objects((float(lengths.min()), float(lengths.max())))
     stats = {"reward": g["reward"] / n, "return": g["return"] / n, "kl": g["kl"] / n, "kl_coef": kl_coef,
-             "entropy": g["entropy"] / g["tokens"], "response_length": g["tokens"] / n, "eos_rate": g["eos"] / n}
+             "entropy": g["entropy"] / g["tokens"], "response_length": g["tokens"] / n, "eos_rate": g["eos"] / n,
+             "response_length_min": min(x[0] for x in low_high), "response_length_max": max(x[1] for x in low_high),
+             "clipped_rate": 1.0 - g["eos"] / n}
+    if not algo.reference:
+        del stats["kl"], stats["kl_coef"]
+    for key in g:
+        if key.startswith("func_sum/"):
+            name = key.split("/", 1)[1]
+            stats[f"reward/{name}"] = g[key] / max(g[f"func_n/{name}"], 1.0)
+    if algo.k > 1:
+        stats.update(group_reward_mean=g["group_mean"] / g["groups"], group_reward_std=g["group_std"] / g["groups"],
+                     groups_all_equal=g["groups_equal"] / g["groups"])
     return rows, stats, int(n)
 
 
 # ----------------------------------------------------------------------------- PPO update
 
-def actor_loss(args, actor, b: dict, ptx: dict | None):
-    """Clipped policy loss (+ entropy bonus) as a token mean over this mini-batch; ptx separately."""
+def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_tok: float, n_seq: float):
+    """Policy loss of one mini-batch as its part of the optimizer step's --loss_agg aggregate: clipped
+    surrogate (+ entropy bonus, + kl_coef x KL estimate with --kl_in loss); ptx separately. Returns
+    (loss, ptx_loss, stats) with stats as this mini-batch's parts of step-wide token means."""
     logits = answer_logits(actor, b, args.temperature)
     logp = token_logprobs(logits, b["answers"])
-    loss, stats = policy_loss(logp, b["logp"], b["advantages"], b["action_mask"], args.cliprange)
+    mask = b["action_mask"]
+    per_token, terms = policy_loss_per_token(logp, b["logp"], b["advantages"], args.cliprange)
     if args.entropy_coef:
-        entropy = masked_mean(entropy_from_logits(logits), b["action_mask"].float())
-        loss = loss - args.entropy_coef * entropy
+        per_token = per_token - args.entropy_coef * entropy_from_logits(logits)
+    stats = {k: float((terms[k] * mask).sum()) / n_tok for k in ("clipped", "approx_kl")}
+    stats["clipfrac"] = stats.pop("clipped")
+    if algo.kl_in == "loss" and algo.reference:
+        kl = masked_kl(logp, b["ref_logp"], mask, args.kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl_loss"] = float(aggregate_loss(kl.detach(), mask, algo.loss_agg, n_tok, n_seq,
+                                                args.max_answer_seq_len))
+    loss = aggregate_loss(per_token, mask, algo.loss_agg, n_tok, n_seq, args.max_answer_seq_len)
     ptx_loss = None
     if ptx is not None:
         pos = model_inputs({"seq": ptx["input_ids"], "attention_mask": ptx["attention_mask"]})
@@ -91,15 +177,17 @@ def actor_loss(args, actor, b: dict, ptx: dict | None):
     return loss, ptx_loss, stats
 
 
-def ppo_update(args, models, rows: list[dict], unsup, pad_id: int, step: int) -> dict:
+def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: int, kl_coef: float) -> dict:
     """--ppo_epochs passes over this rank's buffer; returns global means over the optimizer steps.
 
-    Loss normalisation (pitfall 16): each micro-batch's token mean is reweighted by its share of the
-    optimizer step's action tokens over all ranks, times world * grad_accum to undo DeepSpeed's
-    averaging, so the gradient is the full-batch token mean however the batch is split.
+    Loss normalisation (pitfall 16): every micro-batch's loss is its part of the --loss_agg aggregate
+    over the optimizer step's answers and tokens on all ranks (utils.rl.aggregate_loss), times
+    world * grad_accum to undo DeepSpeed's averaging, so the gradient is that of the full batch however
+    it is split. The value loss is a token mean over the step the same way.
     """
     world, ga, mb = ds.world_size(), args.gradient_accumulation_steps, args.per_device_training_batch_size
     actor, critic = models.actor, models.critic
+    scale = step_loss_scale(world, ga)
     per_step = mb * ga
     totals, opt_steps, epochs_done = defaultdict(float), 0, 0
     for _ in range(args.ppo_epochs):
@@ -109,34 +197,35 @@ def ppo_update(args, models, rows: list[dict], unsup, pad_id: int, step: int) ->
             micro = [collate_samples([rows[i] for i in order[j:j + mb]], pad_id)
                      for j in range(start, start + per_step, mb)]
             ptx = [to_device(unsup.next_step()[0]) for _ in micro] if unsup is not None else [None] * ga
-            local_tokens = [float(b["action_mask"].sum()) for b in micro]
-            local_ptx = [float((p["labels"][:, 1:] != -100).sum()) if p is not None else 0.0 for p in ptx]
-            n_tok, n_ptx = ds.all_reduce_sum([sum(local_tokens), sum(local_ptx)]).tolist()
+            local_tokens = sum(float(b["action_mask"].sum()) for b in micro)
+            local_seqs = sum(float(b["action_mask"].shape[0]) for b in micro)
+            local_ptx = sum(float((p["labels"][:, 1:] != -100).sum()) if p is not None else 0.0 for p in ptx)
+            n_tok, n_ptx, n_seq = ds.all_reduce_sum([local_tokens, local_ptx, local_seqs]).tolist()
             local = defaultdict(float)
-            for b, p, nt in zip(micro, ptx, local_tokens):
-                share = nt / n_tok
+            for b, p in zip(micro, ptx):
                 if p is not None:
                     p["n_tokens"] = max(n_ptx, 1.0)
-                a_loss, ptx_loss, a_stats = actor_loss(args, actor, b, p)
-                total = a_loss * share
+                a_loss, ptx_loss, a_stats = actor_loss(args, algo, actor, b, p, kl_coef, n_tok, n_seq)
+                total = a_loss
                 if ptx_loss is not None:
                     total = total + args.unsup_coef * ptx_loss
                     local["ptx_loss"] += ptx_loss.item()
-                actor.backward(total * world * ga)
-                values = answer_values(critic, b)
-                c_loss, c_stats = value_loss(values, b["values"], b["returns"], b["action_mask"],
-                                             args.cliprange_value)
-                critic.backward(c_loss * share * world * ga)
-                stepped = step_together([actor, critic])
-                local["actor_loss"] += a_loss.item() * share
-                local["critic_loss"] += c_loss.item() * share
-                for k in ("clipfrac", "approx_kl"):
-                    local[k] += a_stats[k] * share
-                local["value_clipfrac"] += c_stats["value_clipfrac"] * share
+                actor.backward(total * scale)
+                local["actor_loss"] += a_loss.item()
+                for k, v in a_stats.items():
+                    local[k] += v
+                if critic is not None:
+                    values = answer_values(critic, b)
+                    per_token, clipped = value_loss_per_token(values, b["values"], b["returns"], args.cliprange_value)
+                    c_loss = aggregate_loss(per_token, b["action_mask"], "token_mean", n_tok, n_seq)
+                    critic.backward(c_loss * scale)
+                    local["critic_loss"] += c_loss.item()
+                    local["value_clipfrac"] += float((clipped * b["action_mask"]).sum()) / n_tok
+                stepped = step_together(models.trained())
             if models.ema is not None and stepped:
                 ema_update_(models.ema, actor.module, args.ema_beta)
             g = dict(zip(local, ds.all_reduce_sum(list(local.values())).tolist()))
-            check_finite(g["actor_loss"] + g["critic_loss"], step, "PPO loss")
+            check_finite(g["actor_loss"] + g.get("critic_loss", 0.0), step, "PPO loss")
             for k, v in g.items():
                 totals[k] += v
             totals["skipped_steps"] += 0.0 if stepped else 1.0
@@ -154,20 +243,48 @@ def ppo_update(args, models, rows: list[dict], unsup, pad_id: int, step: int) ->
 
 # ----------------------------------------------------------------------------- evaluation and samples
 
+def score_rollout(models, funcs, tokenizer, b: dict, items: list, max_len: int) -> None:
+    """Add the weighted rule-based rewards to the batch's score (the reward model's, or 0) in place,
+    keeping each function's values for the metrics. A reward function that fails on one rank stops
+    every rank with its message (the others would otherwise die in their next collective)."""
+    if not funcs:
+        return
+    error = None
+    try:
+        total, b["func_rewards"] = rule_scores(funcs, tokenizer, b, items, max_len)
+    except UserError as e:
+        error = str(e)
+    failed = [e for e in ds.all_gather_objects(error) if e]
+    if failed:
+        raise UserError(failed[0])
+    b["score"] = b["score"] + total
+
+
 @torch.no_grad()
-def evaluate(args, models, encoder, items: list[list[int]]) -> dict:
-    """Greedy answers to the evaluation prompts: mean reward-model score, EOS rate, answer length."""
+def evaluate(args, models, encoder, items: list, funcs) -> dict:
+    """Greedy answers to the evaluation prompts: mean score (reward model + weighted reward functions),
+    each reward function's mean, EOS rate, answer length."""
     cfg = generation_config(args, encoder, greedy=True)
-    score, eos, length, count = 0.0, 0.0, 0.0, 0.0
-    for prompts, valid in eval_batches(items, args.per_device_eval_batch_size, list):
-        b = generate(models.actor, prompts, encoder, cfg)
+    sums = defaultdict(float)
+    for batch, valid in eval_batches(items, args.per_device_eval_batch_size, list):
+        b = generate(models.actor, [it.ids for it in batch], encoder, cfg)
         valid = valid.to(b["seq"].device)
-        score += float((final_scores(models.reward, b) * valid).sum())
-        eos += float((b["has_eos"].float() * valid).sum())
-        length += float((b["action_mask"].sum(-1).float() * valid).sum())
-        count += float(valid.sum())
-    score, eos, length, count = ds.all_reduce_sum([score, eos, length, count]).tolist()
-    return {"reward": score / count, "eos_rate": eos / count, "response_length": length / count}
+        b["score"] = (final_scores(models.reward, b) if models.reward is not None
+                      else torch.zeros_like(valid))
+        score_rollout(models, funcs, encoder.tokenizer, b, batch, args.max_answer_seq_len)
+        sums["reward"] += float((b["score"] * valid).sum())
+        sums["eos"] += float((b["has_eos"].float() * valid).sum())
+        sums["length"] += float((b["action_mask"].sum(-1).float() * valid).sum())
+        sums["count"] += float(valid.sum())
+        for name, values in b.get("func_rewards", {}).items():
+            sums[f"reward/{name}"] += sum(v * float(w) for v, w in zip(values, valid) if v is not None)
+            sums[f"n/{name}"] += sum(float(w) for v, w in zip(values, valid) if v is not None)
+    g = dict(zip(sums, ds.all_reduce_sum(list(sums.values())).tolist()))
+    out = {"reward": g["reward"] / g["count"], "eos_rate": g["eos"] / g["count"],
+           "response_length": g["length"] / g["count"]}
+    for f in funcs:
+        out[f"reward/{f.name}"] = g[f"reward/{f.name}"] / max(g[f"n/{f.name}"], 1.0)
+    return out
 
 
 def sample_table(tokenizer, b: dict, k: int = 3) -> list[dict]:
@@ -180,6 +297,11 @@ def sample_table(tokenizer, b: dict, k: int = 3) -> list[dict]:
         rows.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                      "answer": tokenizer.decode(answer), "reward": round(float(b["score"][i]), 4)})
     return rows
+
+
+def peak_rss_mb() -> float:
+    """The largest resident memory of any rank so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return max(ds.all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -205,45 +327,50 @@ def restore_client_state(state: dict, models, stream, unsup, kl_ctl, reward_norm
         load_ema_state(models.ema, state["ema"])
 
 
-def train(args, models, encoder, stream, unsup, eval_items, logger, total_steps: int) -> dict:
-    """PPO steps up to `total_steps`; returns the last step's metrics."""
+def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger, total_steps: int) -> dict:
+    """Steps up to `total_steps`; returns the last step's metrics."""
     kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
     gen_cfg = generation_config(args, encoder)
     last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank
+    engines = {k: v for k, v in engines.items() if v is not None}
     ckpt = Checkpointer(args, engines, logger, lambda: client_state(models, stream, unsup, kl_ctl, reward_norm),
                         lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm))
     step = ckpt.resume()
     if step == 0 and eval_items:
-        logger.log({"step": 0, "split": "eval", **evaluate(args, models, encoder, eval_items)})
+        logger.log({"step": 0, "split": "eval", **evaluate(args, models, encoder, eval_items, funcs)})
     while step < total_steps:
         step += 1
         t0 = time.perf_counter()
         rollouts, gen_sec = [], 0.0
-        for prompts in stream.next_step():
+        for j, prompts in enumerate(stream.next_step()):
+            items, groups = repeat_prompts(prompts, algo.k, first_group=j * len(prompts))
             tg = time.perf_counter()
-            b = generate(models.actor, prompts, encoder, gen_cfg)
+            b = generate(models.actor, [it.ids for it in items], encoder, gen_cfg)
             gen_sec += time.perf_counter() - tg
             b.update(experience(models, b, args.temperature))
+            score_rollout(models, funcs, encoder.tokenizer, b, items, args.max_answer_seq_len)
+            b["groups"] = groups.to(b["score"].device)
             rollouts.append(b)
         t1 = time.perf_counter()
         kl_coef = kl_ctl.value
-        rows, stats, n_samples = build_buffer(args, rollouts, kl_coef, reward_norm)
+        rows, stats, n_samples = build_buffer(args, algo, rollouts, kl_coef, reward_norm)
         t2 = time.perf_counter()
-        update = ppo_update(args, models, rows, unsup, encoder.pad_id, step)
+        update = ppo_update(args, algo, models, rows, unsup, encoder.pad_id, step, kl_coef)
         t3 = time.perf_counter()
-        kl_ctl.update(stats["kl"], n_samples)  # the KL reported is the KL the rewards were penalised with
+        if algo.reference:
+            kl_ctl.update(stats["kl"], n_samples)  # the KL reported is the KL the rewards were penalised with
         last = {"step": step, "split": "train", **stats, **update, "lr": models.actor.get_lr()[0],
                 "generation_sec": gen_sec, "experience_sec": t1 - t0 - gen_sec + (t2 - t1),
-                "train_sec": t3 - t2, "samples_per_sec": n_samples / (t3 - t0)}
-        logger.advance(1, reward=stats["reward"], kl=stats["kl"])
+                "train_sec": t3 - t2, "samples_per_sec": n_samples / (t3 - t0), "peak_rss_mb": peak_rss_mb()}
+        logger.advance(1, reward=stats["reward"], **({"kl": stats["kl"]} if algo.reference else {}))
         if step % args.log_interval == 0 or step == total_steps:
             logger.log(last)
         if args.print_answers_interval and step % args.print_answers_interval == 0:
             logger.log({"step": step, "split": "samples", "samples": sample_table(encoder.tokenizer, rollouts[0])})
         if eval_items and args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
-            logger.log({"step": step, "split": "eval", **evaluate(args, models, encoder, eval_items)})
+            logger.log({"step": step, "split": "eval", **evaluate(args, models, encoder, eval_items, funcs)})
         ckpt.after_step(step)  # periodic checkpoint; a stop request: checkpoint and exit (utils/signals.py)
     if eval_items:
-        logger.log({"step": step, "split": "eval", **evaluate(args, models, encoder, eval_items)})
+        logger.log({"step": step, "split": "eval", **evaluate(args, models, encoder, eval_items, funcs)})
     return last

@@ -134,3 +134,35 @@ def test_pipeline_stops_on_sigterm_then_continues_skips_and_names_changed_inputs
         f.write('{"prompt": "Tell me about the owl.", "response": "The owl is great."}\n')
     p = pipeline()
     assert p.returncode == 2 and f"data file {data} changed" in p.stderr and "FORCE=1" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_critic_free_algo_takes_k_and_answer_length_from_the_preset(algo):
+    _, cmd = dry_run("ppo", MODEL_SIZE="1.3b", NGPUS="8", ALGO=algo, ACTOR="a", REWARD="r",
+                     REWARD_FUNCS="utils.reward_funcs:exact_match data/rewards.py:warm_word", REWARD_WEIGHTS="1 0.5")
+    assert flag(cmd, "--advantage_estimator") == algo and flag(cmd, "--n_samples_per_prompt") == "8"
+    assert flag(cmd, "--max_answer_seq_len") == "512" and flag(cmd, "--reward_model_name_or_path") == "r"
+    i = cmd.index("--reward_funcs")
+    assert cmd[i + 1:i + 3] == ["utils.reward_funcs:exact_match", "data/rewards.py:warm_word"]
+    assert cmd[cmd.index("--reward_weights") + 1:][:2] == ["1", "0.5"]
+    assert not any(c.startswith("--critic") for c in cmd)  # no critic is configured
+    _, ppo = dry_run("ppo", MODEL_SIZE="1.3b", NGPUS="8", ACTOR="a", CRITIC="c")
+    assert "--advantage_estimator" not in ppo and flag(ppo, "--critic_model_name_or_path") == "c"
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "ppo"], capture_output=True, text=True,
+                       env=dict(os.environ, DRY_RUN="1", ALGO="ppo2"))
+    assert p.returncode == 2 and "unknown ALGO 'ppo2'" in p.stderr
+
+
+def test_pipeline_skips_the_reward_model_when_reward_functions_score_alone(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NGPUS", "ZERO_STAGE", "OFFLOAD")}
+    env.update(DRY_RUN="1", MODEL="m", SFT_DATA="s.jsonl", PROMPT_DATA="data/count_prompts.jsonl", NGPUS="2",
+               STEPS="sft reward ppo", ALGO="grpo", REWARD_FUNCS="utils.reward_funcs:exact_match", MODEL_SIZE="tiny",
+               WORK_DIR=str(tmp_path))
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/pipeline.sh")], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr  # no PREF_DATA needed: nothing reads preference pairs
+    assert "reward: skipped" in p.stdout and "step2_reward" not in p.stdout
+    cmd = shlex.split(next(line for line in p.stdout.splitlines() if "step3_ppo/main.py" in line))
+    assert flag(cmd, "--output_dir") == str(tmp_path / "grpo") and "--reward_model_name_or_path" not in cmd
+    env.update(USE_REWARD_MODEL="1")
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/pipeline.sh")], env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "PREF_DATA" in p.stderr  # now step 2 runs and needs its pairs

@@ -25,6 +25,7 @@ Problems raise `DataError` naming the source, the line (or row) and the field.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import os
 import random
@@ -38,6 +39,7 @@ ROLES = ("system", "user", "assistant")
 NEEDS = ("sft", "pairs", "prompts")
 # Files `datasets.save_to_disk` writes: a DatasetDict, or one Dataset.
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
+PROMPT_FIELDS = ("prompt", "messages")  # the fields a prompt is read from; the rest of a row is its columns
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Sample:
     text: str | None = None       # plain-text record
     margin: float | None = None
     where: str = field(default="", compare=False)  # "path:line" or "source row i"
+    # The record's other fields (e.g. a verifiable `answer`), kept for prompt loads only: step 3 passes
+    # them to rule-based reward functions as keyword arguments.
+    columns: dict | None = field(default=None, compare=False, repr=False)
 
 
 # ----------------------------------------------------------------------------- reading sources
@@ -473,6 +478,8 @@ def load_file(path: str, need: str, log=print) -> list[Sample]:
                                   "instruction+output, text or prompt")
         s = parse_for(need, fmt, r)
         _check_need(need, s, r, fmt)
+        if need == "prompts":
+            s = dataclasses.replace(s, columns={k: v for k, v in record.items() if k not in PROMPT_FIELDS})
         samples.append(s)
         for note in r.notes:
             notes.setdefault(note, [0, r.where])[0] += 1

@@ -9,7 +9,14 @@ Losses return `(loss, stats)` where `stats` holds detached Python floats for log
 References: Schulman et al. 2017 "Proximal Policy Optimization Algorithms" (PPO);
 Schulman et al. 2016 "High-Dimensional Continuous Control Using GAE" (GAE);
 Ziegler et al. 2019 "Fine-Tuning Language Models from Human Preferences" (KL reward, controller);
-Schulman 2020 "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html (k1/k2/k3).
+Schulman 2020 "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html (k1/k2/k3);
+Shao et al. 2024 "DeepSeekMath" (GRPO); Liu et al. 2025 "Understanding R1-Zero-Like Training" (Dr. GRPO);
+Ahmadian et al. 2024 "Back to Basics: Revisiting REINFORCE Style Optimization" (RLOO);
+Hu et al. 2025 "REINFORCE++" (global advantage normalisation).
+
+Group estimators take `group_ids` [N] (long): answers with the same id are the K answers to one
+prompt. Ids are positions in the rollout, never prompt contents, so the same prompt drawn twice
+forms two groups (pitfall 25).
 """
 
 import math
@@ -142,6 +149,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
       k2 = 0.5 * log_ratio**2                 biased, low variance, >= 0
       k3 = exp(-log_ratio) - 1 + log_ratio    unbiased, low variance, >= 0
     Not masked: callers multiply by the action mask.
+
+    As a penalty in the reward (--kl_in reward) only the value matters. As a loss term (--kl_in loss,
+    differentiated through logp) the gradients differ, for answers sampled from pi (pitfall 25):
+      k1: E[grad log pi] = 0, so the term has no gradient in expectation (refused as a loss);
+      k2: E[log_ratio * grad log pi] = grad KL(pi || pi_ref), the unbiased gradient of the KL;
+      k3: E[(1 - pi_ref / pi) grad log pi] = grad KL(pi_ref || pi), the gradient of the *reverse* KL:
+          a biased estimate of the gradient of the KL its value estimates (GRPO's choice; the two
+          agree to first order near pi = pi_ref).
     """
     log_ratio = _at_least_fp32(logp) - _at_least_fp32(ref_logp)
     if estimator == "k1":
@@ -152,6 +167,18 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
         # expm1 keeps precision when the policy is still close to the reference (log_ratio ~ 0).
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, action_mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """kl_penalty on the answer tokens, exactly 0 under the mask. [B, T] -> [B, T].
+
+    The log-ratio is set to 0 under the mask *before* the estimator: padding holds arbitrary
+    log-probabilities, and k3's exp() of a large one overflows to inf, which a later `* mask` would
+    turn into NaN (and so would its gradient). Differentiable in logp.
+    """
+    valid = action_mask.bool()
+    same = torch.where(valid, _at_least_fp32(ref_logp), _at_least_fp32(logp).detach())
+    return torch.where(valid, kl_penalty(logp, same, estimator), torch.zeros_like(same))
 
 
 def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +256,7 @@ def compute_rewards(
     penalty, so the KL that is reported is the KL that is trained with (pitfalls.md item 12).
     """
     mask = action_mask.to(_at_least_fp32(logp).dtype)
-    kl = kl_penalty(logp, ref_logp, estimator) * mask
+    kl = masked_kl(logp, ref_logp, action_mask, estimator) * mask
     if clip_reward_value is not None:
         score = score.clamp(-clip_reward_value, clip_reward_value)
     rewards = place_terminal_reward(-kl_coef * kl, score, action_mask)
@@ -274,6 +301,102 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, action_mask: tor
     return advantages, returns
 
 
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need K >= 2 answers per prompt
+
+
+def group_stats(scores: torch.Tensor, group_ids: torch.Tensor):
+    """Statistics of each answer's group: scores [N], group_ids [N] (long) -> dict of [N] tensors.
+
+      mean   (1/K) sum_j r_j over the K answers of the group
+      std    sqrt( sum_j (r_j - mean)^2 / (K - 1) ), Bessel-corrected as torch.std; 0 for K = 1
+      size   K
+      equal  True where every score of the group is the same (no learning signal)
+    Computed in float64 and returned in the scores' dtype (at least fp32).
+    """
+    dtype = _at_least_fp32(scores).dtype
+    x = scores.detach().to(torch.float64)
+    _, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    G = counts.numel()
+    mean = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, inv, x) / counts
+    sq = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, inv, (x - mean[inv]).square())
+    std = (sq / (counts - 1).clamp_min(1)).sqrt()
+    hi = torch.full((G,), -math.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, inv, x, "amax")
+    lo = torch.full((G,), math.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, inv, x, "amin")
+    return {"mean": mean[inv].to(dtype), "std": std[inv].to(dtype), "size": counts[inv], "equal": (hi == lo)[inv]}
+
+
+@torch.no_grad()
+def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6):
+    """GRPO outcome advantage (Shao et al. 2024, sec. 4.1.2), one value per answer, the same on every token:
+
+      A_i = (r_i - mean(r_group)) / (std(r_group) + eps)     scale_by_std=True  (GRPO)
+      A_i =  r_i - mean(r_group)                              scale_by_std=False (Dr. GRPO, Liu et al. 2025)
+
+    scores [N], group_ids [N] -> [N]. Dr. GRPO drops the std because dividing by it weights prompts
+    that are almost always solved (or never) more than the others, a bias in the gradient. A group
+    whose scores are all equal gets exactly 0 (no NaN, no eps-sized noise).
+    """
+    st = group_stats(scores, group_ids)
+    adv = _at_least_fp32(scores) - st["mean"]
+    if scale_by_std:
+        adv = adv / (st["std"] + eps)
+    return torch.where(st["equal"], torch.zeros_like(adv), adv)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 6): each answer's baseline is the mean score of
+    the other K - 1 answers to its prompt,
+
+      A_i = r_i - (1 / (K - 1)) sum_{j != i} r_j  =  K / (K - 1) * (r_i - mean(r_group)).
+
+    scores [N], group_ids [N] -> [N]. Raises ValueError for a group of fewer than 2 answers.
+    """
+    st = group_stats(scores, group_ids)
+    if bool((st["size"] < 2).any()):
+        raise ValueError("rloo needs at least 2 answers per group")
+    k = st["size"].to(st["mean"].dtype)
+    total = st["mean"] * k
+    adv = _at_least_fp32(scores) - (total - _at_least_fp32(scores)) / (k - 1)
+    return torch.where(st["equal"], torch.zeros_like(adv), adv)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the answer's own tokens. rewards, action_mask [B, T] ->
+    [B, T], 0 under the mask (padding never contributes)."""
+    mask = action_mask.to(_at_least_fp32(rewards).dtype)
+    rewards = _at_least_fp32(rewards) * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float, eps: float = 1e-8):
+    """REINFORCE++ (Hu et al. 2025, eqs. 8-10): per-token rewards r_t = -beta KL_t + [t = last] score
+    (compute_rewards), their discounted returns G_t, then normalised over every action token of the
+    global batch:  A_t = (G_t - mean_batch(G)) / std_batch(G).  rewards, action_mask [B, T] -> [B, T].
+
+    This is the one-shard form; with several ranks the trainer whitens the returns with all-reduced
+    sums (whiten_from_sums), which equals it on the union. REINFORCE++-baseline is the same with
+    score - mean(score of its group) in place of the score (group mean first, then the batch
+    normalisation)."""
+    return masked_whiten(discounted_returns(rewards, action_mask, gamma), action_mask, eps=eps)
+
+
+def std_from_sums(n: float, total: float, total_sq: float) -> float:
+    """Unbiased standard deviation of a set given its size, sum and sum of squares (e.g. all-reduced)."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    return math.sqrt(max(total_sq - n * mean * mean, 0.0) / (n - 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
@@ -295,18 +418,32 @@ def policy_loss(
     active), approx_kl (k3 estimate of KL(old || new): mean((ratio - 1) - log ratio)), ratio_mean.
     """
     mask = action_mask.to(_at_least_fp32(logp).dtype)
+    per_token, terms = policy_loss_per_token(logp, old_logp, advantages, cliprange)
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean(terms["clipped"], mask).item(),
+            "approx_kl": masked_mean(terms["approx_kl"], mask).item(),
+            "ratio_mean": masked_mean(terms["ratio"], mask).item(),
+        }
+    return loss, stats
+
+
+def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float):
+    """The PPO clipped surrogate of `policy_loss` per token, before any masking or averaging.
+
+    logp (with grad), old_logp, advantages: [B, T] -> (loss [B, T], terms): loss_t = max(-A r_t, -A clip(r_t));
+    terms holds detached [B, T] tensors: clipped (1.0 where the clipped term is active), approx_kl
+    ((r - 1) - log r) and ratio. Reduce with aggregate_loss / masked_mean.
+    """
     log_ratio = _at_least_fp32(logp) - _at_least_fp32(old_logp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask).item(),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
-        }
-    return loss, stats
+        terms = {"clipped": (clipped > unclipped).to(ratio.dtype), "approx_kl": (ratio - 1.0) - log_ratio,
+                 "ratio": ratio.detach()}
+    return torch.maximum(unclipped, clipped), terms
 
 
 def value_loss(
@@ -324,16 +461,57 @@ def value_loss(
     Stats: value_clipfrac (share of tokens where the clipped term is larger), value_mean.
     """
     mask = action_mask.to(_at_least_fp32(values).dtype)
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    unclipped = (values - returns).square()
-    clipped = (values_clipped - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, clipped = value_loss_per_token(values, old_values, returns, cliprange_value)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
-            "value_clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask).item(),
+            "value_clipfrac": masked_mean(clipped, mask).item(),
             "value_mean": masked_mean(values, mask).item(),
         }
     return loss, stats
+
+
+def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                         cliprange_value: float):
+    """The clipped value loss of `value_loss` per token: [B, T] -> (0.5 * max((V - R)^2, (V_clip - R)^2) [B, T],
+    clipped [B, T] detached, 1.0 where the clipped term is larger)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped = (values - returns).square()
+    clipped = (values_clipped - returns).square()
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).detach().to(unclipped.dtype)
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(per_token: torch.Tensor, action_mask: torch.Tensor, mode: str, step_tokens: float,
+                   step_seqs: float, norm_len: float | None = None) -> torch.Tensor:
+    """This micro-batch's part of a per-token loss aggregated over the whole optimizer step.
+
+    per_token, action_mask: [B, T]; step_tokens / step_seqs: action tokens / answers of the whole
+    optimizer step over all ranks and accumulation micro-batches (all-reduced), so the parts of every
+    micro-batch on every rank add up to the full-batch value however the batch is split (pitfall 16;
+    multiply by step_loss_scale before engine.backward to undo DeepSpeed's averaging). With
+    l_it the loss of token t of answer i, |o_i| its length, N answers and T_all tokens in the step:
+      token_mean                (1 / T_all) sum_i sum_t l_it                 PPO; every token weighs the same
+      seq_mean_token_mean       (1 / N) sum_i (1 / |o_i|) sum_t l_it         GRPO (Shao et al. eq. 3): every
+                                                                             answer weighs the same, so tokens
+                                                                             of short answers weigh more
+      seq_mean_token_sum_norm   (1 / (N L)) sum_i sum_t l_it, L = norm_len   Dr. GRPO (Liu et al.): a constant
+                                                                             in place of |o_i|, which removes
+                                                                             that length bias
+    """
+    mask = action_mask.to(per_token.dtype)
+    if mode == "token_mean":
+        return masked_sum(per_token, mask) / step_tokens
+    if mode == "seq_mean_token_mean":
+        per_seq = masked_sum(per_token, mask, dim=-1) / mask.sum(-1).clamp_min(1)
+        return per_seq.sum() / step_seqs
+    if mode == "seq_mean_token_sum_norm":
+        if not norm_len:
+            raise ValueError("seq_mean_token_sum_norm needs norm_len (the answer-length budget)")
+        return masked_sum(per_token, mask) / (step_seqs * norm_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

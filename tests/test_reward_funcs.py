@@ -1,0 +1,176 @@
+"""Rule-based rewards: the shipped functions, loading --reward_funcs, and every way a function can fail."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import DATA
+from utils.data import load_samples
+from utils.errors import UserError
+from utils.reward_funcs import (RewardFunc, answer_format, call_reward_func, exact_match, final_number,
+                                load_reward_funcs, overlong_penalty, overlong_penalty_with, regex_reward,
+                                score_with_funcs)
+
+
+def call(fn, completions, **columns):
+    n = len(completions)
+    return fn(prompts=["q"] * n, completions=completions, **columns)
+
+
+# ----------------------------------------------------------------------------- shipped functions
+
+def test_exact_match_compares_the_final_numbers():
+    completions = ["The answer is 7.", "The answer is 17.", "7 plus 1 is 8, so the answer is 7", "no idea",
+                   "The answer is 7.0.", "It is 1,234.", "-3", "The answer is 4."]
+    answers = ["7", "7", 7, "7", "7", "1234", "-3", "the count is 4"]
+    assert call(exact_match, completions, answer=answers) == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert final_number("a 3 b 12.5 c") == final_number("12.50") and final_number("none") is None
+    with pytest.raises(ValueError, match="has no number"):
+        call(exact_match, ["1"], answer=["seven"])
+
+
+def test_format_rewards():
+    got = call(answer_format, ["The answer is 3.", "Let me count: 1 2 3. The answer is 3.", " The answer is 3. ",
+                               "The answer is 3", "The answer is three.", "The answer is 3. Done."])
+    assert got == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    well_formed = regex_reward(r"The \w+ is \w+\.", "well_formed")
+    assert well_formed.__name__ == "well_formed"
+    assert call(well_formed, ["The cat is great.", "The cat is very great.", "The cat is great. The"]) == [1.0, 0.0, 0.0]
+
+
+def test_overlong_penalty_is_dapo_soft_punishment():
+    # Budget 8 with the default soft zone of 8 // 4 = 2 tokens: 0 up to 6 tokens, -0.5 at 7, -1 at 8.
+    ids = [[1] * n for n in (3, 6, 7, 8)]
+    assert call(overlong_penalty, ["x"] * 4, completion_ids=ids, max_completion_length=8) == [0.0, 0.0, -0.5, -1.0]
+    four = overlong_penalty_with(cache=4)
+    assert call(four, ["x"] * 4, completion_ids=ids, max_completion_length=8) == [0.0, -0.5, -0.75, -1.0]
+
+
+def test_shipped_preference_rewards():
+    funcs = load_reward_funcs([os.path.join(DATA, "rewards.py") + ":warm_word",
+                               os.path.join(DATA, "rewards.py") + ":well_formed"], ["1", "0.5"])
+    answers = ["The apple is great.", " The turtle is dull.", "great great", "The o is amazing.", "The apple is big."]
+    total, per = score_with_funcs(funcs, ["p"] * 5, answers, [{}] * 5, [[1]] * 5, 16, [f"a:{i}" for i in range(5)])
+    # well_formed wants a noun and an adjective of the task: "The o is amazing." is the hack it closes
+    assert per == {"warm_word": [1.0, 0.0, 1.0, 1.0, 0.0], "well_formed": [1.0, 1.0, 0.0, 0.0, 0.0]}
+    assert total == [1.5, 0.5, 1.0, 1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_load_by_module_and_by_file(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("from helper import BONUS\n"
+                 "def bonus(prompts, completions, **kw):\n    return [BONUS] * len(completions)\n")
+    (tmp_path / "helper.py").write_text("BONUS = 2.0\n")  # the file's directory is importable while it loads
+    funcs = load_reward_funcs(["utils.reward_funcs:exact_match", f"{f}:bonus"], [])
+    assert [(x.name, x.weight) for x in funcs] == [("exact_match", 1.0), ("bonus", 1.0)]
+    assert funcs[1].fn(["p"], ["c"]) == [2.0]
+
+
+@pytest.mark.parametrize("specs, weights, message", [
+    (["nocolon"], [], "expected FILE.py:NAME"),
+    (["missing.py:f"], [], "'missing.py' does not exist"),
+    (["utils.reward_funcs:nothing_here"], [], "has no 'nothing_here'"),
+    (["utils.reward_funcs:RESERVED"], [], "not a function"),
+    (["no_such_module_xyz:f"], [], "cannot import module"),
+    (["utils.reward_funcs:exact_match"], ["1", "2"], "2 values for 1"),
+    (["utils.reward_funcs:exact_match"], ["heavy"], "'heavy' is not a finite number"),
+    (["utils.reward_funcs:exact_match", "utils.reward_funcs:exact_match"], [], "two functions are named"),
+])
+def test_load_errors_name_the_flag(specs, weights, message):
+    with pytest.raises(UserError, match=message):
+        load_reward_funcs(specs, weights)
+
+
+def test_a_file_that_fails_to_load_is_reported(tmp_path):
+    f = tmp_path / "broken.py"
+    f.write_text("raise RuntimeError('half written')\n")
+    with pytest.raises(UserError, match=r"broken.py:f: loading .* raised RuntimeError: half written"):
+        load_reward_funcs([f"{f}:f"], [])
+
+
+# ----------------------------------------------------------------------------- calling, and failing
+
+def rf(fn, name="f"):
+    return RewardFunc(f"mine.py:{name}", name, fn, 1.0)
+
+
+WHERES = ["d.jsonl:1", "d.jsonl:1", "d.jsonl:2", "d.jsonl:2"]
+
+
+def run(fn, completions=("a", "b", "c", "d"), columns=None):
+    cols = columns or [{"answer": "1"}, {"answer": "1"}, {"answer": "2"}, {"answer": "2"}]
+    return call_reward_func(rf(fn), ["p1", "p1", "p2", "p2"], list(completions), cols, [[1]] * 4, 8, WHERES)
+
+
+def test_columns_arrive_as_lists_and_none_is_allowed():
+    seen = {}
+
+    def fn(prompts, completions, answer, extra, completion_ids, max_completion_length, **kw):
+        seen.update(prompts=prompts, answer=answer, extra=extra, ids=completion_ids, max=max_completion_length)
+        return [None, True, 0, 2.5]
+
+    out = run(fn, columns=[{"answer": "1"}, {"answer": "1"}, {"answer": "2", "extra": 5}, {"answer": "2", "extra": 5}])
+    assert out == [None, 1.0, 0.0, 2.5]
+    assert seen == {"prompts": ["p1", "p1", "p2", "p2"], "answer": ["1", "1", "2", "2"], "extra": [None, None, 5, 5],
+                    "ids": [[1]] * 4, "max": 8}
+    total, per = score_with_funcs([rf(fn)], ["p"] * 4, ["a"] * 4, [{"answer": 1, "extra": 1}] * 4, [[1]] * 4, 8,
+                                  WHERES)
+    assert total == [0.0, 1.0, 0.0, 2.5]  # None adds nothing
+
+
+def test_a_raising_function_names_itself_and_the_row_that_fails():
+    def fn(prompts, completions, **kw):
+        return [1.0 / len(c) for c in completions]  # ZeroDivisionError on the empty answer
+
+    with pytest.raises(UserError, match=r"mine.py:f raised ZeroDivisionError: .*prompt d.jsonl:2, answer ''"):
+        run(fn, completions=["a", "b", "", "d"])
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([1.0, 2.0], "returned 2 rewards for 4 completions"),
+    (None, "returned NoneType, not a list"),
+    ([1.0, float("nan"), 0.0, 0.0], r"returned nan for prompt d.jsonl:1; rewards must be finite"),
+    ([1.0, 0.0, float("inf"), 0.0], r"returned inf for prompt d.jsonl:2"),
+    ([1.0, 0.0, "high", 0.0], r"returned 'high' \(str\) for prompt d.jsonl:2"),
+])
+def test_bad_return_values_stop_with_the_function_and_row(returned, message):
+    with pytest.raises(UserError, match=message):
+        run(lambda prompts, completions, **kw: returned)
+
+
+def test_a_column_named_like_an_argument_is_refused():
+    with pytest.raises(UserError, match=r"d.jsonl:2: field 'completions'"):
+        run(lambda prompts, completions, **kw: [0.0] * 4,
+            columns=[{}, {}, {"completions": 1}, {"completions": 1}])
+
+
+# ----------------------------------------------------------------------------- data columns
+
+def test_prompt_rows_keep_their_other_fields(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "How many?", "answer": "3", "meta": {"level": 1}}) + "\n")
+    s = load_samples([str(f)], "prompts")[0]
+    assert s.columns == {"answer": "3", "meta": {"level": 1}}
+    assert load_samples([os.path.join(DATA, "sft.jsonl")], "sft")[0].columns is None  # prompt loads only
+    shipped = load_samples([os.path.join(DATA, "count_heldout.jsonl")], "prompts")
+    assert all(s.columns["answer"].isdigit() for s in shipped)
+
+
+def test_step3_prompt_items_carry_text_columns_and_row(tokenizer_of, tmp_path):
+    from step3_ppo.main import encode_prompts, prompt_items
+    from utils.encoding import Encoder
+
+    f, g = tmp_path / "p.jsonl", tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"prompt": "Count: 1 2.", "answer": "2"}) + "\n")
+    g.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi."}], "answer": 1}) + "\n")
+    enc = Encoder(tokenizer_of("llama"), "hh", 64)
+    samples = load_samples([str(f), str(g)], "prompts")
+    items = prompt_items(samples, enc, 64, "prompts")
+    assert [it.ids for it in items] == encode_prompts(samples, enc, 64, "prompts")
+    assert [(it.text, it.columns, it.where) for it in items] == [("Count: 1 2.", {"answer": "2"}, f"{f}:1"),
+                                                                ("Hi.", {"answer": 1}, f"{g}:1")]
