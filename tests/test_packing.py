@@ -159,9 +159,10 @@ def test_reward_and_dpo_collates(tiny_dir):
     torch.testing.assert_close(lq, lp, atol=1e-5, rtol=1e-6)
     # DPO's log-ratios against a reference (here a perturbed copy) agree as well.
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)  # the same perturbation whatever ran before
     with torch.no_grad():
         for p in ref.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_(0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
         rp, rq = concatenated_logps(ref, padded)[0], concatenated_logps(ref, packed)[0]
     torch.testing.assert_close(lq - rq, lp - rp, atol=1e-5, rtol=0)
 
