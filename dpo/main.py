@@ -22,11 +22,8 @@ from utils.encoding import encode_all
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
 from utils.model import load_model, load_tokenizer, prepare_model, save_hf
-from utils.train import (StepStream, count_parameters, ds_config_from_args, init_engine_from_args, load_step_data,
-                         size_scaled_lr, start_run)
-
-# TRL's DPOConfig default, the usual full fine-tuning DPO rate for 7B models (Zephyr used 5e-7).
-DPO_LR_AT_7B = 1e-6
+from utils.lr import lr_help, scaled_lr
+from utils.train import StepStream, ds_config_from_args, init_engine_from_args, load_step_data, start_run
 
 
 @dataclass
@@ -37,11 +34,14 @@ class DPOArgs:
     beta: float = arg(0.1, "strength of the KL anchor to the reference (IPO: its tau, target margin 1/(2 beta))")
     label_smoothing: float = arg(0.0, "conservative DPO: assumed probability in [0, 0.5) that a pair's labels "
                                  "are flipped (sigmoid only)")
-    rpo_alpha: float = arg(0.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
-                           "log-probabilities from falling; 0 disables")
+    rpo_alpha: float = arg(1.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
+                           "log-probabilities from falling (likelihood displacement); 0 disables")
     precompute_ref_logprobs: bool = arg(False, "compute the reference log-probs once before training and free "
                                         "the reference model (faster steps, less memory)")
     disable_dropout: bool = arg(True, "turn off dropout in the policy (and reference) so rewards are not noise")
+    displacement_warn_nats: float = arg(2.0, "warn once (log and metrics.jsonl) when the chosen answers' "
+                                        "log-probability falls more than this many nats below the reference's "
+                                        "(likelihood displacement); 0 disables")
 
 
 def check_args(args) -> None:
@@ -77,8 +77,7 @@ def load_reference(args, tokenizer, world: int):
 def main(argv=None) -> None:
     args = parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
                  required=("model_name_or_path", "data_path", "output_dir"), defaults={"learning_rate": 0.0},
-                 helps={"learning_rate": "peak learning rate; 0 = scaled to the model size: 1e-6 at 7B "
-                                         "parameters times sqrt(7e9 / parameters), capped at 1e-3"})
+                 helps={"learning_rate": lr_help("dpo")})
     check_args(args)
     hf_logging.disable_progress_bar()
     rank, world = ds.init_distributed(args.seed)
@@ -117,7 +116,7 @@ def main(argv=None) -> None:
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         lambda b: collate_pairs(b, encoder.pad_id), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    lr = args.learning_rate or size_scaled_lr(count_parameters(model), DPO_LR_AT_7B)
+    lr = scaled_lr("dpo", model, args.learning_rate)
     ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
     engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
 

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from utils.args import DataArgs, DeepSpeedArgs, LogArgs, ModelArgs, TrainArgs, arg
+from utils.lr import lr_help
 
 
 def only(group, names: tuple[str, ...], defaults: dict | None = None, helps: dict | None = None):
@@ -104,8 +105,8 @@ class RolloutArgs:
 
 @dataclass
 class PPOArgs:
-    actor_learning_rate: float = arg(9.65e-6, "actor peak learning rate")
-    critic_learning_rate: float = arg(5e-6, "critic peak learning rate")
+    actor_learning_rate: float = arg(0.0, lr_help("actor"))
+    critic_learning_rate: float = arg(0.0, lr_help("critic"))
     actor_weight_decay: float = arg(0.0, "actor AdamW weight decay")
     critic_weight_decay: float = arg(0.0, "critic AdamW weight decay")
     per_device_training_batch_size: int = arg(16, "samples per rank in one PPO mini-batch")

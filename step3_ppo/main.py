@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     resolved = {"template": encoder.template, "max_seq_len": max(sft_len, args.max_prompt_seq_len +
                                                                  args.max_answer_seq_len),
                 "world_size": world, "total_steps": total_steps, "step": "ppo",
-                "reward_model_name_or_path": reward_path}
+                "reward_model_name_or_path": reward_path, "actor_learning_rate": models.lr["actor"],
+                "critic_learning_rate": models.lr["critic"]}
     logger = start_run(args, total_steps, resolved)
     train(args, models, encoder, stream, unsup, eval_prompts, logger, total_steps)
     logger.close()

@@ -26,6 +26,7 @@ from utils.losses import sft_loss
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, compute_rewards,
                       entropy_from_logits, gae_advantages, masked_mean, policy_loss, token_logprobs, value_loss,
                       whiten_from_sums)
+from utils.health import AnswerHealthMonitor, rollout_distinct_ratio
 from utils.train import check_finite, eval_batches, latest_checkpoint, load_checkpoint, save_checkpoint, to_device
 
 
@@ -183,7 +184,7 @@ def sample_table(tokenizer, b: dict, k: int = 3) -> list[dict]:
 
 def train(args, models, encoder, stream, unsup, eval_items, logger, total_steps: int) -> dict:
     """PPO steps up to `total_steps`; returns the last step's metrics."""
-    kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
+    kl_ctl, reward_norm, health = make_kl_controller(args), RunningMoments(), AnswerHealthMonitor()
     gen_cfg = generation_config(args, encoder)
     step, last = 0, {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank
@@ -214,6 +215,7 @@ def train(args, models, encoder, stream, unsup, eval_items, logger, total_steps:
         t1 = time.perf_counter()
         kl_coef = kl_ctl.value
         rows, stats, n_samples = build_buffer(args, rollouts, kl_coef, reward_norm)
+        stats["distinct_ratio"] = rollout_distinct_ratio(rollouts, encoder.eos_id)
         t2 = time.perf_counter()
         update = ppo_update(args, models, rows, unsup, encoder.pad_id, step)
         t3 = time.perf_counter()
@@ -224,6 +226,8 @@ def train(args, models, encoder, stream, unsup, eval_items, logger, total_steps:
         logger.advance(1, reward=stats["reward"], kl=stats["kl"])
         if step % args.log_interval == 0 or step == total_steps:
             logger.log(last)
+        for warning in health.check(step, stats):  # answers that stop ending at EOS or start repeating
+            logger.log(warning)
         if args.print_answers_interval and step % args.print_answers_interval == 0:
             logger.log({"step": step, "split": "samples", "samples": sample_table(encoder.tokenizer, rollouts[0])})
         if eval_items and args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
