@@ -20,15 +20,12 @@ from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
+from utils.lr import lr_help, scaled_lr
 from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
 from utils.stream import StepStream
-from utils.train import (count_parameters, ds_config_from_args, finish_run, init_engine_from_args, load_step_data,
-                         size_scaled_lr, start_run)
-
-# TRL's DPOConfig default, the usual full fine-tuning DPO rate for 7B models (Zephyr used 5e-7).
-DPO_LR_AT_7B = 1e-6
+from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
 
 @dataclass
@@ -40,11 +37,14 @@ class DPOArgs:
                       gt=0)
     label_smoothing: float = arg(0.0, "conservative DPO: assumed probability that a pair's labels are flipped "
                                  "(sigmoid only)", ge=0, lt=0.5)
-    rpo_alpha: float = arg(0.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
-                           "log-probabilities from falling; 0 disables", ge=0)
+    rpo_alpha: float = arg(1.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
+                           "log-probabilities from falling (likelihood displacement); 0 disables", ge=0)
     precompute_ref_logprobs: bool = arg(False, "compute the reference log-probs once before training and free "
                                         "the reference model (faster steps, less memory)")
     disable_dropout: bool = arg(True, "turn off dropout in the policy (and reference) so rewards are not noise")
+    displacement_warn_nats: float = arg(2.0, "warn once (log and metrics.jsonl) when the chosen answers' "
+                                        "log-probability falls more than this many nats below the reference's "
+                                        "(likelihood displacement); 0 disables")
 
 
 def check_args(args) -> None:
@@ -74,9 +74,7 @@ def load_reference(args, tokenizer, world: int):
 def parse_args(argv=None):
     return parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
                  required=("model_name_or_path", "data_path", "output_dir"), defaults={"learning_rate": 0.0},
-                 limits={"learning_rate": {"ge": 0}},
-                 helps={"learning_rate": "peak learning rate; 0 = scaled to the model size: 1e-6 at 7B "
-                                         "parameters times sqrt(7e9 / parameters), capped at 1e-3"})
+                 helps={"learning_rate": lr_help("dpo")})
 
 
 @exit_on_user_error
@@ -119,7 +117,7 @@ def main(argv=None) -> None:
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    lr = args.learning_rate or size_scaled_lr(count_parameters(model), DPO_LR_AT_7B)
+    lr = scaled_lr("dpo", model, args.learning_rate)
     ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
     engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
 

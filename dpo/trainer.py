@@ -10,6 +10,7 @@ import torch
 from utils import ds, packing
 from utils.encoding import IGNORE
 from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
+from utils.health import DisplacementMonitor
 from utils.metrics import Throughput
 from utils.checkpoint import Checkpointer
 from utils.pairs import Pair, collate_pairs
@@ -157,8 +158,10 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
     ckpt = Checkpointer(args, {"model": engine}, logger, lambda: {"stream": stream.state_dict()},
                         lambda st: stream.load_state_dict(st["stream"]))
     step = ckpt.resume()
+    # Every line gets logps/chosen_shift, and a warning goes out once if it falls too far.
+    log = DisplacementMonitor(args.displacement_warn_nats, args.beta, args.rpo_alpha, logger).log
     if step == 0:
-        logger.log({"step": 0, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
+        log({"step": 0, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
     speed, window = Throughput(), PairStats()
     while step < total_steps:
         batches = [to_device(b) for b in stream.next_step()]
@@ -182,12 +185,12 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
         logger.advance(1, loss=step_loss)
         if step % args.log_interval == 0 or step == total_steps:
             rates = speed.rates()
-            logger.log({"step": step, "split": "train", **window.reduce(args.rpo_alpha), "lr": engine.get_lr()[0],
-                        "pairs_per_sec": rates["samples_per_sec"], "tokens_per_sec": rates["tokens_per_sec"]})
+            log({"step": step, "split": "train", **window.reduce(args.rpo_alpha), "lr": engine.get_lr()[0],
+                 "pairs_per_sec": rates["samples_per_sec"], "tokens_per_sec": rates["tokens_per_sec"]})
             window = PairStats()
         if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
-            logger.log({"step": step, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
+            log({"step": step, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
         ckpt.after_step(step)  # periodic checkpoint; a stop request: checkpoint and exit (utils/signals.py)
     final = evaluate(engine, ref, eval_items, args, pad_id)
-    logger.log({"step": step, "split": "eval", **final})
+    log({"step": step, "split": "eval", **final})
     return final

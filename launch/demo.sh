@@ -51,12 +51,14 @@ if [ "${1:-}" = "grpo" ]; then
   exit 0
 fi
 
-# Step settings for the tiny model (hidden 64, 2 layers): high learning rates, short runs.
+# Every step runs with its defaults (learning rates scaled to the model's size, utils/lr.py) and only
+# the lengths below: SFT trains a random-init model (hidden 64, 2 layers), so it needs many epochs;
+# PPO gets a number of steps. The rest is held-out evaluation data and logging.
 MODEL="$DEMO_DIR/base" SFT_DATA=data/sft.jsonl PREF_DATA=data/preference.jsonl PROMPT_DATA=data/prompts.jsonl \
 WORK_DIR="$DEMO_DIR" \
-SFT_ARGS="${SFT_ARGS:---learning_rate 3e-3 --num_train_epochs 15 --eval_interval 100 --log_interval 20}" \
-REWARD_ARGS="${REWARD_ARGS:---learning_rate 1e-3 --num_train_epochs 2 --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 12}" \
-PPO_ARGS="${PPO_ARGS:---max_answer_seq_len 16 --per_device_generation_batch_size 16 --per_device_training_batch_size 8 --max_steps 24}" \
+SFT_ARGS="${SFT_ARGS:---num_train_epochs 30 --eval_interval 200 --log_interval 50}" \
+REWARD_ARGS="${REWARD_ARGS:---eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 12}" \
+PPO_ARGS="${PPO_ARGS:---max_steps 24 --eval_data_path data/heldout_prompts.jsonl}" \
 DPO_ARGS="${DPO_ARGS:---precompute_ref_logprobs --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 18}" \
   bash launch/pipeline.sh
 phase "pipeline (SFT, reward model, PPO, DPO)"

@@ -1,21 +1,22 @@
 # Model-size presets, sourced by launch/run.sh. One row per size class:
 #   size  params(M)  micro_batch  sft_lr  rm_lr  actor_lr  critic_lr  dpo_lr  lora_dim  max_seq_len  grad_ckpt
 #         group_k  answer_len
-# Learning rates follow the usual full-fine-tuning ranges for these sizes (smaller for larger models);
-# dpo_lr 0 lets dpo/main.py scale its rate to the model size (1e-6 at 7B x sqrt(7e9 / parameters));
-# LoRA rows set it explicitly because adapters need larger steps than full fine-tuning;
+# A rate of 0 lets the step scale its rate to the model's actual size (utils/lr.py: a known-good 7B rate
+# x sqrt(7e9 / parameters), capped at 1e-3), which is what every full-fine-tuning row does; at these
+# rows' nominal sizes it gives the usual ranges (SFT 7.5e-5 at 125M, 2.3e-5 at 1.3B, 1e-5 at 7B).
+# LoRA rows set their rates explicitly because adapters need larger steps than full fine-tuning;
 # from 13B up LoRA is on by default so a single node can hold the run. group_k is the answers per prompt of
 # the critic-free step-3 estimators (ALGO=grpo, rloo, ...): small models afford 16, the largest 4, since a
 # rank generates prompts x K answers at once; answer_len is step 3's --max_answer_seq_len for every ALGO.
 # Override any of them with flags.
 PRESETS="
-125m   125   16  1e-4  5e-5  1e-5   5e-6   0     0    512   0  16  256
-350m   350   16  5e-5  3e-5  5e-6   3e-6   0     0    512   0  16  256
-1.3b   1300  8   2e-5  2e-5  3e-6   2e-6   0     0    512   0  8   512
-7b     7000  4   1e-5  1e-5  1e-6   1e-6   0     0    1024  1  8   1024
+125m   125   16  0     0     0      0      0     0    512   0  16  256
+350m   350   16  0     0     0      0      0     0    512   0  16  256
+1.3b   1300  8   0     0     0      0      0     0    512   0  8   512
+7b     7000  4   0     0     0      0      0     0    1024  1  8   1024
 13b    13000 4   1e-4  5e-5  1e-5   5e-6   5e-6   128  1024  1  8   1024
 70b    70000 1   1e-4  5e-5  1e-5   5e-6   5e-6   128  1024  1  4   1024
-tiny   1     8   3e-3  1e-3  1e-3   1e-3   0     0    256   0  8   16
+tiny   1     8   0     0     0      0      0     0    256   0  8   16
 "
 
 # preset SIZE -> sets P_PARAMS P_MICRO P_SFT_LR P_RM_LR P_ACTOR_LR P_CRITIC_LR P_DPO_LR P_LORA P_SEQ P_CKPT

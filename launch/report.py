@@ -3,6 +3,9 @@
     python launch/report.py --runs sft=out/sft reward=out/reward ppo=out/ppo dpo=out/dpo --out report.png
 
 One panel per (run, metric) for the metrics each step is judged by; train and eval curves together.
+Next to the losses: the answer-health signals (DPO's change of the chosen answers' log-probability,
+PPO's EOS rate, distinct-token ratio, answer length and KL per answer), and a dashed red line at the
+step of every warning a run logged (likelihood displacement, answers without EOS, repeating answers).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ sys.path.insert(0, REPO)
 
 from utils.errors import DataError, UserError, exit_on_user_error  # noqa: E402
 
-KEYS = ["loss", "accuracy", "reward", "kl", "eos_rate", "rewards/accuracies", "rewards/margins"]
+KEYS = ["loss", "accuracy", "reward", "kl", "eos_rate", "distinct_ratio", "response_length", "rewards/accuracies",
+        "rewards/margins", "logps/chosen_shift"]
 
 
 def load(path: str) -> list[dict]:
@@ -45,10 +49,12 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
     return runs
 
 
-def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
+def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict, list]]:
+    """(run name, metric, {split: [(step, value)]}, [(step, warning name)]) per panel."""
     out = []
     for name, path in runs:
         rows = load(path)
+        warnings = [(r["step"], r["warning"]) for r in rows if r.get("split") == "warning"]
         for key in KEYS:
             series = {}
             for split in ("train", "eval"):
@@ -57,7 +63,7 @@ def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict]]:
                 if pts:
                     series[split] = pts
             if series:
-                out.append((name, key, series))
+                out.append((name, key, series, warnings))
     return out
 
 
@@ -79,10 +85,12 @@ def main(argv=None) -> None:
     cols = 4
     rows = max(1, math.ceil(len(ps) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (name, key, series) in zip(axes.flat, ps):
+    for ax, (name, key, series, warnings) in zip(axes.flat, ps):
         for split, pts in series.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if split == "eval" else None,
                     markersize=3, label=split)
+        for step, what in warnings:
+            ax.axvline(step, color="red", linestyle="--", linewidth=1, label=f"warning: {what}")
         ax.set_title(f"{name}: {key}", fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)

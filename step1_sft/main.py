@@ -13,6 +13,7 @@ from utils import ds, packing
 from utils.args import SHARED_GROUPS, args_record, parse
 from utils.encoding import encode_all
 from utils.errors import exit_on_user_error
+from utils.lr import lr_help, scaled_lr
 from utils.model import load_model, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.stream import StepStream
@@ -21,7 +22,7 @@ from utils.train import ds_config_from_args, finish_run, init_engine_from_args, 
 
 def parse_args(argv=None):
     return parse(SHARED_GROUPS, "Step 1: supervised fine-tuning (loss on response tokens only)", argv,
-                 required=("model_name_or_path", "data_path", "output_dir"))
+                 required=("model_name_or_path", "data_path", "output_dir"), helps={"learning_rate": lr_help("sft")})
 
 
 @exit_on_user_error
@@ -48,11 +49,13 @@ def main(argv=None) -> None:
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         lambda b: collate(b, encoder.pad_id, args.packing), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    engine = init_engine_from_args(args, model, cfg, total_steps)
+    lr = scaled_lr("sft", model, args.learning_rate)
+    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
+    engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
 
     # Train and save.
     resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
-                "total_steps": total_steps, "step": "sft"}
+                "total_steps": total_steps, "step": "sft", "learning_rate": lr}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()

@@ -15,7 +15,9 @@ from step2_reward.trainer import train
 from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
+from utils.lr import lr_help, scaled_lr
 from utils.model import disable_dropout, prepare_model, save_hf
+from utils.negatives import synthetic_pairs
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
 from utils.reward import export_pad_token_id, load_reward_model
@@ -32,11 +34,16 @@ class RewardArgs:
     shared_prompt_forward: bool = arg(False, "run each pair's prompt once and both replies on its cached keys/"
                                       "values (prompt + 2 replies tokens instead of 2 x (prompt + reply)); the same "
                                       "rewards to float rounding; not with --gradient_checkpointing")
+    synthetic_negatives: float = arg(1.0, "extra training pairs per pair whose rejected answer is a corrupted copy "
+                                     "of the chosen one (a token dropped or repeated, the answer cut short, or "
+                                     "empty; utils/negatives.py), so broken answers score below well-formed ones "
+                                     "and PPO cannot exploit them; 0 disables", ge=0)
 
 
 def parse_args(argv=None):
     return parse((*SHARED_GROUPS, RewardArgs), "Step 2: reward model (pairwise loss on the last-token score)",
-                 argv, required=("model_name_or_path", "data_path", "output_dir"))
+                 argv, required=("model_name_or_path", "data_path", "output_dir"),
+                 helps={"learning_rate": lr_help("reward")})
 
 
 @exit_on_user_error
@@ -56,6 +63,11 @@ def main(argv=None) -> None:
         packing.check_supported(args.model_name_or_path, args.trust_remote_code)
     train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
     eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
+    if args.synthetic_negatives > 0:
+        extra = [p for p in synthetic_pairs(train_items, args.synthetic_negatives, encoder.eos_id, args.seed)
+                 if len(p.rejected) <= encoder.max_seq_len]
+        ds.print0(f"synthetic negatives: {len(extra)} pairs of a chosen answer and a corrupted copy of it")
+        train_items = train_items + extra
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world}")
 
@@ -70,11 +82,13 @@ def main(argv=None) -> None:
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         functools.partial(collate_fn, pack=args.packing), args.seed)
     total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    engine = init_engine_from_args(args, model, cfg, total_steps)
+    lr = scaled_lr("reward", model, args.learning_rate)
+    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
+    engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
 
     # Train and save.
     resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
-                "total_steps": total_steps, "step": "reward"}
+                "total_steps": total_steps, "step": "reward", "learning_rate": lr}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, collate_fn, total_steps)
     logger.close()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from utils.args import DataArgs, DeepSpeedArgs, LogArgs, ModelArgs, TrainArgs, arg
 from utils.errors import UserError
+from utils.lr import lr_help
 from utils.rl import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, LOSS_AGGREGATIONS
 
 
@@ -110,8 +111,8 @@ class RolloutArgs:
 
 @dataclass
 class PPOArgs:
-    actor_learning_rate: float = arg(9.65e-6, "actor peak learning rate (0 keeps the actor fixed)", ge=0)
-    critic_learning_rate: float = arg(5e-6, "critic peak learning rate (0 keeps the critic fixed)", ge=0)
+    actor_learning_rate: float = arg(0.0, lr_help("actor"), ge=0)
+    critic_learning_rate: float = arg(0.0, lr_help("critic"), ge=0)
     actor_weight_decay: float = arg(0.0, "actor AdamW weight decay", ge=0)
     critic_weight_decay: float = arg(0.0, "critic AdamW weight decay", ge=0)
     per_device_training_batch_size: int = arg(16, "answers per rank in one PPO mini-batch", ge=1)

@@ -141,7 +141,7 @@ def main(argv=None) -> None:
                                                                  args.max_answer_seq_len),
                 "world_size": world, "total_steps": total_steps, "step": "ppo",
                 "reward_model_name_or_path": algo.reward_model, "resolved_scale_rewards": algo.scale,
-                "resolved_loss_agg": algo.loss_agg}
+                "resolved_loss_agg": algo.loss_agg, **{f"{k}_learning_rate": v for k, v in models.lr.items()}}
     logger = start_run(args, total_steps, resolved)
     train(args, algo, models, encoder, stream, unsup, eval_prompts, funcs, logger, total_steps)
     logger.close()

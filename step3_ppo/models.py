@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from step3_ppo.config import Algorithm, resolve_algorithm
 from utils import ds
 from utils.errors import UserError
+from utils.lr import scaled_lr
 from utils.model import disable_dropout, load_model, prepare_model
 from utils.reward import load_reward_model
 
@@ -36,6 +37,7 @@ class Models:
     ref: object
     reward: object
     ema: nn.Module | None  # plain module (ZeRO-3-partitioned like the actor, or full), fp32
+    lr: dict               # {"actor": peak rate, "critic": peak rate}, resolved (utils/lr.py)
 
     def trained(self) -> list:
         """The engines stepped together (pitfall 14)."""
@@ -112,8 +114,8 @@ def _prepared(model: nn.Module, args) -> nn.Module:
     return model
 
 
-def _train_engine(args, model: nn.Module, cfg: dict, which: str, updates: int):
-    return ds.init_train_engine(model, cfg=cfg, lr=getattr(args, f"{which}_learning_rate"),
+def _train_engine(args, model: nn.Module, cfg: dict, which: str, updates: int, lr: float):
+    return ds.init_train_engine(model, cfg=cfg, lr=lr,
                                 weight_decay=getattr(args, f"{which}_weight_decay"),
                                 betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
                                 scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps, total_steps=updates)
@@ -130,14 +132,17 @@ def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int) -
     ref_cfg, reward_cfg = frozen_configs(args, world, algo.critic)
 
     actor_model = prepare_model(_causal(args, train_cfg["actor"], args.dtype), _lora_args(args, "actor"))
-    actor = _train_engine(args, actor_model, train_cfg["actor"], "actor", updates)
+    lr = {"actor": scaled_lr("actor", actor_model, args.actor_learning_rate)}
+    actor = _train_engine(args, actor_model, train_cfg["actor"], "actor", updates, lr["actor"])
     ref = ds.init_eval_engine(_frozen(_causal(args, ref_cfg, args.dtype)), ref_cfg) if algo.reference else None
     critic = None
     if algo.critic:
         critic_model = prepare_model(_classifier(args, args.critic_model_name_or_path, train_cfg["critic"], pad_id,
                                                  "--critic_model_name_or_path"),
                                      _lora_args(args, "critic"), task_type="SEQ_CLS")
-        critic = _train_engine(args, critic_model, train_cfg["critic"], "critic", updates)
+        lr["critic"] = scaled_lr("critic", critic_model, args.critic_learning_rate)
+        critic = _train_engine(args, critic_model, train_cfg["critic"], "critic", updates, lr["critic"])
+    ds.print0(" ".join(f"{k}_learning_rate={v:.3g}" for k, v in lr.items()) + " (0 = scaled to the model size)")
     reward = None
     if algo.reward_model is not None:
         reward = ds.init_eval_engine(_frozen(_classifier(args, algo.reward_model, reward_cfg, pad_id,
@@ -150,7 +155,7 @@ def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int) -
         ema = _frozen(prepare_model(_causal(args, ema_cfg, "fp32"), _lora_args(args, "actor")))
         _partition_like_actor(ema, args.actor_zero_stage)
         ema_copy_(ema, actor.module)
-    return Models(actor=actor, critic=critic, ref=ref, reward=reward, ema=ema)
+    return Models(actor=actor, critic=critic, ref=ref, reward=reward, ema=ema, lr=lr)
 
 
 def require_reward_model(path: str, trust_remote_code: bool) -> None:

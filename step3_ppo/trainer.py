@@ -29,6 +29,7 @@ from step3_ppo.rollout import (answer_logits, answer_values, collate_samples, ex
 from utils import ds
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
+from utils.health import AnswerHealthMonitor, rollout_distinct_ratio
 from utils.losses import sft_loss, step_loss_scale
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss, compute_rewards,
                       discounted_returns, entropy_from_logits, gae_advantages, grpo_advantages, group_stats,
@@ -329,7 +330,7 @@ def restore_client_state(state: dict, models, stream, unsup, kl_ctl, reward_norm
 
 def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger, total_steps: int) -> dict:
     """Steps up to `total_steps`; returns the last step's metrics."""
-    kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
+    kl_ctl, reward_norm, health = make_kl_controller(args), RunningMoments(), AnswerHealthMonitor()
     gen_cfg = generation_config(args, encoder)
     last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank
@@ -355,6 +356,7 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         t1 = time.perf_counter()
         kl_coef = kl_ctl.value
         rows, stats, n_samples = build_buffer(args, algo, rollouts, kl_coef, reward_norm)
+        stats["distinct_ratio"] = rollout_distinct_ratio(rollouts, encoder.eos_id)
         t2 = time.perf_counter()
         update = ppo_update(args, algo, models, rows, unsup, encoder.pad_id, step, kl_coef)
         t3 = time.perf_counter()
@@ -366,6 +368,8 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         logger.advance(1, reward=stats["reward"], **({"kl": stats["kl"]} if algo.reference else {}))
         if step % args.log_interval == 0 or step == total_steps:
             logger.log(last)
+        for warning in health.check(step, stats):  # answers that stop ending at EOS or start repeating
+            logger.log(warning)
         if args.print_answers_interval and step % args.print_answers_interval == 0:
             logger.log({"step": step, "split": "samples", "samples": sample_table(encoder.tokenizer, rollouts[0])})
         if eval_items and args.eval_interval and step % args.eval_interval == 0 and step != total_steps:

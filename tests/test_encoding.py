@@ -9,7 +9,7 @@ from utils.encoding import IGNORE, Encoder, encode_all, pad_batch, position_ids_
 from utils.errors import UserError
 from utils.templates import render_segments, render_text
 
-FAMILIES = ["llama", "gpt2", "opt", "qwen2"]
+FAMILIES = ["llama", "llama-sp", "gpt2", "opt", "qwen2"]
 USER = {"role": "user", "content": "Tell me about the apple."}
 REPLY = {"role": "assistant", "content": "The apple is great."}
 

@@ -35,7 +35,7 @@ def sft_and_rm(tiny_dir, tmp_path_factory):
     run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--data_path",
                                            os.path.join(DATA, "preference.jsonl"), "--output_dir", rm,
                                            "--learning_rate", "3e-3", "--num_train_epochs", "3",
-                                           "--per_device_train_batch_size", "8"])
+                                           "--per_device_train_batch_size", "8", "--synthetic_negatives", "0"])
     return sft, rm
 
 

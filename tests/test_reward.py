@@ -12,7 +12,7 @@ from utils.pairs import Pair, collate_pairs, pair_tokens
 from utils.reward import (export_pad_token_id, gather_last, last_token_index, load_reward_model,
                           score_ids, sequence_rewards)
 
-FAMILIES = ["llama", "gpt2", "opt", "qwen2"]
+FAMILIES = ["llama", "llama-sp", "gpt2", "opt", "qwen2"]
 PROMPT = ({"role": "user", "content": "Tell me about the turtle."},)
 REPLIES = ["The turtle is amazing.", "The turtle is dull.", "Lovely."]
 

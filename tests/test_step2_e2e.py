@@ -16,7 +16,9 @@ from conftest import (DATA, assert_user_error, read_jsonl, read_metrics, run_dee
 
 pytestmark = pytest.mark.e2e
 RM_ARGS = ["--learning_rate", "1e-3", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
-           "--log_interval", "6", "--eval_interval", "12", "--save_interval", "12", "--zero_stage", "3"]
+           "--log_interval", "6", "--eval_interval", "12", "--save_interval", "12", "--zero_stage", "3",
+           # The pairs as given (36 steps); the default synthetic negatives are tested in test_alignment_e2e.py.
+           "--synthetic_negatives", "0"]
 
 
 @pytest.fixture(scope="module")

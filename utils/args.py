@@ -92,7 +92,7 @@ class TrainArgs:
     per_device_train_batch_size: int = arg(8, "micro-batch size per rank", ge=1)
     per_device_eval_batch_size: int = arg(16, "evaluation batch size per rank", ge=1)
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step", ge=1)
-    learning_rate: float = arg(1e-5, "peak learning rate", gt=0)
+    learning_rate: float = arg(0.0, "peak learning rate; 0 = scaled to the model size (utils/lr.py)", ge=0)
     weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)", ge=0)
     adam_beta1: float = arg(0.9, "AdamW beta1", ge=0, lt=1)
     adam_beta2: float = arg(0.95, "AdamW beta2", ge=0, lt=1)
@@ -276,7 +276,7 @@ def check_output_dir(path: str | None, flag: str = "--output_dir") -> None:
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,
           helps: dict | None = None, limits: dict | None = None) -> argparse.Namespace:
     """`defaults`/`helps`/`limits` let a step give a shared flag its own default, help text and range
-    (DPO: --learning_rate 0 means "scaled to the model size")."""
+    (e.g. its own help for --learning_rate)."""
     parser = build_parser(groups, description)
     specs = specs_of(groups, limits)
     if defaults:

@@ -2,10 +2,15 @@
 
 Used by the tests, the CPU demo and the benchmarks. Each family mirrors its real tokenizer's
 special-token habits, because that is where pipelines break:
-  llama  BOS <s> prepended, EOS </s>, no pad token
-  gpt2   <|endoftext|> is BOS = EOS = UNK, no pad token, nothing prepended
-  opt    </s> prepended as BOS and also the EOS, separate <pad>
-  qwen2  ChatML chat template, EOS <|im_end|>, pad <|endoftext|>, no BOS
+  llama     BOS <s> prepended, EOS </s>, no pad token
+  llama-sp  a sentencepiece BPE model with byte fallback, as Llama 2's tokenizer.model: BOS <s>
+            prepended, EOS </s>, and a separate <pad> (as Llama fine-tunes add one)
+  gpt2      <|endoftext|> is BOS = EOS = UNK, no pad token, nothing prepended
+  opt       </s> prepended as BOS and also the EOS, separate <pad>
+  qwen2     ChatML chat template, EOS <|im_end|>, pad <|endoftext|>, no BOS
+
+The vocabulary is learned from the shipped text (data/) plus any `extra_lines`, so a tokenizer
+for another task's text covers that text's words (bench/alignment builds one per task).
 
 Command line: python -m utils.tiny --family llama --output_dir /tmp/tiny-llama
 """
@@ -17,7 +22,7 @@ import json
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("llama", "gpt2", "opt", "qwen2")
+FAMILIES = ("llama", "llama-sp", "gpt2", "opt", "qwen2")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -33,8 +38,8 @@ SPECIALS = {
 }
 
 
-def corpus_lines() -> list[str]:
-    """Shipped text: the data files, the template words and the vocabulary list."""
+def corpus_lines(extra_lines=()) -> list[str]:
+    """Shipped text: the data files, the template words and the vocabulary list, then `extra_lines`."""
     from .templates import ALPACA_HEADER, ALPACA_HEADER_INPUT
 
     lines = [ALPACA_HEADER, ALPACA_HEADER_INPUT, "### Instruction:\n", "### Input:\n", "### Response:\n",
@@ -46,10 +51,37 @@ def corpus_lines() -> list[str]:
                 lines.extend(v for v in row.values() if isinstance(v, str))
     with open(os.path.join(REPO, "data", "vocab_words.txt")) as f:
         lines.extend(w.strip() for w in f)
-    return lines
+    return lines + list(extra_lines)
 
 
-def build_tokenizer(family: str, vocab_size: int = 512):
+def build_sentencepiece_tokenizer(vocab_size: int = 512, extra_lines=()):
+    """Llama-style tokenizer from a sentencepiece BPE model trained on the corpus: byte fallback (no
+    unknown characters), ids unk 0, <s> 1, </s> 2, <pad> 3, BOS prepended, no EOS appended. Whitespace
+    is kept as written ("\n\n" of the hh template is a token), so rendering stays reversible."""
+    import io
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    lines = [line for line in corpus_lines(extra_lines) if line]
+    buf = io.BytesIO()
+    # 256 byte pieces + the corpus characters must fit; hard_vocab_limit=False lets a small corpus stop early.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=max(vocab_size, 320), model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        pad_piece="<pad>", remove_extra_whitespaces=False, normalization_rule_name="identity",
+        hard_vocab_limit=False, minloglevel=2)
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "tokenizer.model"), "wb") as f:
+            f.write(buf.getvalue())
+        return LlamaTokenizer.from_pretrained(d, pad_token="<pad>", legacy=False, add_bos_token=True,
+                                              add_eos_token=False, model_max_length=2048)
+
+
+def build_tokenizer(family: str, vocab_size: int = 512, extra_lines=()):
+    if family == "llama-sp":
+        return build_sentencepiece_tokenizer(vocab_size, extra_lines)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,7 +92,7 @@ def build_tokenizer(family: str, vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    tok.train_from_iterator(corpus_lines(extra_lines), trainer=trainer)
     if sp["prepend_bos"]:
         bos_id = tok.token_to_id(sp["bos"])
         tok.post_processor = processors.TemplateProcessing(
@@ -81,7 +113,7 @@ def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, head
 
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    if family == "llama":
+    if family in ("llama", "llama-sp"):
         return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                            max_position_embeddings=max_pos, tie_word_embeddings=False, **ids)
@@ -98,12 +130,13 @@ def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, head
 
 
 def make_tiny_model(family: str, output_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2,
-                    heads: int = 4, vocab_size: int = 512) -> str:
-    """Write a random-init causal LM + tokenizer as a Hugging Face directory; returns the path."""
+                    heads: int = 4, vocab_size: int = 512, extra_lines=()) -> str:
+    """Write a random-init causal LM + tokenizer as a Hugging Face directory; returns the path.
+    `extra_lines`: more text for the tokenizer's vocabulary (see corpus_lines)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok = build_tokenizer(family, vocab_size)
+    tok = build_tokenizer(family, vocab_size, extra_lines)
     cfg = build_config(family, tok, hidden, layers, heads)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -123,8 +156,13 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab_size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra_text", default=None, help="a text file whose lines are added to the tokenizer corpus")
     a = p.parse_args()
-    print(make_tiny_model(a.family, a.output_dir, a.seed, a.hidden, a.layers, a.heads, a.vocab_size))
+    extra = []
+    if a.extra_text:
+        with open(a.extra_text) as f:
+            extra = [line.rstrip("\n") for line in f]
+    print(make_tiny_model(a.family, a.output_dir, a.seed, a.hidden, a.layers, a.heads, a.vocab_size, extra))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The size-scaled learning-rate rule (utils/lr.py) and the default values each step parses."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.lr import LR_AT_7B, scaled_lr
+
+
+class _Sized(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n))
+
+
+def test_scaled_lr_follows_the_square_root_rule_and_the_cap():
+    # 7e9 / 7e7 = 100 -> sqrt = 10: ten times the 7B rate; 700 parameters would be 1e-5 x 3162, capped.
+    assert scaled_lr("sft", _Sized(70_000_000)) == pytest.approx(1e-4)
+    assert scaled_lr("dpo", _Sized(70_000_000)) == pytest.approx(1e-5)
+    assert scaled_lr("sft", _Sized(700)) == 1e-3
+    assert scaled_lr("actor", _Sized(5_000_000)) == pytest.approx(1e-6 * math.sqrt(1400))
+    assert scaled_lr("critic", _Sized(5), 3e-4) == 3e-4  # an explicit rate is used as given
+    with pytest.raises(UserError, match="must be >= 0"):
+        scaled_lr("reward", _Sized(5), -1.0)
+    assert set(LR_AT_7B) == {"sft", "reward", "dpo", "actor", "critic"}
+
+
+def test_alignment_defaults_are_what_the_suite_measured():
+    """bench/alignment/results.md was produced with these values; changing one means rerunning it."""
+    from dpo.main import DPOArgs
+    from step2_reward.main import RewardArgs
+    from step3_ppo.config import PPOArgs
+
+    assert DPOArgs().rpo_alpha == 1.0 and DPOArgs().beta == 0.1 and DPOArgs().displacement_warn_nats == 2.0
+    assert RewardArgs().synthetic_negatives == 1.0
+    assert PPOArgs().actor_learning_rate == 0.0 and PPOArgs().critic_learning_rate == 0.0
+    assert PPOArgs().kl_coef == 0.1 and PPOArgs().kl_estimator == "k1"
+    assert LR_AT_7B == {"sft": 1e-5, "reward": 1e-5, "dpo": 1e-6, "actor": 1e-6, "critic": 1e-6}

@@ -1,0 +1,109 @@
+"""Answer-health signals (utils/health.py) and synthetic reward-model negatives (utils/negatives.py)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from utils.health import AnswerHealthMonitor, DisplacementMonitor, distinct_ratio_sums
+from utils.negatives import KINDS, corrupt_reply, synthetic_pairs
+
+EOS = 2
+
+
+def test_distinct_ratio_counts_each_answer_up_to_its_eos():
+    answers = torch.tensor([[5, 6, 7, EOS, 0], [5, 5, 5, 5, EOS], [EOS, 0, 0, 0, 0], [8, 9, 8, 9, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    total, n = distinct_ratio_sums(answers, mask, EOS)
+    # 3/3 distinct; 1/4 (one token four times); empty answer counts 1; no EOS (cut): 2 distinct of 5.
+    assert n == 4 and total == pytest.approx(1.0 + 0.25 + 1.0 + 0.4)
+
+
+def test_displacement_warns_once_with_cause_and_flag():
+    events = []
+
+    class Log:
+        def log(self, e):
+            events.append(e)
+
+    mon = DisplacementMonitor(nats=2.0, beta=0.1, rpo_alpha=0.0, logger=Log())
+    mon.log({"step": 0, "split": "eval", "rewards/chosen": 0.0})
+    mon.log({"step": 5, "split": "train", "rewards/chosen": -0.15})   # -1.5 nats: under the threshold
+    mon.log({"step": 10, "split": "train", "rewards/chosen": -0.25})  # -2.5 nats: warn
+    mon.log({"step": 15, "split": "train", "rewards/chosen": -0.4})   # once only
+    assert [e["split"] for e in events] == ["eval", "train", "train", "warning", "train"]
+    assert [e.get("logps/chosen_shift") for e in events if e["split"] != "warning"] == pytest.approx(
+        [0.0, -1.5, -2.5, -4.0])
+    w = events[3]
+    assert w["warning"] == "likelihood_displacement" and w["step"] == 10
+    assert "--rpo_alpha 1" in w["message"] and "2.50 nats" in w["message"]
+    assert "raise --rpo_alpha (now 0.5)" in DisplacementMonitor(1.0, 0.1, 0.5).check(
+        1, {"rewards/chosen": -0.2})["message"]
+    assert DisplacementMonitor(0.0, 0.1, 0.0).check(1, {"rewards/chosen": -100.0}) is None  # 0 disables
+
+
+def test_answer_health_warns_when_eos_or_variety_drops_from_the_first_step():
+    mon = AnswerHealthMonitor(eos_drop=0.2, distinct_drop=0.15)
+    assert mon.check(1, {"eos_rate": 1.0, "distinct_ratio": 0.95}) == []
+    assert mon.check(2, {"eos_rate": 0.85, "distinct_ratio": 0.85}) == []
+    first = mon.check(3, {"eos_rate": 0.7, "distinct_ratio": 0.7})
+    assert [w["warning"] for w in first] == ["answers_without_eos", "repeating_answers"]
+    assert "70%" in first[0]["message"] and "0.70" in first[1]["message"]
+    assert mon.check(4, {"eos_rate": 0.1, "distinct_ratio": 0.1}) == []  # each warns once
+
+
+def test_corruptions_of_a_reply():
+    reply = [10, 11, 12, 13, EOS]
+    rng = random.Random(0)
+    assert corrupt_reply(reply, "empty", EOS, rng) == [EOS]
+    for _ in range(20):
+        d = corrupt_reply(reply, "drop", EOS, rng)
+        assert len(d) == 4 and d[-1] == EOS and all(t in reply for t in d)
+        r = corrupt_reply(reply, "repeat", EOS, rng)
+        assert r[-1] == EOS and len(r) in (7, 8) and sorted(set(r)) == sorted(set(reply))
+        body = r[:-1]  # the repeated token appears 3-4 times in a row
+        assert max(sum(1 for _ in g) for _, g in __import__("itertools").groupby(body)) >= 3
+        t = corrupt_reply(reply, "truncate", EOS, rng)
+        assert t[-1] == EOS and 2 <= len(t) <= 4 and t[:-1] == reply[:len(t) - 1]
+    assert corrupt_reply([10, EOS], "truncate", EOS, rng) == [EOS]  # a one-token reply has no shorter fragment
+    with pytest.raises(ValueError):
+        corrupt_reply(reply, "shuffle", EOS, rng)
+
+
+def test_synthetic_pairs_keep_prompt_and_chosen_and_take_kinds_in_turn():
+    from utils.encoding import IGNORE
+    from utils.pairs import Pair
+
+    items = [Pair([1, 7, 8, 20 + i, 30, EOS], [IGNORE] * 3 + [20 + i, 30, EOS], [1, 7, 8, 40, EOS],
+                  [IGNORE] * 3 + [40, EOS], 3, 0.5, f"f:{i}") for i in range(8)]
+    extra = synthetic_pairs(items, 1.0, EOS, seed=0)
+    assert len(extra) == 8
+    assert [e.where.split("synthetic ")[1].rstrip(")") for e in extra] == [*KINDS, *KINDS]
+    for e in extra:
+        src = next(it for it in items if it.where == e.where.split(" ")[0])
+        assert e.chosen == src.chosen and e.rejected[:3] == src.chosen[:3] and e.rejected[-1] == EOS
+        assert e.rejected != e.chosen and e.margin == 0.0
+        assert e.rejected_labels == [IGNORE] * 3 + e.rejected[3:]
+    assert len(synthetic_pairs(items, 0.5, EOS, seed=0)) == 4
+    assert len(synthetic_pairs(items, 2.0, EOS, seed=0)) == 16
+    assert synthetic_pairs(items, 1.0, EOS, seed=0) == extra  # seeded
+
+
+def test_report_draws_health_panels_and_warnings(tmp_path):
+    import json
+
+    from launch.report import panels
+
+    run = tmp_path / "dpo"
+    run.mkdir()
+    lines = [{"step": 0, "split": "eval", "loss": 0.69, "logps/chosen_shift": 0.0},
+             {"step": 10, "split": "train", "loss": 0.5, "logps/chosen_shift": -2.5},
+             {"step": 10, "split": "warning", "warning": "likelihood_displacement", "message": "..."},
+             {"step": 20, "split": "train", "loss": 0.4, "logps/chosen_shift": -3.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = {key: (series, warnings) for _, key, series, warnings in panels([("dpo", str(run))])}
+    assert set(got) == {"loss", "logps/chosen_shift"}
+    series, warnings = got["logps/chosen_shift"]
+    assert series == {"eval": [(0, 0.0)], "train": [(10, -2.5), (20, -3.0)]}
+    assert warnings == [(10, "likelihood_displacement")]

@@ -1,0 +1,104 @@
+"""Answer-health signals: what a user watches besides the loss, because good metrics can hide wrecked
+language (pitfall 20).
+
+DPO: likelihood displacement. Policy and reference log-probabilities of the same chosen answers give
+the change of the chosen answers' log-probability since the start (the reference is the starting
+model by default): `rewards/chosen / beta`. When it falls more than `--displacement_warn_nats`, the
+chosen answers are becoming *less* likely while the margin grows, which on small data is how DPO
+drops words from answers ("The movie is and charming.").
+
+PPO: the distinct-token ratio of the rollout answers (1.0: no token repeated within an answer) and
+the EOS rate, compared with the first step's: answers that stop ending at EOS or start repeating are
+the first sign of an actor drifting to text its reward model over-scores.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def distinct_ratio_sums(answers: torch.Tensor, action_mask: torch.Tensor, eos_id: int) -> tuple[float, int]:
+    """(sum over answers of distinct tokens / tokens, number of answers) for answers [B, W] with their
+    action mask [B, W]; the closing EOS is not counted, an empty answer counts as 1.0."""
+    total = 0.0
+    for row, mask in zip(answers.tolist(), action_mask.tolist()):
+        toks = [t for t, m in zip(row, mask) if m]
+        if toks and toks[-1] == eos_id:
+            toks = toks[:-1]
+        total += len(set(toks)) / len(toks) if toks else 1.0
+    return total, len(answers)
+
+
+class DisplacementMonitor:
+    """Warns once when the chosen answers' log-probability falls more than `nats` below the reference's."""
+
+    def __init__(self, nats: float, beta: float, rpo_alpha: float, logger=None):
+        self.nats, self.beta, self.rpo_alpha, self.fired, self.logger = nats, beta, rpo_alpha, False, logger
+
+    def log(self, line: dict) -> None:
+        """Log a DPO metrics line (with logps/chosen_shift added) and, the first time, the warning."""
+        warning = self.check(line["step"], line)
+        self.logger.log(line)
+        if warning:
+            self.logger.log(warning)
+
+    def check(self, step: int, metrics: dict) -> dict | None:
+        """`metrics`: a DPO train or eval line (rewards/chosen = beta x log-ratio of chosen). Returns a
+        warning event for metrics.jsonl the first time the fall exceeds the threshold, else None."""
+        shift = metrics["rewards/chosen"] / self.beta
+        metrics["logps/chosen_shift"] = shift
+        if self.fired or self.nats <= 0 or shift >= -self.nats:
+            return None
+        self.fired = True
+        remedy = (f"raise --rpo_alpha (now {self.rpo_alpha:g})" if self.rpo_alpha > 0 else "set --rpo_alpha 1")
+        return {"step": step, "split": "warning", "warning": "likelihood_displacement", "logps/chosen_shift": shift,
+                "message": f"chosen answers' log-probability fell {-shift:.2f} nats below the reference's (more than "
+                           f"--displacement_warn_nats {self.nats:g}): likelihood displacement, which usually "
+                           f"comes with answers that drop words. Likely cause: a learning rate too high for this "
+                           f"data with {'no' if self.rpo_alpha <= 0 else 'too weak a'} likelihood term on the chosen "
+                           f"answers. Prevent it: {remedy}, or lower --learning_rate"}
+
+
+class AnswerHealthMonitor:
+    """Warns once each when PPO's rollout answers stop ending at EOS or start repeating, relative to the
+    first step's answers (the SFT policy's habits)."""
+
+    def __init__(self, eos_drop: float = 0.2, distinct_drop: float = 0.15):
+        self.eos_drop, self.distinct_drop = eos_drop, distinct_drop
+        self.start: dict | None = None
+        self.fired: set[str] = set()
+
+    def check(self, step: int, stats: dict) -> list[dict]:
+        """`stats`: a PPO step's metrics with eos_rate and distinct_ratio. Returns new warning events."""
+        if self.start is None:
+            self.start = {"eos_rate": stats["eos_rate"], "distinct_ratio": stats["distinct_ratio"]}
+            return []
+        out = []
+        if "eos" not in self.fired and stats["eos_rate"] < self.start["eos_rate"] - self.eos_drop:
+            self.fired.add("eos")
+            out.append({"step": step, "split": "warning", "warning": "answers_without_eos",
+                        "eos_rate": stats["eos_rate"],
+                        "message": f"only {stats['eos_rate']:.0%} of rollout answers end with EOS (step 1: "
+                                   f"{self.start['eos_rate']:.0%}): the actor is drifting to answers that run to "
+                                   "--max_answer_seq_len. Check the samples; consider --missing_eos_penalty, a "
+                                   "larger --kl_coef or a reward model trained with --synthetic_negatives"})
+        if "repeat" not in self.fired and stats["distinct_ratio"] < self.start["distinct_ratio"] - self.distinct_drop:
+            self.fired.add("repeat")
+            out.append({"step": step, "split": "warning", "warning": "repeating_answers",
+                        "distinct_ratio": stats["distinct_ratio"],
+                        "message": f"rollout answers repeat tokens: distinct-token ratio {stats['distinct_ratio']:.2f} "
+                                   f"(step 1: {self.start['distinct_ratio']:.2f}). The reward model may over-score "
+                                   "repeated words (probe it with step2_reward/rw_eval.py); consider a larger "
+                                   "--kl_coef or a reward model trained with --synthetic_negatives"})
+        return out
+
+
+def rollout_distinct_ratio(rollouts: list[dict], eos_id: int) -> float:
+    """Mean distinct-token ratio of every rollout answer on every rank (an all-reduce: all ranks call it)."""
+    from . import ds
+
+    total, n = 0.0, 0
+    for b in rollouts:
+        t, k = distinct_ratio_sums(b["answers"], b["action_mask"], eos_id)
+        total, n = total + t, n + k
+    total, n = ds.all_reduce_sum([total, n]).tolist()
+    return total / max(n, 1.0)
