@@ -100,7 +100,7 @@ def test_config_values_get_the_flags_types(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("zero_stage: 5", "key 'zero_stage': 5 is not one of 0, 1, 2, 3"),
     ("dtype: fp64", "key 'dtype': 'fp64' is not one of fp32, fp16, bf16"),
-    ("learning_rate: -1", "key 'learning_rate': must be > 0, got -1.0"),
+    ("learning_rate: -1", "key 'learning_rate': must be >= 0, got -1.0"),
     ("per_device_train_batch_size: 0", "key 'per_device_train_batch_size': must be >= 1, got 0"),
     ("eval_fraction: 1.5", "key 'eval_fraction': must be in (0, 1), got 1.5"),
     ("max_steps: 2.5", "key 'max_steps': expected an integer, got 2.5"),
@@ -119,8 +119,7 @@ def test_bad_config_values_are_one_line_naming_the_key(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--learning_rate", "-1", "--learning_rate must be > 0, got -1.0"),
-    ("--learning_rate", "0", "--learning_rate must be > 0, got 0.0"),
+    ("--learning_rate", "-1", "--learning_rate must be >= 0, got -1.0"),  # 0 means scaled to the model size
     ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be >= 1, got 0"),
     ("--gradient_accumulation_steps", "-2", "--gradient_accumulation_steps must be >= 1, got -2"),
     ("--eval_fraction", "1", "--eval_fraction must be in (0, 1), got 1.0"),
@@ -129,7 +128,7 @@ def test_bad_config_values_are_one_line_naming_the_key(tmp_path, text, message):
     ("--num_train_epochs", "0", "--num_train_epochs must be > 0, got 0.0"),
     ("--log_interval", "0", "--log_interval must be >= 1, got 0"),
     ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
-    ("--learning_rate", "nan", "--learning_rate must be > 0, got nan"),
+    ("--learning_rate", "nan", "--learning_rate must be >= 0, got nan"),
 ])
 def test_flag_ranges_are_checked_up_front(flag, value, message):
     with pytest.raises(UserError) as e:

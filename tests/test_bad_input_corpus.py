@@ -97,7 +97,7 @@ RENDER_ERRORS = {
 CONFIG_ERRORS = {
     "config/zero_stage_5.yaml": "--config file '{path}': key 'zero_stage': 5 is not one of 0, 1, 2, 3",
     "config/dtype_fp64.yaml": "--config file '{path}': key 'dtype': 'fp64' is not one of fp32, fp16, bf16",
-    "config/negative_learning_rate.json": "--config file '{path}': key 'learning_rate': must be > 0, got -1.0",
+    "config/negative_learning_rate.json": "--config file '{path}': key 'learning_rate': must be >= 0, got -1.0",
 }
 # Files that load: rows are skipped or changed and counted, or follow --overlong, or are read as documented.
 LOADS = ("pairs/chosen_equals_rejected.jsonl", "sft/overlong.jsonl", "pairs/overlong.jsonl", "prompts/overlong.jsonl",
@@ -431,9 +431,9 @@ def program_cases(models: dict, tmp: str) -> dict:
     cfg = os.path.join(CORPUS, "config")
     return {
         "sft --learning_rate -1": ("step1_sft.main", one + ["--data_path", sft, "--learning_rate", "-1"],
-                                   "--learning_rate must be > 0, got -1.0"),
+                                   "--learning_rate must be >= 0, got -1.0"),
         "reward --learning_rate -1": ("step2_reward.main", one + ["--data_path", pairs, "--learning_rate", "-1"],
-                                      "--learning_rate must be > 0, got -1.0"),
+                                      "--learning_rate must be >= 0, got -1.0"),
         "dpo --learning_rate -1": ("dpo.main", one + ["--data_path", pairs, "--learning_rate", "-1"],
                                    "--learning_rate must be >= 0, got -1.0"),
         "ppo --actor_learning_rate -1": ("step3_ppo.main", ppo + ["--actor_learning_rate", "-1"],
