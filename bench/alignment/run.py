@@ -62,7 +62,9 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def complete(d: str) -> bool:
-    return (os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(d, "args.json"))
+    """A finished run's model directory (PPO: OUTPUT_DIR/actor, whose parent holds done.json)."""
+    run = os.path.dirname(d) if os.path.basename(d) == "actor" else d
+    return (os.path.isfile(os.path.join(run, "done.json")) and os.path.isfile(os.path.join(d, "config.json"))
             and any(n.endswith(".safetensors") for n in os.listdir(d)))
 
 
@@ -149,22 +151,24 @@ def run_step(cell: Cell, method: str, base: str, log, redo: bool = False) -> flo
     for u in upstream(method):
         if not complete(cell.model_dir(u)):
             raise RuntimeError(f"{cell.root}: {u} is missing; run it first (--methods {u})")
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(REPO, SCRIPTS[method]),
            *command(cell, method, base)]
+    if os.path.exists(out) or os.path.exists(out + ".partial"):
+        cmd.append("--overwrite_output_dir")  # a stale or unfinished output: this run replaces it
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     log(f"{cell.root}: {method} ...")
     t0 = time.time()
-    with open(os.path.join(out, "suite.log"), "w") as f:
+    with open(out + ".log", "w") as f:
         f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         f.flush()
         p = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     for leftover in __import__("glob").glob(f"/dev/shm/deepspeed_*_{port}_*"):
         os.unlink(leftover)
     if p.returncode != 0 or not complete(check):
-        raise RuntimeError(f"{method} failed ({p.returncode}); see {os.path.join(out, 'suite.log')}")
+        raise RuntimeError(f"{method} failed ({p.returncode}); see {out}.log")
     dt = time.time() - t0
     log(f"{cell.root}: {method} done in {dt:.0f}s")
     return dt
