@@ -94,7 +94,9 @@ def test_rloo_and_reinforce_pp_baseline_raise_the_mean_reward(count_sft, tmp_pat
     # (64 answers a step), so the end is averaged over the last three steps.
     first, last = train[0]["reward/exact_match"], sum(r["reward/exact_match"] for r in train[-3:]) / 3
     assert last > first + 0.15, (estimator, [r["reward/exact_match"] for r in train])
-    assert train[0]["kl"] == 0.0 and max(r["kl"] for r in train) > 0  # the reference model is loaded and used
+    # The first step's policy is the reference (its log-probs come from generation's logits, so equal to
+    # float rounding); the reference model is loaded and used.
+    assert abs(train[0]["kl"]) < 1e-6 and max(r["kl"] for r in train) > 1e-3
     if estimator == "rloo":
         assert all("kl_loss" in r and "reward/answer_format" in r for r in train)
         assert train[0]["reward"] == pytest.approx(train[0]["reward/exact_match"] + 0.5 * train[0]["reward/answer_format"],

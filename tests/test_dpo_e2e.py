@@ -96,9 +96,10 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     m = read_metrics(dpo)
     evals = [e for e in m if e["split"] == "eval"]
     assert [e["step"] for e in evals] == [0, 9, 18]
-    # Before training the policy is the reference: loss log 2 and rewards exactly 0 on every pair, which
-    # holds only if each pair got its own reference log-probs back from the ranks.
-    assert evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # Before training the policy is the reference: DPO loss log 2 (plus the default RPO term, rpo_alpha 1
+    # x the chosen NLL) and rewards exactly 0 on every pair, which holds only if each pair got its own
+    # reference log-probs back from the ranks.
+    assert evals[0]["loss"] == pytest.approx(math.log(2) + evals[0]["nll/chosen"], abs=1e-5)
     assert abs(evals[0]["rewards/chosen"]) < 1e-5 and abs(evals[0]["rewards/rejected"]) < 1e-5
     assert evals[0]["rewards/accuracies"] == 0.0
     margins = [e["rewards/margins"] for e in evals]
