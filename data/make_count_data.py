@@ -14,13 +14,12 @@ Run: python data/make_count_data.py
 """
 from __future__ import annotations
 
-import json
-import os
 import random
+
+from make_data import write  # this script runs from data/, beside make_data.py
 
 TEMPLATES = ["How many numbers are in: {}?", "Count the numbers: {}.", "How many numbers does this list have: {}?"]
 P_RIGHT = 0.4
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def answer(n: int) -> str:
@@ -35,12 +34,6 @@ def lists(rng: random.Random, n: int, avoid: set) -> list[str]:
             avoid.add(s)
             out.append(s)
     return out
-
-
-def write(name: str, rows: list[dict]) -> None:
-    with open(os.path.join(HERE, name), "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def main() -> None:

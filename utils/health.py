@@ -67,28 +67,30 @@ class AnswerHealthMonitor:
         self.start: dict | None = None
         self.fired: set[str] = set()
 
+    # (metric, allowed drop attribute, warning name, message with {now} and {start})
+    SIGNALS = (
+        ("eos_rate", "eos_drop", "answers_without_eos",
+         "only {now:.0%} of rollout answers end with EOS (step 1: {start:.0%}): the actor is drifting to answers "
+         "that run to --max_answer_seq_len. Check the samples; consider --missing_eos_penalty, a larger "
+         "--kl_coef or a reward model trained with --synthetic_negatives"),
+        ("distinct_ratio", "distinct_drop", "repeating_answers",
+         "rollout answers repeat tokens: distinct-token ratio {now:.2f} (step 1: {start:.2f}). The reward model "
+         "may over-score repeated words (probe it with step2_reward/rw_eval.py); consider a larger --kl_coef or "
+         "a reward model trained with --synthetic_negatives"),
+    )
+
     def check(self, step: int, stats: dict) -> list[dict]:
         """`stats`: a PPO step's metrics with eos_rate and distinct_ratio. Returns new warning events."""
         if self.start is None:
-            self.start = {"eos_rate": stats["eos_rate"], "distinct_ratio": stats["distinct_ratio"]}
+            self.start = {key: stats[key] for key, *_ in self.SIGNALS}
             return []
         out = []
-        if "eos" not in self.fired and stats["eos_rate"] < self.start["eos_rate"] - self.eos_drop:
-            self.fired.add("eos")
-            out.append({"step": step, "split": "warning", "warning": "answers_without_eos",
-                        "eos_rate": stats["eos_rate"],
-                        "message": f"only {stats['eos_rate']:.0%} of rollout answers end with EOS (step 1: "
-                                   f"{self.start['eos_rate']:.0%}): the actor is drifting to answers that run to "
-                                   "--max_answer_seq_len. Check the samples; consider --missing_eos_penalty, a "
-                                   "larger --kl_coef or a reward model trained with --synthetic_negatives"})
-        if "repeat" not in self.fired and stats["distinct_ratio"] < self.start["distinct_ratio"] - self.distinct_drop:
-            self.fired.add("repeat")
-            out.append({"step": step, "split": "warning", "warning": "repeating_answers",
-                        "distinct_ratio": stats["distinct_ratio"],
-                        "message": f"rollout answers repeat tokens: distinct-token ratio {stats['distinct_ratio']:.2f} "
-                                   f"(step 1: {self.start['distinct_ratio']:.2f}). The reward model may over-score "
-                                   "repeated words (probe it with step2_reward/rw_eval.py); consider a larger "
-                                   "--kl_coef or a reward model trained with --synthetic_negatives"})
+        for key, drop, name, message in self.SIGNALS:
+            now, start = stats[key], self.start[key]
+            if name not in self.fired and now < start - getattr(self, drop):
+                self.fired.add(name)
+                out.append({"step": step, "split": "warning", "warning": name, key: now,
+                            "message": message.format(now=now, start=start)})
         return out
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, REPO)
 
 import judge  # noqa: E402
+from bench.common import free_port  # noqa: E402
 import tasks as task_defs  # noqa: E402
 
 FAMILIES = ("llama-sp", "gpt2")
@@ -45,12 +45,6 @@ METHODS = ("sft", "reward", "ppo", "dpo")
 STEP_FLAGS = {"sft": ["--num_train_epochs", "6"], "reward": [], "ppo": ["--num_train_epochs", "4"], "dpo": []}
 SCRIPTS = {"sft": "step1_sft/main.py", "reward": "step2_reward/main.py", "ppo": "step3_ppo/main.py",
            "dpo": "dpo/main.py"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

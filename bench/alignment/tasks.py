@@ -75,12 +75,26 @@ class Task:
         return out
 
 
-def _user(text: str) -> str:
-    return text
-
-
-def _pair(rng, prompt, chosen, rejected) -> dict:
+def _pair(prompt, chosen, rejected) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _probe(prompt, preferred: str, slot_dropped: list, repeated: list, fragment: list) -> dict:
+    """A held-out prompt's well-formed preferred answer and its malformed variants of every kind."""
+    return {"prompt": prompt, "preferred": [preferred], "malformed": {
+        "slot_dropped": slot_dropped, "repeated": repeated, "fragment": fragment, "empty": [""]}}
+
+
+def _grid(entities, templates) -> list[dict]:
+    return [{"prompt": t.format(e)} for e in entities for t in templates]
+
+
+def _task(rng, name: str, description: str, sft, pairs, prompts, hp, hpairs, form, preferred_doc, preferred,
+          probes) -> Task:
+    """The Task, with its training rows shuffled (the held-out rows keep their order)."""
+    rng.shuffle(sft)
+    rng.shuffle(pairs)
+    return Task(name, description, sft, pairs, prompts, hp, hpairs, form, preferred_doc, preferred, probes)
 
 
 def _two(rng, words) -> tuple[str, str]:
@@ -103,30 +117,26 @@ def two_slot(seed: int = 0) -> Task:
             for t in templates:
                 warm = rng.random() < 0.4
                 sft.append({"prompt": t.format(n), "response": ans(n, *_two(rng, WARM if warm else COLD))})
-                pairs.append(_pair(rng, t.format(n), ans(n, *_two(rng, WARM)), ans(n, *_two(rng, COLD))))
+                pairs.append(_pair(t.format(n), ans(n, *_two(rng, WARM)), ans(n, *_two(rng, COLD))))
     form = r"The \w+ is \w+ and \w+\."
 
     def preferred(a: str) -> bool:
         m = re.fullmatch(r"The \w+ is (\w+) and (\w+)\.", a.strip())
         return bool(m) and m.group(1) in WARM and m.group(2) in WARM
 
-    hp = [{"prompt": t.format(n)} for n in HELDOUT for t in templates]
-    hpairs = [_pair(rng, t.format(n), ans(n, *_two(rng, WARM)), ans(n, *_two(rng, COLD))) for n in HELDOUT
+    hp = _grid(HELDOUT, templates)
+    hpairs = [_pair(t.format(n), ans(n, *_two(rng, WARM)), ans(n, *_two(rng, COLD))) for n in HELDOUT
               for t in templates]
     probes = []
     for r in hpairs:
         n = r["prompt"].split("the ")[-1].split(" ")[0].rstrip(".?")
         a, b = _two(rng, WARM)
-        probes.append({"prompt": r["prompt"], "preferred": [ans(n, a, b)], "malformed": {
-            "slot_dropped": [f"The {n} is {a} and.", f"The {n} is and {b}.", f"The {n} is and."],
-            "repeated": [f"The {n} is {a} and and and.", f"The {n} is {a} {a} {a} and {b}."],
-            "fragment": [f"The {n} is", f"The {n} is {a}"],
-            "empty": [""]}})
-    rng.shuffle(sft)
-    rng.shuffle(pairs)
-    return Task("two_slot", "two adjective slots, both warm preferred; SFT 40% warm",
-                sft, pairs, [{"prompt": t.format(n)} for n in NOUNS for t in templates], hp, hpairs, form,
-                "both adjectives warm", preferred, probes)
+        probes.append(_probe(r["prompt"], ans(n, a, b),
+                             [f"The {n} is {a} and.", f"The {n} is and {b}.", f"The {n} is and."],
+                             [f"The {n} is {a} and and and.", f"The {n} is {a} {a} {a} and {b}."],
+                             [f"The {n} is", f"The {n} is {a}"]))
+    return _task(rng, "two_slot", "two adjective slots, both warm preferred; SFT 40% warm", sft, pairs,
+                 _grid(NOUNS, templates), hp, hpairs, form, "both adjectives warm", preferred, probes)
 
 
 # ----------------------------------------------------------------------------- one_word
@@ -144,28 +154,24 @@ def one_word(seed: int = 1) -> Task:
         for n in NOUNS:
             for t in templates:
                 sft.append({"prompt": t.format(n), "response": ans(n, rng.choice(COLORS))})
-                pairs.append(_pair(rng, t.format(n), ans(n, "blue"), ans(n, rng.choice(others))))
+                pairs.append(_pair(t.format(n), ans(n, "blue"), ans(n, rng.choice(others))))
     form = r"The \w+ looks best in \w+\."
 
     def preferred(a: str) -> bool:
         m = re.fullmatch(r"The \w+ looks best in (\w+)\.", a.strip())
         return bool(m) and m.group(1) == "blue"
 
-    hp = [{"prompt": t.format(n)} for n in HELDOUT for t in templates]
-    hpairs = [_pair(rng, t.format(n), ans(n, "blue"), ans(n, rng.choice(others))) for n in HELDOUT for t in templates]
+    hp = _grid(HELDOUT, templates)
+    hpairs = [_pair(t.format(n), ans(n, "blue"), ans(n, rng.choice(others))) for n in HELDOUT for t in templates]
     probes = []
     for r in hpairs:
         n = r["prompt"].split("the ")[-1].split(" ")[0].rstrip(".?")
-        probes.append({"prompt": r["prompt"], "preferred": [ans(n, "blue")], "malformed": {
-            "slot_dropped": [f"The {n} looks best in.", f"The {n} looks best blue."],
-            "repeated": [f"The {n} looks best in blue blue blue.", f"The {n} looks looks looks best in blue."],
-            "fragment": [f"The {n} looks", "blue"],
-            "empty": [""]}})
-    rng.shuffle(sft)
-    rng.shuffle(pairs)
-    return Task("one_word", "fixed format, one colour of eight preferred ('blue')",
-                sft, pairs, [{"prompt": t.format(n)} for n in NOUNS for t in templates], hp, hpairs, form,
-                "the colour is blue", preferred, probes)
+        probes.append(_probe(r["prompt"], ans(n, "blue"),
+                             [f"The {n} looks best in.", f"The {n} looks best blue."],
+                             [f"The {n} looks best in blue blue blue.", f"The {n} looks looks looks best in blue."],
+                             [f"The {n} looks", "blue"]))
+    return _task(rng, "one_word", "fixed format, one colour of eight preferred ('blue')", sft, pairs,
+                 _grid(NOUNS, templates), hp, hpairs, form, "the colour is blue", preferred, probes)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -193,7 +199,7 @@ def chat(seed: int = 2) -> Task:
                 c = convo(n, rng.randrange(3), rng.randrange(3), k)
                 warm = rng.random() < 0.5
                 sft.append({"messages": c + [{"role": "assistant", "content": ans(n, rng.choice(WARM if warm else COLD))}]})
-                pairs.append(_pair(rng, c, ans(n, rng.choice(WARM)), ans(n, rng.choice(COLD))))
+                pairs.append(_pair(c, ans(n, rng.choice(WARM)), ans(n, rng.choice(COLD))))
                 if rep == 0:
                     prompts.append({"messages": c})
     form = r"A \w+ is a \w+ gift\."
@@ -207,17 +213,13 @@ def chat(seed: int = 2) -> Task:
         for k in range(3):
             c = convo(n, k, (k + 1) % 3, k)
             hp.append({"messages": c})
-            hpairs.append(_pair(rng, c, ans(n, rng.choice(WARM)), ans(n, rng.choice(COLD))))
+            hpairs.append(_pair(c, ans(n, rng.choice(WARM)), ans(n, rng.choice(COLD))))
             a = rng.choice(WARM)
-            probes.append({"prompt": c, "preferred": [ans(n, a)], "malformed": {
-                "slot_dropped": [f"A {n} is a gift.", f"A {n} is a {a}."],
-                "repeated": [f"A {n} is a {a} {a} {a} gift.", f"A {n} is a a a {a} gift."],
-                "fragment": [f"A {n} is", f"A {n}"],
-                "empty": [""]}})
-    rng.shuffle(sft)
-    rng.shuffle(pairs)
-    return Task("chat", "system message + multi-turn messages; warm final reply preferred",
-                sft, pairs, prompts, hp, hpairs, form, "the adjective is warm", preferred, probes)
+            probes.append(_probe(c, ans(n, a), [f"A {n} is a gift.", f"A {n} is a {a}."],
+                                 [f"A {n} is a {a} {a} {a} gift.", f"A {n} is a a a {a} gift."],
+                                 [f"A {n} is", f"A {n}"]))
+    return _task(rng, "chat", "system message + multi-turn messages; warm final reply preferred", sft, pairs,
+                 prompts, hp, hpairs, form, "the adjective is warm", preferred, probes)
 
 
 # ----------------------------------------------------------------------------- short
@@ -242,29 +244,24 @@ def short(seed: int = 3) -> Task:
                 long_form = rng.random() < 0.75
                 sft.append({"prompt": t.format(n), "response": long_ans(n, a, b) if long_form else short_ans(n, a)})
                 a, b = _two(rng, adjectives)
-                pairs.append(_pair(rng, t.format(n), short_ans(n, a), long_ans(n, a, b)))
+                pairs.append(_pair(t.format(n), short_ans(n, a), long_ans(n, a, b)))
     short_re, long_re = r"The \w+ is \w+\.", r"In my opinion the \w+ is \w+ and also rather \w+\."
     form = f"(?:{short_re})|(?:{long_re})"
 
     def preferred(a: str) -> bool:
         return re.fullmatch(short_re, a.strip()) is not None
 
-    hp = [{"prompt": t.format(n)} for n in HELDOUT for t in templates]
+    hp = _grid(HELDOUT, templates)
     hpairs, probes = [], []
     for n in HELDOUT:
         for t in templates:
             a, b = _two(rng, adjectives)
-            hpairs.append(_pair(rng, t.format(n), short_ans(n, a), long_ans(n, a, b)))
-            probes.append({"prompt": t.format(n), "preferred": [short_ans(n, a)], "malformed": {
-                "slot_dropped": [f"The {n} is.", f"The is {a}."],
-                "repeated": [f"The {n} is {a} {a} {a}.", f"The {n} {n} {n} is {a}."],
-                "fragment": [f"The {n}", "The"],
-                "empty": [""]}})
-    rng.shuffle(sft)
-    rng.shuffle(pairs)
-    return Task("short", "short format preferred over a long one; SFT 75% long; either format is well-formed",
-                sft, pairs, [{"prompt": t.format(n)} for n in NOUNS for t in templates], hp, hpairs, form,
-                "the short format", preferred, probes)
+            hpairs.append(_pair(t.format(n), short_ans(n, a), long_ans(n, a, b)))
+            probes.append(_probe(t.format(n), short_ans(n, a), [f"The {n} is.", f"The is {a}."],
+                                 [f"The {n} is {a} {a} {a}.", f"The {n} {n} {n} is {a}."], [f"The {n}", "The"]))
+    return _task(rng, "short", "short format preferred over a long one; SFT 75% long; either format is "
+                 "well-formed", sft, pairs, _grid(NOUNS, templates), hp, hpairs, form, "the short format", preferred,
+                 probes)
 
 
 # ----------------------------------------------------------------------------- cold_start
@@ -283,7 +280,7 @@ def cold_start(seed: int = 4) -> Task:
             for t in templates:
                 warm = rng.random() < 0.1
                 sft.append({"prompt": t.format(p), "response": ans(p, rng.choice(WARM if warm else COLD))})
-                pairs.append(_pair(rng, t.format(p), ans(p, rng.choice(WARM)), ans(p, rng.choice(COLD))))
+                pairs.append(_pair(t.format(p), ans(p, rng.choice(WARM)), ans(p, rng.choice(COLD))))
     form = r"My visit to the \w+ was \w+\."
 
     def preferred(a: str) -> bool:
@@ -293,19 +290,16 @@ def cold_start(seed: int = 4) -> Task:
     hp, hpairs, probes = [], [], []
     for p in HELDOUT_PLACES:
         for t in templates:
-            hpairs.append(_pair(rng, t.format(p), ans(p, rng.choice(WARM)), ans(p, rng.choice(COLD))))
+            hpairs.append(_pair(t.format(p), ans(p, rng.choice(WARM)), ans(p, rng.choice(COLD))))
             hp.append({"prompt": t.format(p)})
             a = rng.choice(WARM)
-            probes.append({"prompt": t.format(p), "preferred": [ans(p, a)], "malformed": {
-                "slot_dropped": [f"My visit to the {p} was.", f"My visit to the was {a}."],
-                "repeated": [f"My visit to the {p} was {a} {a} {a}.", f"My visit visit visit to the {p} was {a}."],
-                "fragment": [f"My visit to the {p}", "My visit"],
-                "empty": [""]}})
-    rng.shuffle(sft)
-    rng.shuffle(pairs)
-    return Task("cold_start", "SFT 90% dispreferred (greedy SFT answers all cold); warm preferred",
-                sft[:1068], pairs[:1068], [{"prompt": t.format(p)} for p in PLACES for t in templates] * 3, hp,
-                hpairs, form, "the adjective is warm", preferred, probes)
+            probes.append(_probe(t.format(p), ans(p, a), [f"My visit to the {p} was.", f"My visit to the was {a}."],
+                                 [f"My visit to the {p} was {a} {a} {a}.", f"My visit visit visit to the {p} was {a}."],
+                                 [f"My visit to the {p}", "My visit"]))
+    task = _task(rng, "cold_start", "SFT 90% dispreferred (greedy SFT answers all cold); warm preferred", sft, pairs,
+                 _grid(PLACES, templates) * 3, hp, hpairs, form, "the adjective is warm", preferred, probes)
+    task.sft, task.pairs = task.sft[:1068], task.pairs[:1068]  # the other tasks' sizes
+    return task
 
 
 TASKS = {"two_slot": two_slot, "one_word": one_word, "chat": chat, "short": short, "cold_start": cold_start}
