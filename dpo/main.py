@@ -44,7 +44,7 @@ class DPOArgs:
     disable_dropout: bool = arg(True, "turn off dropout in the policy (and reference) so rewards are not noise")
     displacement_warn_nats: float = arg(2.0, "warn once (log and metrics.jsonl) when the chosen answers' "
                                         "log-probability falls more than this many nats below the reference's "
-                                        "(likelihood displacement); 0 disables")
+                                        "(likelihood displacement); 0 disables", ge=0)
 
 
 def check_args(args) -> None:

@@ -148,11 +148,14 @@ def test_step_groups_carry_their_ranges():
     for flags, message in ((["--learning_rate", "-1"], "--learning_rate must be >= 0, got -1.0"),
                            (["--beta", "0"], "--beta must be > 0, got 0.0"),
                            (["--label_smoothing", "0.5"], "--label_smoothing must be in [0, 0.5), got 0.5"),
-                           (["--rpo_alpha", "-1"], "--rpo_alpha must be >= 0, got -1.0")):
+                           (["--rpo_alpha", "-1"], "--rpo_alpha must be >= 0, got -1.0"),
+                           (["--displacement_warn_nats", "-1"], "--displacement_warn_nats must be >= 0, got -1.0")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
             parse((*SHARED_GROUPS, DPOArgs), "t", BASE + flags, **dpo)
     with pytest.raises(UserError, match="^--center_rewards_coefficient must be >= 0"):
         parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--center_rewards_coefficient", "-1"])
+    with pytest.raises(UserError, match=r"^--synthetic_negatives must be >= 0, got -1\.0$"):
+        parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--synthetic_negatives", "-1"])
     ppo = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
            "--output_dir", "o"]
     for flags, message in ((["--actor_learning_rate", "-1"], "--actor_learning_rate must be >= 0, got -1.0"),
