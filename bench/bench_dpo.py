@@ -4,7 +4,8 @@
     python bench/bench_dpo.py --size realistic      # ~24M-parameter Llama on generated variable-length pairs
 
 Both sides train copies of one random-init model against a frozen copy of it, on the same texts (our
-rendered prompt and each reply; TRL tokenizes them and adds the EOS), same pairs per step, beta,
+rendered prompt and each reply; TRL tokenizes them and adds the EOS) in the same batches (TRL reads
+them unshuffled in the order our steps take them), same pairs per step, beta,
 sigmoid loss, fp32, no gradient checkpointing, dropout off, learning rate, Adam betas, clipping and
 constant schedule, and the same threads (1 process each). Ours also runs with --packing, and on 2 ranks
 (ZeRO-2) on a line of its own. Method as in bench_sft.py: fresh processes per repetition, windows of
@@ -29,25 +30,26 @@ import common  # noqa: E402
 LR, BETA = 1e-4, 0.1
 
 
-def texts_and_lengths(model_dir: str, data: str, max_seq_len: int, out_path: str) -> list[tuple[int, int]]:
-    """The TRL dataset (rendered prompt, " " + reply texts) written to `out_path`; returns our encoded
-    (chosen, rejected) sequence lengths."""
-    from utils.data import load_samples
+def texts_and_lengths(model_dir: str, data: str, max_seq_len: int, out_path: str, batch: int,
+                      steps: int) -> list[tuple[int, int]]:
+    """The TRL dataset (rendered prompt, " " + reply texts) of our first `steps` steps' pairs in their
+    order (common.train_order; TRL reads it unshuffled), written to `out_path`; returns our encoded
+    (chosen, rejected) sequence lengths in that order."""
     from utils.encoding import Encoder
     from utils.model import load_tokenizer
+    from utils.pairs import encode_pairs
 
     enc = Encoder(load_tokenizer(model_dir), "auto", max_seq_len)
-    samples = load_samples([data], "pairs", log=lambda *_: None)
-    lengths = []
+    samples = common.train_split(data, "pairs")
+    by_where = {s.where: s for s in samples}
+    pairs = common.train_order(encode_pairs(samples, enc, "bench", log=lambda *_: None), batch, steps)
     with open(out_path, "w") as f:
-        for s in samples:
-            c, r = enc.encode_reply(s.prompt, s.chosen)[0], enc.encode_reply(s.prompt, s.rejected)[0]
-            if max(len(c), len(r)) > max_seq_len:
-                continue
-            lengths.append((len(c), len(r)))
+        for p in pairs:
+            s = by_where[p.where]
             f.write(json.dumps({"prompt": enc.render_prompt(s.prompt), "chosen": " " + s.chosen[-1]["content"],
-                                "rejected": " " + s.rejected[-1]["content"]}) + "\n")
-    return lengths
+                                "rejected": " " + s.rejected[-1]["content"],
+                                "tokens": len(p.chosen) + len(p.rejected)}) + "\n")
+    return [(len(p.chosen), len(p.rejected)) for p in pairs]
 
 
 def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str]) -> dict:
@@ -80,6 +82,7 @@ def trl_worker(a) -> None:
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in open(a.texts)]
+    tokens = [r.pop("tokens") for r in rows]  # our token count of each pair (for tokens/s), not a TRL column
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -92,7 +95,8 @@ def trl_worker(a) -> None:
             clock.mark()
 
     steps = a.window * (a.windows + 1)
-    cfg = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps + 1, learning_rate=LR,
+    cfg = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=LR,
+                    train_sampling_strategy="sequential",  # our steps' pairs in our order (texts_and_lengths)
                     beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=a.precompute,
                     precompute_ref_batch_size=a.batch, lr_scheduler_type="constant", logging_steps=10**9,
                     save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
@@ -104,8 +108,8 @@ def trl_worker(a) -> None:
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.train()
-    rate = common.window_rate([w for w, _ in clock.steps()], a.window, a.batch)
-    print(json.dumps({"rate": rate, "threads": torch.get_num_threads()}))
+    rates = common.trl_rates([w for w, _ in clock.steps()], tokens, a.batch, a.window, a.windows, lambda n: n)
+    print(json.dumps({**rates, "threads": torch.get_num_threads()}))
 
 
 def main() -> None:
@@ -154,13 +158,14 @@ def main() -> None:
         data = os.path.join(work, "pairs.jsonl")
         common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
     texts = os.path.join(work, "texts.jsonl")
-    lengths = texts_and_lengths(model_dir, data, a.max_seq_len, texts)
+    lengths = texts_and_lengths(model_dir, data, a.max_seq_len, texts, a.batch, a.window * (a.windows + 1))
+    lengths = [p for win in common.timed_windows(lengths, a.batch, a.window, a.windows) for p in win]
     flat = [n for pair in lengths for n in pair]
     policy = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
     tokens_per_pair = sum(flat) / len(lengths)
     common.header("DPO", a.threads, peak, f"load average {load0:.2f} at start")
     print(f"model llama-{a.size}: {stats['params'] / 1e6:.2f}M parameters, fp32 | data "
-          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: {len(lengths)} pairs, "
+          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: the {len(lengths)} pairs of the timed windows (the same batches on every side), "
           f"{tokens_per_pair:.0f} tokens/pair (sequences {min(flat)}-{max(flat)}) | batch {a.batch} pairs | "
           f"{a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
 

@@ -4,7 +4,7 @@
     python bench/bench_reward.py --size realistic    # ~24M-parameter Llama on generated variable-length pairs
 
 Both sides train a one-label sequence classifier on the same random-init model and the same token ids
-(TRL gets our encoded chosen/rejected ids), same pairs per step, fp32, no gradient checkpointing
+(TRL gets our encoded chosen/rejected ids, in our steps' batches, unshuffled), same pairs per step, fp32, no gradient checkpointing
 (RewardConfig defaults to bf16 autocast and checkpointing; --trl_defaults runs those instead), dropout
 off, learning rate, Adam betas, clipping and constant schedule, and the same threads (1 process each).
 Ours also runs with --packing and --shared_prompt_forward, and on 2 ranks (ZeRO-2) on a line of its own.
@@ -28,15 +28,17 @@ import common  # noqa: E402
 LR = 1e-4
 
 
-def encode_pairs_file(model_dir: str, data: str, max_seq_len: int, out_path: str) -> list[tuple[int, int]]:
-    """Our encoding of the pairs as {"chosen_ids", "rejected_ids"} rows; returns (chosen, rejected) lengths."""
-    from utils.pairs import encode_pairs
-    from utils.data import load_samples
+def encode_pairs_file(model_dir: str, data: str, max_seq_len: int, out_path: str, batch: int,
+                      steps: int) -> list[tuple[int, int]]:
+    """Our encoding of the pairs of our first `steps` steps, in their order (common.train_order), as
+    {"chosen_ids", "rejected_ids"} rows that TRL reads unshuffled; returns their (chosen, rejected) lengths."""
     from utils.encoding import Encoder
     from utils.model import load_tokenizer
+    from utils.pairs import encode_pairs
 
     enc = Encoder(load_tokenizer(model_dir), "auto", max_seq_len)
-    items = encode_pairs(load_samples([data], "pairs", log=lambda *_: None), enc, "bench", log=lambda *_: None)
+    items = encode_pairs(common.train_split(data, "pairs"), enc, "bench", log=lambda *_: None)
+    items = common.train_order(items, batch, steps)
     with open(out_path, "w") as f:
         for it in items:
             f.write(json.dumps({"chosen_ids": it.chosen, "rejected_ids": it.rejected}) + "\n")
@@ -86,7 +88,8 @@ def trl_worker(a) -> None:
             clock.mark()
 
     steps = a.window * (a.windows + 1)
-    cfg = RewardConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps + 1, learning_rate=LR,
+    cfg = RewardConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=LR,
+                       train_sampling_strategy="sequential",  # our steps' pairs in our order (encode_pairs_file)
                        lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**9,
                        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_dropout=True,
                        seed=0, max_length=None, dataloader_num_workers=0, disable_tqdm=True,
@@ -97,8 +100,9 @@ def trl_worker(a) -> None:
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
-    rate = common.window_rate([w for w, _ in clock.steps()], a.window, a.batch)
-    print(json.dumps({"rate": rate, "threads": torch.get_num_threads()}))
+    rates = common.trl_rates([w for w, _ in clock.steps()], rows, a.batch, a.window, a.windows,
+                             lambda r: len(r["chosen_ids"]) + len(r["rejected_ids"]))
+    print(json.dumps({**rates, "threads": torch.get_num_threads()}))
 
 
 def main() -> None:
@@ -147,13 +151,14 @@ def main() -> None:
         data = os.path.join(work, "pairs.jsonl")
         common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
     encoded = os.path.join(work, "encoded.jsonl")
-    lengths = encode_pairs_file(model_dir, data, a.max_seq_len, encoded)
+    lengths = encode_pairs_file(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
+    lengths = [p for win in common.timed_windows(lengths, a.batch, a.window, a.windows) for p in win]
     flat = [n for pair in lengths for n in pair]
     flops_per_pair = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
     tokens_per_pair = sum(flat) / len(lengths)
     common.header("reward model", a.threads, peak, f"load average {load0:.2f} at start")
     print(f"model llama-{a.size} + score head: {stats['params'] / 1e6:.2f}M parameters, fp32 | data "
-          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: {len(lengths)} pairs, "
+          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: the {len(lengths)} pairs of the timed windows (the same batches on every side), "
           f"{tokens_per_pair:.0f} tokens/pair (sequences {min(flat)}-{max(flat)}) | batch {a.batch} pairs | "
           f"{a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
 

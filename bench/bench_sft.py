@@ -5,10 +5,12 @@
     python bench/bench_sft.py --size realistic --memory    # peak RSS per rank for ZeRO-0/2/3 and offload
 
 Both sides get the same random-init model, the same token ids (TRL receives our encoded samples with
-their completion masks, so templates and truncation cannot differ), micro-batch, fp32, learning rate,
+their completion masks, so templates and truncation cannot differ) in the same batches (TRL reads them
+unshuffled in the order our steps take them), micro-batch, fp32, learning rate,
 Adam betas, clipping and constant schedule, and the same thread count (1 process each, all cores).
 Ours also runs with --packing, and on 2 DeepSpeed ranks (ZeRO-2, global batch unchanged) on a line of
-its own: the ratio against TRL compares 1 process with 1 process only. Each runner is a fresh process
+its own; a bare PyTorch loop over the same batches (forward, loss, backward, clipping, fused AdamW) shows
+the floor any eager trainer runs into: the ratio against TRL compares 1 process with 1 process only. Each runner is a fresh process
 per repetition (repetitions interleaved, so load changes hit all runners alike); within a run, steps
 are timed in windows of --window steps, the first window is warm-up, and the run's rate is the median
 window. Printed: the median over --reps repetitions and the spread, model FLOP/s as a fraction of the
@@ -33,16 +35,19 @@ LR = 1e-4
 
 # ----------------------------------------------------------------------------- data
 
-def encode_corpus(model_dir: str, data: str, max_seq_len: int, out_path: str) -> list[int]:
-    """Our encoding of `data` written as {"input_ids", "completion_mask"} rows (what TRL is given);
-    returns every sample's length."""
-    from utils.data import load_samples
+def encode_corpus(model_dir: str, data: str, max_seq_len: int, out_path: str, batch: int | None = None,
+                  steps: int | None = None) -> list[int]:
+    """Our encoding of the samples our program trains on, written as {"input_ids", "completion_mask"} rows
+    (what TRL is given); returns every row's length. With `batch` and `steps`, the rows are those of our
+    first `steps` steps in their order (common.train_order), which TRL reads unshuffled: the same batches."""
     from utils.encoding import IGNORE, Encoder, encode_all
     from utils.model import load_tokenizer
 
     enc = Encoder(load_tokenizer(model_dir), "auto", max_seq_len)
-    items = encode_all(load_samples([data], "sft", log=lambda *_: None), lambda s: (enc.encode_sft(s),), enc,
-                       "bench", log=lambda *_: None).items
+    items = encode_all(common.train_split(data, "sft"), lambda s: (enc.encode_sft(s),), enc, "bench",
+                       log=lambda *_: None).items
+    if batch and steps:
+        items = common.train_order(items, batch, steps)
     with open(out_path, "w") as f:
         for ((ids, labels),) in items:
             f.write(json.dumps({"input_ids": ids, "completion_mask": [int(l != IGNORE) for l in labels]}) + "\n")
@@ -98,7 +103,9 @@ def trl_worker(a) -> None:
 
     marks = Marks()
     steps = a.window * (a.windows + 1)
-    cfg = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps + 1, learning_rate=LR,
+    # Our steps' batches in our order (encode_corpus), read unshuffled.
+    cfg = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=LR,
+                    train_sampling_strategy="sequential",
                     lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0, weight_decay=0.0,
                     logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
                     dataloader_num_workers=0, max_length=None, completion_only_loss=True, bf16=False, fp16=False,
@@ -109,10 +116,49 @@ def trl_worker(a) -> None:
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
-    # steps 2 .. steps + 1 (the first step end has no earlier mark)
-    rate = common.window_rate([w for w, _ in marks.clock.steps()], a.window, a.batch)
-    print(json.dumps({"rate": rate, "threads": torch.get_num_threads(),
-                      "rss_self_mb": common.peak_rss_mb()}))
+    rates = common.trl_rates([w for w, _ in marks.clock.steps()], rows, a.batch, a.window, a.windows,
+                             lambda r: len(r["input_ids"]))
+    print(json.dumps({**rates, "threads": torch.get_num_threads(), "rss_self_mb": common.peak_rss_mb()}))
+
+
+def run_torch(a, model_dir: str, encoded: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "torch", "--model_dir", model_dir, "--encoded",
+           encoded, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows), "--threads",
+           str(a.threads)]
+    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+    res = common.worker_json(p, "plain PyTorch SFT worker")
+    res["rss_mb"] = rss
+    return res
+
+
+def torch_worker(a) -> None:
+    """The floor of any eager trainer: the same batches through a bare PyTorch loop (forward, our loss,
+    backward, clipping, fused AdamW), no trainer, no DeepSpeed, no logging."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils.encoding import IGNORE, pad_batch
+    from utils.losses import sft_loss
+
+    torch.set_num_threads(a.threads)
+    rows = [json.loads(line) for line in open(a.encoded)]
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    clock = common.Clock()
+    for i in range(0, len(rows), a.batch):
+        b = rows[i:i + a.batch]
+        batch = pad_batch([r["input_ids"] for r in b], [[t if m else IGNORE for t, m in zip(r["input_ids"],
+                                                         r["completion_mask"])] for r in b], 0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss, _ = sft_loss(logits, batch["labels"], max(1, int((batch["labels"][:, 1:] != IGNORE).sum())))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.mark()
+    rates = common.trl_rates([w for w, _ in clock.steps()], rows, a.batch, a.window, a.windows,
+                             lambda r: len(r["input_ids"]))
+    print(json.dumps({**rates, "threads": torch.get_num_threads()}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -130,8 +176,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="steps per timing window (10 tiny, 3 realistic)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per run (after one warm-up window)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
-    ap.add_argument("--runners", default="ours,ours_packed,ours_2ranks,trl",
-                    help="comma list of: ours, ours_packed, ours_2ranks, ours_2ranks_packed, trl, trl_padding_free")
+    ap.add_argument("--runners", default="ours,ours_packed,ours_2ranks,trl,torch",
+                    help="comma list of: ours, ours_packed, ours_2ranks, ours_2ranks_packed, trl, trl_padding_free, "
+                         "torch (a bare PyTorch loop on the same batches: what any eager trainer can reach)")
     ap.add_argument("--trl_python", default=None, help="interpreter with trl installed (default: this one if it "
                                                       f"imports trl, else {common.TRL_VENV_PYTHON})")
     ap.add_argument("--memory", action="store_true", help="only the peak-RSS table (2 ranks, ZeRO-0/2/3, offload)")
@@ -147,6 +194,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker == "trl":
         return trl_worker(a)
+    if a.worker == "torch":
+        return torch_worker(a)
     realistic = a.size == "realistic"
     a.corpus = realistic if a.corpus is None else a.corpus
     a.batch = a.batch or (8 if realistic else 16)
@@ -164,13 +213,15 @@ def main() -> None:
         data = os.path.join(work, "corpus.jsonl")
         common.make_corpus(data, load_tokenizer(model_dir), "sft", a.corpus_size, 16, a.max_seq_len - 32)
     encoded = os.path.join(work, "encoded.jsonl")
-    lengths = encode_corpus(model_dir, data, a.max_seq_len, encoded)
-    flops_per_sample = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], lengths) / len(lengths)
-    tokens_per_sample = sum(lengths) / len(lengths)
+    lengths = encode_corpus(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
+    timed = [n for win in common.timed_windows(lengths, a.batch, a.window, a.windows) for n in win]
+    flops_per_sample = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], timed) / len(timed)
+    tokens_per_sample = sum(timed) / len(timed)
     common.header("SFT", a.threads, peak, f"load average {load0:.2f} at start")
     print(f"model llama-{a.size}: {stats['params'] / 1e6:.2f}M parameters ({stats['matmul_params'] / 1e6:.2f}M in "
-          f"matmuls), fp32 | data {'generated corpus' if a.corpus else os.path.relpath(data, REPO)}: {len(lengths)} "
-          f"samples, {tokens_per_sample:.0f} tokens/sample (min {min(lengths)}, max {max(lengths)}) | batch "
+          f"matmuls), fp32 | data {'generated corpus' if a.corpus else os.path.relpath(data, REPO)}: the "
+          f"{len(timed)} samples of the timed windows, {tokens_per_sample:.0f} tokens/sample (min {min(timed)}, max "
+          f"{max(timed)}), the same batches on every side | batch "
           f"{a.batch} | {a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
 
     if a.memory:
@@ -185,6 +236,8 @@ def main() -> None:
             label = f"ours, {'2 ranks ZeRO-2' if ranks == 2 else '1 process'}{', --packing' if packed else ''}"
             runners[label] = (lambda rep, ranks=ranks, packed=packed, name=name: run_ours(
                 a, model_dir, data, os.path.join(work, f"{name}-{rep}"), ranks, packed, 2 if ranks == 2 else 0))
+        elif name == "torch":
+            runners["plain PyTorch loop, 1 process (floor)"] = lambda rep: run_torch(a, model_dir, encoded)
         elif name.startswith("trl"):
             if trl_py is None:
                 print("trl: no interpreter with trl found (pass --trl_python): no comparison")
@@ -207,6 +260,11 @@ def report(a, results: dict, peak: dict, flops_per_sample: float, tokens_per_sam
     for name, v in med.items():
         if trl and name.startswith("ours, 1 process"):
             print(f"ratio {name} / trl SFTTrainer (1 process vs 1 process): {v / trl:.2f}x")
+    floor = med.get("plain PyTorch loop, 1 process (floor)")
+    if floor and trl:
+        print(f"ratio plain PyTorch loop / trl SFTTrainer: {floor / trl:.2f}x (the most any eager trainer gains)")
+    if floor and "ours, 1 process" in med:
+        print(f"ratio ours, 1 process / plain PyTorch loop: {med['ours, 1 process'] / floor:.2f}x")
     if "ours, 1 process" in med and "ours, 1 process, --packing" in med:
         print(f"packing: {med['ours, 1 process, --packing'] / med['ours, 1 process']:.2f}x samples/s and tokens/s "
               "over padding (the same samples)")

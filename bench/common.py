@@ -37,8 +37,10 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def matmul_peak_gflops(dtype: str, threads: int, n: int = 2048, reps: int = 7) -> float:
-    """Median GFLOP/s of an n x n x n torch matmul in `dtype` ("fp32" or "bf16") on `threads` threads.
+def matmul_peak_gflops(dtype: str, threads: int, n: int = 2048, reps: int = 15) -> float:
+    """GFLOP/s of the fastest of `reps` n x n x n torch matmuls in `dtype` ("fp32" or "bf16") on `threads`
+    threads, after 5 warm-up products: the peak is what the machine can do, and on a shared virtual
+    machine the median of a few products moved by 20% (bf16 by 2x) between runs minutes apart.
 
     Measured in a child process so the caller's thread setting and allocator are not touched."""
     code = ("import statistics, sys, time, torch\n"
@@ -46,11 +48,11 @@ def matmul_peak_gflops(dtype: str, threads: int, n: int = 2048, reps: int = 7) -
             "torch.set_num_threads(th)\n"
             "t = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dt]\n"
             "a, b = torch.randn(n, n, dtype=t), torch.randn(n, n, dtype=t)\n"
-            "for _ in range(2): a @ b\n"
+            "for _ in range(5): a @ b\n"
             "times = []\n"
             "for _ in range(reps):\n"
             "    t0 = time.perf_counter(); a @ b; times.append(time.perf_counter() - t0)\n"
-            "print(2 * n ** 3 / statistics.median(times) / 1e9)\n")
+            "print(2 * n ** 3 / min(times) / 1e9)\n")
     out = subprocess.run([sys.executable, "-c", code, str(n), str(reps), dtype, str(threads)], check=True,
                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     return float(out.stdout.strip().splitlines()[-1])
@@ -299,10 +301,44 @@ def run_program(script: str, args: list[str], out: str, ranks: int, rate_key: st
             "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed), "rss_mb": rss}
 
 
-def window_rate(step_times: list[float], window: int, per_step: int) -> float:
-    """Median rate over windows of `window` steps, the first window (warm-up) left out."""
-    wins = [sum(step_times[i:i + window]) for i in range(window, len(step_times) - window + 1, window)]
-    return statistics.median(per_step * window / w for w in wins)
+# Our programs' --seed default and the --eval_fraction every bench passes them: the train split and the
+# order of its samples follow from these two (utils/data.train_eval_split, utils/stream.StepStream).
+SEED, EVAL_FRACTION = 1234, 0.02
+
+
+def train_split(data: str, kind: str) -> list:
+    """The samples our program trains on when given `data` with --eval_fraction EVAL_FRACTION."""
+    from utils.data import load_splits
+
+    return load_splits([data], None, EVAL_FRACTION, SEED, kind, log=lambda *_: None)[0]
+
+
+def train_order(items: list, batch: int, steps: int) -> list:
+    """`items` in the order our program's first `steps` optimizer steps take them (global batch `batch`,
+    fresh permutation every epoch). The other trainer reads its dataset in this order without shuffling,
+    so both sides train on the same batches: on a variable-length corpus the padded length of a batch
+    (its longest sample) changes the work of a step several-fold."""
+    from utils.stream import StepStream
+
+    stream = StepStream(items, batch, 1, lambda b: b, SEED)
+    return [it for _ in range(steps) for it in stream.next_step()[0]]
+
+
+def timed_windows(order: list, batch: int, window: int, windows: int) -> list[list]:
+    """The items of each timed window (the windows after the first, warm-up one) of a run over `order`."""
+    return [order[(w + 1) * window * batch:(w + 2) * window * batch] for w in range(windows)]
+
+
+def trl_rates(step_times: list[float], order: list, batch: int, window: int, windows: int, tokens) -> dict:
+    """Median items/s and tokens/s over the timed windows of a TRL run, from the times between its step
+    ends (`step_times[j]` is the time of step j + 2; the run has window * (windows + 1) steps, like ours).
+    `tokens(item)` counts an item's real tokens."""
+    times = step_times[-window * windows:]
+    assert len(times) == window * windows, (len(step_times), window, windows)
+    secs = [sum(times[w * window:(w + 1) * window]) for w in range(windows)]
+    wins = timed_windows(order, batch, window, windows)
+    return {"rate": statistics.median(len(items) / t for items, t in zip(wins, secs)),
+            "tokens_per_sec": statistics.median(sum(map(tokens, items)) / t for items, t in zip(wins, secs))}
 
 
 def interleave(runners: dict, reps: int) -> dict:
@@ -316,7 +352,7 @@ def interleave(runners: dict, reps: int) -> dict:
 
 def print_table(results: dict, unit: str, per_item_flops, per_item_tokens: float, peak: dict) -> dict:
     """Rows of median (spread) rate, tokens/s, MFU against the fp32 peak and peak RSS; returns medians.
-    `per_item_flops`: model FLOPs per sample (or pair), or a dict of them per runner name."""
+    `per_item_flops`: model FLOPs per sample (or pair) of the timed windows, or a dict of them per runner."""
     w = max([len(name) for name in results] + [6])
     print(f"{'runner':{w}s} {unit + '/s':>20s} {'tokens/s':>20s} {'MFU (fp32 peak)':>16s} {'peak RSS':>10s}")
     out = {}

@@ -20,7 +20,8 @@ def train_values(out: str, key: str) -> list[float]:
     # SFT also with --packing on 2 ranks: packed micro-batches train the same curve as padded ones.
     ("step1_sft/main.py", "sft.jsonl", "3e-3", {"loss": 2e-5}, [("0", []), ("3", []), ("0", ["--packing"])]),
     # DPO: the policy and the frozen reference are both sharded under ZeRO-3 on 2 ranks.
-    ("dpo/main.py", "preference.jsonl", "1e-3", {"loss": 2e-5, "rewards/margins": 1e-4}, [("0", []), ("3", [])]),
+    pytest.param("dpo/main.py", "preference.jsonl", "1e-3", {"loss": 2e-5, "rewards/margins": 1e-4},
+                 [("0", []), ("3", [])], marks=pytest.mark.slow),
 ])
 def test_one_rank_equals_two_ranks(tiny_dir, tmp_path, script, data, lr, tolerances, runs):
     common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, data),

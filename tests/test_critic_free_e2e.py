@@ -84,8 +84,8 @@ def test_grpo_with_only_a_reward_function_learns_to_count(count_sft, tmp_path):
               "--reward_funcs", "utils.reward_funcs:exact_match", "utils.reward_funcs:answer_format",
               "--reward_weights", "1", "0.5", "--per_device_training_batch_size", "16"]),
     # REINFORCE++ with a group baseline, KL penalty in the per-token reward
-    ("reinforce_pp_baseline", ["--n_samples_per_prompt", "8", "--kl_coef", "0.05", "--reward_funcs",
-                               "utils.reward_funcs:exact_match"]),
+    pytest.param("reinforce_pp_baseline", ["--n_samples_per_prompt", "8", "--kl_coef", "0.05", "--reward_funcs",
+                                           "utils.reward_funcs:exact_match"], marks=pytest.mark.slow),
 ])
 def test_rloo_and_reinforce_pp_baseline_raise_the_mean_reward(count_sft, tmp_path, estimator, flags):
     train, _ = step3(count_sft, str(tmp_path / estimator), "--advantage_estimator", estimator, "--max_steps", "8",

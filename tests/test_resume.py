@@ -87,7 +87,9 @@ def test_sft_stop_kill_resume_and_overwrite_with_dropout(tiny_dir, tmp_path):
     assert all(c.startswith("step-") for c in ckpts) and len(ckpts) <= 2
 
 
-@pytest.mark.parametrize("stage", [["--zero_stage", "0"], ["--zero_stage", "1"], ["--zero_stage", "2", "--offload"]])
+@pytest.mark.parametrize("stage", [pytest.param(["--zero_stage", "0"], marks=pytest.mark.slow),
+                                   pytest.param(["--zero_stage", "1"], marks=pytest.mark.slow),
+                                   ["--zero_stage", "2", "--offload"]])
 def test_every_zero_stage_resumes_through_the_weights_only_loader(tiny_dir, tmp_path, stage):
     """The checkpoint files of ZeRO-0/1/2 (+ CPU-offloaded Adam) hold nothing the weights_only loader refuses
     (ZeRO-3 is covered by the reward-model, PPO and world-size tests), and the resumed steps match."""
