@@ -5,10 +5,11 @@
 
 Setting: 16 prompts of exactly 32 tokens per PPO step over 2 ranks (8 per rank), answers of up to 16
 tokens (the random-init actor rarely emits EOS, so nearly all are 16), one PPO epoch over one
-mini-batch per rank, actor and critic on ZeRO-2 with optimizer offload, bf16, tiny llama (hidden 64,
-2 layers) for all four models, eager attention (see --attn_implementation). DeepSpeed-Chat's step 3
-ran the same setting at 11.1 samples/s end to end on this machine (1 epoch of 3,600 prompts, 16 per
-step, ZeRO-2 + offload, bf16; bench/DEEPSPEED_CHAT.md says how to run it beside this one).
+mini-batch per rank, actor and critic on ZeRO-2 with optimizer offload, bf16, a 2.6M-parameter llama
+(--size small: hidden 256, 4 layers; --size tiny: the test model) for all four models, eager attention
+(see --attn_implementation). DeepSpeed-Chat's step 3 ran this setting at 11.1 samples/s end to end on
+this machine with a 3.3M-parameter Llama (issue 14: 1 epoch of 3,600 prompts, 16 per step, ZeRO-2 +
+offload, bf16); that figure is quoted, not rerun here (bench/DEEPSPEED_CHAT.md says how to run it beside).
 
 samples/s = prompts answered and trained on per second of PPO step (generation + experience +
 training), the median over the steps after --warmup of each run; start-up (loading four models) is
@@ -37,13 +38,14 @@ DEEPSPEED_CHAT_SAMPLES_PER_SEC = 11.1  # measured beside this project, ZeRO-2 + 
 PROMPT_TOKENS, ANSWER_TOKENS = 32, 16
 
 
-def make_models(root: str) -> tuple[str, str]:
-    """A random-init tiny llama (actor) and a one-label classifier on the same weights (critic, reward)."""
+def make_models(root: str, size: str = "small") -> tuple[str, str]:
+    """A random-init llama of `size` (bench/common.py SIZES; actor) and a one-label classifier on the same
+    weights (critic, reward)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from utils.tiny import make_tiny_model
 
-    actor = make_tiny_model("llama", os.path.join(root, "actor"))
+    actor = make_tiny_model("llama", os.path.join(root, "actor"), seed=0, **common.SIZES[size])
     critic = os.path.join(root, "critic")
     model = AutoModelForSequenceClassification.from_pretrained(actor, num_labels=1)
     model.save_pretrained(critic)
@@ -118,6 +120,9 @@ def run_sft(a, actor: str, data: str, out: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="small", choices=["tiny", "small"],
+                    help="model size of all four models (bench/common.py): small (2.6M parameters) is the closest "
+                         "to the 3.3M-parameter model of the DeepSpeed-Chat figure; tiny is the test model")
     ap.add_argument("--steps", type=int, default=30, help="PPO steps per run")
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of each run's median")
     ap.add_argument("--reps", type=int, default=3, help="fresh runs of PPO and of SFT, interleaved")
@@ -136,7 +141,7 @@ def main() -> None:
     a = ap.parse_args()
     load0 = common.load_average()
     root = tempfile.mkdtemp(prefix="bench_ppo_")
-    actor, critic = make_models(root)
+    actor, critic = make_models(root, a.size)
     prompts, texts = os.path.join(root, "prompts.jsonl"), os.path.join(root, "sft.jsonl")
     make_prompts(prompts)
     from utils.model import load_tokenizer
@@ -152,7 +157,7 @@ def main() -> None:
            for k in ("samples_per_sec", "generation_sec", "experience_sec", "train_sec", "response_length")}
     step = sum(ppo[k]["median"] for k in ("generation_sec", "experience_sec", "train_sec"))
     print(f"== PPO | {a.prompts_per_step} prompts x ({PROMPT_TOKENS} + up to {ANSWER_TOKENS}) tokens per step, "
-          f"{a.ranks} ranks, ZeRO-{a.zero_stage}{' + offload' if a.offload else ''}, {a.dtype}, tiny llama x 4 | "
+          f"{a.ranks} ranks, ZeRO-{a.zero_stage}{' + offload' if a.offload else ''}, {a.dtype}, llama-{a.size} x 4 | "
           f"{a.reps} runs x {a.steps - a.warmup} timed steps")
     print(f"PPO samples/s: {common.fmt(ppo['samples_per_sec'])}; answer length {ppo['response_length']['median']:.1f}; "
           f"peak RSS per rank {max(r['rss_mb'] or 0 for r in res['ppo']):.0f} MB")
@@ -162,8 +167,10 @@ def main() -> None:
           f"training {1000 * ppo['train_sec']['median']:.0f} ms ({100 * ppo['train_sec']['median'] / step:.0f}%)")
     out = {"setting": vars(a), "ppo": ppo, "load_average": [load0, load1]}
     ratio = ppo["samples_per_sec"]["median"] / DEEPSPEED_CHAT_SAMPLES_PER_SEC
-    print(f"vs DeepSpeed-Chat's {DEEPSPEED_CHAT_SAMPLES_PER_SEC} samples/s (ZeRO-2 + offload, bf16): {ratio:.2f}x"
-          + ("" if a.offload and a.dtype == "bf16" else " (not its setting: compare with offload + bf16)"))
+    caveats = [c for c, bad in (("not its setting: compare with offload + bf16", not (a.offload and a.dtype == "bf16")),
+                                ("not its model size: compare with --size small", a.size != "small")) if bad]
+    print(f"vs DeepSpeed-Chat's {DEEPSPEED_CHAT_SAMPLES_PER_SEC} samples/s (quoted from issue 14, 3.3M parameters, "
+          f"ZeRO-2 + offload, bf16; not rerun here): {ratio:.2f}x" + (f" ({'; '.join(caveats)})" if caveats else ""))
     if "sft" in res:
         sft = common.summary([r["samples_per_sec"] for r in res["sft"]])
         out["sft"] = sft

@@ -20,7 +20,7 @@ run reward_tiny bench/bench_reward.py
 run dpo_tiny bench/bench_dpo.py
 run reward_realistic bench/bench_reward.py --size realistic --runners ours,ours_packed,trl
 run dpo_realistic bench/bench_dpo.py --size realistic --runners ours_pre,ours_pre_packed,trl_pre
-run ppo_bf16_offload bench/bench_ppo.py
+run ppo_bf16_offload bench/bench_ppo.py                 # llama-small (2.6M), DeepSpeed-Chat's setting
 run ppo_fp32 bench/bench_ppo.py --dtype fp32 --no-offload
 echo "== sft_memory ($(uptime | sed 's/.*load/load/'))"
 "$PY" bench/bench_sft.py --size realistic --memory 2>"$OUT/sft_memory.err" | tee "$OUT/sft_memory.txt"
@@ -32,3 +32,5 @@ DEMO="$(mktemp -d)"
 /usr/bin/env time -f "demo first run: %e s" env TORCH_EXTENSIONS_DIR="$DEMO/ext" DEMO_DIR="$DEMO/out" \
   bash launch/demo.sh 2>&1 | grep -E "^\[demo\]|^\[pipeline\].*done|demo finished|first run" | tee "$OUT/demo_first_run.txt"
 rm -rf "$DEMO"
+echo "== the README's tables"
+"$PY" bench/table.py "$OUT"
