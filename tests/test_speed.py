@@ -1,10 +1,14 @@
 """Speed changes that must not change numbers: PPO's experience reuses generation's log-probabilities."""
 from __future__ import annotations
 
+import os
+import sys
 import types
 
+import pytest
 import torch
 
+from conftest import REPO
 from step3_ppo.rollout import answer_logits, generate, generation_config, reuses_generation_logits
 from utils.encoding import Encoder
 from utils.model import load_tokenizer
@@ -50,3 +54,29 @@ def test_generation_logits_equal_the_actor_forward_in_fp32(tiny_dir):
     bf16 = Engine(AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.bfloat16))
     assert not reuses_generation_logits(bf16)  # bf16 decode and forward differ by ~1e-2: forwards stay
     assert "gen_logits" not in generate(bf16, prompts, enc, generation_config(args, enc))
+
+
+def test_bench_times_the_same_steps_and_batches_on_both_sides():
+    """bench/common.py: TRL's timed windows are our steps window+1 .. window*(windows+1), with the items
+    our stream gives those steps (ours logs a window every `window` steps and drops the first)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import common
+
+    from utils.stream import StepStream
+
+    items = list(range(25))
+    batch, window, windows = 4, 3, 3
+    steps = window * (windows + 1)
+    order = common.train_order(items, batch, steps)
+    stream = StepStream(items, batch, 1, lambda b: b, common.SEED)
+    assert order == [i for _ in range(steps) for i in stream.next_step()[0]]  # epochs wrap as in training
+    assert sorted(order[:25]) == items  # the first epoch is a permutation of every item
+    # Step s (1-based) takes order[(s-1)*batch : s*batch]; the timed windows are steps 4-6, 7-9, 10-12.
+    wins = common.timed_windows(order, batch, window, windows)
+    assert wins == [order[12:24], order[24:36], order[36:48]]
+    # TRL's step_times[j] is the time of step j + 2 (steps 2..12): give step s the time s seconds.
+    times = [float(s) for s in range(2, steps + 1)]
+    r = common.trl_rates(times, order, batch, window, windows, lambda i: 1)
+    secs = [4 + 5 + 6, 7 + 8 + 9, 10 + 11 + 12]
+    assert r["rate"] == pytest.approx(sorted(window * batch / t for t in secs)[1])
+    assert r["tokens_per_sec"] == r["rate"]
