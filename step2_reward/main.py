@@ -17,7 +17,7 @@ from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.lr import lr_help, scaled_lr
 from utils.model import disable_dropout, prepare_model, save_hf
-from utils.negatives import synthetic_pairs
+from utils.negatives import DEFAULT_KINDS, KINDS, synthetic_pairs
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
 from utils.reward import export_pad_token_id, load_reward_model
@@ -35,9 +35,14 @@ class RewardArgs:
                                       "values (prompt + 2 replies tokens instead of 2 x (prompt + reply)); the same "
                                       "rewards to float rounding; not with --gradient_checkpointing")
     synthetic_negatives: float = arg(1.0, "extra training pairs per pair whose rejected answer is a corrupted copy "
-                                     "of the chosen one (a token dropped or repeated, the answer cut short, or "
-                                     "empty; utils/negatives.py), so broken answers score below well-formed ones "
-                                     "and PPO cannot exploit them; 0 disables", ge=0)
+                                     "of the chosen one (see --synthetic_negative_kinds; utils/negatives.py), so "
+                                     "broken answers score below well-formed ones and PPO cannot exploit them; 0 "
+                                     "disables", ge=0)
+    synthetic_negative_kinds: list = arg(list(DEFAULT_KINDS), "the corruptions --synthetic_negatives takes in "
+                                         "turn: drop, repeat, truncate, empty, and also replace (a token swapped "
+                                         "for another reply token: misspelt words) and swap (two neighbouring "
+                                         "tokens exchanged)",
+                                         choices=list(KINDS), nargs="+")
 
 
 def parse_args(argv=None):
@@ -64,7 +69,8 @@ def main(argv=None) -> None:
     train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
     eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
     if args.synthetic_negatives > 0:
-        extra = [p for p in synthetic_pairs(train_items, args.synthetic_negatives, encoder.eos_id, args.seed)
+        extra = [p for p in synthetic_pairs(train_items, args.synthetic_negatives, encoder.eos_id, args.seed,
+                                            tuple(args.synthetic_negative_kinds))
                  if len(p.rejected) <= encoder.max_seq_len]
         ds.print0(f"synthetic negatives: {len(extra)} pairs of a chosen answer and a corrupted copy of it")
         train_items = train_items + extra

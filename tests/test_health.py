@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.health import AnswerHealthMonitor, DisplacementMonitor, distinct_ratio_sums
-from utils.negatives import KINDS, corrupt_reply, synthetic_pairs
+from utils.negatives import DEFAULT_KINDS, KINDS, corrupt_reply, synthetic_pairs
 
 EOS = 2
 
@@ -67,6 +67,17 @@ def test_corruptions_of_a_reply():
         t = corrupt_reply(reply, "truncate", EOS, rng)
         assert t[-1] == EOS and 2 <= len(t) <= 4 and t[:-1] == reply[:len(t) - 1]
     assert corrupt_reply([10, EOS], "truncate", EOS, rng) == [EOS]  # a one-token reply has no shorter fragment
+    vocab = [10, 11, 12, 13, 50, 51]
+    for _ in range(20):
+        x = corrupt_reply(reply, "replace", EOS, rng, vocab)
+        diff = [i for i in range(4) if x[i] != reply[i]]
+        assert len(x) == 5 and x[-1] == EOS and len(diff) == 1 and x[diff[0]] in vocab
+        w = corrupt_reply(reply, "swap", EOS, rng)
+        i = next(i for i in range(4) if w[i] != reply[i])
+        assert w[-1] == EOS and w[i:i + 2] == [reply[i + 1], reply[i]] and w[:i] + w[i + 2:] == reply[:i] + reply[i + 2:]
+    assert corrupt_reply([10, 10, EOS], "swap", EOS, rng) == [10, 10, EOS]  # nothing to exchange: unchanged
+    with pytest.raises(ValueError):
+        corrupt_reply(reply, "replace", EOS, rng)  # needs the token ids to draw from
     with pytest.raises(ValueError):
         corrupt_reply(reply, "shuffle", EOS, rng)
 
@@ -79,7 +90,11 @@ def test_synthetic_pairs_keep_prompt_and_chosen_and_take_kinds_in_turn():
                   [IGNORE] * 3 + [40, EOS], 3, 0.5, f"f:{i}") for i in range(8)]
     extra = synthetic_pairs(items, 1.0, EOS, seed=0)
     assert len(extra) == 8
-    assert [e.where.split("synthetic ")[1].rstrip(")") for e in extra] == [*KINDS, *KINDS]
+    assert [e.where.split("synthetic ")[1].rstrip(")") for e in extra] == [*DEFAULT_KINDS, *DEFAULT_KINDS]
+    six = synthetic_pairs(items, 1.0, EOS, seed=0, kinds=KINDS)
+    assert [e.where.split("synthetic ")[1].rstrip(")") for e in six] == [*KINDS, *KINDS][:8]
+    two = synthetic_pairs(items, 1.0, EOS, seed=0, kinds=("drop", "swap"))
+    assert [e.where.split("synthetic ")[1].rstrip(")") for e in two] == ["drop", "swap"] * 4
     for e in extra:
         src = next(it for it in items if it.where == e.where.split(" ")[0])
         assert e.chosen == src.chosen and e.rejected[:3] == src.chosen[:3] and e.rejected[-1] == EOS

@@ -10,6 +10,9 @@ token ids, the space PPO's actor generates in, and every one still ends with EOS
   repeat    one reply token repeated 2-3 times    ("The movie is lovely lovely lovely.")
   truncate  the reply cut after its first k tokens ("The movie is")
   empty     no reply, only the EOS
+  replace   one reply token replaced by another token that occurs in the training replies
+            ("The movie is sup lendid." for "splendid": the misspelt words PPO finds otherwise)
+  swap      two neighbouring reply tokens exchanged ("The movie lovely is.")
 """
 from __future__ import annotations
 
@@ -17,12 +20,31 @@ import random
 
 from .encoding import IGNORE
 
-KINDS = ("drop", "repeat", "truncate", "empty")
+KINDS = ("drop", "repeat", "truncate", "empty", "replace", "swap")
+# What --synthetic_negatives takes by default. replace and swap are offered but not on by default: on the
+# alignment suite's cold_start task they moved PPO's outcome less than the PPO seed did (README).
+DEFAULT_KINDS = ("drop", "repeat", "truncate", "empty")
 
 
-def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random) -> list[int]:
-    """A corrupted copy of `reply` (its token ids, ending with `eos_id`), also ending with EOS."""
+def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
+                  vocab: list[int] | None = None) -> list[int]:
+    """A corrupted copy of `reply` (its token ids, ending with `eos_id`), also ending with EOS; `replace`
+    draws the new token from `vocab`. A reply too short for the kind comes back unchanged."""
     body = reply[:-1] if reply and reply[-1] == eos_id else list(reply)
+    if kind == "replace":
+        if not vocab:
+            raise ValueError("the 'replace' corruption needs the token ids to draw from")
+        i = rng.randrange(len(body)) if body else 0
+        others = [t for t in vocab if not body or t != body[i]]
+        if not body or not others:
+            return body + [eos_id]
+        return body[:i] + [rng.choice(others)] + body[i + 1:] + [eos_id]
+    if kind == "swap":
+        pos = [i for i in range(len(body) - 1) if body[i] != body[i + 1]]
+        if not pos:
+            return body + [eos_id]
+        i = rng.choice(pos)
+        return body[:i] + [body[i + 1], body[i]] + body[i + 2:] + [eos_id]
     if kind == "empty" or not body:
         return [eos_id]
     if kind == "drop":
@@ -36,19 +58,30 @@ def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random) 
     raise ValueError(f"unknown corruption {kind!r}; expected one of {KINDS}")
 
 
-def synthetic_pairs(items: list, rate: float, eos_id: int, seed: int) -> list:
+def reply_tokens(items: list, eos_id: int) -> list[int]:
+    """The token ids that occur in the replies (chosen and rejected) of `items`, EOS left out."""
+    seen = set()
+    for it in items:
+        seen.update(it.chosen[it.prompt_len:])
+        seen.update(it.rejected[it.prompt_len:])
+    seen.discard(eos_id)
+    return sorted(seen)
+
+
+def synthetic_pairs(items: list, rate: float, eos_id: int, seed: int, kinds=DEFAULT_KINDS) -> list:
     """Extra pairs (chosen, corrupted chosen) for a `rate` share of `items` (rate >= 1: every item,
-    int(rate) times, plus the fraction). Items are `utils.pairs.Pair`s; the kinds take turns."""
+    int(rate) times, plus the fraction). Items are `utils.pairs.Pair`s; the `kinds` take turns."""
     rng = random.Random(seed)
+    vocab = reply_tokens(items, eos_id) if "replace" in kinds else None
     order = list(range(len(items)))
     rng.shuffle(order)
     count = int(round(rate * len(items)))
     out = []
     for j in range(count):
         it = items[order[j % len(items)]]
-        kind = KINDS[j % len(KINDS)]
+        kind = kinds[j % len(kinds)]
         reply = it.chosen[it.prompt_len:]
-        bad = it.chosen[:it.prompt_len] + corrupt_reply(reply, kind, eos_id, rng)
+        bad = it.chosen[:it.prompt_len] + corrupt_reply(reply, kind, eos_id, rng, vocab)
         if bad != it.chosen:
             labels = [IGNORE] * it.prompt_len + bad[it.prompt_len:]  # loss/log-probs on the reply and its EOS
             out.append(it._replace(rejected=bad, rejected_labels=labels, margin=0.0,
