@@ -91,7 +91,11 @@ def test_ppo_raises_reward_and_the_saved_actor_answers_warmly(sft_and_rm, tmp_pa
     # The actor starts as the reference; the KL reported is the penalised one. The actor's log-probs come
     # from generation's cached decode (fp32), within 1e-5 of a full forward, so the KL is 0 to ~1e-7.
     assert abs(train[0]["kl"]) < 1e-5
-    assert max(r["kl"] for r in train) < 10.0
+    # Bounded: at the size-scaled rates the per-answer KL peaks at 8-11 nats (10.7 on an AMD EPYC machine,
+    # under 10 with the same code on the CPU of earlier CI runs); the runaway of issue 10 (answers
+    # collapsing to "The movie is and.") climbed to 21.
+    kls = [r["kl"] for r in train]
+    assert max(kls) < 15.0, kls
     assert quarters(train, "eos_rate")[1] >= 0.9
     evals = [r for r in rows if r["split"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
