@@ -136,7 +136,7 @@ def test_flag_ranges_are_checked_up_front(flag, value, message):
     assert str(e.value) == message
 
 
-def test_step_groups_carry_their_ranges():
+def test_step_groups_carry_their_ranges(tmp_path):
     """DPO keeps --learning_rate 0 for "scaled to the model size"; step 3's copies of shared flags keep
     their ranges; step-specific fields have their own."""
     from dpo.main import DPOArgs
@@ -156,6 +156,16 @@ def test_step_groups_carry_their_ranges():
         parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--center_rewards_coefficient", "-1"])
     with pytest.raises(UserError, match=r"^--synthetic_negatives must be >= 0, got -1\.0$"):
         parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--synthetic_negatives", "-1"])
+    # A list flag with choices checks every item, on the command line and in a --config file.
+    with pytest.raises(UserError, match=r"^argument --synthetic_negative_kinds: invalid choice: 'typo'"):
+        parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--synthetic_negative_kinds", "drop", "typo"])
+    assert parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--synthetic_negative_kinds", "swap"]
+                 ).synthetic_negative_kinds == ["swap"]
+    cfg = write_config(tmp_path, "synthetic_negative_kinds: [drop, typo]\n")
+    with pytest.raises(UserError) as e:
+        parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--config", cfg])
+    assert str(e.value) == (f"--config file '{cfg}': key 'synthetic_negative_kinds': 'typo' is not one of drop, "
+                            "repeat, truncate, empty, replace, swap")
     ppo = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
            "--output_dir", "o"]
     for flags, message in ((["--actor_learning_rate", "-1"], "--actor_learning_rate must be >= 0, got -1.0"),

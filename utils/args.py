@@ -192,7 +192,7 @@ def build_parser(groups, description: str) -> argparse.ArgumentParser:
             if sp.type is bool:
                 ag.add_argument(name, action=argparse.BooleanOptionalAction, default=sp.default, help=help)
             elif sp.nargs:
-                ag.add_argument(name, nargs=sp.nargs, default=sp.default, help=help)
+                ag.add_argument(name, nargs=sp.nargs, default=sp.default, choices=sp.choices, help=help)
             else:
                 ag.add_argument(name, type=sp.type, default=sp.default, choices=sp.choices, help=help)
     return p
@@ -227,6 +227,9 @@ def config_value(sp: Spec, value):
         items = value if isinstance(value, list) else [value]  # `data_path: a.jsonl` means [a.jsonl]
         if not all(isinstance(v, str) for v in items):
             raise ValueError(f"expected a string or a list of strings, got {value!r}")
+        bad = [v for v in items if sp.choices is not None and v not in sp.choices]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not one of {', '.join(map(str, sp.choices))}")
         return list(items)
     if value is None:
         if sp.default is None:
