@@ -159,7 +159,7 @@ def main() -> None:
         common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
     texts = os.path.join(work, "texts.jsonl")
     lengths = texts_and_lengths(model_dir, data, a.max_seq_len, texts, a.batch, a.window * (a.windows + 1))
-    lengths = [p for win in common.timed_windows(lengths, a.batch, a.window, a.windows) for p in win]
+    lengths = common.timed_items(lengths, a.batch, a.window, a.windows)
     flat = [n for pair in lengths for n in pair]
     policy = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
     tokens_per_pair = sum(flat) / len(lengths)

@@ -152,7 +152,7 @@ def main() -> None:
         common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
     encoded = os.path.join(work, "encoded.jsonl")
     lengths = encode_pairs_file(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
-    lengths = [p for win in common.timed_windows(lengths, a.batch, a.window, a.windows) for p in win]
+    lengths = common.timed_items(lengths, a.batch, a.window, a.windows)
     flat = [n for pair in lengths for n in pair]
     flops_per_pair = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
     tokens_per_pair = sum(flat) / len(lengths)

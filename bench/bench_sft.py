@@ -214,7 +214,7 @@ def main() -> None:
         common.make_corpus(data, load_tokenizer(model_dir), "sft", a.corpus_size, 16, a.max_seq_len - 32)
     encoded = os.path.join(work, "encoded.jsonl")
     lengths = encode_corpus(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
-    timed = [n for win in common.timed_windows(lengths, a.batch, a.window, a.windows) for n in win]
+    timed = common.timed_items(lengths, a.batch, a.window, a.windows)
     flops_per_sample = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], timed) / len(timed)
     tokens_per_sample = sum(timed) / len(timed)
     common.header("SFT", a.threads, peak, f"load average {load0:.2f} at start")

@@ -329,6 +329,11 @@ def timed_windows(order: list, batch: int, window: int, windows: int) -> list[li
     return [order[(w + 1) * window * batch:(w + 2) * window * batch] for w in range(windows)]
 
 
+def timed_items(order: list, batch: int, window: int, windows: int) -> list:
+    """All the items of the timed windows, in order (what the FLOPs and tokens per item are taken over)."""
+    return order[window * batch:(windows + 1) * window * batch]
+
+
 def trl_rates(step_times: list[float], order: list, batch: int, window: int, windows: int, tokens) -> dict:
     """Median items/s and tokens/s over the timed windows of a TRL run, from the times between its step
     ends (`step_times[j]` is the time of step j + 2; the run has window * (windows + 1) steps, like ours).

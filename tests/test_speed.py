@@ -74,6 +74,7 @@ def test_bench_times_the_same_steps_and_batches_on_both_sides():
     # Step s (1-based) takes order[(s-1)*batch : s*batch]; the timed windows are steps 4-6, 7-9, 10-12.
     wins = common.timed_windows(order, batch, window, windows)
     assert wins == [order[12:24], order[24:36], order[36:48]]
+    assert common.timed_items(order, batch, window, windows) == order[12:48]
     # TRL's step_times[j] is the time of step j + 2 (steps 2..12): give step s the time s seconds.
     times = [float(s) for s in range(2, steps + 1)]
     r = common.trl_rates(times, order, batch, window, windows, lambda i: 1)

@@ -34,11 +34,13 @@ def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
     if kind == "replace":
         if not vocab:
             raise ValueError("the 'replace' corruption needs the token ids to draw from")
-        i = rng.randrange(len(body)) if body else 0
-        others = [t for t in vocab if not body or t != body[i]]
-        if not body or not others:
+        if not body or len(vocab) < 2:
             return body + [eos_id]
-        return body[:i] + [rng.choice(others)] + body[i + 1:] + [eos_id]
+        i = rng.randrange(len(body))
+        new = rng.choice(vocab)
+        while new == body[i]:  # a draw, not a copy of the vocabulary per pair: real vocabularies are large
+            new = rng.choice(vocab)
+        return body[:i] + [new] + body[i + 1:] + [eos_id]
     if kind == "swap":
         pos = [i for i in range(len(body) - 1) if body[i] != body[i + 1]]
         if not pos:
