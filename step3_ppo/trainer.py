@@ -257,7 +257,7 @@ def score_rollout(models, funcs, tokenizer, b: dict, items: list, max_len: int) 
         error = str(e)
     failed = [e for e in ds.all_gather_objects(error) if e]
     if failed:
-        raise UserError(failed[0])
+        raise UserError(failed[0], every_rank=True)
     b["score"] = b["score"] + total
 
 

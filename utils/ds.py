@@ -82,6 +82,12 @@ def finish(code: int = 0) -> None:
     By now every file is written and closed, so each rank flushes its streams, removes its
     shared-memory buffers and ends with `os._exit(code)`."""
     barrier()
+    leave(code)
+
+
+def leave(code: int) -> None:
+    """End this rank now, without interpreter teardown (see `finish`): flush the streams and the log
+    handlers, remove the shared-memory buffers, `os._exit(code)`."""
     _remove_shm_buffers()
     logging.shutdown()
     sys.stdout.flush()

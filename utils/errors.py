@@ -10,7 +10,14 @@ import sys
 
 
 class UserError(Exception):
-    """An error caused by the user's input; its message names the file, line and field where known."""
+    """An error caused by the user's input; its message names the file, line and field where known.
+
+    `every_rank`: every rank raises this same error at the same point (they agreed on it through a
+    collective), so rank 0 alone prints it."""
+
+    def __init__(self, message: str = "", every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def location(path: str, line: int | None = None, row: int | None = None) -> str:
@@ -39,14 +46,33 @@ def at_record(where: str, error: UserError) -> UserError:
 
 
 def exit_on_user_error(fn):
-    """Decorator for entry points: a UserError becomes `error: <message>` on stderr and exit code 2."""
+    """Decorator for entry points: a UserError becomes `error: <message>` on stderr and exit code 2.
+
+    Once a multi-rank process group exists the rank leaves with `os._exit(2)` after flushing its streams
+    and removing its shared-memory buffers: interpreter teardown of a gloo group whose peer is exiting
+    too can abort the rank ("terminate called without an active exception", SIGABRT), and the launcher
+    then reports that signal instead of the user's error (see utils.ds.finish)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            group = _process_group()
+            if not (e.every_rank and group is not None and group[0] != 0):
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            if group is not None and group[1] > 1:
+                from . import ds
+
+                ds.leave(2)
             sys.exit(2)
 
     return wrapper
+
+
+def _process_group() -> tuple[int, int] | None:
+    """(rank, world size) when torch.distributed is initialised, else None (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.get_rank(), dist.get_world_size()
