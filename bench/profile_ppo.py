@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 PARTS = [
     ("step3_ppo/trainer.py", "train", "whole loop (eval and start-up excluded below)"),
     ("step3_ppo/rollout.py", "generate", "generation (actor.generate, ZeRO-3 gather if any)"),
-    ("step3_ppo/rollout.py", "experience", "experience: 4 forwards"),
+    ("step3_ppo/rollout.py", "experience", "experience: 3-4 forwards (the critic's fused)"),
     ("step3_ppo/rollout.py", "answer_logits", "  actor/reference answer logits (experience and training)"),
     ("utils/rl.py", "entropy_from_logits", "  entropy over the full vocabulary"),
     ("step3_ppo/rollout.py", "answer_values", "  critic values (experience and training)"),

@@ -117,6 +117,11 @@ class PPOArgs:
     critic_weight_decay: float = arg(0.0, "critic AdamW weight decay", ge=0)
     per_device_training_batch_size: int = arg(16, "answers per rank in one PPO mini-batch", ge=1)
     ppo_epochs: int = arg(1, "passes over the experience buffer per PPO step", ge=1)
+    fuse_critic_forward: bool = arg(True, "when a step is one PPO epoch over one mini-batch per rank (the defaults: "
+                                          "--ppo_epochs 1, one generation batch, one training micro-batch, no "
+                                          "gradient accumulation, dropout off), take the rollout values from the "
+                                          "critic's training forward instead of a separate experience forward: the "
+                                          "same numbers, one forward fewer")
     cliprange: float = arg(0.2, "PPO policy ratio clip epsilon", gt=0)
     cliprange_value: float = arg(0.2, "value clip range around the rollout values", gt=0)
     entropy_coef: float = arg(0.0, "weight of the entropy bonus in the actor loss", ge=0)

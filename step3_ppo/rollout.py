@@ -120,12 +120,13 @@ def final_scores(reward, b: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def experience(models, b: dict, temperature: float) -> dict:
+def experience(models, b: dict, temperature: float, critic: bool = True) -> dict:
     """Forward passes of the rollout batch through reference, critic and reward model (those that exist:
     without a reference ref_logp is absent, without a critic values, without a reward model the model
     score is 0 and the rule-based rewards are the whole score), and through the actor unless generation
     kept its logits (fp32). The first time generation's logits are used, they are checked against the
-    actor's forward once; beyond REUSE_TOLERANCE the run goes back to forwards."""
+    actor's forward once; beyond REUSE_TOLERANCE the run goes back to forwards. critic=False leaves the
+    values to the critic's training forward (trainer.fuses_critic_forward)."""
     gen = b.pop("gen_logits", None)
     if gen is not None:
         logits = gen / temperature if temperature != 1.0 else gen
@@ -146,7 +147,7 @@ def experience(models, b: dict, temperature: float) -> dict:
     out = {"logp": logp, "entropy": entropy_from_logits(logits)}
     if models.ref is not None:
         out["ref_logp"] = token_logprobs(answer_logits(models.ref, b, temperature), b["answers"])
-    if models.critic is not None:
+    if models.critic is not None and critic:
         out["values"] = answer_values(models.critic, b)
     out["score"] = (final_scores(models.reward, b) if models.reward is not None
                     else torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device))

@@ -178,8 +178,23 @@ def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_t
     return loss, ptx_loss, stats
 
 
-def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: int, kl_coef: float) -> dict:
+def fuses_critic_forward(args, algo) -> bool:
+    """True when the critic's first training forward sees the rollout exactly as the experience forward
+    would: one PPO epoch, one generation batch and one training micro-batch per rank, no gradient
+    accumulation, no dropout. Its values (detached) are then the rollout values, and the same graph
+    gives the value loss; GAE and whitening need only the detached values, so nothing else changes.
+    The value clip range is then a no-op (old and new values are the same numbers), as it is in the
+    first epoch of every PPO step anyway."""
+    return (algo.critic and args.fuse_critic_forward and args.ppo_epochs == 1 and args.generation_batches == 1
+            and args.gradient_accumulation_steps == 1 and args.disable_dropout
+            and args.per_device_generation_batch_size * algo.k <= args.per_device_training_batch_size)
+
+
+def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: int, kl_coef: float,
+               values_graph: torch.Tensor | None = None) -> dict:
     """--ppo_epochs passes over this rank's buffer; returns global means over the optimizer steps.
+    values_graph: the critic's values of the one rollout with autograd state (fuses_critic_forward), in
+    the order of `rows`; its mini-batch then needs no critic forward.
 
     Loss normalisation (pitfall 16): every micro-batch's loss is its part of the --loss_agg aggregate
     over the optimizer step's answers and tokens on all ranks (utils.rl.aggregate_loss), times
@@ -195,15 +210,25 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
         order = torch.randperm(len(rows)).tolist()
         stop = False
         for start in range(0, len(rows), per_step):
-            micro = [collate_samples([rows[i] for i in order[j:j + mb]], pad_id)
-                     for j in range(start, start + per_step, mb)]
+            parts = [order[j:j + mb] for j in range(start, start + per_step, mb)]
+            micro = [collate_samples([rows[i] for i in part], pad_id) for part in parts]
             ptx = [to_device(unsup.next_step()[0]) for _ in micro] if unsup is not None else [None] * ga
             local_tokens = sum(float(b["action_mask"].sum()) for b in micro)
             local_seqs = sum(float(b["action_mask"].shape[0]) for b in micro)
             local_ptx = sum(float((p["labels"][:, 1:] != -100).sum()) if p is not None else 0.0 for p in ptx)
             n_tok, n_ptx, n_seq = ds.all_reduce_sum([local_tokens, local_ptx, local_seqs]).tolist()
             local = defaultdict(float)
-            for b, p in zip(micro, ptx):
+            for b, p, part in zip(micro, ptx, parts):
+                if critic is not None:  # first: a fused forward's graph is freed before the actor's is built
+                    if values_graph is not None:  # the rollout's rows in this mini-batch's order and width
+                        values = values_graph[torch.tensor(part, device=values_graph.device)][:, :b["answers"].shape[1]]
+                    else:
+                        values = answer_values(critic, b)
+                    per_token, clipped = value_loss_per_token(values, b["values"], b["returns"], args.cliprange_value)
+                    c_loss = aggregate_loss(per_token, b["action_mask"], "token_mean", n_tok, n_seq)
+                    critic.backward(c_loss * scale)
+                    local["critic_loss"] += c_loss.item()
+                    local["value_clipfrac"] += float((clipped * b["action_mask"]).sum()) / n_tok
                 if p is not None:
                     p["n_tokens"] = max(n_ptx, 1.0)
                 a_loss, ptx_loss, a_stats = actor_loss(args, algo, actor, b, p, kl_coef, n_tok, n_seq)
@@ -215,13 +240,6 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
                 local["actor_loss"] += a_loss.item()
                 for k, v in a_stats.items():
                     local[k] += v
-                if critic is not None:
-                    values = answer_values(critic, b)
-                    per_token, clipped = value_loss_per_token(values, b["values"], b["returns"], args.cliprange_value)
-                    c_loss = aggregate_loss(per_token, b["action_mask"], "token_mean", n_tok, n_seq)
-                    critic.backward(c_loss * scale)
-                    local["critic_loss"] += c_loss.item()
-                    local["value_clipfrac"] += float((clipped * b["action_mask"]).sum()) / n_tok
                 stepped = step_together(models.trained())
             if models.ema is not None and stepped:
                 ema_update_(models.ema, actor.module, args.ema_beta)
@@ -335,6 +353,10 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
     last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank
     engines = {k: v for k, v in engines.items() if v is not None}
+    fused = fuses_critic_forward(args, algo)
+    if fused:
+        ds.print0("critic: one PPO epoch over one mini-batch per rank, so the rollout values come from the critic's "
+                  "training forward (no experience forward for it; --no-fuse_critic_forward turns this off)")
     ckpt = Checkpointer(args, engines, logger, lambda: client_state(models, stream, unsup, kl_ctl, reward_norm),
                         lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm))
     step = ckpt.resume()
@@ -349,7 +371,10 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
             tg = time.perf_counter()
             b = generate(models.actor, [it.ids for it in items], encoder, gen_cfg)
             gen_sec += time.perf_counter() - tg
-            b.update(experience(models, b, args.temperature))
+            b.update(experience(models, b, args.temperature, critic=not fused))
+            if fused:  # with autograd state: the same forward gives the value loss in ppo_update
+                b["values_graph"] = answer_values(models.critic, b)
+                b["values"] = b["values_graph"].detach()
             score_rollout(models, funcs, encoder.tokenizer, b, items, args.max_answer_seq_len)
             b["groups"] = groups.to(b["score"].device)
             rollouts.append(b)
@@ -358,7 +383,8 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         rows, stats, n_samples = build_buffer(args, algo, rollouts, kl_coef, reward_norm)
         stats["distinct_ratio"] = rollout_distinct_ratio(rollouts, encoder.eos_id)
         t2 = time.perf_counter()
-        update = ppo_update(args, algo, models, rows, unsup, encoder.pad_id, step, kl_coef)
+        update = ppo_update(args, algo, models, rows, unsup, encoder.pad_id, step, kl_coef,
+                            rollouts[0].pop("values_graph") if fused else None)
         t3 = time.perf_counter()
         if algo.reference:
             kl_ctl.update(stats["kl"], n_samples)  # the KL reported is the KL the rewards were penalised with
