@@ -2,14 +2,16 @@
 
     python bench/bench_ppo.py                              # bf16, ZeRO-2 + optimizer offload (DeepSpeed-Chat's setting)
     python bench/bench_ppo.py --dtype fp32 --no-offload
+    python bench/bench_ppo.py --no_sft --dschat ~/DeepSpeedExamples/applications/DeepSpeed-Chat   # beside it
 
 Setting: 16 prompts of exactly 32 tokens per PPO step over 2 ranks (8 per rank), answers of up to 16
 tokens (the random-init actor rarely emits EOS, so nearly all are 16), one PPO epoch over one
 mini-batch per rank, actor and critic on ZeRO-2 with optimizer offload, bf16, a 2.6M-parameter llama
 (--size small: hidden 256, 4 layers; --size tiny: the test model) for all four models, eager attention
-(see --attn_implementation). DeepSpeed-Chat's step 3 ran this setting at 11.1 samples/s end to end on
-this machine with a 3.3M-parameter Llama (issue 14: 1 epoch of 3,600 prompts, 16 per step, ZeRO-2 +
-offload, bf16); that figure is quoted, not rerun here (bench/DEEPSPEED_CHAT.md says how to run it beside).
+(see --attn_implementation). With --dschat DIR (a DeepSpeed-Chat checkout, its own environment's
+interpreter in --dschat_python; bench/DEEPSPEED_CHAT.md) DeepSpeed-Chat's step 3 runs the same setting
+interleaved with ours, run for run, and the ratio printed is measured beside; without it, the ratio is
+to the 11.1 samples/s of issue 14 (another machine, a 3.3M-parameter Llama), which says little.
 
 samples/s = prompts answered and trained on per second of PPO step (generation + experience +
 training), the median over the steps after --warmup of each run; start-up (loading four models) is
@@ -80,6 +82,98 @@ def make_sft_texts(path: str, tokenizer, n: int = 256, seed: int = 0) -> None:
                 n -= 1
 
 
+DSCHAT_WARMUP = 5  # DeepSpeed-Chat steps left out of its median, as --warmup for ours
+
+
+def prepare_dschat(a, root: str, actor: str) -> dict:
+    """Inputs for DeepSpeed-Chat's step 3 at this bench's setting (bench/DEEPSPEED_CHAT.md): copies of the actor
+    whose tokenizer config transformers 4.x reads, a critic in DeepSpeed-Chat's own format (its RewardModel
+    around the same weights, built by its own code in its own interpreter; speed does not depend on the
+    head's weights), and prompts of at most PROMPT_TOKENS tokens in its " Human: ... Assistant:" form,
+    written where its local/jsonfile dataset reads them (refused if files are already there)."""
+    import shutil
+    import subprocess
+
+    data = os.path.join(a.dschat, "data")
+    for name in ("train.json", "eval.json"):
+        if os.path.exists(os.path.join(data, name)):
+            raise SystemExit(f"error: {os.path.join(data, name)} exists; DeepSpeed-Chat's local/jsonfile data is "
+                             "written there: move it away first")
+    from transformers import AutoTokenizer
+
+    models = os.path.join(root, "dschat-models")  # no "llama" in the path: its tokenizer branch for llama differs
+    dactor, dcritic = os.path.join(models, "actor"), os.path.join(models, "critic")
+    shutil.copytree(actor, dactor)
+    cfg_path = os.path.join(dactor, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    json.dump(cfg, open(cfg_path, "w"), indent=1)
+    shutil.copytree(dactor, dcritic)
+    make = ("import sys, torch; from transformers import AutoModel, AutoTokenizer; "
+            "from dschat.utils.model.reward_model import RewardModel; d = sys.argv[1]; "
+            "t = AutoTokenizer.from_pretrained(d); t.pad_token = t.eos_token; "
+            "torch.save(RewardModel(AutoModel.from_pretrained(d), t).state_dict(), d + '/pytorch_model.bin')")
+    env = dict(os.environ, PYTHONPATH=a.dschat)
+    subprocess.run([a.dschat_python, "-c", make, dcritic], check=True, env=env, capture_output=True)
+    tok = AutoTokenizer.from_pretrained(actor)
+    nouns = [json.loads(line)["prompt"] for line in open(os.path.join(REPO, "data", "prompts.jsonl"))]
+    rows = []
+    for i in range(a.steps * a.prompts_per_step):
+        words = " ".join(nouns[(i + k) % len(nouns)] for k in range(4)).split()
+        while len(tok(f" Human: {' '.join(words)} Assistant:")["input_ids"]) > PROMPT_TOKENS:
+            words.pop()
+        rows.append({"prompt": f" Human: {' '.join(words)} Assistant:", "chosen": " Yes.", "rejected": " No."})
+    os.makedirs(data, exist_ok=True)
+    for name, part in (("train.json", rows), ("eval.json", rows[:a.prompts_per_step])):
+        with open(os.path.join(data, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return {"actor": dactor, "critic": dcritic, "data": data}
+
+
+def run_dschat(a, inp: dict, out: str) -> dict:
+    """One DeepSpeed-Chat step-3 run; samples/s from the wall time between its step lines (generation, the four
+    models' experience forwards and training: its own printed estimate leaves the experience out)."""
+    import signal
+    import subprocess
+    import time
+
+    per_rank = a.prompts_per_step // a.ranks
+    port = common.free_port()
+    cmd = [os.path.join(os.path.dirname(a.dschat_python), "deepspeed"), "--num_gpus", str(a.ranks), "--master_port",
+           str(port), "main.py", "--data_path", "local/jsonfile", "--data_split", "0,0,1",
+           "--data_output_path", os.path.join(out, "data_files"), "--actor_model_name_or_path", inp["actor"],
+           "--critic_model_name_or_path", inp["critic"], "--num_padding_at_beginning", "0",
+           "--per_device_generation_batch_size", str(per_rank), "--per_device_training_batch_size", str(per_rank),
+           "--generation_batches", "1", "--ppo_epochs", "1", "--max_prompt_seq_len", str(PROMPT_TOKENS),
+           "--max_answer_seq_len", str(ANSWER_TOKENS), "--num_train_epochs", "1", "--actor_zero_stage",
+           str(a.zero_stage), "--critic_zero_stage", str(a.zero_stage), "--dtype", a.dtype, "--actor_dropout", "0.0",
+           "--output_dir", out] + (["--offload"] if a.offload else [])
+    venv = os.path.dirname(os.path.dirname(a.dschat_python))
+    env = dict(os.environ, PYTHONPATH=a.dschat, PATH=os.path.dirname(a.dschat_python) + os.pathsep + os.environ["PATH"],
+               TORCH_EXTENSIONS_DIR=os.path.join(venv, "torch_extensions"))
+    steps, tail = [], []
+    p = subprocess.Popen(cmd, cwd=os.path.join(a.dschat, "training", "step3_rlhf_finetuning"), env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for line in p.stdout:
+            if "| Step:" in line:
+                steps.append(time.time())
+            tail = (tail + [line])[-40:]
+            if len(steps) > a.steps:  # enough timed steps: the rest of its epoch is not needed
+                os.killpg(p.pid, signal.SIGTERM)
+                break
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        common.remove_shm(port)
+    gaps = [b - t for t, b in zip(steps, steps[1:])][DSCHAT_WARMUP:]
+    if len(gaps) < 5:
+        raise SystemExit("DeepSpeed-Chat's step 3 did not run:\n" + "".join(tail))
+    return {"samples_per_sec": a.prompts_per_step / statistics.median(gaps)}
+
+
 def ds_flags(a) -> list[str]:
     return ["--dtype", a.dtype] + (["--offload"] if a.offload else [])
 
@@ -137,6 +231,10 @@ def main() -> None:
                     help="optimizer states on the CPU (DeepSpeedCPUAdam)")
     ap.add_argument("--no_sft", action="store_true", help="skip the SFT reference runs")
     ap.add_argument("--extra", default="", help="more step-3 flags, space-separated")
+    ap.add_argument("--dschat", default=None, help="DeepSpeed-Chat directory (applications/DeepSpeed-Chat of "
+                                                   "DeepSpeedExamples): run its step 3 beside ours, interleaved")
+    ap.add_argument("--dschat_python", default="/tmp/venv-dschat/bin/python",
+                    help="the interpreter of DeepSpeed-Chat's own environment (bench/DEEPSPEED_CHAT.md)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     load0 = common.load_average()
@@ -150,6 +248,10 @@ def main() -> None:
     runners = {"ppo": lambda rep: run_ppo(a, actor, critic, prompts, os.path.join(root, f"ppo-{rep}"))}
     if not a.no_sft:
         runners["sft"] = lambda rep: run_sft(a, actor, texts, os.path.join(root, f"sft-{rep}"))
+    if a.dschat:
+        a.dschat = os.path.abspath(a.dschat)
+        inp = prepare_dschat(a, root, actor)
+        runners["dschat"] = lambda rep: run_dschat(a, inp, os.path.join(root, f"dschat-{rep}"))
     res = common.interleave(runners, a.reps)
     load1 = common.load_average()
 
@@ -166,11 +268,18 @@ def main() -> None:
           f"{1000 * ppo['experience_sec']['median']:.0f} ms ({100 * ppo['experience_sec']['median'] / step:.0f}%) + "
           f"training {1000 * ppo['train_sec']['median']:.0f} ms ({100 * ppo['train_sec']['median'] / step:.0f}%)")
     out = {"setting": vars(a), "ppo": ppo, "load_average": [load0, load1]}
-    ratio = ppo["samples_per_sec"]["median"] / DEEPSPEED_CHAT_SAMPLES_PER_SEC
-    caveats = [c for c, bad in (("not its setting: compare with offload + bf16", not (a.offload and a.dtype == "bf16")),
-                                ("not its model size: compare with --size small", a.size != "small")) if bad]
-    print(f"vs DeepSpeed-Chat's {DEEPSPEED_CHAT_SAMPLES_PER_SEC} samples/s (quoted from issue 14, 3.3M parameters, "
-          f"ZeRO-2 + offload, bf16; not rerun here): {ratio:.2f}x" + (f" ({'; '.join(caveats)})" if caveats else ""))
+    if "dschat" in res:
+        dsc = common.summary([r["samples_per_sec"] for r in res["dschat"]])
+        out["dschat"] = dsc
+        pairs = [o["samples_per_sec"] / d["samples_per_sec"] for o, d in zip(res["ppo"], res["dschat"])]
+        ratio = ppo["samples_per_sec"]["median"] / dsc["median"]
+        print(f"DeepSpeed-Chat step 3, run beside (interleaved, same model, lengths, batch, ranks, ZeRO, dtype): "
+              f"{common.fmt(dsc)} samples/s; ours / DeepSpeed-Chat = {ratio:.2f}x "
+              f"(per pair: {', '.join(f'{x:.2f}x' for x in pairs)})")
+    else:
+        ratio = ppo["samples_per_sec"]["median"] / DEEPSPEED_CHAT_SAMPLES_PER_SEC
+        print(f"vs DeepSpeed-Chat's {DEEPSPEED_CHAT_SAMPLES_PER_SEC} samples/s (quoted from issue 14, another machine, "
+              f"a 3.3M model; run it beside with --dschat, as the README's figure was): {ratio:.2f}x")
     if "sft" in res:
         sft = common.summary([r["samples_per_sec"] for r in res["sft"]])
         out["sft"] = sft
