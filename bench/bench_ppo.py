@@ -55,13 +55,16 @@ def make_models(root: str, size: str = "small") -> tuple[str, str]:
     return actor, critic
 
 
+def prompt_texts(n: int) -> list[str]:
+    """n prompts of four shipped prompts each: longer than 32 tokens."""
+    nouns = [json.loads(line)["prompt"] for line in open(os.path.join(REPO, "data", "prompts.jsonl"))]
+    return [" ".join(nouns[(i + k) % len(nouns)] for k in range(4)) for i in range(n)]
+
+
 def make_prompts(path: str, n: int = 256) -> None:
     """Prompts longer than 32 tokens; --overlong truncate cuts every one to exactly 32."""
-    nouns = [json.loads(line)["prompt"] for line in open(os.path.join(REPO, "data", "prompts.jsonl"))]
     with open(path, "w") as f:
-        for i in range(n):
-            text = " ".join(nouns[(i + k) % len(nouns)] for k in range(4))
-            f.write(json.dumps({"prompt": text}) + "\n")
+        f.writelines(json.dumps({"prompt": text}) + "\n" for text in prompt_texts(n))
 
 
 def make_sft_texts(path: str, tokenizer, n: int = 256, seed: int = 0) -> None:
@@ -90,10 +93,17 @@ def prepare_dschat(a, root: str, actor: str) -> dict:
     whose tokenizer config transformers 4.x reads, a critic in DeepSpeed-Chat's own format (its RewardModel
     around the same weights, built by its own code in its own interpreter; speed does not depend on the
     head's weights), and prompts of at most PROMPT_TOKENS tokens in its " Human: ... Assistant:" form,
-    written where its local/jsonfile dataset reads them (refused if files are already there)."""
+    written where its local/jsonfile dataset reads them (refused if files are already there; main removes
+    them after the runs)."""
     import shutil
     import subprocess
 
+    if not os.path.isfile(os.path.join(a.dschat, "training", "step3_rlhf_finetuning", "main.py")):
+        raise SystemExit(f"error: --dschat {a.dschat}: no training/step3_rlhf_finetuning/main.py there (give the "
+                         "applications/DeepSpeed-Chat directory of DeepSpeedExamples)")
+    if not os.path.isfile(os.path.join(os.path.dirname(a.dschat_python), "deepspeed")):
+        raise SystemExit(f"error: --dschat_python {a.dschat_python}: no `deepspeed` beside it (give the python of "
+                         "DeepSpeed-Chat's own environment, bench/DEEPSPEED_CHAT.md)")
     data = os.path.join(a.dschat, "data")
     for name in ("train.json", "eval.json"):
         if os.path.exists(os.path.join(data, name)):
@@ -115,20 +125,25 @@ def prepare_dschat(a, root: str, actor: str) -> dict:
             "t = AutoTokenizer.from_pretrained(d); t.pad_token = t.eos_token; "
             "torch.save(RewardModel(AutoModel.from_pretrained(d), t).state_dict(), d + '/pytorch_model.bin')")
     env = dict(os.environ, PYTHONPATH=a.dschat)
-    subprocess.run([a.dschat_python, "-c", make, dcritic], check=True, env=env, capture_output=True)
+    p = subprocess.run([a.dschat_python, "-c", make, dcritic], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"error: building DeepSpeed-Chat's critic with {a.dschat_python} failed:\n{p.stderr[-2000:]}")
     tok = AutoTokenizer.from_pretrained(actor)
-    nouns = [json.loads(line)["prompt"] for line in open(os.path.join(REPO, "data", "prompts.jsonl"))]
     rows = []
-    for i in range(a.steps * a.prompts_per_step):
-        words = " ".join(nouns[(i + k) % len(nouns)] for k in range(4)).split()
+    # Twice what --steps needs: its step 3 trains on about 2/3 of these (seen: 40 steps from 1,000 prompts);
+    # run_dschat stops it once --steps steps are timed.
+    for text in prompt_texts(2 * (a.steps + 1) * a.prompts_per_step):
+        words = text.split()
         while len(tok(f" Human: {' '.join(words)} Assistant:")["input_ids"]) > PROMPT_TOKENS:
             words.pop()
         rows.append({"prompt": f" Human: {' '.join(words)} Assistant:", "chosen": " Yes.", "rejected": " No."})
     os.makedirs(data, exist_ok=True)
+    files = []
     for name, part in (("train.json", rows), ("eval.json", rows[:a.prompts_per_step])):
-        with open(os.path.join(data, name), "w") as f:
+        files.append(os.path.join(data, name))
+        with open(files[-1], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
-    return {"actor": dactor, "critic": dcritic, "data": data}
+    return {"actor": dactor, "critic": dcritic, "files": files}
 
 
 def run_dschat(a, inp: dict, out: str) -> dict:
@@ -137,6 +152,8 @@ def run_dschat(a, inp: dict, out: str) -> dict:
     import signal
     import subprocess
     import time
+
+    from utils.ds import remove_shm_buffers
 
     per_rank = a.prompts_per_step // a.ranks
     port = common.free_port()
@@ -167,7 +184,7 @@ def run_dschat(a, inp: dict, out: str) -> dict:
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-        common.remove_shm(port)
+        remove_shm_buffers(port)  # stopped, its ranks leave their buffers
     gaps = [b - t for t, b in zip(steps, steps[1:])][DSCHAT_WARMUP:]
     if len(gaps) < 5:
         raise SystemExit("DeepSpeed-Chat's step 3 did not run:\n" + "".join(tail))
@@ -252,7 +269,11 @@ def main() -> None:
         a.dschat = os.path.abspath(a.dschat)
         inp = prepare_dschat(a, root, actor)
         runners["dschat"] = lambda rep: run_dschat(a, inp, os.path.join(root, f"dschat-{rep}"))
-    res = common.interleave(runners, a.reps)
+    try:
+        res = common.interleave(runners, a.reps)
+    finally:
+        for path in inp["files"] if a.dschat else []:
+            os.remove(path)  # the data this bench wrote into the DeepSpeed-Chat checkout
     load1 = common.load_average()
 
     ppo = {k: common.summary([r[k] for r in res["ppo"]])

@@ -277,18 +277,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def remove_shm(port: int) -> None:
-    """Remove the /dev/shm buffers DeepSpeed's CPU all-reduce left for `port` (a run that was stopped or failed
-    does not remove its own)."""
-    import glob
-
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def run_program(script: str, args: list[str], out: str, ranks: int, rate_key: str,
                 threads: int | None = None) -> dict:
     """One of our programs as a user runs it (python for 1 process, deepspeed for more ranks), with

@@ -66,15 +66,9 @@ def free_port() -> int:
 def clean_shm(port: int) -> list[str]:
     """Remove DeepSpeed's shared-memory buffers of a run that was killed (normal exits clean up);
     returns the paths it found."""
-    import glob
+    from utils.ds import remove_shm_buffers
 
-    found = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
-    for path in found:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    return found
+    return remove_shm_buffers(port)
 
 
 def run_deepspeed(script: str, args: list[str], num_gpus: int = 2, timeout: int = 600,

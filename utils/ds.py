@@ -96,16 +96,24 @@ def leave(code: int) -> None:
 
 
 def _remove_shm_buffers() -> None:
+    """This rank's buffers, at exit (see remove_shm_buffers)."""
+    remove_shm_buffers(os.environ.get("MASTER_PORT", ""), os.environ.get("MASTER_ADDR", ""),
+                       os.environ.get("LOCAL_RANK", "0"))
+
+
+def remove_shm_buffers(port, addr: str = "*", rank: str = "*") -> list[str]:
     """DeepSpeed's CPU shared-memory allreduce leaves its /dev/shm buffers (tens of MB per rank, named
     by address, port and rank) behind at exit; a machine running many jobs on fresh ports fills up.
-    Unlinking at exit is safe: a peer that still maps the file keeps its pages until it unmaps."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    local = os.environ.get("LOCAL_RANK", "0")
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+    Removes those of `port` (of one address and rank, or all of them: what a launcher does after a run
+    that was killed) and returns their paths. Unlinking is safe: a peer that still maps the file keeps
+    its pages until it unmaps."""
+    found = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}")
+    for path in found:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+    return found
 
 
 def set_seed(seed: int) -> None:

@@ -32,6 +32,7 @@ sys.path.insert(1, REPO)
 
 import judge  # noqa: E402
 from bench.common import free_port  # noqa: E402
+from utils.ds import remove_shm_buffers  # noqa: E402
 import tasks as task_defs  # noqa: E402
 
 FAMILIES = ("llama-sp", "gpt2")
@@ -159,8 +160,7 @@ def run_step(cell: Cell, method: str, base: str, log, redo: bool = False) -> flo
         f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         f.flush()
         p = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    for leftover in __import__("glob").glob(f"/dev/shm/deepspeed_*_{port}_*"):
-        os.unlink(leftover)
+    remove_shm_buffers(port)  # a step that failed leaves its ranks' buffers
     if p.returncode != 0 or not complete(check):
         raise RuntimeError(f"{method} failed ({p.returncode}); see {out}.log")
     dt = time.time() - t0
