@@ -203,7 +203,7 @@ def run_ppo(a, actor: str, critic: str, prompts: str, out: str) -> dict:
             "--per_device_training_batch_size", str(per_rank), "--actor_zero_stage", str(a.zero_stage),
             "--critic_zero_stage", str(a.zero_stage), "--actor_learning_rate", "1e-4", "--critic_learning_rate",
             "1e-4", "--print_answers_interval", "0", "--attn_implementation", a.attn_implementation,
-            "--log_interval", "1", *ds_flags(a), *a.extra.split()]
+            "--log_interval", "1", "--critic_warmup_steps", "0", *ds_flags(a), *a.extra.split()]
     env = dict(os.environ, PYTHONPATH=REPO)
     port = str(common.free_port())
     cmd = ["deepspeed", "--num_gpus", str(a.ranks), "--master_port", port, os.path.join(REPO, "step3_ppo/main.py"),

@@ -178,7 +178,7 @@ def main() -> None:
                                      "--per_device_training_batch_size", str(max(1, gen_batch // 4)),
                                      "--actor_zero_stage", "0", "--critic_zero_stage", "0", "--log_interval", "1",
                                      "--print_answers_interval", "0", "--actor_learning_rate", "1e-6",
-                                     "--critic_learning_rate", "1e-6"],
+                                     "--critic_learning_rate", "1e-6", "--critic_warmup_steps", "0"],
                os.path.join(work, "ppo"))
     gen_tps = statistics.median(gen_batch * r["response_length"] / r["generation_sec"] for r in rows)
     results["ppo"] = {"generation_tokens_per_sec": gen_tps,

@@ -67,7 +67,8 @@ def main() -> None:
             str(a.prompts), "--per_device_training_batch_size", str(a.prompts), "--actor_zero_stage",
             str(a.zero_stage), "--critic_zero_stage", str(a.zero_stage), "--dtype", a.dtype,
             "--actor_learning_rate", "1e-4", "--critic_learning_rate", "1e-4", "--print_answers_interval", "0",
-            "--attn_implementation", "eager", "--log_interval", "1", *(["--offload"] if a.offload else []),
+            "--attn_implementation", "eager", "--log_interval", "1", "--critic_warmup_steps", "0",
+            *(["--offload"] if a.offload else []),
             *a.extra.split()]
     import deepspeed
 

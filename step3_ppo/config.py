@@ -122,6 +122,10 @@ class PPOArgs:
                                           "gradient accumulation, dropout off), take the rollout values from the "
                                           "critic's training forward instead of a separate experience forward: the "
                                           "same numbers, one forward fewer")
+    critic_warmup_steps: int = arg(-1, "PPO steps at the start that train only the critic (the actor generates but is "
+                                       "not updated), so the first policy updates use values fitted to the rollouts "
+                                       "rather than the reward model's per-token outputs (-1: a tenth of the PPO "
+                                       "steps, rounded, so none in runs of under 5 steps; 0: none)", ge=-1)
     cliprange: float = arg(0.2, "PPO policy ratio clip epsilon", gt=0)
     cliprange_value: float = arg(0.2, "value clip range around the rollout values", gt=0)
     entropy_coef: float = arg(0.0, "weight of the entropy bonus in the actor loss", ge=0)
@@ -197,6 +201,18 @@ class Algorithm:
     critic: bool         # a critic is loaded and trained
     reference: bool      # a reference model is loaded (kl_coef > 0)
     reward_model: str | None  # frozen reward model directory, or None (rule-based rewards only)
+
+
+CRITIC_WARMUP_SHARE = 0.1  # --critic_warmup_steps -1: this share of the steps (README, Alignment defaults)
+
+
+def critic_warmup_steps(args, algo: Algorithm, total_steps: int) -> int:
+    """How many of the first PPO steps train only the critic (0 without a critic)."""
+    if not algo.critic:
+        return 0
+    if args.critic_warmup_steps >= 0:
+        return min(args.critic_warmup_steps, total_steps)
+    return int(CRITIC_WARMUP_SHARE * total_steps + 0.5)  # rounded half up: none in runs of under 5 steps
 
 
 def resolve_algorithm(args) -> Algorithm:

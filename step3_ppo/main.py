@@ -19,7 +19,7 @@ import types
 from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate as sft_collate
-from step3_ppo.config import GROUPS, REQUIRED
+from step3_ppo.config import GROUPS, REQUIRED, critic_warmup_steps
 from step3_ppo.models import build_models, check_args, require_reward_model
 from step3_ppo.rollout import PromptItem
 from step3_ppo.trainer import train
@@ -136,14 +136,19 @@ def main(argv=None) -> None:
               f"k={algo.k} scale_rewards={algo.scale} loss_agg={algo.loss_agg} critic={algo.critic} "
               f"reference={algo.reference} reward_model={algo.reward_model} reward_funcs={[f.name for f in funcs]}")
 
+    warmup = critic_warmup_steps(args, algo, total_steps)
+    if warmup:
+        ds.print0(f"critic warm-up: the first {warmup} of {total_steps} steps train only the critic "
+                  "(--critic_warmup_steps)")
     models = build_models(args, algo, world, total_steps * updates_per_step, encoder.pad_id)
     resolved = {"template": encoder.template, "max_seq_len": max(sft_len, args.max_prompt_seq_len +
                                                                  args.max_answer_seq_len),
                 "world_size": world, "total_steps": total_steps, "step": "ppo",
                 "reward_model_name_or_path": algo.reward_model, "resolved_scale_rewards": algo.scale,
-                "resolved_loss_agg": algo.loss_agg, **{f"{k}_learning_rate": v for k, v in models.lr.items()}}
+                "resolved_loss_agg": algo.loss_agg, "resolved_critic_warmup_steps": warmup,
+                **{f"{k}_learning_rate": v for k, v in models.lr.items()}}
     logger = start_run(args, total_steps, resolved)
-    train(args, algo, models, encoder, stream, unsup, eval_prompts, funcs, logger, total_steps)
+    train(args, algo, models, encoder, stream, unsup, eval_prompts, funcs, logger, total_steps, warmup)
     logger.close()
 
     meta, out = args_record(args, resolved), partial_dir(args.output_dir)

@@ -191,8 +191,9 @@ def fuses_critic_forward(args, algo) -> bool:
 
 
 def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: int, kl_coef: float,
-               values_graph: torch.Tensor | None = None) -> dict:
+               values_graph: torch.Tensor | None = None, train_actor: bool = True) -> dict:
     """--ppo_epochs passes over this rank's buffer; returns global means over the optimizer steps.
+    train_actor=False (critic warm-up): only the critic's loss, backward and step.
     values_graph: the critic's values of the one rollout with autograd state (fuses_critic_forward), in
     the order of `rows`; its mini-batch then needs no critic forward.
 
@@ -203,6 +204,8 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
     """
     world, ga, mb = ds.world_size(), args.gradient_accumulation_steps, args.per_device_training_batch_size
     actor, critic = models.actor, models.critic
+    train_actor = train_actor or critic is None
+    engines = models.trained() if train_actor else [critic]
     scale = step_loss_scale(world, ga)
     per_step = mb * ga
     totals, opt_steps, epochs_done = defaultdict(float), 0, 0
@@ -229,19 +232,23 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
                     critic.backward(c_loss * scale)
                     local["critic_loss"] += c_loss.item()
                     local["value_clipfrac"] += float((clipped * b["action_mask"]).sum()) / n_tok
-                if p is not None:
-                    p["n_tokens"] = max(n_ptx, 1.0)
-                a_loss, ptx_loss, a_stats = actor_loss(args, algo, actor, b, p, kl_coef, n_tok, n_seq)
-                total = a_loss
-                if ptx_loss is not None:
-                    total = total + args.unsup_coef * ptx_loss
-                    local["ptx_loss"] += ptx_loss.item()
-                actor.backward(total * scale)
-                local["actor_loss"] += a_loss.item()
-                for k, v in a_stats.items():
-                    local[k] += v
-                stepped = step_together(models.trained())
-            if models.ema is not None and stepped:
+                if train_actor:
+                    if p is not None:
+                        p["n_tokens"] = max(n_ptx, 1.0)
+                    a_loss, ptx_loss, a_stats = actor_loss(args, algo, actor, b, p, kl_coef, n_tok, n_seq)
+                    total = a_loss
+                    if ptx_loss is not None:
+                        total = total + args.unsup_coef * ptx_loss
+                        local["ptx_loss"] += ptx_loss.item()
+                    actor.backward(total * scale)
+                    local["actor_loss"] += a_loss.item()
+                    for k, v in a_stats.items():
+                        local[k] += v
+                else:  # warm-up: the actor is the rollout's policy, so its ratio is 1 (no clip, no drift)
+                    for k in ("actor_loss", "clipfrac", "approx_kl"):
+                        local[k] += 0.0
+                stepped = step_together(engines)  # after every backward: DeepSpeed counts the micro-batches
+            if models.ema is not None and stepped and train_actor:
                 ema_update_(models.ema, actor.module, args.ema_beta)
             g = dict(zip(local, ds.all_reduce_sum(list(local.values())).tolist()))
             check_finite(g["actor_loss"] + g.get("critic_loss", 0.0), step, "PPO loss")
@@ -249,7 +256,7 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
                 totals[k] += v
             totals["skipped_steps"] += 0.0 if stepped else 1.0
             opt_steps += 1
-            if args.early_stop_kl and g["approx_kl"] > args.early_stop_kl:
+            if args.early_stop_kl and g.get("approx_kl", 0.0) > args.early_stop_kl:
                 stop = True  # the same global value on every rank, so all ranks stop together
                 break
         epochs_done += 1
@@ -346,8 +353,10 @@ def restore_client_state(state: dict, models, stream, unsup, kl_ctl, reward_norm
         load_ema_state(models.ema, state["ema"])
 
 
-def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger, total_steps: int) -> dict:
-    """Steps up to `total_steps`; returns the last step's metrics."""
+def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger, total_steps: int,
+          critic_warmup: int = 0) -> dict:
+    """Steps up to `total_steps`, the first `critic_warmup` of them updating only the critic; returns the
+    last step's metrics."""
     kl_ctl, reward_norm, health = make_kl_controller(args), RunningMoments(), AnswerHealthMonitor()
     gen_cfg = generation_config(args, encoder)
     last = {}
@@ -384,7 +393,7 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         stats["distinct_ratio"] = rollout_distinct_ratio(rollouts, encoder.eos_id)
         t2 = time.perf_counter()
         update = ppo_update(args, algo, models, rows, unsup, encoder.pad_id, step, kl_coef,
-                            rollouts[0].pop("values_graph") if fused else None)
+                            rollouts[0].pop("values_graph") if fused else None, train_actor=step > critic_warmup)
         t3 = time.perf_counter()
         if algo.reference:
             kl_ctl.update(stats["kl"], n_samples)  # the KL reported is the KL the rewards were penalised with

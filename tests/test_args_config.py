@@ -165,7 +165,7 @@ def test_step_groups_carry_their_ranges(tmp_path):
     with pytest.raises(UserError) as e:
         parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--config", cfg])
     assert str(e.value) == (f"--config file '{cfg}': key 'synthetic_negative_kinds': 'typo' is not one of drop, "
-                            "repeat, truncate, empty, replace, swap")
+                            "drop_span, repeat, repeat_span, truncate, empty, replace, swap")
     ppo = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
            "--output_dir", "o"]
     for flags, message in ((["--actor_learning_rate", "-1"], "--actor_learning_rate must be >= 0, got -1.0"),

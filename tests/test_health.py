@@ -66,6 +66,15 @@ def test_corruptions_of_a_reply():
         assert max(sum(1 for _ in g) for _, g in __import__("itertools").groupby(body)) >= 3
         t = corrupt_reply(reply, "truncate", EOS, rng)
         assert t[-1] == EOS and 2 <= len(t) <= 4 and t[:-1] == reply[:len(t) - 1]
+    long_reply, spans = list(range(10, 20)) + [EOS], set()
+    for _ in range(200):  # a contiguous run of 2..5 of the 10 tokens removed, anywhere, the rest in order
+        s = corrupt_reply(long_reply, "drop_span", EOS, rng)
+        n = len(long_reply) - len(s)
+        i = next(j for j in range(len(s)) if s[j] != long_reply[j])
+        assert 2 <= n <= 5 and s[-1] == EOS and s[:i] + long_reply[i:i + n] + s[i:] == long_reply
+        spans.add((i, n))
+    assert {n for _, n in spans} == {2, 3, 4, 5} and {i for i, _ in spans} == set(range(9))
+    assert len(corrupt_reply([10, 11, EOS], "drop_span", EOS, rng)) == 2  # too short for a run: one token goes
     assert corrupt_reply([10, EOS], "truncate", EOS, rng) == [EOS]  # a one-token reply has no shorter fragment
     vocab = [10, 11, 12, 13, 50, 51]
     for _ in range(20):
@@ -90,7 +99,7 @@ def test_synthetic_pairs_keep_prompt_and_chosen_and_take_kinds_in_turn():
                   [IGNORE] * 3 + [40, EOS], 3, 0.5, f"f:{i}") for i in range(8)]
     extra = synthetic_pairs(items, 1.0, EOS, seed=0)
     assert len(extra) == 8
-    assert [e.where.split("synthetic ")[1].rstrip(")") for e in extra] == [*DEFAULT_KINDS, *DEFAULT_KINDS]
+    assert [e.where.split("synthetic ")[1].rstrip(")") for e in extra] == [*DEFAULT_KINDS, *DEFAULT_KINDS][:8]
     six = synthetic_pairs(items, 1.0, EOS, seed=0, kinds=KINDS)
     assert [e.where.split("synthetic ")[1].rstrip(")") for e in six] == [*KINDS, *KINDS][:8]
     two = synthetic_pairs(items, 1.0, EOS, seed=0, kinds=("drop", "swap"))

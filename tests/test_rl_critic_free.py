@@ -424,3 +424,18 @@ def test_kl_under_the_mask_is_zero_even_where_padding_would_overflow(estimator):
     assert torch.isfinite(logp.grad).all() and logp.grad[0, 2:].tolist() == [0.0, 0.0]
     rewards, kl2, _ = compute_rewards(logp.detach(), ref, torch.tensor([1.0]), mask, 0.1, estimator)
     assert torch.isfinite(rewards).all() and torch.isfinite(kl2).all()
+
+
+def test_critic_warmup_steps_resolve_to_a_tenth_of_the_steps_and_only_with_a_critic():
+    """-1 (the default): a tenth of the steps, rounded half up, so a smoke run of a few steps trains the actor."""
+    from step3_ppo.config import critic_warmup_steps
+
+    args, algo = _algo_args("gae")
+    assert args.critic_warmup_steps == -1
+    assert [critic_warmup_steps(args, algo, n) for n in (1, 4, 5, 14, 15, 36, 1000)] == [0, 0, 1, 1, 2, 4, 100]
+    args, algo = _algo_args("gae", "--critic_warmup_steps", "7")
+    assert [critic_warmup_steps(args, algo, n) for n in (5, 36)] == [5, 7]  # never more than the run
+    args, algo = _algo_args("gae", "--critic_warmup_steps", "0")
+    assert critic_warmup_steps(args, algo, 36) == 0
+    args, algo = _algo_args("grpo", k=4)
+    assert critic_warmup_steps(args, algo, 36) == 0  # no critic: nothing to warm up, the actor trains from step 1

@@ -7,7 +7,12 @@ itself as an extra rejected answer teaches it that well-formed beats broken. The
 token ids, the space PPO's actor generates in, and every one still ends with EOS:
 
   drop      one reply token removed              ("The movie is and lovely.")
+  drop_span a run of 2 to half the reply's tokens removed, anywhere in it ("The lovely.", "is lovely.",
+            "My visit to the charming."): words spelt in several pieces lose more than one token when a
+            slot goes missing, which one dropped token rarely imitates
   repeat    one reply token repeated 2-3 times    ("The movie is lovely lovely lovely.")
+  repeat_span a run of 2-4 reply tokens repeated 2-3 times in a row ("My visit was was was ...", "lovely and
+            lovely and"): a word spelt in several pieces, repeated whole
   truncate  the reply cut after its first k tokens ("The movie is")
   empty     no reply, only the EOS
   replace   one reply token replaced by another token that occurs in the training replies
@@ -20,10 +25,10 @@ import random
 
 from .encoding import IGNORE
 
-KINDS = ("drop", "repeat", "truncate", "empty", "replace", "swap")
+KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empty", "replace", "swap")
 # What --synthetic_negatives takes by default. replace and swap are offered but not on by default: on the
 # alignment suite's cold_start task they moved PPO's outcome less than the PPO seed did (README).
-DEFAULT_KINDS = ("drop", "repeat", "truncate", "empty")
+DEFAULT_KINDS = ("drop", "drop_span", "repeat", "truncate", "empty")
 
 
 def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
@@ -52,9 +57,21 @@ def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
     if kind == "drop":
         i = rng.randrange(len(body))
         return body[:i] + body[i + 1:] + [eos_id]
+    if kind == "drop_span":
+        if len(body) < 3:  # no run of 2+ tokens that leaves something: the one-token drop
+            return corrupt_reply(reply, "drop", eos_id, rng)
+        n = rng.randint(2, max(2, len(body) // 2))
+        i = rng.randrange(len(body) - n + 1)
+        return body[:i] + body[i + n:] + [eos_id]
     if kind == "repeat":
         i = rng.randrange(len(body))
         return body[:i + 1] + [body[i]] * rng.randint(2, 3) + body[i + 1:] + [eos_id]
+    if kind == "repeat_span":
+        if len(body) < 2:
+            return corrupt_reply(reply, "repeat", eos_id, rng)
+        n = rng.randint(2, min(4, len(body)))
+        i = rng.randrange(len(body) - n + 1)
+        return body[:i + n] + body[i:i + n] * rng.randint(1, 2) + body[i + n:] + [eos_id]
     if kind == "truncate":
         return body[:rng.randint(1, len(body) - 1)] + [eos_id] if len(body) > 1 else [eos_id]
     raise ValueError(f"unknown corruption {kind!r}; expected one of {KINDS}")
