@@ -215,7 +215,7 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
         for start in range(0, len(rows), per_step):
             parts = [order[j:j + mb] for j in range(start, start + per_step, mb)]
             micro = [collate_samples([rows[i] for i in part], pad_id) for part in parts]
-            ptx = [to_device(unsup.next_step()[0]) for _ in micro] if unsup is not None else [None] * ga
+            ptx = [to_device(unsup.next_step()[0]) for _ in micro] if unsup is not None and train_actor else [None] * ga
             local_tokens = sum(float(b["action_mask"].sum()) for b in micro)
             local_seqs = sum(float(b["action_mask"].shape[0]) for b in micro)
             local_ptx = sum(float((p["labels"][:, 1:] != -100).sum()) if p is not None else 0.0 for p in ptx)
@@ -245,7 +245,7 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
                     for k, v in a_stats.items():
                         local[k] += v
                 else:  # warm-up: the actor is the rollout's policy, so its ratio is 1 (no clip, no drift)
-                    for k in ("actor_loss", "clipfrac", "approx_kl"):
+                    for k in ("actor_loss", "clipfrac", "approx_kl", *(("ptx_loss",) if unsup is not None else ())):
                         local[k] += 0.0
                 stepped = step_together(engines)  # after every backward: DeepSpeed counts the micro-batches
             if models.ema is not None and stepped and train_actor:
@@ -256,7 +256,7 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
                 totals[k] += v
             totals["skipped_steps"] += 0.0 if stepped else 1.0
             opt_steps += 1
-            if args.early_stop_kl and g.get("approx_kl", 0.0) > args.early_stop_kl:
+            if args.early_stop_kl and g["approx_kl"] > args.early_stop_kl:
                 stop = True  # the same global value on every rank, so all ranks stop together
                 break
         epochs_done += 1

@@ -244,11 +244,11 @@ def test_fused_critic_forward_gives_the_same_step_as_a_separate_one(sft_and_rm, 
 
 def test_critic_warmup_steps_train_the_critic_alone(sft_and_rm, tmp_path):
     """--critic_warmup_steps 2 of 2 steps: the saved actor is the SFT model bit for bit (so the second
-    rollout's KL to the reference is 0), while the critic trained."""
+    rollout's KL to the reference is 0; PPO-ptx is not applied either), while the critic trained."""
     sft, rm = sft_and_rm
     train, _ = ppo(sft, rm, str(tmp_path / "warm"), "--max_steps", "2", "--critic_warmup_steps", "2",
-                   "--print_answers_interval", "0")
-    assert len(train) == 2 and all(r["actor_loss"] == 0.0 for r in train)
+                   "--print_answers_interval", "0", "--unsup_data_path", os.path.join(DATA, "sft.jsonl"))
+    assert len(train) == 2 and all(r["actor_loss"] == r["ptx_loss"] == r["approx_kl"] == 0.0 for r in train)
     assert train[1]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert train[1]["critic_loss"] != train[0]["critic_loss"]
     actor, ref = weights(os.path.join(tmp_path, "warm", "actor")), weights(sft)

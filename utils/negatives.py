@@ -55,26 +55,29 @@ def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
     if kind == "empty" or not body:
         return [eos_id]
     if kind == "drop":
-        i = rng.randrange(len(body))
-        return body[:i] + body[i + 1:] + [eos_id]
-    if kind == "drop_span":
-        if len(body) < 3:  # no run of 2+ tokens that leaves something: the one-token drop
-            return corrupt_reply(reply, "drop", eos_id, rng)
-        n = rng.randint(2, max(2, len(body) // 2))
-        i = rng.randrange(len(body) - n + 1)
-        return body[:i] + body[i + n:] + [eos_id]
-    if kind == "repeat":
-        i = rng.randrange(len(body))
-        return body[:i + 1] + [body[i]] * rng.randint(2, 3) + body[i + 1:] + [eos_id]
-    if kind == "repeat_span":
-        if len(body) < 2:
-            return corrupt_reply(reply, "repeat", eos_id, rng)
-        n = rng.randint(2, min(4, len(body)))
-        i = rng.randrange(len(body) - n + 1)
-        return body[:i + n] + body[i:i + n] * rng.randint(1, 2) + body[i + n:] + [eos_id]
+        return _without_run(body, 1, rng) + [eos_id]
+    if kind == "drop_span":  # a reply of under 3 tokens has no run of 2+ that leaves something: one token goes
+        n = rng.randint(2, max(2, len(body) // 2)) if len(body) >= 3 else 1
+        return _without_run(body, n, rng) + [eos_id]
+    if kind == "repeat_span" and len(body) >= 2:
+        return _with_run_repeated(body, rng.randint(2, min(4, len(body))), rng, 1, 2) + [eos_id]
+    if kind in ("repeat", "repeat_span"):  # repeat_span of a one-token reply: that token repeated
+        return _with_run_repeated(body, 1, rng, 2, 3) + [eos_id]
     if kind == "truncate":
         return body[:rng.randint(1, len(body) - 1)] + [eos_id] if len(body) > 1 else [eos_id]
     raise ValueError(f"unknown corruption {kind!r}; expected one of {KINDS}")
+
+
+def _without_run(body: list[int], n: int, rng: random.Random) -> list[int]:
+    """`body` with a run of `n` tokens removed at a random place."""
+    i = rng.randrange(len(body) - n + 1)
+    return body[:i] + body[i + n:]
+
+
+def _with_run_repeated(body: list[int], n: int, rng: random.Random, lo: int, hi: int) -> list[int]:
+    """`body` with a run of `n` tokens at a random place followed by lo..hi more copies of itself."""
+    i = rng.randrange(len(body) - n + 1)
+    return body[:i + n] + body[i:i + n] * rng.randint(lo, hi) + body[i + n:]
 
 
 def reply_tokens(items: list, eos_id: int) -> list[int]:
