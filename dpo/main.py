@@ -47,6 +47,12 @@ class DPOArgs:
                                         "(likelihood displacement); 0 disables", ge=0)
 
 
+FREEZE_HELP = ("token embeddings kept fixed: input, output (the LM head), both, or none (tied embeddings are one "
+               "matrix). DPO's default keeps both: "
+               "raising a preferred word's pieces then stays in the contexts that were trained instead of "
+               "leaking into every position (bench/alignment, README)")
+
+
 def check_args(args) -> None:
     """Settings that cannot work together (each flag's own range is checked by `parse`)."""
     if args.label_smoothing and args.loss_type != "sigmoid":
@@ -73,8 +79,9 @@ def load_reference(args, tokenizer, world: int):
 
 def parse_args(argv=None):
     return parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
-                 required=("model_name_or_path", "data_path", "output_dir"), defaults={"learning_rate": 0.0},
-                 helps={"learning_rate": lr_help("dpo")})
+                 required=("model_name_or_path", "data_path", "output_dir"),
+                 defaults={"learning_rate": 0.0, "freeze_embeddings": "both"},
+                 helps={"learning_rate": lr_help("dpo"), "freeze_embeddings": FREEZE_HELP})
 
 
 @exit_on_user_error

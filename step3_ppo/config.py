@@ -36,7 +36,7 @@ def only(group, names: tuple[str, ...], defaults: dict | None = None, helps: dic
 
 
 SharedModel = only(ModelArgs, ("trust_remote_code", "dtype", "lora_alpha", "lora_module_name",
-                               "only_optimize_lora"))
+                               "only_optimize_lora", "freeze_embeddings"))
 SharedData = only(DataArgs, ("data_path", "eval_data_path", "template", "overlong"), helps={
     "data_path": "prompt files (.jsonl/.json/.parquet or hub names; any format with a prompt: {\"prompt\"}, chat "
                  "messages ending with a user turn, SFT and preference records)",

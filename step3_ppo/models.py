@@ -47,7 +47,8 @@ class Models:
 def _lora_args(args, which: str):
     return types.SimpleNamespace(gradient_checkpointing=getattr(args, f"{which}_gradient_checkpointing"),
                                  lora_dim=getattr(args, f"{which}_lora_dim"), lora_alpha=args.lora_alpha,
-                                 lora_module_name=args.lora_module_name, only_optimize_lora=args.only_optimize_lora)
+                                 lora_module_name=args.lora_module_name, only_optimize_lora=args.only_optimize_lora,
+                                 freeze_embeddings=args.freeze_embeddings if which == "actor" else "none")
 
 
 def frozen_configs(args, world: int, critic: bool = True) -> tuple[dict, dict]:

@@ -34,6 +34,11 @@ def test_alignment_defaults_are_what_the_suite_measured():
     from step2_reward.main import RewardArgs
     from step3_ppo.config import PPOArgs
 
+    from dpo.main import parse_args as dpo_args
+    from step1_sft.main import parse_args as sft_args
+
+    flags = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "/tmp/_unused_out"]
+    assert dpo_args(flags).freeze_embeddings == "both" and sft_args(flags).freeze_embeddings == "none"
     assert DPOArgs().rpo_alpha == 1.0 and DPOArgs().beta == 0.1 and DPOArgs().displacement_warn_nats == 2.0
     assert RewardArgs().synthetic_negatives == 1.0
     assert tuple(RewardArgs().synthetic_negative_kinds) == ("drop", "drop_span", "repeat", "truncate", "empty")

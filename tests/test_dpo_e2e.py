@@ -90,8 +90,17 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     assert "train_pairs=285 eval_pairs=54" in p.stdout, p.stdout[-3000:]
     after = greedy_answers(str(dpo))
     warm_after = sum(adjective(a) in WARM for a, _ in after) / len(after)
-    assert warm_after >= 0.9 and warm_after > warm_before, (warm_before, after)
+    # 0.85: with the embeddings frozen (the default) this model, whose embeddings are 47% of its
+    # parameters, moves from 35 to 48 of 54 warm answers in one epoch (49+ with them trained).
+    assert warm_after >= 0.85 and warm_after > warm_before + 0.15, (warm_before, after)
     assert all(ended and WELL_FORMED.match(a) for a, ended in after), after
+    # --freeze_embeddings both (DPO's default): the token embeddings and the LM head are the SFT model's
+    # bit for bit, every other weight moved.
+    from safetensors.torch import load_file
+    w_sft, w_dpo = load_file(str(sft / "model.safetensors")), load_file(str(dpo / "model.safetensors"))
+    same = {k for k in w_sft if torch.equal(w_sft[k], w_dpo[k])}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= same, same
+    assert all(not torch.equal(w_sft[k], w_dpo[k]) for k in w_sft if k.endswith("proj.weight"))
 
     m = read_metrics(dpo)
     evals = [e for e in m if e["split"] == "eval"]

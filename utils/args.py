@@ -68,6 +68,9 @@ class ModelArgs:
     lora_module_name: str = arg("q_proj,k_proj,v_proj,o_proj,c_attn,c_proj,out_proj,fc1,fc2,gate_proj,up_proj,down_proj",
                                 "comma-separated module-name suffixes that get LoRA adapters (missing ones ignored)")
     only_optimize_lora: bool = arg(False, "train only the LoRA adapters (base weights frozen)")
+    freeze_embeddings: str = arg("none", "token embeddings kept fixed: input, output (the LM head), both, or none "
+                                 "(tied embeddings are one matrix: input, output and both are the same)",
+                                 choices=["none", "input", "output", "both"])
 
 
 @dataclass

@@ -149,7 +149,22 @@ def prepare_model(model, args, task_type: str = "CAUSAL_LM"):
                            args.only_optimize_lora, task_type)
     elif args.only_optimize_lora:
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
+    freeze_embeddings(model, getattr(args, "freeze_embeddings", "none"))
     return model
+
+
+def freeze_embeddings(model, which: str) -> None:
+    """Keep the token embeddings fixed: "input", "output" (the LM head; a classifier has none), "both"."""
+    if which == "none":
+        return
+    mods = []
+    if which in ("input", "both"):
+        mods.append(model.get_input_embeddings())
+    if which in ("output", "both"):
+        mods.append(model.get_output_embeddings())
+    for m in mods:
+        if m is not None:
+            m.requires_grad_(False)
 
 
 def merge_lora_state_dict(state_dict: dict, peft_config) -> dict:

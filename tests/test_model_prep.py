@@ -1,0 +1,53 @@
+"""utils.model.prepare_model's --freeze_embeddings on untied (Llama) and tied (GPT-2) embeddings, a
+classifier (no LM head), LoRA, and the optimizer groups that follow from it."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from utils.ds import _param_groups
+from utils.model import prepare_model
+
+
+def _args(which: str, lora_dim: int = 0, only_lora: bool = False):
+    return SimpleNamespace(gradient_checkpointing=False, lora_dim=lora_dim, lora_alpha=16,
+                           lora_module_name="q_proj,v_proj,c_attn", only_optimize_lora=only_lora,
+                           freeze_embeddings=which)
+
+
+def _frozen(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("which, frozen", [("none", set()), ("input", {"model.embed_tokens.weight"}),
+                                           ("output", {"lm_head.weight"}),
+                                           ("both", {"model.embed_tokens.weight", "lm_head.weight"})])
+def test_untied_embeddings_freeze_one_side_or_both(tiny_dir, which, frozen):
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_dir("llama")), _args(which))
+    assert _frozen(model) == frozen
+    n_frozen = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
+    trained = sum(p.numel() for g in _param_groups(model, 0.1) for p in g["params"])
+    assert trained == sum(p.numel() for p in model.parameters()) - n_frozen  # the optimizer skips them
+
+
+@pytest.mark.parametrize("which", ["input", "output", "both"])
+def test_tied_embeddings_are_one_matrix(tiny_dir, which):
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_dir("gpt2")), _args(which))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert _frozen(model) == {"transformer.wte.weight"}  # named once; position embeddings still train
+
+
+def test_a_classifier_has_no_lm_head_to_freeze(tiny_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("llama"), num_labels=1)
+    assert _frozen(prepare_model(model, _args("output"), task_type="SEQ_CLS")) == set()
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("llama"), num_labels=1)
+    assert _frozen(prepare_model(model, _args("both"), task_type="SEQ_CLS")) == {"model.embed_tokens.weight"}
+
+
+def test_lora_with_trained_base_weights_keeps_the_embeddings_frozen(tiny_dir):
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_dir("llama")), _args("both", lora_dim=4))
+    frozen = _frozen(model)
+    assert {n.rsplit(".", 2)[-2] for n in frozen} == {"embed_tokens", "lm_head"}, frozen
+    assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
