@@ -81,3 +81,25 @@ def test_bench_times_the_same_steps_and_batches_on_both_sides():
     secs = [4 + 5 + 6, 7 + 8 + 9, 10 + 11 + 12]
     assert r["rate"] == pytest.approx(sorted(window * batch / t for t in secs)[1])
     assert r["tokens_per_sec"] == r["rate"]
+
+
+def test_bench_generate_decode_loop_gives_generates_tokens(tiny_dir):
+    """bench/bench_generate.py compares generate() with a bare KV-cache loop only if both decode the same."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from bench_generate import decode_loop
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama")).eval()
+    ids = torch.randint(5, 500, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :2] = 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = ids.masked_fill(mask == 0, pad)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=pad)[:, 12:]
+    got = decode_loop(model, ids, mask, 10, tok.eos_token_id, pad)
+    assert torch.equal(got, want[:, :got.shape[1]]) and got.shape[1] >= 1

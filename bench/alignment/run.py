@@ -14,10 +14,14 @@ and results.json; the reward-model probe (malformed answers vs well-formed prefe
 
 --variant NAME --extra 'dpo=--beta 0.5' runs a lever experiment into WORK/.../NAME/ (never the table's
 defaults rows; they are listed separately).
+
+--ppo_seeds 1234 1 2 also runs PPO with the other sampling seeds (from the same SFT and reward models)
+into WORK/.../seedN/; the table then adds a section with every seed of every cell that has more than one.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -40,6 +44,7 @@ FAMILIES = ("llama-sp", "gpt2")
 SIZES = {"0.5m": {"llama-sp": (128, 3, 4), "gpt2": (128, 2, 4)},    # 0.57M, 0.53M
          "5m": {"llama-sp": (320, 5, 4), "gpt2": (320, 4, 5)}}      # 4.7M, 5.3M
 VOCAB = 512
+DEFAULT_PPO_SEED = 1234  # step3_ppo's --seed default: the table's PPO rows
 METHODS = ("sft", "reward", "ppo", "dpo")
 # What the suite gives besides model, data and output: SFT trains a random-init model, so it needs
 # epochs; PPO's default of one pass over the prompts is a few dozen steps here, so it gets epochs too.
@@ -191,7 +196,8 @@ def resolved_settings(cell: Cell, method: str) -> dict:
         a = json.load(f)
     keys = {"sft": ["learning_rate", "num_train_epochs", "total_steps"],
             "reward": ["learning_rate", "num_train_epochs", "total_steps", "synthetic_negatives"],
-            "dpo": ["learning_rate", "beta", "rpo_alpha", "loss_type", "num_train_epochs", "total_steps"],
+            "dpo": ["learning_rate", "beta", "rpo_alpha", "loss_type", "freeze_embeddings", "num_train_epochs",
+                    "total_steps"],
             "ppo": ["actor_learning_rate", "critic_learning_rate", "kl_coef", "kl_estimator", "target_kl",
                     "normalize_reward", "num_train_epochs", "total_steps", "max_answer_seq_len",
                     "per_device_generation_batch_size"]}[method]
@@ -276,9 +282,54 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_rows(work: str) -> dict:
+    """{(task, family, size): {seed: judge row}} of PPO: the default seed's run and every seedN/ run."""
+    out = {}
+    for tname in task_defs.TASKS:
+        for fam in FAMILIES:
+            for size in SIZES:
+                root = os.path.join(work, tname, f"{fam}-{size}")
+                found = {DEFAULT_PPO_SEED: os.path.join(root, "ppo", "judge.json")}
+                for d in glob.glob(os.path.join(root, "seed*", "ppo", "judge.json")):
+                    name = d.split(os.sep)[-3]
+                    if name[4:].isdigit():
+                        found[int(name[4:])] = d
+                rows = {}
+                for seed, path in found.items():
+                    if os.path.isfile(path):
+                        with open(path) as f:
+                            rows[seed] = json.load(f)
+                if len(rows) > 1:
+                    out[(tname, fam, size)] = rows
+    return out
+
+
+def seeds_markdown(by_cell: dict) -> str:
+    """One line per cell run with several PPO seeds: preferred/well-formed per seed, min and mean preferred."""
+    if not by_cell:
+        return ""
+    lines = ["| task | family | size | PPO per seed (preferred/well-formed) | min | mean | every seed >= 95/95 |",
+             "|---|---|---|---|---|---|---|"]
+    passing = 0
+    for (t, fam, size), rows in by_cell.items():
+        seeds = sorted(rows, key=lambda s: (s != DEFAULT_PPO_SEED, s))
+        per = ", ".join(f"{s}: {rows[s]['preferred']:.0%}/{rows[s]['well_formed']:.0%}" for s in seeds)
+        pref = [rows[s]["preferred"] for s in seeds]
+        ok = all(rows[s]["preferred"] >= 0.95 and rows[s]["well_formed"] >= 0.95 for s in seeds)
+        passing += ok
+        lines.append(f"| {t} | {fam} | {size} | {per} | {min(pref):.0%} | {sum(pref) / len(pref):.0%} | "
+                     f"{'yes' if ok else 'no'} |")
+    lines += ["", f"{passing} of {len(by_cell)} cells at >= 95% / 95% with every PPO seed."]
+    return "\n".join(lines)
+
+
 def write_results(work: str, out_prefix: str) -> str:
     rows = collect(work)
     md = "Preferred / well-formed on held-out prompts:\n\n" + summary(rows) + "\n\nEvery row:\n\n" + markdown(rows)
+    seeds = seed_rows(work)
+    if seeds:
+        md += "\n\nPPO with other sampling seeds (`--ppo_seeds`; the rows above are seed 1234):\n\n" + \
+            seeds_markdown(seeds)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     with open(out_prefix + ".md", "w") as f:
@@ -287,7 +338,12 @@ def write_results(work: str, out_prefix: str) -> str:
     with open(out_prefix + ".json", "w") as f:
         json.dump({"commit": commit, "step_flags": STEP_FLAGS, "sizes": SIZES,
                    "rows": [{k: v for k, v in r.items() if k != "answers"} | {"samples": r.get("answers", [])[:6]}
-                            for r in rows]}, f, indent=1)
+                            for r in rows],
+                   "ppo_seeds": [{"task": t, "family": f, "size": z, "seed": s,
+                                  **{k: v for k, v in r.items() if k != "answers"},
+                                  "samples": r.get("answers", [])[:6]}
+                                 for (t, f, z), by in seeds.items() for s, r in sorted(by.items())]},
+                  f, indent=1)
     return md
 
 
@@ -304,6 +360,9 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="METHOD='flags' for a --variant")
     ap.add_argument("--redo", nargs="*", default=[], choices=list(METHODS),
                     help="rerun these steps even when their outputs are complete (e.g. after a default changed)")
+    ap.add_argument("--ppo_seeds", nargs="+", type=int, default=[DEFAULT_PPO_SEED],
+                    help="PPO sampling seeds; each one other than the default runs into WORK/.../seedN/ "
+                         "(or VARIANT_seedN/) from the same SFT and reward models")
     ap.add_argument("--table_only", action="store_true")
     a = ap.parse_args(argv)
     extra = dict(e.split("=", 1) for e in a.extra)
@@ -325,6 +384,10 @@ def main(argv=None) -> None:
                     cell = Cell(a.work_dir, task, fam, size, a.variant, extra)
                     try:
                         run_cell(cell, a.methods, log, tuple(a.redo))
+                        for seed in (s for s in a.ppo_seeds if s != DEFAULT_PPO_SEED and "ppo" in a.methods):
+                            name = f"{a.variant}_seed{seed}" if a.variant else f"seed{seed}"
+                            flags = {**extra, "ppo": f"{extra.get('ppo', '')} --seed {seed}".strip()}
+                            run_cell(Cell(a.work_dir, task, fam, size, name, flags), ["ppo"], log, tuple(a.redo))
                     except RuntimeError as e:
                         log(f"FAILED: {e}")
                         failed.append(str(e))

@@ -1,0 +1,39 @@
+"""bench/alignment/run.py's table of PPO seeds: which runs it reads and what it counts as passing."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "bench", "alignment"))
+import run as suite  # noqa: E402
+
+
+def _judge(path, preferred, well_formed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"preferred": preferred, "well_formed": well_formed, "eos": 1.0, "answers": ["x"] * 8}, f)
+
+
+def test_seed_section_lists_every_seed_and_passes_a_cell_only_when_all_do(tmp_path):
+    work = str(tmp_path)
+    a = os.path.join(work, "short", "gpt2-0.5m")
+    _judge(os.path.join(a, "ppo", "judge.json"), 1.0, 1.0)          # the default seed, 1234
+    _judge(os.path.join(a, "seed1", "ppo", "judge.json"), 0.96, 0.97)
+    _judge(os.path.join(a, "seed2", "ppo", "judge.json"), 0.5, 0.99)
+    _judge(os.path.join(a, "W_s1", "ppo", "judge.json"), 0.0, 0.0)   # a lever variant: not a seed run
+    b = os.path.join(work, "chat", "llama-sp-5m")
+    _judge(os.path.join(b, "ppo", "judge.json"), 0.97, 0.97)
+    _judge(os.path.join(b, "seed7", "ppo", "judge.json"), 0.95, 0.95)
+    _judge(os.path.join(work, "two_slot", "gpt2-5m", "ppo", "judge.json"), 1.0, 1.0)  # one seed: not listed
+
+    by = suite.seed_rows(work)
+    assert set(by) == {("short", "gpt2", "0.5m"), ("chat", "llama-sp", "5m")}
+    assert sorted(by[("short", "gpt2", "0.5m")]) == [1, 2, 1234]
+    md = suite.seeds_markdown(by)
+    assert "| short | gpt2 | 0.5m | 1234: 100%/100%, 1: 96%/97%, 2: 50%/99% | 50% | 82% | no |" in md
+    assert "| chat | llama-sp | 5m | 1234: 97%/97%, 7: 95%/95% | 95% | 96% | yes |" in md
+    assert md.endswith("1 of 2 cells at >= 95% / 95% with every PPO seed.")
+    assert suite.seeds_markdown({}) == ""
