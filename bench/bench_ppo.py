@@ -195,7 +195,7 @@ def ds_flags(a) -> list[str]:
     return ["--dtype", a.dtype] + (["--offload"] if a.offload else [])
 
 
-def run_ppo(a, actor: str, critic: str, prompts: str, out: str) -> dict:
+def run_ppo(a, actor: str, critic: str, prompts: str, out: str, extra: str = "") -> dict:
     per_rank = a.prompts_per_step // a.ranks
     args = ["--actor_model_name_or_path", actor, "--critic_model_name_or_path", critic, "--data_path", prompts,
             "--max_steps", str(a.steps), "--max_prompt_seq_len", str(PROMPT_TOKENS), "--overlong", "truncate",
@@ -203,7 +203,7 @@ def run_ppo(a, actor: str, critic: str, prompts: str, out: str) -> dict:
             "--per_device_training_batch_size", str(per_rank), "--actor_zero_stage", str(a.zero_stage),
             "--critic_zero_stage", str(a.zero_stage), "--actor_learning_rate", "1e-4", "--critic_learning_rate",
             "1e-4", "--print_answers_interval", "0", "--attn_implementation", a.attn_implementation,
-            "--log_interval", "1", "--critic_warmup_steps", "0", *ds_flags(a), *a.extra.split()]
+            "--log_interval", "1", "--critic_warmup_steps", "0", *ds_flags(a), *a.extra.split(), *extra.split()]
     env = dict(os.environ, PYTHONPATH=REPO)
     port = str(common.free_port())
     cmd = ["deepspeed", "--num_gpus", str(a.ranks), "--master_port", port, os.path.join(REPO, "step3_ppo/main.py"),
@@ -229,6 +229,20 @@ def run_sft(a, actor: str, data: str, out: str) -> dict:
     return {"samples_per_sec": r["rate"], "rss_mb": r["rss_mb"]}
 
 
+def ppo_summary(runs: list[dict], label: str) -> dict:
+    """Median and spread of each timed quantity over the runs of one configuration, printed."""
+    ppo = {k: common.summary([r[k] for r in runs])
+           for k in ("samples_per_sec", "generation_sec", "experience_sec", "train_sec", "response_length")}
+    step = sum(ppo[k]["median"] for k in ("generation_sec", "experience_sec", "train_sec"))
+    print(f"{label} samples/s: {common.fmt(ppo['samples_per_sec'])}; answer length "
+          f"{ppo['response_length']['median']:.1f}; peak RSS per rank {max(r['rss_mb'] or 0 for r in runs):.0f} MB")
+    print(f"  step {1000 * step:.0f} ms = generation {1000 * ppo['generation_sec']['median']:.0f} ms "
+          f"({100 * ppo['generation_sec']['median'] / step:.0f}%) + experience "
+          f"{1000 * ppo['experience_sec']['median']:.0f} ms ({100 * ppo['experience_sec']['median'] / step:.0f}%) + "
+          f"training {1000 * ppo['train_sec']['median']:.0f} ms ({100 * ppo['train_sec']['median'] / step:.0f}%)")
+    return ppo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small", choices=["tiny", "small"],
@@ -248,6 +262,9 @@ def main() -> None:
                     help="optimizer states on the CPU (DeepSpeedCPUAdam)")
     ap.add_argument("--no_sft", action="store_true", help="skip the SFT reference runs")
     ap.add_argument("--extra", default="", help="more step-3 flags, space-separated")
+    ap.add_argument("--versus", default=None, help="step-3 flags of a second configuration of ours, run interleaved "
+                                                   "with the first; prints both and the ratio (e.g. "
+                                                   "'--no-fuse_actor_forward')")
     ap.add_argument("--dschat", default=None, help="DeepSpeed-Chat directory (applications/DeepSpeed-Chat of "
                                                    "DeepSpeedExamples): run its step 3 beside ours, interleaved")
     ap.add_argument("--dschat_python", default="/tmp/venv-dschat/bin/python",
@@ -263,6 +280,8 @@ def main() -> None:
 
     make_sft_texts(texts, load_tokenizer(actor))
     runners = {"ppo": lambda rep: run_ppo(a, actor, critic, prompts, os.path.join(root, f"ppo-{rep}"))}
+    if a.versus is not None:
+        runners["versus"] = lambda rep: run_ppo(a, actor, critic, prompts, os.path.join(root, f"versus-{rep}"), a.versus)
     if not a.no_sft:
         runners["sft"] = lambda rep: run_sft(a, actor, texts, os.path.join(root, f"sft-{rep}"))
     if a.dschat:
@@ -276,19 +295,16 @@ def main() -> None:
             os.remove(path)  # the data this bench wrote into the DeepSpeed-Chat checkout
     load1 = common.load_average()
 
-    ppo = {k: common.summary([r[k] for r in res["ppo"]])
-           for k in ("samples_per_sec", "generation_sec", "experience_sec", "train_sec", "response_length")}
-    step = sum(ppo[k]["median"] for k in ("generation_sec", "experience_sec", "train_sec"))
     print(f"== PPO | {a.prompts_per_step} prompts x ({PROMPT_TOKENS} + up to {ANSWER_TOKENS}) tokens per step, "
           f"{a.ranks} ranks, ZeRO-{a.zero_stage}{' + offload' if a.offload else ''}, {a.dtype}, llama-{a.size} x 4 | "
           f"{a.reps} runs x {a.steps - a.warmup} timed steps")
-    print(f"PPO samples/s: {common.fmt(ppo['samples_per_sec'])}; answer length {ppo['response_length']['median']:.1f}; "
-          f"peak RSS per rank {max(r['rss_mb'] or 0 for r in res['ppo']):.0f} MB")
-    print(f"PPO step {1000 * step:.0f} ms = generation {1000 * ppo['generation_sec']['median']:.0f} ms "
-          f"({100 * ppo['generation_sec']['median'] / step:.0f}%) + experience "
-          f"{1000 * ppo['experience_sec']['median']:.0f} ms ({100 * ppo['experience_sec']['median'] / step:.0f}%) + "
-          f"training {1000 * ppo['train_sec']['median']:.0f} ms ({100 * ppo['train_sec']['median'] / step:.0f}%)")
+    ppo = ppo_summary(res["ppo"], f"PPO{' ' + a.extra if a.extra else ''}")
     out = {"setting": vars(a), "ppo": ppo, "load_average": [load0, load1]}
+    if "versus" in res:
+        out["versus"] = ppo_summary(res["versus"], f"PPO {a.versus}")
+        pairs = [o["samples_per_sec"] / v["samples_per_sec"] for o, v in zip(res["ppo"], res["versus"])]
+        print(f"first / second = {ppo['samples_per_sec']['median'] / out['versus']['samples_per_sec']['median']:.2f}x "
+              f"(per interleaved pair: {', '.join(f'{x:.2f}x' for x in pairs)})")
     if "dschat" in res:
         dsc = common.summary([r["samples_per_sec"] for r in res["dschat"]])
         out["dschat"] = dsc

@@ -41,7 +41,6 @@ class DPOArgs:
                            "log-probabilities from falling (likelihood displacement); 0 disables", ge=0)
     precompute_ref_logprobs: bool = arg(False, "compute the reference log-probs once before training and free "
                                         "the reference model (faster steps, less memory)")
-    disable_dropout: bool = arg(True, "turn off dropout in the policy (and reference) so rewards are not noise")
     displacement_warn_nats: float = arg(2.0, "warn once (log and metrics.jsonl) when the chosen answers' "
                                         "log-probability falls more than this many nats below the reference's "
                                         "(likelihood displacement); 0 disables", ge=0)
@@ -118,8 +117,6 @@ def main(argv=None) -> None:
     cfg = ds_config_from_args(args, world)
     model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, zero3_config=cfg)
-    if args.disable_dropout:
-        disable_dropout(model)
     model = prepare_model(model, args)
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), args.seed)

@@ -19,10 +19,14 @@ from utils.output import check_output_dir, partial_dir
 from utils.stream import StepStream
 from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
+DROPOUT_HELP = "set every dropout rate of the model to 0 while training (the saved config keeps its values)"
+
 
 def parse_args(argv=None):
     return parse(SHARED_GROUPS, "Step 1: supervised fine-tuning (loss on response tokens only)", argv,
-                 required=("model_name_or_path", "data_path", "output_dir"), helps={"learning_rate": lr_help("sft")})
+                 required=("model_name_or_path", "data_path", "output_dir"),
+                 defaults={"disable_dropout": False},
+                 helps={"learning_rate": lr_help("sft"), "disable_dropout": DROPOUT_HELP})
 
 
 @exit_on_user_error

@@ -16,7 +16,7 @@ from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.lr import lr_help, scaled_lr
-from utils.model import disable_dropout, prepare_model, save_hf
+from utils.model import prepare_model, save_hf
 from utils.negatives import DEFAULT_KINDS, KINDS, synthetic_pairs
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
@@ -29,8 +29,6 @@ from utils.train import ds_config_from_args, finish_run, init_engine_from_args, 
 class RewardArgs:
     center_rewards_coefficient: float = arg(0.0, "weight of the reward-centering term coef * (r_chosen + "
                                             "r_rejected)^2 (Eisenstein et al. 2023); 0 disables it", ge=0)
-    disable_dropout: bool = arg(True, "set every dropout rate to 0 so training optimises the deterministic "
-                                "score that evaluation and inference read")
     shared_prompt_forward: bool = arg(False, "run each pair's prompt once and both replies on its cached keys/"
                                       "values (prompt + 2 replies tokens instead of 2 x (prompt + reply)); the same "
                                       "rewards to float rounding; not with --gradient_checkpointing")
@@ -81,8 +79,6 @@ def main(argv=None) -> None:
     cfg = ds_config_from_args(args, world)
     model = load_reward_model(args.model_name_or_path, pad_id=encoder.pad_id, dtype=args.dtype,
                               trust_remote_code=args.trust_remote_code, zero3_config=cfg)
-    if args.disable_dropout:
-        disable_dropout(model)
     model = prepare_model(model, args, task_type="SEQ_CLS")
     collate_fn = functools.partial(collate_pairs, pad_id=encoder.pad_id, shared_prompt=args.shared_prompt_forward)
     stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,

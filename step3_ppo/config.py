@@ -36,7 +36,9 @@ def only(group, names: tuple[str, ...], defaults: dict | None = None, helps: dic
 
 
 SharedModel = only(ModelArgs, ("trust_remote_code", "dtype", "lora_alpha", "lora_module_name",
-                               "only_optimize_lora", "freeze_embeddings"))
+                               "only_optimize_lora", "freeze_embeddings", "disable_dropout"),
+                   helps={"disable_dropout": "set every dropout rate of the four models to 0, so the policy that "
+                                             "generated a rollout is the one its ratios are computed against"})
 SharedData = only(DataArgs, ("data_path", "eval_data_path", "template", "overlong"), helps={
     "data_path": "prompt files (.jsonl/.json/.parquet or hub names; any format with a prompt: {\"prompt\"}, chat "
                  "messages ending with a user turn, SFT and preference records)",
@@ -87,8 +89,6 @@ class PPOModelArgs:
     attn_implementation: str = arg("auto", "attention kernel of the four models (auto: the model's default; on a "
                                            "CPU in bf16, eager trains short sequences ~2x faster than sdpa)",
                                    choices=["auto", "eager", "sdpa", "flash_attention_2"])
-    disable_dropout: bool = arg(True, "set every dropout probability of the four models to 0, so the policy "
-                                      "that generated a rollout is the one its ratios are computed against")
 
 
 @dataclass
@@ -122,6 +122,11 @@ class PPOArgs:
                                           "gradient accumulation, dropout off), take the rollout values from the "
                                           "critic's training forward instead of a separate experience forward: the "
                                           "same numbers, one forward fewer")
+    fuse_actor_forward: bool = arg(True, "the same for the actor (any estimator) where generation's logits are not "
+                                         "reused (bf16/fp16): the rollout log-probabilities (KL penalty, PPO's old "
+                                         "policy) come from the actor's training forward, kept with its autograd "
+                                         "state until the policy loss: one forward fewer, at the memory of holding "
+                                         "that graph (and its answer logits) through the critic's update")
     critic_warmup_steps: int = arg(-1, "PPO steps at the start that train only the critic (the actor generates but is "
                                        "not updated), so the first policy updates use values fitted to the rollouts "
                                        "rather than the reward model's per-token outputs (-1: a tenth of the PPO "

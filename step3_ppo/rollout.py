@@ -66,14 +66,15 @@ def reuses_generation_logits(actor) -> bool:
 
 
 @torch.no_grad()
-def generate(actor, prompts: list[list[int]], encoder, gen_cfg: GenerationConfig) -> dict:
+def generate(actor, prompts: list[list[int]], encoder, gen_cfg: GenerationConfig, keep_logits: bool = True) -> dict:
     """Answers for this rank's prompts. Generation stops once every sequence (on every rank, under ZeRO-3)
     has emitted EOS or reached the length limit. Returns the rollout batch on the training device:
     seq, attention_mask [B, P+W], answers, action_mask [B, W], has_eos [B], prompt_width P, and in fp32
-    gen_logits [B, W, V], the raw logits each answer token was sampled from."""
+    gen_logits [B, W, V], the raw logits each answer token was sampled from (unless keep_logits=False:
+    a fused actor forward gives the log-probabilities)."""
     batch = {k: v.to(ds.device()) for k, v in collate_prompts(prompts, encoder.pad_id).items()}
     zero3 = actor.zero_optimization_stage() == 3
-    keep = reuses_generation_logits(actor)
+    keep = keep_logits and reuses_generation_logits(actor)
     with generation_mode(actor) as model:
         # synced_gpus: under ZeRO-3 a rank whose answers are done keeps stepping until all ranks are.
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -120,15 +121,19 @@ def final_scores(reward, b: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def experience(models, b: dict, temperature: float, critic: bool = True) -> dict:
+def experience(models, b: dict, temperature: float, critic: bool = True,
+               actor_logits: torch.Tensor | None = None) -> dict:
     """Forward passes of the rollout batch through reference, critic and reward model (those that exist:
     without a reference ref_logp is absent, without a critic values, without a reward model the model
     score is 0 and the rule-based rewards are the whole score), and through the actor unless generation
     kept its logits (fp32). The first time generation's logits are used, they are checked against the
     actor's forward once; beyond REUSE_TOLERANCE the run goes back to forwards. critic=False leaves the
-    values to the critic's training forward (trainer.fuses_critic_forward)."""
+    values to the critic's training forward (trainer.fuses_critic_forward); actor_logits, the detached
+    logits of the actor's training forward (trainer.fuses_actor_forward), stand in for the actor's."""
     gen = b.pop("gen_logits", None)
-    if gen is not None:
+    if actor_logits is not None:
+        logits = actor_logits
+    elif gen is not None:
         logits = gen / temperature if temperature != 1.0 else gen
         if not getattr(models.actor, "_gen_logits_checked", False):
             forward = answer_logits(models.actor, b, temperature)

@@ -25,7 +25,8 @@ import torch
 
 from step3_ppo.models import ema_state, ema_update_, load_ema_state, step_together
 from step3_ppo.rollout import (answer_logits, answer_values, collate_samples, experience, final_scores, generate,
-                               generation_config, model_inputs, repeat_prompts, rule_scores, split_samples)
+                               generation_config, model_inputs, repeat_prompts, reuses_generation_logits,
+                               rule_scores, split_samples)
 from utils import ds
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
@@ -152,11 +153,14 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
 
 # ----------------------------------------------------------------------------- PPO update
 
-def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_tok: float, n_seq: float):
+def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_tok: float, n_seq: float,
+               logits: torch.Tensor | None = None):
     """Policy loss of one mini-batch as its part of the optimizer step's --loss_agg aggregate: clipped
     surrogate (+ entropy bonus, + kl_coef x KL estimate with --kl_in loss); ptx separately. Returns
-    (loss, ptx_loss, stats) with stats as this mini-batch's parts of step-wide token means."""
-    logits = answer_logits(actor, b, args.temperature)
+    (loss, ptx_loss, stats) with stats as this mini-batch's parts of step-wide token means. `logits`:
+    the mini-batch's answer logits from a fused forward (with autograd state); otherwise a forward here."""
+    if logits is None:
+        logits = answer_logits(actor, b, args.temperature)
     logp = token_logprobs(logits, b["answers"])
     mask = b["action_mask"]
     per_token, terms = policy_loss_per_token(logp, b["logp"], b["advantages"], args.cliprange)
@@ -178,24 +182,44 @@ def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_t
     return loss, ptx_loss, stats
 
 
-def fuses_critic_forward(args, algo) -> bool:
-    """True when the critic's first training forward sees the rollout exactly as the experience forward
-    would: one PPO epoch, one generation batch and one training micro-batch per rank, no gradient
-    accumulation, no dropout. Its values (detached) are then the rollout values, and the same graph
-    gives the value loss; GAE and whitening need only the detached values, so nothing else changes.
-    The value clip range is then a no-op (old and new values are the same numbers), as it is in the
-    first epoch of every PPO step anyway."""
-    return (algo.critic and args.fuse_critic_forward and args.ppo_epochs == 1 and args.generation_batches == 1
-            and args.gradient_accumulation_steps == 1 and args.disable_dropout
+def one_pass_step(args, algo) -> bool:
+    """True when a step's training forward sees the rollout exactly as the experience forward would: one
+    PPO epoch, one generation batch and one training micro-batch per rank, no gradient accumulation, no
+    dropout. A model's training forward can then stand in for its experience forward (detached), and the
+    same graph gives its loss."""
+    return (args.ppo_epochs == 1 and args.generation_batches == 1 and args.gradient_accumulation_steps == 1
+            and args.disable_dropout
             and args.per_device_generation_batch_size * algo.k <= args.per_device_training_batch_size)
 
 
+def fuses_critic_forward(args, algo) -> bool:
+    """The critic's values (detached) are the rollout values; GAE and whitening need only those, so
+    nothing else changes. The value clip range is then a no-op (old and new values are the same
+    numbers), as it is in the first epoch of every PPO step anyway."""
+    return algo.critic and args.fuse_critic_forward and one_pass_step(args, algo)
+
+
+def fuses_actor_forward(args, algo) -> bool:
+    """The actor's log-probabilities (detached) are the rollout's: the KL penalty and PPO's old policy.
+    The first ratio is then exactly 1, as it is with a separate forward and no dropout. Used only where
+    it saves a forward: not while generation's own logits stand in for the actor's (fp32), which would
+    only trade their memory for the graph's (the step decides, see `train`)."""
+    return args.fuse_actor_forward and one_pass_step(args, algo)
+
+
+def rows_of(graph: torch.Tensor, part: list[int], width: int) -> torch.Tensor:
+    """A fused forward's output for the rows `part` of the rollout, cut to the mini-batch's answer width."""
+    return graph[torch.tensor(part, device=graph.device)][:, :width]
+
+
 def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: int, kl_coef: float,
-               values_graph: torch.Tensor | None = None, train_actor: bool = True) -> dict:
+               values_graph: torch.Tensor | None = None, train_actor: bool = True,
+               logits_graph: torch.Tensor | None = None) -> dict:
     """--ppo_epochs passes over this rank's buffer; returns global means over the optimizer steps.
     train_actor=False (critic warm-up): only the critic's loss, backward and step.
-    values_graph: the critic's values of the one rollout with autograd state (fuses_critic_forward), in
-    the order of `rows`; its mini-batch then needs no critic forward.
+    values_graph / logits_graph: the critic's values / the actor's answer logits of the one rollout with
+    autograd state (fuses_critic_forward / fuses_actor_forward), in the order of `rows`; its mini-batch
+    then needs no forward of that model.
 
     Loss normalisation (pitfall 16): every micro-batch's loss is its part of the --loss_agg aggregate
     over the optimizer step's answers and tokens on all ranks (utils.rl.aggregate_loss), times
@@ -224,7 +248,7 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
             for b, p, part in zip(micro, ptx, parts):
                 if critic is not None:  # first: a fused forward's graph is freed before the actor's is built
                     if values_graph is not None:  # the rollout's rows in this mini-batch's order and width
-                        values = values_graph[torch.tensor(part, device=values_graph.device)][:, :b["answers"].shape[1]]
+                        values = rows_of(values_graph, part, b["answers"].shape[1])
                     else:
                         values = answer_values(critic, b)
                     per_token, clipped = value_loss_per_token(values, b["values"], b["returns"], args.cliprange_value)
@@ -235,7 +259,8 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
                 if train_actor:
                     if p is not None:
                         p["n_tokens"] = max(n_ptx, 1.0)
-                    a_loss, ptx_loss, a_stats = actor_loss(args, algo, actor, b, p, kl_coef, n_tok, n_seq)
+                    fused = rows_of(logits_graph, part, b["answers"].shape[1]) if logits_graph is not None else None
+                    a_loss, ptx_loss, a_stats = actor_loss(args, algo, actor, b, p, kl_coef, n_tok, n_seq, fused)
                     total = a_loss
                     if ptx_loss is not None:
                         total = total + args.unsup_coef * ptx_loss
@@ -366,6 +391,7 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
     if fused:
         ds.print0("critic: one PPO epoch over one mini-batch per rank, so the rollout values come from the critic's "
                   "training forward (no experience forward for it; --no-fuse_critic_forward turns this off)")
+    fused_actor, said = fuses_actor_forward(args, algo), False
     ckpt = Checkpointer(args, engines, logger, lambda: client_state(models, stream, unsup, kl_ctl, reward_norm),
                         lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm))
     step = ckpt.resume()
@@ -375,12 +401,23 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         step += 1
         t0 = time.perf_counter()
         rollouts, gen_sec = [], 0.0
+        train_actor = step > critic_warmup
+        # A warm-up step builds no actor graph (nothing would use it); fp32 reuses generation's logits instead.
+        fuse_a = fused_actor and train_actor and not reuses_generation_logits(models.actor)
+        if fuse_a and not said:
+            said = True
+            ds.print0("actor: one PPO epoch over one mini-batch per rank, so the rollout log-probabilities come from "
+                      "the actor's training forward (no experience forward for it; --no-fuse_actor_forward turns "
+                      "this off)")
         for j, prompts in enumerate(stream.next_step()):
             items, groups = repeat_prompts(prompts, algo.k, first_group=j * len(prompts))
             tg = time.perf_counter()
-            b = generate(models.actor, [it.ids for it in items], encoder, gen_cfg)
+            b = generate(models.actor, [it.ids for it in items], encoder, gen_cfg, keep_logits=not fuse_a)
             gen_sec += time.perf_counter() - tg
-            b.update(experience(models, b, args.temperature, critic=not fused))
+            if fuse_a:  # with autograd state: the same forward gives the policy loss in ppo_update
+                b["logits_graph"] = answer_logits(models.actor, b, args.temperature)
+            b.update(experience(models, b, args.temperature, critic=not fused,
+                                actor_logits=b["logits_graph"].detach() if fuse_a else None))
             if fused:  # with autograd state: the same forward gives the value loss in ppo_update
                 b["values_graph"] = answer_values(models.critic, b)
                 b["values"] = b["values_graph"].detach()
@@ -393,7 +430,8 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         stats["distinct_ratio"] = rollout_distinct_ratio(rollouts, encoder.eos_id)
         t2 = time.perf_counter()
         update = ppo_update(args, algo, models, rows, unsup, encoder.pad_id, step, kl_coef,
-                            rollouts[0].pop("values_graph") if fused else None, train_actor=step > critic_warmup)
+                            rollouts[0].pop("values_graph") if fused else None, train_actor=train_actor,
+                            logits_graph=rollouts[0].pop("logits_graph") if fuse_a else None)
         t3 = time.perf_counter()
         if algo.reference:
             kl_ctl.update(stats["kl"], n_samples)  # the KL reported is the KL the rewards were penalised with

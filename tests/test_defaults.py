@@ -39,9 +39,28 @@ def test_alignment_defaults_are_what_the_suite_measured():
 
     flags = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "/tmp/_unused_out"]
     assert dpo_args(flags).freeze_embeddings == "both" and sft_args(flags).freeze_embeddings == "none"
+    assert not sft_args(flags).disable_dropout and dpo_args(flags).disable_dropout  # SFT keeps the model's own
+    assert sft_args(flags + ["--disable_dropout"]).disable_dropout
     assert DPOArgs().rpo_alpha == 1.0 and DPOArgs().beta == 0.1 and DPOArgs().displacement_warn_nats == 2.0
     assert RewardArgs().synthetic_negatives == 1.0
     assert tuple(RewardArgs().synthetic_negative_kinds) == ("drop", "drop_span", "repeat", "truncate", "empty")
     assert PPOArgs().actor_learning_rate == 0.0 and PPOArgs().critic_learning_rate == 0.0
     assert PPOArgs().kl_coef == 0.1 and PPOArgs().kl_estimator == "k1"
     assert LR_AT_7B == {"sft": 1e-5, "reward": 1e-5, "dpo": 1e-6, "actor": 1e-6, "critic": 1e-6}
+
+
+def test_every_step_has_the_one_dropout_flag():
+    """--disable_dropout is the shared ModelArgs flag in all four steps (one definition); SFT keeps the
+    model's own dropout unless asked, the other steps turn it off unless asked."""
+    from dpo.main import parse_args as dpo_args
+    from step1_sft.main import parse_args as sft_args
+    from step2_reward.main import parse_args as reward_args
+    from step3_ppo.main import parse_args as ppo_args
+
+    flags = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "/tmp/_unused_out"]
+    ppo = ["--actor_model_name_or_path", "m", "--critic_model_name_or_path", "c", "--data_path", "d",
+           "--output_dir", "/tmp/_unused_out"]
+    for parse, argv in ((sft_args, flags), (reward_args, flags), (dpo_args, flags), (ppo_args, ppo)):
+        assert parse(argv).disable_dropout is (parse is not sft_args), parse
+        assert parse(argv + ["--no-disable_dropout"]).disable_dropout is False, parse
+        assert parse(argv + ["--disable_dropout"]).disable_dropout is True, parse

@@ -51,3 +51,31 @@ def test_lora_with_trained_base_weights_keeps_the_embeddings_frozen(tiny_dir):
     frozen = _frozen(model)
     assert {n.rsplit(".", 2)[-2] for n in frozen} == {"embed_tokens", "lm_head"}, frozen
     assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_prepare_model_turns_dropout_off_only_when_asked_and_the_saved_config_keeps_it(tiny_dir, tmp_path, disable):
+    """--disable_dropout (one shared flag) zeroes GPT-2's dropout for training; the saved config keeps
+    the model's own rates, so a user's later fine-tuning sees the model as it came."""
+    import torch
+    from transformers import AutoConfig
+
+    from utils.model import save_hf
+
+    config = AutoConfig.from_pretrained(tiny_dir("gpt2"), resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    args = SimpleNamespace(**vars(_args("none")), disable_dropout=disable)
+    model = prepare_model(model, args).train()
+    ids = torch.tensor([[2, 5, 9, 11, 3, 7, 8, 4]])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(input_ids=ids).logits
+        torch.manual_seed(2)
+        b = model(input_ids=ids).logits
+    assert torch.equal(a, b) == disable
+    from utils.model import load_tokenizer
+
+    save_hf(model, load_tokenizer(tiny_dir("gpt2")), str(tmp_path / "out"), {"step": "test"})
+    saved = AutoConfig.from_pretrained(tmp_path / "out")
+    assert (saved.resid_pdrop, saved.embd_pdrop, saved.attn_pdrop) == (0.3, 0.3, 0.3)

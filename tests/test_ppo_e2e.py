@@ -217,7 +217,8 @@ def test_ppo_lora_ptx_and_the_other_options(sft_and_rm, tmp_path):
 def test_fused_critic_forward_gives_the_same_step_as_a_separate_one(sft_and_rm, tmp_path):
     """One PPO epoch over one mini-batch per rank (the defaults' shape): the rollout values come from the
     critic's training forward instead of an experience forward. Same losses, rewards and weights as with
-    --no-fuse_critic_forward, in fp32 on 2 ranks."""
+    --no-fuse_critic_forward, in fp32 on 2 ranks (where the actor's log-probabilities are generation's,
+    so the fused actor forward is not used)."""
     sft, rm = sft_and_rm
     flags = ["--max_steps", "4", "--per_device_training_batch_size", "16", "--print_answers_interval", "0"]
     fused, separate = str(tmp_path / "fused"), str(tmp_path / "separate")
@@ -225,8 +226,9 @@ def test_fused_critic_forward_gives_the_same_step_as_a_separate_one(sft_and_rm, 
     run_f = run_deepspeed("step3_ppo/main.py", [*models, "--output_dir", fused, *PPO_ARGS, *flags])
     run_s = run_deepspeed("step3_ppo/main.py", [*models, "--output_dir", separate, *PPO_ARGS, *flags,
                                                 "--no-fuse_critic_forward"])
-    assert "training forward (no experience forward for it" in run_f.stdout + run_f.stderr
-    assert "no experience forward for it" not in run_s.stdout + run_s.stderr
+    assert "critic's training forward (no experience forward for it" in run_f.stdout + run_f.stderr
+    assert "critic's training forward" not in run_s.stdout + run_s.stderr
+    assert "actor's training forward" not in run_f.stdout + run_f.stderr  # fp32: generation's logits
     a, b = ([r for r in read_metrics(d) if r["split"] == "train"] for d in (fused, separate))
     assert len(a) == len(b) == 4
     for k in ("reward", "kl", "actor_loss", "critic_loss", "clipfrac", "response_length"):
@@ -240,6 +242,33 @@ def test_fused_critic_forward_gives_the_same_step_as_a_separate_one(sft_and_rm, 
     for name in ("actor", "critic"):
         x, y = weights(os.path.join(fused, name)), weights(os.path.join(separate, name))
         assert max((x[k] - y[k]).abs().max().item() for k in x) < 5e-5, name
+
+
+def test_fused_actor_forward_gives_the_same_step_as_a_separate_one_in_bf16(sft_and_rm, tmp_path):
+    """bf16, where generation's logits are not reused: the rollout log-probabilities come from the actor's
+    training forward instead of an experience forward. The first step (one rollout, the same weights)
+    gives the same numbers as --no-fuse_actor_forward; the second differs only by bf16 rounding of
+    gradients summed in another row order (measured: KL 0.2991 vs 0.3010, the same sampled answers and
+    rewards). The ratio is exactly 1 (approx_kl 0): rows taken in another order than the rollout's
+    break that."""
+    sft, rm = sft_and_rm
+    flags = ["--max_steps", "2", "--per_device_training_batch_size", "16", "--print_answers_interval", "0",
+             "--dtype", "bf16"]
+    models = ["--actor_model_name_or_path", sft, "--critic_model_name_or_path", rm]
+    outs, logs = [], []
+    for name, extra in (("fused", []), ("separate", ["--no-fuse_actor_forward"])):
+        outs.append(str(tmp_path / name))
+        p = run_deepspeed("step3_ppo/main.py", [*models, "--output_dir", outs[-1], *PPO_ARGS, *flags, *extra])
+        logs.append(p.stdout + p.stderr)
+    assert "actor's training forward (no experience forward for it" in logs[0]
+    assert "actor's training forward" not in logs[1]
+    a, b = ([r for r in read_metrics(d) if r["split"] == "train"] for d in outs)
+    assert len(a) == len(b) == 2
+    assert all(r["approx_kl"] == 0.0 and r["clipfrac"] == 0.0 for r in a)
+    for k in ("reward", "kl", "actor_loss", "critic_loss", "response_length", "entropy", "approx_kl"):
+        assert a[0][k] == pytest.approx(b[0][k], rel=1e-5, abs=1e-7), (k, a[0][k], b[0][k])
+        assert a[1][k] == pytest.approx(b[1][k], rel=3e-2, abs=1e-3), (k, a[1][k], b[1][k])
+    assert a[1]["kl"] > 0  # the actor did move between the rollouts
 
 
 def test_critic_warmup_steps_train_the_critic_alone(sft_and_rm, tmp_path):

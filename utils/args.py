@@ -71,6 +71,8 @@ class ModelArgs:
     freeze_embeddings: str = arg("none", "token embeddings kept fixed: input, output (the LM head), both, or none "
                                  "(tied embeddings are one matrix: input, output and both are the same)",
                                  choices=["none", "input", "output", "both"])
+    disable_dropout: bool = arg(True, "set every dropout rate of the model(s) to 0 (modules and the rates HF code "
+                                "reads; the saved config keeps its values)")
 
 
 @dataclass

@@ -140,7 +140,9 @@ def apply_lora(model, lora_dim: int, lora_alpha: int, module_names: str, only_op
 
 
 def prepare_model(model, args, task_type: str = "CAUSAL_LM"):
-    """Gradient checkpointing and LoRA from the shared model arguments."""
+    """Dropout, gradient checkpointing, LoRA and frozen embeddings from the shared model arguments."""
+    if getattr(args, "disable_dropout", False):
+        disable_dropout(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
