@@ -37,3 +37,23 @@ def test_seed_section_lists_every_seed_and_passes_a_cell_only_when_all_do(tmp_pa
     assert "| chat | llama-sp | 5m | 1234: 97%/97%, 7: 95%/95% | 95% | 96% | yes |" in md
     assert md.endswith("1 of 2 cells at >= 95% / 95% with every PPO seed.")
     assert suite.seeds_markdown({}) == ""
+
+
+def test_a_ppo_seed_of_a_variant_reuses_the_variants_sft_and_reward_models(tmp_path):
+    """--variant V --extra 'reward=...' --ppo_seeds 1234 1: seed 1's PPO trains from V's reward model (not
+    a missing V_seed1/reward) and writes into V_seed1/ppo; without a variant, from the defaults' models."""
+    task = suite.task_defs.TASKS["short"]()
+    work = str(tmp_path)
+    v = suite.Cell(work, task, "gpt2", "0.5m", "rm2", {"reward": "--num_train_epochs 2"})
+    seed = suite.Cell(work, task, "gpt2", "0.5m", "rm2_seed1", {"reward": "--num_train_epochs 2", "ppo": "--seed 1"},
+                      inputs=v)
+    root = os.path.join(work, "short", "gpt2-0.5m")
+    assert seed.out("sft") == v.out("sft") == os.path.join(root, "sft")
+    assert seed.out("reward") == v.out("reward") == os.path.join(root, "rm2", "reward")
+    assert seed.out("ppo") == os.path.join(root, "rm2_seed1", "ppo")
+    cmd = suite.command(seed, "ppo", "base")
+    assert cmd[cmd.index("--critic_model_name_or_path") + 1] == os.path.join(root, "rm2", "reward")
+    assert cmd[-2:] == ["--seed", "1"]
+    plain = suite.Cell(work, task, "gpt2", "0.5m")
+    seed = suite.Cell(work, task, "gpt2", "0.5m", "seed2", {"ppo": "--seed 2"}, inputs=plain)
+    assert seed.out("reward") == os.path.join(root, "reward") and seed.out("ppo") == os.path.join(root, "seed2", "ppo")

@@ -75,14 +75,18 @@ def stamp(d: str) -> float:
 
 class Cell:
     def __init__(self, work: str, task, family: str, size: str, variant: str = "", extra: dict | None = None,
-                 step_flags: dict | None = None):
+                 step_flags: dict | None = None, inputs: "Cell | None" = None):
+        """inputs: a PPO seed's cell takes its SFT and reward models from this cell (the one it reseeds)."""
         self.task, self.family, self.size, self.variant, self.extra = task, family, size, variant, extra or {}
         self.step_flags = step_flags or STEP_FLAGS
         self.root = os.path.join(work, task.name, f"{family}-{size}")
         self.data = os.path.join(work, task.name, "data")
+        self.inputs = inputs
 
     def out(self, method: str) -> str:
         """Output dir; a variant's own dir for a method it changes or one downstream of a changed one."""
+        if self.inputs is not None and method != "ppo":
+            return self.inputs.out(method)
         if self.variant and self._changed(method):
             return os.path.join(self.root, self.variant, method)
         return os.path.join(self.root, method)
@@ -387,7 +391,8 @@ def main(argv=None) -> None:
                         for seed in (s for s in a.ppo_seeds if s != DEFAULT_PPO_SEED and "ppo" in a.methods):
                             name = f"{a.variant}_seed{seed}" if a.variant else f"seed{seed}"
                             flags = {**extra, "ppo": f"{extra.get('ppo', '')} --seed {seed}".strip()}
-                            run_cell(Cell(a.work_dir, task, fam, size, name, flags), ["ppo"], log, tuple(a.redo))
+                            run_cell(Cell(a.work_dir, task, fam, size, name, flags, inputs=cell), ["ppo"], log,
+                                     tuple(a.redo))
                     except RuntimeError as e:
                         log(f"FAILED: {e}")
                         failed.append(str(e))
