@@ -199,12 +199,12 @@ def fuses_critic_forward(args, algo) -> bool:
     return algo.critic and args.fuse_critic_forward and one_pass_step(args, algo)
 
 
-def fuses_actor_forward(args, algo) -> bool:
+def fuses_actor_forward(args, algo, actor) -> bool:
     """The actor's log-probabilities (detached) are the rollout's: the KL penalty and PPO's old policy.
     The first ratio is then exactly 1, as it is with a separate forward and no dropout. Used only where
-    it saves a forward: not while generation's own logits stand in for the actor's (fp32), which would
-    only trade their memory for the graph's (the step decides, see `train`)."""
-    return args.fuse_actor_forward and one_pass_step(args, algo)
+    it saves a forward: not where generation's own logits stand in for the actor's (fp32), which would
+    only trade their memory for the graph's."""
+    return args.fuse_actor_forward and one_pass_step(args, algo) and not reuses_generation_logits(actor)
 
 
 def rows_of(graph: torch.Tensor, part: list[int], width: int) -> torch.Tensor:
@@ -391,7 +391,10 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
     if fused:
         ds.print0("critic: one PPO epoch over one mini-batch per rank, so the rollout values come from the critic's "
                   "training forward (no experience forward for it; --no-fuse_critic_forward turns this off)")
-    fused_actor, said = fuses_actor_forward(args, algo), False
+    fused_actor = fuses_actor_forward(args, algo, models.actor)
+    if fused_actor:
+        ds.print0("actor: one PPO epoch over one mini-batch per rank, so the rollout log-probabilities come from the "
+                  "actor's training forward (no experience forward for it; --no-fuse_actor_forward turns this off)")
     ckpt = Checkpointer(args, engines, logger, lambda: client_state(models, stream, unsup, kl_ctl, reward_norm),
                         lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm))
     step = ckpt.resume()
@@ -402,13 +405,7 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
         t0 = time.perf_counter()
         rollouts, gen_sec = [], 0.0
         train_actor = step > critic_warmup
-        # A warm-up step builds no actor graph (nothing would use it); fp32 reuses generation's logits instead.
-        fuse_a = fused_actor and train_actor and not reuses_generation_logits(models.actor)
-        if fuse_a and not said:
-            said = True
-            ds.print0("actor: one PPO epoch over one mini-batch per rank, so the rollout log-probabilities come from "
-                      "the actor's training forward (no experience forward for it; --no-fuse_actor_forward turns "
-                      "this off)")
+        fuse_a = fused_actor and train_actor  # a warm-up step builds no actor graph: nothing would use it
         for j, prompts in enumerate(stream.next_step()):
             items, groups = repeat_prompts(prompts, algo.k, first_group=j * len(prompts))
             tg = time.perf_counter()
