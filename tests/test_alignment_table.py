@@ -1,4 +1,4 @@
-"""bench/alignment/run.py's table of PPO seeds: which runs it reads and what it counts as passing."""
+"""bench/alignment/run.py's tables of PPO and DPO seeds: which runs they read and what they count as passing."""
 from __future__ import annotations
 
 import json
@@ -46,7 +46,7 @@ def test_a_ppo_seed_of_a_variant_reuses_the_variants_sft_and_reward_models(tmp_p
     work = str(tmp_path)
     v = suite.Cell(work, task, "gpt2", "0.5m", "rm2", {"reward": "--num_train_epochs 2"})
     seed = suite.Cell(work, task, "gpt2", "0.5m", "rm2_seed1", {"reward": "--num_train_epochs 2", "ppo": "--seed 1"},
-                      inputs=v)
+                      inputs=v, seeded="ppo")
     root = os.path.join(work, "short", "gpt2-0.5m")
     assert seed.out("sft") == v.out("sft") == os.path.join(root, "sft")
     assert seed.out("reward") == v.out("reward") == os.path.join(root, "rm2", "reward")
@@ -55,5 +55,31 @@ def test_a_ppo_seed_of_a_variant_reuses_the_variants_sft_and_reward_models(tmp_p
     assert cmd[cmd.index("--critic_model_name_or_path") + 1] == os.path.join(root, "rm2", "reward")
     assert cmd[-2:] == ["--seed", "1"]
     plain = suite.Cell(work, task, "gpt2", "0.5m")
-    seed = suite.Cell(work, task, "gpt2", "0.5m", "seed2", {"ppo": "--seed 2"}, inputs=plain)
+    seed = suite.Cell(work, task, "gpt2", "0.5m", "seed2", {"ppo": "--seed 2"}, inputs=plain, seeded="ppo")
     assert seed.out("reward") == os.path.join(root, "reward") and seed.out("ppo") == os.path.join(root, "seed2", "ppo")
+
+
+def test_a_dpo_seed_trains_from_the_cells_sft_model_and_gets_its_own_table(tmp_path):
+    """--dpo_seeds 1234 1: seed 1's DPO starts from the cell's (or variant's) SFT model and writes into
+    seed1/dpo, beside a PPO seed's seed1/ppo; each method's seeds are read and counted on their own."""
+    task = suite.task_defs.TASKS["cold_start"]()
+    work = str(tmp_path)
+    root = os.path.join(work, "cold_start", "gpt2-0.5m")
+    v = suite.Cell(work, task, "gpt2", "0.5m", "sft12", {"sft": "--num_train_epochs 12"})
+    seed = suite.Cell(work, task, "gpt2", "0.5m", "sft12_seed1", {"sft": "--num_train_epochs 12", "dpo": "--seed 1"},
+                      inputs=v, seeded="dpo")
+    assert seed.out("sft") == os.path.join(root, "sft12", "sft")
+    assert seed.out("dpo") == os.path.join(root, "sft12_seed1", "dpo")
+    cmd = suite.command(seed, "dpo", "base")
+    assert cmd[cmd.index("--model_name_or_path") + 1] == os.path.join(root, "sft12", "sft")
+    assert cmd[-2:] == ["--seed", "1"]
+
+    _judge(os.path.join(root, "dpo", "judge.json"), 0.56, 0.87)
+    _judge(os.path.join(root, "seed1", "dpo", "judge.json"), 0.77, 0.87)
+    _judge(os.path.join(root, "seed1", "ppo", "judge.json"), 1.0, 1.0)  # one PPO seed alone: no PPO row
+    assert suite.seed_rows(work, "ppo") == {}
+    by = suite.seed_rows(work, "dpo")
+    assert sorted(by[("cold_start", "gpt2", "0.5m")]) == [1, 1234]
+    md = suite.seeds_markdown(by, "dpo")
+    assert "| cold_start | gpt2 | 0.5m | 1234: 56%/87%, 1: 77%/87% | 56% | 66% | no |" in md
+    assert md.endswith("0 of 1 cells at >= 95% / 95% with every DPO seed.")

@@ -16,7 +16,9 @@ and results.json; the reward-model probe (malformed answers vs well-formed prefe
 defaults rows; they are listed separately).
 
 --ppo_seeds 1234 1 2 also runs PPO with the other sampling seeds (from the same SFT and reward models)
-into WORK/.../seedN/; the table then adds a section with every seed of every cell that has more than one.
+into WORK/.../seedN/ppo; --dpo_seeds 1234 1 2 runs DPO with other data orders (from the same SFT model)
+into WORK/.../seedN/dpo. The table then adds a section per method with every seed of every cell that has
+more than one.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ FAMILIES = ("llama-sp", "gpt2")
 SIZES = {"0.5m": {"llama-sp": (128, 3, 4), "gpt2": (128, 2, 4)},    # 0.57M, 0.53M
          "5m": {"llama-sp": (320, 5, 4), "gpt2": (320, 4, 5)}}      # 4.7M, 5.3M
 VOCAB = 512
-DEFAULT_PPO_SEED = 1234  # step3_ppo's --seed default: the table's PPO rows
+DEFAULT_SEED = 1234  # every step's --seed default: the table's PPO and DPO rows
+SEEDED = ("ppo", "dpo")  # the methods the suite reruns with other seeds (--ppo_seeds, --dpo_seeds)
 METHODS = ("sft", "reward", "ppo", "dpo")
 # What the suite gives besides model, data and output: SFT trains a random-init model, so it needs
 # epochs; PPO's default of one pass over the prompts is a few dozen steps here, so it gets epochs too.
@@ -75,17 +78,19 @@ def stamp(d: str) -> float:
 
 class Cell:
     def __init__(self, work: str, task, family: str, size: str, variant: str = "", extra: dict | None = None,
-                 step_flags: dict | None = None, inputs: "Cell | None" = None):
-        """inputs: a PPO seed's cell takes its SFT and reward models from this cell (the one it reseeds)."""
+                 step_flags: dict | None = None, inputs: "Cell | None" = None, seeded: str = ""):
+        """inputs: a seed's cell takes every model but its `seeded` method's from this cell (the one it
+        reseeds): a PPO seed its SFT and reward models, a DPO seed its SFT model."""
         self.task, self.family, self.size, self.variant, self.extra = task, family, size, variant, extra or {}
         self.step_flags = step_flags or STEP_FLAGS
         self.root = os.path.join(work, task.name, f"{family}-{size}")
         self.data = os.path.join(work, task.name, "data")
-        self.inputs = inputs
+        assert inputs is None or seeded in SEEDED, "a seed's cell names the method it reseeds"
+        self.inputs, self.seeded = inputs, seeded
 
     def out(self, method: str) -> str:
         """Output dir; a variant's own dir for a method it changes or one downstream of a changed one."""
-        if self.inputs is not None and method != "ppo":
+        if self.inputs is not None and method != self.seeded:
             return self.inputs.out(method)
         if self.variant and self._changed(method):
             return os.path.join(self.root, self.variant, method)
@@ -286,15 +291,15 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def seed_rows(work: str) -> dict:
-    """{(task, family, size): {seed: judge row}} of PPO: the default seed's run and every seedN/ run."""
+def seed_rows(work: str, method: str = "ppo") -> dict:
+    """{(task, family, size): {seed: judge row}} of `method`: the default seed's run and every seedN/ run."""
     out = {}
     for tname in task_defs.TASKS:
         for fam in FAMILIES:
             for size in SIZES:
                 root = os.path.join(work, tname, f"{fam}-{size}")
-                found = {DEFAULT_PPO_SEED: os.path.join(root, "ppo", "judge.json")}
-                for d in glob.glob(os.path.join(root, "seed*", "ppo", "judge.json")):
+                found = {DEFAULT_SEED: os.path.join(root, method, "judge.json")}
+                for d in glob.glob(os.path.join(root, "seed*", method, "judge.json")):
                     name = d.split(os.sep)[-3]
                     if name[4:].isdigit():
                         found[int(name[4:])] = d
@@ -308,32 +313,35 @@ def seed_rows(work: str) -> dict:
     return out
 
 
-def seeds_markdown(by_cell: dict) -> str:
-    """One line per cell run with several PPO seeds: preferred/well-formed per seed, min and mean preferred."""
+def seeds_markdown(by_cell: dict, method: str = "ppo") -> str:
+    """One line per cell run with several seeds: preferred/well-formed per seed, min and mean preferred."""
     if not by_cell:
         return ""
-    lines = ["| task | family | size | PPO per seed (preferred/well-formed) | min | mean | every seed >= 95/95 |",
+    name = method.upper()
+    lines = [f"| task | family | size | {name} per seed (preferred/well-formed) | min | mean | every seed >= 95/95 |",
              "|---|---|---|---|---|---|---|"]
     passing = 0
     for (t, fam, size), rows in by_cell.items():
-        seeds = sorted(rows, key=lambda s: (s != DEFAULT_PPO_SEED, s))
+        seeds = sorted(rows, key=lambda s: (s != DEFAULT_SEED, s))
         per = ", ".join(f"{s}: {rows[s]['preferred']:.0%}/{rows[s]['well_formed']:.0%}" for s in seeds)
         pref = [rows[s]["preferred"] for s in seeds]
         ok = all(rows[s]["preferred"] >= 0.95 and rows[s]["well_formed"] >= 0.95 for s in seeds)
         passing += ok
         lines.append(f"| {t} | {fam} | {size} | {per} | {min(pref):.0%} | {sum(pref) / len(pref):.0%} | "
                      f"{'yes' if ok else 'no'} |")
-    lines += ["", f"{passing} of {len(by_cell)} cells at >= 95% / 95% with every PPO seed."]
+    lines += ["", f"{passing} of {len(by_cell)} cells at >= 95% / 95% with every {name} seed."]
     return "\n".join(lines)
 
 
 def write_results(work: str, out_prefix: str) -> str:
     rows = collect(work)
     md = "Preferred / well-formed on held-out prompts:\n\n" + summary(rows) + "\n\nEvery row:\n\n" + markdown(rows)
-    seeds = seed_rows(work)
-    if seeds:
-        md += "\n\nPPO with other sampling seeds (`--ppo_seeds`; the rows above are seed 1234):\n\n" + \
-            seeds_markdown(seeds)
+    seeds = {m: seed_rows(work, m) for m in SEEDED}
+    what = {"ppo": "sampling seeds", "dpo": "seeds (data order)"}
+    for m in SEEDED:
+        if seeds[m]:
+            md += (f"\n\n{m.upper()} with other {what[m]} (`--{m}_seeds`; the rows above are seed {DEFAULT_SEED}):\n\n"
+                   + seeds_markdown(seeds[m], m))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     with open(out_prefix + ".md", "w") as f:
@@ -343,10 +351,11 @@ def write_results(work: str, out_prefix: str) -> str:
         json.dump({"commit": commit, "step_flags": STEP_FLAGS, "sizes": SIZES,
                    "rows": [{k: v for k, v in r.items() if k != "answers"} | {"samples": r.get("answers", [])[:6]}
                             for r in rows],
-                   "ppo_seeds": [{"task": t, "family": f, "size": z, "seed": s,
-                                  **{k: v for k, v in r.items() if k != "answers"},
-                                  "samples": r.get("answers", [])[:6]}
-                                 for (t, f, z), by in seeds.items() for s, r in sorted(by.items())]},
+                   **{f"{m}_seeds": [{"task": t, "family": f, "size": z, "seed": s,
+                                      **{k: v for k, v in r.items() if k != "answers"},
+                                      "samples": r.get("answers", [])[:6]}
+                                     for (t, f, z), by in seeds[m].items() for s, r in sorted(by.items())]
+                      for m in SEEDED}},
                   f, indent=1)
     return md
 
@@ -364,9 +373,12 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="METHOD='flags' for a --variant")
     ap.add_argument("--redo", nargs="*", default=[], choices=list(METHODS),
                     help="rerun these steps even when their outputs are complete (e.g. after a default changed)")
-    ap.add_argument("--ppo_seeds", nargs="+", type=int, default=[DEFAULT_PPO_SEED],
-                    help="PPO sampling seeds; each one other than the default runs into WORK/.../seedN/ "
+    ap.add_argument("--ppo_seeds", nargs="+", type=int, default=[DEFAULT_SEED],
+                    help="PPO sampling seeds; each one other than the default runs into WORK/.../seedN/ppo "
                          "(or VARIANT_seedN/) from the same SFT and reward models")
+    ap.add_argument("--dpo_seeds", nargs="+", type=int, default=[DEFAULT_SEED],
+                    help="DPO seeds (data order); each one other than the default runs into WORK/.../seedN/dpo "
+                         "(or VARIANT_seedN/) from the same SFT model")
     ap.add_argument("--table_only", action="store_true")
     a = ap.parse_args(argv)
     extra = dict(e.split("=", 1) for e in a.extra)
@@ -388,11 +400,12 @@ def main(argv=None) -> None:
                     cell = Cell(a.work_dir, task, fam, size, a.variant, extra)
                     try:
                         run_cell(cell, a.methods, log, tuple(a.redo))
-                        for seed in (s for s in a.ppo_seeds if s != DEFAULT_PPO_SEED and "ppo" in a.methods):
-                            name = f"{a.variant}_seed{seed}" if a.variant else f"seed{seed}"
-                            flags = {**extra, "ppo": f"{extra.get('ppo', '')} --seed {seed}".strip()}
-                            run_cell(Cell(a.work_dir, task, fam, size, name, flags, inputs=cell), ["ppo"], log,
-                                     tuple(a.redo))
+                        for m, seeds in (("ppo", a.ppo_seeds), ("dpo", a.dpo_seeds)):
+                            for seed in (s for s in seeds if s != DEFAULT_SEED and m in a.methods):
+                                name = f"{a.variant}_seed{seed}" if a.variant else f"seed{seed}"
+                                flags = {**extra, m: f"{extra.get(m, '')} --seed {seed}".strip()}
+                                run_cell(Cell(a.work_dir, task, fam, size, name, flags, inputs=cell, seeded=m), [m],
+                                         log, tuple(a.redo))
                     except RuntimeError as e:
                         log(f"FAILED: {e}")
                         failed.append(str(e))
