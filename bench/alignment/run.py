@@ -391,6 +391,9 @@ def main(argv=None) -> None:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    # (method, seed) of every extra seed run of a cell: the same list for every cell.
+    reseeds = [(m, seed) for m, seeds in (("ppo", a.ppo_seeds), ("dpo", a.dpo_seeds)) if m in a.methods
+               for seed in seeds if seed != DEFAULT_SEED]
     failed = []
     if not a.table_only:
         for tname in a.tasks:
@@ -400,12 +403,11 @@ def main(argv=None) -> None:
                     cell = Cell(a.work_dir, task, fam, size, a.variant, extra)
                     try:
                         run_cell(cell, a.methods, log, tuple(a.redo))
-                        for m, seeds in (("ppo", a.ppo_seeds), ("dpo", a.dpo_seeds)):
-                            for seed in (s for s in seeds if s != DEFAULT_SEED and m in a.methods):
-                                name = f"{a.variant}_seed{seed}" if a.variant else f"seed{seed}"
-                                flags = {**extra, m: f"{extra.get(m, '')} --seed {seed}".strip()}
-                                run_cell(Cell(a.work_dir, task, fam, size, name, flags, inputs=cell, seeded=m), [m],
-                                         log, tuple(a.redo))
+                        for m, seed in reseeds:
+                            name = f"{a.variant}_seed{seed}" if a.variant else f"seed{seed}"
+                            flags = {**extra, m: f"{extra.get(m, '')} --seed {seed}".strip()}
+                            run_cell(Cell(a.work_dir, task, fam, size, name, flags, inputs=cell, seeded=m), [m], log,
+                                     tuple(a.redo))
                     except RuntimeError as e:
                         log(f"FAILED: {e}")
                         failed.append(str(e))
