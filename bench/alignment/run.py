@@ -41,10 +41,16 @@ from bench.common import free_port  # noqa: E402
 from utils.ds import remove_shm_buffers  # noqa: E402
 import tasks as task_defs  # noqa: E402
 
-FAMILIES = ("llama-sp", "gpt2")
+FAMILIES = ("llama-sp", "gpt2")  # the table's (issue 10): with a pad token, and without one (pad = EOS)
+# More families a run can ask for (--families): OPT (BOS prepended, a pad token, dropout 0.1 in its
+# config) and Qwen2 (no BOS, ChatML template, pad <|endoftext|> apart from EOS <|im_end|>).
+EXTRA_FAMILIES = ("opt", "qwen2")
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 # (hidden, layers, heads) per family and size; parameter counts in the comment.
-SIZES = {"0.5m": {"llama-sp": (128, 3, 4), "gpt2": (128, 2, 4)},    # 0.57M, 0.53M
-         "5m": {"llama-sp": (320, 5, 4), "gpt2": (320, 4, 5)}}      # 4.7M, 5.3M
+SIZES = {"0.5m": {"llama-sp": (128, 3, 4), "gpt2": (128, 2, 4),      # 0.57M, 0.53M
+                  "opt": (128, 3, 4), "qwen2": (128, 3, 4)},         # 0.53M, 0.51M
+         "5m": {"llama-sp": (320, 5, 4), "gpt2": (320, 4, 5),        # 4.7M, 5.3M
+                "opt": (320, 5, 5), "qwen2": (320, 5, 4)}}          # 4.4M, 4.8M
 VOCAB = 512
 DEFAULT_SEED = 1234  # every step's --seed default: the table's PPO and DPO rows
 SEEDED = ("ppo", "dpo")  # the methods the suite reruns with other seeds (--ppo_seeds, --dpo_seeds)
@@ -238,7 +244,7 @@ def run_cell(cell: Cell, methods: list[str], log, redo: tuple = ()) -> dict:
 def collect(work: str, variant: str = "") -> list[dict]:
     rows = []
     for tname in task_defs.TASKS:
-        for fam in FAMILIES:
+        for fam in ALL_FAMILIES:
             for size in SIZES:
                 root = os.path.join(work, tname, f"{fam}-{size}", variant) if variant else \
                     os.path.join(work, tname, f"{fam}-{size}")
@@ -270,7 +276,8 @@ def markdown(rows: list[dict]) -> str:
 def summary(rows: list[dict]) -> str:
     """Compact view: one row per (task, method), one column per (family, size): preferred / well-formed,
     and the reward model's malformed-wins rate under the PPO rows."""
-    cells = [(f, z) for f in FAMILIES for z in SIZES]
+    present = {r["family"] for r in rows}
+    cells = [(f, z) for f in ALL_FAMILIES for z in SIZES if f in FAMILIES or f in present]
     by = {(r["task"], r["family"], r["size"], r["method"]): r for r in rows}
     head = "| task | method | " + " | ".join(f"{f} {z}" for f, z in cells) + " |"
     lines = [head, "|---|---|" + "---|" * len(cells)]
@@ -295,7 +302,7 @@ def seed_rows(work: str, method: str = "ppo") -> dict:
     """{(task, family, size): {seed: judge row}} of `method`: the default seed's run and every seedN/ run."""
     out = {}
     for tname in task_defs.TASKS:
-        for fam in FAMILIES:
+        for fam in ALL_FAMILIES:
             for size in SIZES:
                 root = os.path.join(work, tname, f"{fam}-{size}")
                 found = {DEFAULT_SEED: os.path.join(root, method, "judge.json")}
@@ -363,7 +370,8 @@ def write_results(work: str, out_prefix: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(task_defs.TASKS), choices=list(task_defs.TASKS))
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(ALL_FAMILIES),
+                    help=f"model families (default: the table's {' '.join(FAMILIES)}; also {' '.join(EXTRA_FAMILIES)})")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="steps to run and judge (a step's inputs must exist or be listed too)")
