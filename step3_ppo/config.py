@@ -95,8 +95,8 @@ class PPOModelArgs:
 class RolloutArgs:
     max_prompt_seq_len: int = arg(256, "longest prompt in tokens (template included); longer prompts follow "
                                        "--overlong, and truncate keeps the end of the prompt", ge=1)
-    max_answer_seq_len: int = arg(256, "most tokens generated per answer; answers cut here get "
-                                       "--missing_eos_penalty", ge=1)
+    max_answer_seq_len: int = arg(256, "most tokens generated per answer; an answer cut here scores as "
+                                       "--cut_answer_score says", ge=1)
     per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout (each answered "
                                                     "--n_samples_per_prompt times on this rank)", ge=1)
     generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer", ge=1)
@@ -143,7 +143,16 @@ class PPOArgs:
                                     "the rollout and current policy exceeds this (0: never)", ge=0)
     clip_reward_value: float = arg(5.0, "clip the reward-model score to +-value (0: no clip)", ge=0)
     normalize_reward: bool = arg(False, "normalise scores by the running mean and std of all scores seen")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the score of answers cut at --max_answer_seq_len", ge=0)
+    missing_eos_penalty: float = arg(0.0, "subtracted from the score of answers cut at --max_answer_seq_len (with "
+                                          "--cut_answer_score scored)", ge=0)
+    cut_answer_score: str = arg("auto", "the score of an answer cut at --max_answer_seq_len (no EOS): lowest = "
+                                        "-clip_reward_value, the lowest score any answer can get (a reward model is "
+                                        "trained to score finished answers at their EOS, so its reading of a cut one "
+                                        "is outside its training, and PPO can climb it with answers that never end); "
+                                        "scored = the score as computed, minus --missing_eos_penalty; auto = lowest "
+                                        "when a reward model scores the answers, --clip_reward_value > 0 and no "
+                                        "--missing_eos_penalty is given, else scored",
+                                choices=["auto", "lowest", "scored"])
     gamma: float = arg(1.0, "discount factor of the per-token rewards", ge=0, le=1)
     lam: float = arg(0.95, "GAE lambda (bias-variance trade-off of the advantages)", ge=0, le=1)
     whiten_advantages: bool = arg(True, "normalise the advantages of each buffer to zero mean, unit variance")
@@ -206,6 +215,7 @@ class Algorithm:
     critic: bool         # a critic is loaded and trained
     reference: bool      # a reference model is loaded (kl_coef > 0)
     reward_model: str | None  # frozen reward model directory, or None (rule-based rewards only)
+    cut_lowest: bool = False  # an answer cut at --max_answer_seq_len scores -clip_reward_value
 
 
 CRITIC_WARMUP_SHARE = 0.1  # --critic_warmup_steps -1: this share of the steps (README, Alignment defaults)
@@ -256,4 +266,21 @@ def resolve_algorithm(args) -> Algorithm:
         raise UserError("--target_kl adapts --kl_coef multiplicatively, which cannot start from 0; give --kl_coef > 0")
     loss_agg = AUTO_LOSS_AGG[est] if args.loss_agg == "auto" else args.loss_agg
     return Algorithm(estimator=est, k=k, scale=scale, loss_agg=loss_agg, kl_in=args.kl_in, critic=critic,
-                     reference=args.kl_coef > 0, reward_model=reward_model)
+                     reference=args.kl_coef > 0, reward_model=reward_model,
+                     cut_lowest=cut_answer_lowest(args, reward_model))
+
+
+def cut_answer_lowest(args, reward_model: str | None) -> bool:
+    """--cut_answer_score resolved: True when an answer cut at --max_answer_seq_len scores -clip_reward_value."""
+    if args.cut_answer_score == "lowest":
+        if not args.clip_reward_value:
+            raise UserError("--cut_answer_score lowest gives a cut answer -clip_reward_value, the lowest score; with "
+                            "--clip_reward_value 0 there is none: give a --clip_reward_value > 0 or --cut_answer_score "
+                            "scored")
+        if args.missing_eos_penalty:
+            raise UserError("--missing_eos_penalty applies with --cut_answer_score scored; with lowest a cut answer "
+                            "already gets the lowest score")
+        return True
+    if args.cut_answer_score == "scored":
+        return False
+    return reward_model is not None and args.clip_reward_value > 0 and not args.missing_eos_penalty

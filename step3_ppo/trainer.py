@@ -4,7 +4,8 @@
      --n_samples_per_prompt times on this rank -> answers, the models' forward passes and the
      rule-based rewards (rollout.py);
   2. rewards and advantages: score (reward model + weighted --reward_funcs, optionally normalised,
-     minus --missing_eos_penalty, clipped), the KL penalty in the reward (--kl_in reward), then the
+     minus --missing_eos_penalty, clipped; a cut answer scores -clip_reward_value by default:
+     --cut_answer_score), the KL penalty in the reward (--kl_in reward), then the
      --advantage_estimator: GAE with advantages whitened over the buffer of all ranks (PPO), a group
      baseline (grpo, dr_grpo, rloo), or discounted returns normalised over the batch (reinforce_pp);
   3. --ppo_epochs passes over the buffer in shuffled mini-batches: clipped policy loss (+ entropy bonus,
@@ -50,13 +51,16 @@ def make_kl_controller(args):
 
 # ----------------------------------------------------------------------------- rewards and advantages
 
-def final_score(args, b: dict, reward_norm: RunningMoments) -> torch.Tensor:
+def final_score(args, algo, b: dict, reward_norm: RunningMoments) -> torch.Tensor:
     """The answer's scalar reward [B]: the score (reward model + rule-based rewards), optionally
-    normalised, minus --missing_eos_penalty for cut answers, clipped to +-clip_reward_value."""
+    normalised, minus --missing_eos_penalty for cut answers, clipped to +-clip_reward_value; with
+    --cut_answer_score lowest (algo.cut_lowest) a cut answer gets -clip_reward_value instead."""
     score = reward_norm.normalize(b["score"]) if args.normalize_reward else b["score"]
     score = score - args.missing_eos_penalty * (~b["has_eos"]).to(score.dtype)
     if args.clip_reward_value:
         score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
+    if algo.cut_lowest:
+        score = torch.where(b["has_eos"], score, torch.full_like(score, -args.clip_reward_value))
     return score
 
 
@@ -83,7 +87,7 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
     local = defaultdict(float)
     for b in rollouts:
         mask = b["action_mask"]
-        score = final_score(args, b, reward_norm)
+        score = final_score(args, algo, b, reward_norm)
         # Without a reference model the KL is 0 by definition (logp against itself) and is not logged.
         ref_logp = b["ref_logp"] if "ref_logp" in b else b["logp"]
         if algo.estimator == "reinforce_pp_baseline":  # group mean subtracted first (Hu et al.)

@@ -238,7 +238,7 @@ def test_every_flag_has_help_and_the_issue_flags_exist():
     for name in ("actor_zero_stage", "critic_zero_stage", "offload", "offload_reference_model", "offload_reward_model",
                  "actor_lora_dim", "critic_lora_dim", "actor_gradient_checkpointing", "max_prompt_seq_len",
                  "max_answer_seq_len", "temperature", "top_p", "top_k", "kl_coef", "kl_estimator",
-                 "clip_reward_value", "normalize_reward", "missing_eos_penalty", "gamma", "lam",
+                 "clip_reward_value", "normalize_reward", "missing_eos_penalty", "cut_answer_score", "gamma", "lam",
                  "whiten_advantages", "target_kl", "kl_horizon", "early_stop_kl", "generation_batches", "ppo_epochs",
                  "per_device_training_batch_size", "cliprange", "cliprange_value", "entropy_coef", "unsup_data_path",
                  "unsup_coef", "enable_ema", "ema_beta", "max_steps", "num_train_epochs", "print_answers_interval",

@@ -379,6 +379,10 @@ def test_kl_estimator_gradients_as_losses_exactly():
     (["--critic_model_name_or_path", "c", "--kl_coef", "0", "--target_kl", "1"], "--target_kl"),
     (["--advantage_estimator", "grpo", "--n_samples_per_prompt", "3", "--reward_funcs", "m:f",
       "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "4"], "3 answers"),
+    (["--critic_model_name_or_path", "c", "--cut_answer_score", "lowest", "--clip_reward_value", "0"],
+     "--clip_reward_value 0"),
+    (["--critic_model_name_or_path", "c", "--cut_answer_score", "lowest", "--missing_eos_penalty", "1"],
+     "--missing_eos_penalty applies with --cut_answer_score scored"),
 ])
 def test_algorithm_flags_refuse_what_cannot_work(flags, message):
     from step3_ppo.models import check_args
@@ -408,6 +412,34 @@ def test_algorithm_defaults_and_models_loaded():
     assert _algo_args("reinforce_pp", k=1)[1].scale == "batch"
     args = types.SimpleNamespace(**vars(_algo_args("grpo")[0]))
     assert args.advantage_estimator == "grpo"  # resolving never changes the parsed flags
+
+
+def test_a_cut_answer_gets_the_lowest_score_by_default_when_a_reward_model_scores_it():
+    """--cut_answer_score auto: with a reward model, clipping on and no --missing_eos_penalty, an answer cut
+    at --max_answer_seq_len scores -clip_reward_value whatever the reward model read at its last token;
+    with reward functions only, with a penalty of the user's own, or with clipping off, the score stands."""
+    from step3_ppo.trainer import final_score
+
+    base = ["--actor_model_name_or_path", "a", "--data_path", "p", "--output_dir", "o"]
+
+    def resolved(*flags):
+        args = parse(GROUPS, "t", base + list(flags), required=REQUIRED)
+        return args, resolve_algorithm(args)
+
+    b = {"score": torch.tensor([4.0, 9.0, -1.0, 2.0]), "has_eos": torch.tensor([True, True, False, False])}
+    args, algo = resolved("--critic_model_name_or_path", "c")  # PPO's defaults: clip 5
+    assert algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -5.0, -5.0]
+    args, algo = resolved("--critic_model_name_or_path", "c", "--missing_eos_penalty", "0.5")
+    assert not algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -1.5, 1.5]
+    args, algo = resolved("--critic_model_name_or_path", "c", "--clip_reward_value", "0")
+    assert not algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 9.0, -1.0, 2.0]
+    args, algo = resolved("--critic_model_name_or_path", "c", "--cut_answer_score", "scored")
+    assert not algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -1.0, 2.0]
+    grpo = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_funcs", "m:f"]
+    assert not resolved(*grpo)[1].cut_lowest  # a reward function decides what a cut answer is worth
+    assert resolved(*grpo, "--reward_model_name_or_path", "r")[1].cut_lowest
+    args, algo = resolved(*grpo, "--cut_answer_score", "lowest", "--clip_reward_value", "2")
+    assert algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [2.0, 2.0, -2.0, -2.0]
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])

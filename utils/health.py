@@ -71,8 +71,8 @@ class AnswerHealthMonitor:
     SIGNALS = (
         ("eos_rate", "eos_drop", "answers_without_eos",
          "only {now:.0%} of rollout answers end with EOS (step 1: {start:.0%}): the actor is drifting to answers "
-         "that run to --max_answer_seq_len. Check the samples; consider --missing_eos_penalty, a larger "
-         "--kl_coef or a reward model trained with --synthetic_negatives"),
+         "that run to --max_answer_seq_len. Check the samples; consider --cut_answer_score lowest (the default "
+         "with a reward model), a larger --kl_coef or a reward model trained with --synthetic_negatives"),
         ("distinct_ratio", "distinct_drop", "repeating_answers",
          "rollout answers repeat tokens: distinct-token ratio {now:.2f} (step 1: {start:.2f}). The reward model "
          "may over-score repeated words (probe it with step2_reward/rw_eval.py); consider a larger --kl_coef or "
