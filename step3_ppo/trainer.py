@@ -386,7 +386,8 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
           critic_warmup: int = 0) -> dict:
     """Steps up to `total_steps`, the first `critic_warmup` of them updating only the critic; returns the
     last step's metrics."""
-    kl_ctl, reward_norm, health = make_kl_controller(args), RunningMoments(), AnswerHealthMonitor()
+    kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
+    health = AnswerHealthMonitor(cut_lowest=algo.cut_lowest)
     gen_cfg = generation_config(args, encoder)
     last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank

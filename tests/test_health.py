@@ -53,6 +53,15 @@ def test_answer_health_warns_when_eos_or_variety_drops_from_the_first_step():
     assert mon.check(4, {"eos_rate": 0.1, "distinct_ratio": 0.1}) == []  # each warns once
 
 
+def test_a_first_rollout_of_mostly_cut_answers_warns_when_cut_answers_score_the_lowest():
+    assert AnswerHealthMonitor().check(1, {"eos_rate": 0.2, "distinct_ratio": 0.9}) == []
+    assert AnswerHealthMonitor(cut_lowest=True).check(1, {"eos_rate": 0.6, "distinct_ratio": 0.9}) == []
+    mon = AnswerHealthMonitor(cut_lowest=True)
+    (w,) = mon.check(1, {"eos_rate": 0.2, "distinct_ratio": 0.9})
+    assert w["warning"] == "answers_cut_at_start" and "20%" in w["message"] and "--max_answer_seq_len" in w["message"]
+    assert mon.check(2, {"eos_rate": 0.1, "distinct_ratio": 0.9}) == []  # the drop rule: 0.2 -> 0.1 is within 0.2
+
+
 def test_corruptions_of_a_reply():
     reply = [10, 11, 12, 13, EOS]
     rng = random.Random(0)

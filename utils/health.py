@@ -62,8 +62,12 @@ class AnswerHealthMonitor:
     """Warns once each when PPO's rollout answers stop ending at EOS or start repeating, relative to the
     first step's answers (the SFT policy's habits)."""
 
-    def __init__(self, eos_drop: float = 0.2, distinct_drop: float = 0.15):
+    def __init__(self, eos_drop: float = 0.2, distinct_drop: float = 0.15, cut_lowest: bool = False,
+                 cut_warn: float = 0.5):
+        """cut_lowest: cut answers score the lowest (--cut_answer_score); then a first rollout in which fewer
+        than `cut_warn` of the answers end gets a warning of its own."""
         self.eos_drop, self.distinct_drop = eos_drop, distinct_drop
+        self.cut_lowest, self.cut_warn = cut_lowest, cut_warn
         self.start: dict | None = None
         self.fired: set[str] = set()
 
@@ -83,6 +87,14 @@ class AnswerHealthMonitor:
         """`stats`: a PPO step's metrics with eos_rate and distinct_ratio. Returns new warning events."""
         if self.start is None:
             self.start = {key: stats[key] for key, *_ in self.SIGNALS}
+            if self.cut_lowest and stats["eos_rate"] < self.cut_warn:
+                return [{"step": step, "split": "warning", "warning": "answers_cut_at_start",
+                         "eos_rate": stats["eos_rate"],
+                         "message": f"only {stats['eos_rate']:.0%} of the first rollout's answers end with EOS within "
+                                    "--max_answer_seq_len, and a cut answer scores -clip_reward_value "
+                                    "(--cut_answer_score), so the reward model's scores reach few answers: raise "
+                                    "--max_answer_seq_len if your answers are longer, or check that the SFT model "
+                                    "learned to stop"}]
             return []
         out = []
         for key, drop, name, message in self.SIGNALS:
