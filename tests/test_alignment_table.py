@@ -85,18 +85,18 @@ def test_a_dpo_seed_trains_from_the_cells_sft_model_and_gets_its_own_table(tmp_p
     assert md.endswith("0 of 1 cells at >= 95% / 95% with every DPO seed.")
 
 
-def test_extra_families_get_columns_only_when_they_ran_and_are_collected_like_the_tables(tmp_path):
-    """--families opt qwen2: their cells are read back like the table's two families, and the summary adds
-    a column for an extra family only when some cell of it has a row (the committed table keeps its four)."""
+def test_families_get_columns_when_they_ran_and_extra_ones_are_collected_like_the_tables(tmp_path):
+    """--families opt qwen2: their cells are read back like the table's two families, and the summary has
+    columns (both sizes) for the families that have rows, in a fixed order."""
     work = str(tmp_path)
-    _judge(os.path.join(work, "two_slot", "gpt2-0.5m", "dpo", "judge.json"), 0.93, 0.93)
-    rows = suite.collect(work)
-    head = suite.summary(rows).splitlines()[0]
-    assert head == "| task | method | llama-sp 0.5m | llama-sp 5m | gpt2 0.5m | gpt2 5m |"
+    assert suite.summary([]).splitlines()[0] == "| task | method | llama-sp 0.5m | llama-sp 5m | gpt2 0.5m | gpt2 5m |"
     _judge(os.path.join(work, "two_slot", "qwen2-0.5m", "dpo", "judge.json"), 1.0, 0.96)
+    rows = suite.collect(work)
+    assert suite.summary(rows).splitlines()[0] == "| task | method | qwen2 0.5m | qwen2 5m |"
+    _judge(os.path.join(work, "two_slot", "gpt2-0.5m", "dpo", "judge.json"), 0.93, 0.93)
     rows = suite.collect(work)
     assert {(r["family"], r["size"]) for r in rows} == {("gpt2", "0.5m"), ("qwen2", "0.5m")}
     table = suite.summary(rows).splitlines()
-    assert table[0].endswith("| gpt2 5m | qwen2 0.5m | qwen2 5m |") and "opt" not in table[0]
-    assert table[2] == "| two_slot | DPO |  |  | 93% / 93% |  | 100% / 96% |  |"
+    assert table[0] == "| task | method | gpt2 0.5m | gpt2 5m | qwen2 0.5m | qwen2 5m |"
+    assert table[2] == "| two_slot | DPO | 93% / 93% |  | 100% / 96% |  |"
     assert set(suite.SIZES["0.5m"]) == set(suite.SIZES["5m"]) == set(suite.ALL_FAMILIES)

@@ -276,8 +276,8 @@ def markdown(rows: list[dict]) -> str:
 def summary(rows: list[dict]) -> str:
     """Compact view: one row per (task, method), one column per (family, size): preferred / well-formed,
     and the reward model's malformed-wins rate under the PPO rows."""
-    present = {r["family"] for r in rows}
-    cells = [(f, z) for f in ALL_FAMILIES for z in SIZES if f in FAMILIES or f in present]
+    present = {r["family"] for r in rows} or set(FAMILIES)
+    cells = [(f, z) for f in ALL_FAMILIES for z in SIZES if f in present]
     by = {(r["task"], r["family"], r["size"], r["method"]): r for r in rows}
     head = "| task | method | " + " | ".join(f"{f} {z}" for f, z in cells) + " |"
     lines = [head, "|---|---|" + "---|" * len(cells)]
