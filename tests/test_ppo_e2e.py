@@ -32,10 +32,14 @@ def sft_and_rm(tiny_dir, tmp_path_factory):
     run_deepspeed("step1_sft/main.py", ["--model_name_or_path", tiny_dir("llama"), "--data_path",
                                         os.path.join(DATA, "sft.jsonl"), "--output_dir", sft, "--learning_rate", "3e-3",
                                         "--num_train_epochs", "15", "--per_device_train_batch_size", "8"])
+    # The reward model keeps its default synthetic negatives. Without them it scores the fragment "is great."
+    # about as high as a well-formed warm answer (4.47), and whether this lr-1e-3 PPO run lands on the
+    # fragment depends on its trajectory: with cut answers at the lowest score (the default), seed 1234
+    # did, 0 of 54 held-out answers keeping "The <noun>", seeds 1 and 2 not (53 and 54 of 54).
     run_deepspeed("step2_reward/main.py", ["--model_name_or_path", sft, "--data_path",
                                            os.path.join(DATA, "preference.jsonl"), "--output_dir", rm,
                                            "--learning_rate", "3e-3", "--num_train_epochs", "3",
-                                           "--per_device_train_batch_size", "8", "--synthetic_negatives", "0"])
+                                           "--per_device_train_batch_size", "8"])
     return sft, rm
 
 
