@@ -23,13 +23,15 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import torch  # noqa: E402
+
+from utils.losses import sft_loss  # noqa: E402
 
 
 class Runner:
     """One model (eager or compiled) with its optimizer and its two timed functions."""
 
     def __init__(self, model_dir: str, compiled: bool):
-        import torch
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
@@ -39,25 +41,17 @@ class Runner:
         self.vocab = self.model.config.vocab_size
 
     def forward_backward(self, ids):
-        import torch
-
-        from utils.losses import sft_loss
-
         logits = self.fwd(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
         loss, _ = sft_loss(logits, ids, ids[:, 1:].numel())
         loss.backward()
 
     def step(self, ids):
-        import torch
-
         self.forward_backward(ids)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     def time(self, what: str, batch: int, seq_len: int, steps: int) -> list[float]:
-        import torch
-
         ms = []
         for _ in range(steps):
             ids = torch.randint(0, self.vocab, (batch, seq_len))
@@ -82,8 +76,6 @@ def main() -> None:
     for name in ("batch", "seq_len", "steps", "reps", "warmup", "threads"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    import torch
-
     torch.set_num_threads(a.threads)
     model_dir = common.make_model(a.work, a.size)
     load0 = common.load_average()

@@ -215,7 +215,7 @@ class Algorithm:
     critic: bool         # a critic is loaded and trained
     reference: bool      # a reference model is loaded (kl_coef > 0)
     reward_model: str | None  # frozen reward model directory, or None (rule-based rewards only)
-    cut_lowest: bool = False  # an answer cut at --max_answer_seq_len scores -clip_reward_value
+    cut_score: str = "scored"  # lowest: an answer cut at --max_answer_seq_len scores -clip_reward_value
 
 
 CRITIC_WARMUP_SHARE = 0.1  # --critic_warmup_steps -1: this share of the steps (README, Alignment defaults)
@@ -267,11 +267,12 @@ def resolve_algorithm(args) -> Algorithm:
     loss_agg = AUTO_LOSS_AGG[est] if args.loss_agg == "auto" else args.loss_agg
     return Algorithm(estimator=est, k=k, scale=scale, loss_agg=loss_agg, kl_in=args.kl_in, critic=critic,
                      reference=args.kl_coef > 0, reward_model=reward_model,
-                     cut_lowest=cut_answer_lowest(args, reward_model))
+                     cut_score=resolve_cut_score(args, reward_model))
 
 
-def cut_answer_lowest(args, reward_model: str | None) -> bool:
-    """--cut_answer_score resolved: True when an answer cut at --max_answer_seq_len scores -clip_reward_value."""
+def resolve_cut_score(args, reward_model: str | None) -> str:
+    """--cut_answer_score resolved: lowest (an answer cut at --max_answer_seq_len scores -clip_reward_value)
+    or scored."""
     if args.cut_answer_score == "lowest":
         if not args.clip_reward_value:
             raise UserError("--cut_answer_score lowest gives a cut answer -clip_reward_value, the lowest score; with "
@@ -280,7 +281,8 @@ def cut_answer_lowest(args, reward_model: str | None) -> bool:
         if args.missing_eos_penalty:
             raise UserError("--missing_eos_penalty applies with --cut_answer_score scored; with lowest a cut answer "
                             "already gets the lowest score")
-        return True
+        return "lowest"
     if args.cut_answer_score == "scored":
-        return False
-    return reward_model is not None and args.clip_reward_value > 0 and not args.missing_eos_penalty
+        return "scored"
+    lowest = reward_model is not None and args.clip_reward_value > 0 and not args.missing_eos_penalty
+    return "lowest" if lowest else "scored"

@@ -54,12 +54,12 @@ def make_kl_controller(args):
 def final_score(args, algo, b: dict, reward_norm: RunningMoments) -> torch.Tensor:
     """The answer's scalar reward [B]: the score (reward model + rule-based rewards), optionally
     normalised, minus --missing_eos_penalty for cut answers, clipped to +-clip_reward_value; with
-    --cut_answer_score lowest (algo.cut_lowest) a cut answer gets -clip_reward_value instead."""
+    --cut_answer_score lowest (algo.cut_score) a cut answer gets -clip_reward_value instead."""
     score = reward_norm.normalize(b["score"]) if args.normalize_reward else b["score"]
     score = score - args.missing_eos_penalty * (~b["has_eos"]).to(score.dtype)
     if args.clip_reward_value:
         score = score.clamp(-args.clip_reward_value, args.clip_reward_value)
-    if algo.cut_lowest:
+    if algo.cut_score == "lowest":
         score = torch.where(b["has_eos"], score, torch.full_like(score, -args.clip_reward_value))
     return score
 
@@ -387,7 +387,7 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
     """Steps up to `total_steps`, the first `critic_warmup` of them updating only the critic; returns the
     last step's metrics."""
     kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
-    health = AnswerHealthMonitor(cut_lowest=algo.cut_lowest)
+    health = AnswerHealthMonitor(cut_lowest=algo.cut_score == "lowest")
     gen_cfg = generation_config(args, encoder)
     last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank

@@ -428,18 +428,18 @@ def test_a_cut_answer_gets_the_lowest_score_by_default_when_a_reward_model_score
 
     b = {"score": torch.tensor([4.0, 9.0, -1.0, 2.0]), "has_eos": torch.tensor([True, True, False, False])}
     args, algo = resolved("--critic_model_name_or_path", "c")  # PPO's defaults: clip 5
-    assert algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -5.0, -5.0]
+    assert algo.cut_score == "lowest" and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -5.0, -5.0]
     args, algo = resolved("--critic_model_name_or_path", "c", "--missing_eos_penalty", "0.5")
-    assert not algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -1.5, 1.5]
+    assert algo.cut_score == "scored" and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -1.5, 1.5]
     args, algo = resolved("--critic_model_name_or_path", "c", "--clip_reward_value", "0")
-    assert not algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 9.0, -1.0, 2.0]
+    assert algo.cut_score == "scored" and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 9.0, -1.0, 2.0]
     args, algo = resolved("--critic_model_name_or_path", "c", "--cut_answer_score", "scored")
-    assert not algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -1.0, 2.0]
+    assert algo.cut_score == "scored" and final_score(args, algo, b, RunningMoments()).tolist() == [4.0, 5.0, -1.0, 2.0]
     grpo = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_funcs", "m:f"]
-    assert not resolved(*grpo)[1].cut_lowest  # a reward function decides what a cut answer is worth
-    assert resolved(*grpo, "--reward_model_name_or_path", "r")[1].cut_lowest
+    assert resolved(*grpo)[1].cut_score == "scored"  # a reward function decides what a cut answer is worth
+    assert resolved(*grpo, "--reward_model_name_or_path", "r")[1].cut_score == "lowest"
     args, algo = resolved(*grpo, "--cut_answer_score", "lowest", "--clip_reward_value", "2")
-    assert algo.cut_lowest and final_score(args, algo, b, RunningMoments()).tolist() == [2.0, 2.0, -2.0, -2.0]
+    assert algo.cut_score == "lowest" and final_score(args, algo, b, RunningMoments()).tolist() == [2.0, 2.0, -2.0, -2.0]
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
