@@ -224,46 +224,55 @@ def chat(seed: int = 2) -> Task:
                  prompts, hp, hpairs, form, "the adjective is warm", preferred, probes)
 
 
-# ----------------------------------------------------------------------------- short
+# ----------------------------------------------------------------------------- short, detail
 
-def short(seed: int = 3) -> Task:
-    """Two answer formats; the short one is preferred (a length/format preference)."""
-    rng = random.Random(seed)
-    templates = ["Describe the {}.", "Say something about the {}.", "Give me your view of the {}."]
-
-    def long_ans(n, a, b):
-        return f"In my opinion the {n} is {a} and also rather {b}."
-
-    def short_ans(n, a):
-        return f"The {n} is {a}."
-
+def _two_formats(rng, name: str, description: str, templates, short_ans, long_ans, long_share: float,
+                 long_preferred: bool, short_re: str, long_re: str, probe) -> Task:
+    """A task of two answer formats, both well-formed: a short one, `short_ans(n, a)`, and a long one,
+    `long_ans(n, a, b)`, `long_share` of the SFT replies; a pair's answers share the first adjective, so
+    the format is all that differs. `probe(rng, prompt, n, a, b)` builds a held-out prompt's probe."""
     adjectives = WARM + COLD
+
+    def pair(prompt, n, a, b):
+        good, bad = (long_ans(n, a, b), short_ans(n, a)) if long_preferred else (short_ans(n, a), long_ans(n, a, b))
+        return _pair(prompt, good, bad)
+
     sft, pairs = [], []
     for rep in range(4):
         for n in NOUNS:
             for t in templates:
                 a, b = _two(rng, adjectives)
-                long_form = rng.random() < 0.75
-                sft.append({"prompt": t.format(n), "response": long_ans(n, a, b) if long_form else short_ans(n, a)})
-                a, b = _two(rng, adjectives)
-                pairs.append(_pair(t.format(n), short_ans(n, a), long_ans(n, a, b)))
-    short_re, long_re = r"The \w+ is \w+\.", r"In my opinion the \w+ is \w+ and also rather \w+\."
+                sft.append({"prompt": t.format(n),
+                            "response": long_ans(n, a, b) if rng.random() < long_share else short_ans(n, a)})
+                pairs.append(pair(t.format(n), n, *_two(rng, adjectives)))
     form = f"(?:{short_re})|(?:{long_re})"
+    preferred_re = long_re if long_preferred else short_re
 
     def preferred(a: str) -> bool:
-        return re.fullmatch(short_re, a.strip()) is not None
+        return re.fullmatch(preferred_re, a.strip()) is not None
 
-    hp = _grid(HELDOUT, templates)
     hpairs, probes = [], []
     for n in HELDOUT:
         for t in templates:
             a, b = _two(rng, adjectives)
-            hpairs.append(_pair(t.format(n), short_ans(n, a), long_ans(n, a, b)))
-            probes.append(_probe(t.format(n), short_ans(n, a), [f"The {n} is.", f"The is {a}."],
-                                 [f"The {n} is {a} {a} {a}.", f"The {n} {n} {n} is {a}."], [f"The {n}", "The"]))
-    return _task(rng, "short", "short format preferred over a long one; SFT 75% long; either format is "
-                 "well-formed", sft, pairs, _grid(NOUNS, templates), hp, hpairs, form, "the short format", preferred,
-                 probes)
+            hpairs.append(pair(t.format(n), n, a, b))
+            probes.append(probe(rng, t.format(n), n, a, b))
+    return _task(rng, name, description, sft, pairs, _grid(NOUNS, templates), _grid(HELDOUT, templates), hpairs,
+                 form, f"the {'long' if long_preferred else 'short'} format", preferred, probes)
+
+
+def short(seed: int = 3) -> Task:
+    """Two answer formats; the short one is preferred (a length/format preference)."""
+    def probe(rng, prompt, n, a, b):
+        return _probe(prompt, f"The {n} is {a}.", [f"The {n} is.", f"The is {a}."],
+                      [f"The {n} is {a} {a} {a}.", f"The {n} {n} {n} is {a}."], [f"The {n}", "The"])
+
+    return _two_formats(random.Random(seed), "short", "short format preferred over a long one; SFT 75% long; "
+                        "either format is well-formed", ["Describe the {}.", "Say something about the {}.",
+                                                         "Give me your view of the {}."],
+                        lambda n, a: f"The {n} is {a}.",
+                        lambda n, a, b: f"In my opinion the {n} is {a} and also rather {b}.", 0.75, False,
+                        r"The \w+ is \w+\.", r"In my opinion the \w+ is \w+ and also rather \w+\.", probe)
 
 
 # ----------------------------------------------------------------------------- cold_start
@@ -310,46 +319,19 @@ def detail(seed: int = 5) -> Task:
     """The longer answer is preferred (a reason added), rare in the SFT data: a reward model can learn
     "longer is better" and PPO can climb it with reasons that never stop ("..., because it is b, because
     it is c."), the length hacking reward models of real preference data invite."""
-    rng = random.Random(seed)
-    templates = ["What do you think of the {}?", "How would you rate the {}?", "Review the {} for me."]
+    def probe(rng, prompt, n, a, b):
+        c = rng.choice([w for w in WARM + COLD if w not in (a, b)])
+        return _probe(prompt, f"The {n} is {a}, because it is {b}.",
+                      [f"The {n} is {a}, because it is.", f"The {n} is, because it is {b}."],
+                      [f"The {n} is {a}, because it is {b}, because it is {c}.",
+                       f"The {n} is {a}, because it is {b} {b} {b}."],
+                      [f"The {n} is {a}, because", f"The {n} is {a}, because it is {b}, because"])
 
-    def short_ans(n, a):
-        return f"The {n} is {a}."
-
-    def detailed(n, a, b):
-        return f"The {n} is {a}, because it is {b}."
-
-    adjectives = WARM + COLD
-    sft, pairs = [], []
-    for rep in range(4):
-        for n in NOUNS:
-            for t in templates:
-                a, b = _two(rng, adjectives)
-                sft.append({"prompt": t.format(n), "response": detailed(n, a, b) if rng.random() < 0.2 else short_ans(n, a)})
-                a, b = _two(rng, adjectives)
-                pairs.append(_pair(t.format(n), detailed(n, a, b), short_ans(n, a)))
-    short_re, detailed_re = r"The \w+ is \w+\.", r"The \w+ is \w+, because it is \w+\."
-    form = f"(?:{short_re})|(?:{detailed_re})"
-
-    def preferred(a: str) -> bool:
-        return re.fullmatch(detailed_re, a.strip()) is not None
-
-    hp = _grid(HELDOUT, templates)
-    hpairs, probes = [], []
-    for n in HELDOUT:
-        for t in templates:
-            a, b = _two(rng, adjectives)
-            hpairs.append(_pair(t.format(n), detailed(n, a, b), short_ans(n, a)))
-            c = rng.choice([w for w in adjectives if w not in (a, b)])
-            probes.append(_probe(t.format(n), detailed(n, a, b),
-                                 [f"The {n} is {a}, because it is.", f"The {n} is, because it is {b}."],
-                                 [f"The {n} is {a}, because it is {b}, because it is {c}.",
-                                  f"The {n} is {a}, because it is {b} {b} {b}."],
-                                 [f"The {n} is {a}, because", f"The {n} is {a}, because it is {b}, because"]))
-    return _task(rng, "detail", "a reason added (the longer answer) preferred; SFT 80% short; either format is "
-                 "well-formed, a second reason is not", sft, pairs, _grid(NOUNS, templates), hp, hpairs, form,
-                 "the answer gives a reason", preferred, probes)
-
+    return _two_formats(random.Random(seed), "detail", "a reason added (the longer answer) preferred; SFT 80% "
+                        "short; either format is well-formed, a second reason is not",
+                        ["What do you think of the {}?", "How would you rate the {}?", "Review the {} for me."],
+                        lambda n, a: f"The {n} is {a}.", lambda n, a, b: f"The {n} is {a}, because it is {b}.", 0.2,
+                        True, r"The \w+ is \w+\.", r"The \w+ is \w+, because it is \w+\.", probe)
 
 TASKS = {"two_slot": two_slot, "one_word": one_word, "chat": chat, "short": short, "cold_start": cold_start,
          "detail": detail}
