@@ -84,6 +84,16 @@ def test_corruptions_of_a_reply():
         spans.add((i, n))
     assert {n for _, n in spans} == {2, 3, 4, 5} and {i for i, _ in spans} == set(range(9))
     assert len(corrupt_reply([10, 11, EOS], "drop_span", EOS, rng)) == 2  # too short for a run: one token goes
+    runs = set()
+    for _ in range(300):  # a run of 2..max(4, half) of the 12 tokens said 1-2 more times right after itself
+        body = list(range(10, 22))
+        r = corrupt_reply(body + [EOS], "repeat_span", EOS, rng)[:-1]
+        found = [(i, n, k) for n in range(2, 7) for k in (1, 2) for i in range(len(body) - n + 1)
+                 if r == body[:i + n] + body[i:i + n] * k + body[i + n:]]
+        assert len(found) == 1, r
+        runs.add(found[0][1:])
+    assert runs == {(n, k) for n in range(2, 7) for k in (1, 2)}  # a clause-long run too: "..., because it is dull"
+    assert corrupt_reply([10, 11, EOS], "repeat_span", EOS, rng) in ([10, 11, 10, 11, EOS], [10, 11, 10, 11, 10, 11, EOS])
     assert corrupt_reply([10, EOS], "truncate", EOS, rng) == [EOS]  # a one-token reply has no shorter fragment
     vocab = [10, 11, 12, 13, 50, 51]
     for _ in range(20):

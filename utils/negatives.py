@@ -11,8 +11,10 @@ token ids, the space PPO's actor generates in, and every one still ends with EOS
             "My visit to the charming."): words spelt in several pieces lose more than one token when a
             slot goes missing, which one dropped token rarely imitates
   repeat    one reply token repeated 2-3 times    ("The movie is lovely lovely lovely.")
-  repeat_span a run of 2-4 reply tokens repeated 2-3 times in a row ("My visit was was was ...", "lovely and
-            lovely and"): a word spelt in several pieces, repeated whole
+  repeat_span a run of 2 to max(4, half the reply's) tokens said once or twice more right after itself
+            ("lovely and lovely and", "..., because it is dull, because it is dull."): a word spelt in
+            several pieces repeated whole, or a clause said again, the longer answer a reward model that
+            learned "longer is better" over-scores (length hacking)
   truncate  the reply cut after its first k tokens ("The movie is")
   empty     no reply, only the EOS
   replace   one reply token replaced by another token that occurs in the training replies
@@ -60,7 +62,7 @@ def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
         n = rng.randint(2, max(2, len(body) // 2)) if len(body) >= 3 else 1
         return _without_run(body, n, rng) + [eos_id]
     if kind == "repeat_span" and len(body) >= 2:
-        return _with_run_repeated(body, rng.randint(2, min(4, len(body))), rng, 1, 2) + [eos_id]
+        return _with_run_repeated(body, rng.randint(2, min(len(body), max(4, len(body) // 2))), rng, 1, 2) + [eos_id]
     if kind in ("repeat", "repeat_span"):  # repeat_span of a one-token reply: that token repeated
         return _with_run_repeated(body, 1, rng, 2, 3) + [eos_id]
     if kind == "truncate":
