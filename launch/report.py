@@ -5,8 +5,8 @@
 One panel per (run, metric) for the metrics each step is judged by; train and eval curves together.
 Next to the losses: the answer-health signals (DPO's change of the chosen answers' log-probability,
 PPO's EOS rate, distinct-token ratio, answer length and KL per answer), and a dashed red line at the
-step of every warning a run logged (likelihood displacement, answers without EOS, repeating answers, a
-first rollout of cut answers).
+step of every warning a run logged (likelihood displacement, answers without EOS, repeating answers,
+answers growing past twice their first length, a first rollout of cut answers).
 """
 from __future__ import annotations
 

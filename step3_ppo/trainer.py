@@ -107,7 +107,8 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
         lengths = mask.sum(-1)
         for k, v in (("samples", mask.shape[0]), ("reward", b["score"].sum()), ("return", objective),
                      ("kl", kl.sum()), ("entropy", (b["entropy"] * mask).sum()), ("tokens", mask.sum()),
-                     ("eos", b["has_eos"].sum()), ("adv_sum", adv.sum()), ("adv_sq", adv.square().sum())):
+                     ("eos", b["has_eos"].sum()), ("eos_tokens", (lengths * b["has_eos"]).sum()),
+                     ("adv_sum", adv.sum()), ("adv_sq", adv.square().sum())):
             local[k] += float(v)
         for name, values in b.get("func_rewards", {}).items():
             local[f"func_sum/{name}"] += sum(v for v in values if v is not None)
@@ -142,7 +143,8 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
     stats = {"reward": g["reward"] / n, "return": g["return"] / n, "kl": g["kl"] / n, "kl_coef": kl_coef,
              "entropy": g["entropy"] / g["tokens"], "response_length": g["tokens"] / n, "eos_rate": g["eos"] / n,
              "response_length_min": min(x[0] for x in low_high), "response_length_max": max(x[1] for x in low_high),
-             "clipped_rate": 1.0 - g["eos"] / n}
+             "clipped_rate": 1.0 - g["eos"] / n,
+             "finished_length": g["eos_tokens"] / g["eos"] if g["eos"] else 0.0}
     if not algo.reference:
         del stats["kl"], stats["kl_coef"]
     for key in g:

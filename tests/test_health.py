@@ -53,6 +53,18 @@ def test_answer_health_warns_when_eos_or_variety_drops_from_the_first_step():
     assert mon.check(4, {"eos_rate": 0.1, "distinct_ratio": 0.1}) == []  # each warns once
 
 
+def test_answer_health_warns_once_when_answers_grow_past_twice_their_first_length():
+    mon = AnswerHealthMonitor()
+    ok = {"eos_rate": 1.0, "distinct_ratio": 0.95}
+    assert mon.check(1, {**ok, "finished_length": 9.4}) == []
+    assert mon.check(2, {**ok, "finished_length": 18.8}) == []  # exactly twice: not yet
+    (w,) = mon.check(3, {**ok, "finished_length": 24.1})
+    assert w["warning"] == "answers_growing" and "24.1" in w["message"] and "9.4" in w["message"]
+    assert "repeat_span" in w["message"] and "rw_eval.py" in w["message"]
+    assert mon.check(4, {**ok, "finished_length": 58.0}) == []  # once
+    assert AnswerHealthMonitor().check(1, ok) == [] and AnswerHealthMonitor(length_growth=2.0).check(1, ok) == []
+
+
 def test_a_first_rollout_of_mostly_cut_answers_warns_when_cut_answers_score_the_lowest():
     assert AnswerHealthMonitor().check(1, {"eos_rate": 0.2, "distinct_ratio": 0.9}) == []
     assert AnswerHealthMonitor(cut_lowest=True).check(1, {"eos_rate": 0.6, "distinct_ratio": 0.9}) == []

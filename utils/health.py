@@ -7,9 +7,11 @@ model by default): `rewards/chosen / beta`. When it falls more than `--displacem
 chosen answers are becoming *less* likely while the margin grows, which on small data is how DPO
 drops words from answers ("The movie is and charming.").
 
-PPO: the distinct-token ratio of the rollout answers (1.0: no token repeated within an answer) and
-the EOS rate, compared with the first step's: answers that stop ending at EOS or start repeating are
-the first sign of an actor drifting to text its reward model over-scores.
+PPO: the distinct-token ratio of the rollout answers (1.0: no token repeated within an answer), the
+EOS rate and the mean answer length, compared with the first step's: answers that stop ending at EOS,
+start repeating or grow to several times their first length are the first sign of an actor drifting to
+text its reward model over-scores (a reward model trained on pairs whose chosen answers are the longer
+ones learns "longer is better", and PPO climbs it by saying a clause again and again).
 """
 from __future__ import annotations
 
@@ -63,10 +65,11 @@ class AnswerHealthMonitor:
     first step's answers (the SFT policy's habits)."""
 
     def __init__(self, eos_drop: float = 0.2, distinct_drop: float = 0.15, cut_lowest: bool = False,
-                 cut_warn: float = 0.5):
+                 cut_warn: float = 0.5, length_growth: float = 2.0):
         """cut_lowest: cut answers score the lowest (--cut_answer_score); then a first rollout in which fewer
-        than `cut_warn` of the answers end gets a warning of its own."""
-        self.eos_drop, self.distinct_drop = eos_drop, distinct_drop
+        than `cut_warn` of the answers end gets a warning of its own. length_growth: warn when the mean
+        length of the answers that end (`finished_length`) exceeds this multiple of the first step's."""
+        self.eos_drop, self.distinct_drop, self.length_growth = eos_drop, distinct_drop, length_growth
         self.cut_lowest, self.cut_warn = cut_lowest, cut_warn
         self.start: dict | None = None
         self.fired: set[str] = set()
@@ -87,6 +90,7 @@ class AnswerHealthMonitor:
         """`stats`: a PPO step's metrics with eos_rate and distinct_ratio. Returns new warning events."""
         if self.start is None:
             self.start = {key: stats[key] for key, *_ in self.SIGNALS}
+            self.start["finished_length"] = stats.get("finished_length")
             if self.cut_lowest and stats["eos_rate"] < self.cut_warn:
                 return [{"step": step, "split": "warning", "warning": "answers_cut_at_start",
                          "eos_rate": stats["eos_rate"],
@@ -103,6 +107,16 @@ class AnswerHealthMonitor:
                 self.fired.add(name)
                 out.append({"step": step, "split": "warning", "warning": name, key: now,
                             "message": message.format(now=now, start=start)})
+        # The answers that ended: one answer running to the length limit is the EOS signal's, not this one's.
+        now, start = stats.get("finished_length"), self.start["finished_length"]
+        if "answers_growing" not in self.fired and now is not None and start and now > self.length_growth * start:
+            self.fired.add("answers_growing")
+            out.append({"step": step, "split": "warning", "warning": "answers_growing", "finished_length": now,
+                        "message": f"rollout answers that end average {now:.1f} tokens (step 1: {start:.1f}): if the samples "
+                                   "say the same thing again at more length, the reward model over-scores long "
+                                   "answers (length hacking). Probe it with step2_reward/rw_eval.py (a good answer "
+                                   "with a clause repeated), retrain it with --synthetic_negative_kinds drop "
+                                   "drop_span repeat repeat_span truncate empty, or raise --kl_coef"})
         return out
 
 
