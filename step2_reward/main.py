@@ -37,9 +37,9 @@ class RewardArgs:
                                      "broken answers score below well-formed ones and PPO cannot exploit them; 0 "
                                      "disables", ge=0)
     synthetic_negative_kinds: list = arg(list(DEFAULT_KINDS), "the corruptions --synthetic_negatives takes in "
-                                         "turn: drop, repeat, truncate, empty, and also replace (a token swapped "
-                                         "for another reply token: misspelt words) and swap (two neighbouring "
-                                         "tokens exchanged)",
+                                         "turn: drop, drop_span, repeat, repeat_span, truncate, empty, and also "
+                                         "replace (a token swapped for another reply token: misspelt words) and "
+                                         "swap (two neighbouring tokens exchanged)",
                                          choices=list(KINDS), nargs="+")
 
 

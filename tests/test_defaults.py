@@ -43,7 +43,8 @@ def test_alignment_defaults_are_what_the_suite_measured():
     assert sft_args(flags + ["--disable_dropout"]).disable_dropout
     assert DPOArgs().rpo_alpha == 1.0 and DPOArgs().beta == 0.1 and DPOArgs().displacement_warn_nats == 2.0
     assert RewardArgs().synthetic_negatives == 1.0
-    assert tuple(RewardArgs().synthetic_negative_kinds) == ("drop", "drop_span", "repeat", "truncate", "empty")
+    assert tuple(RewardArgs().synthetic_negative_kinds) == ("drop", "drop_span", "repeat", "repeat_span", "truncate",
+                                                               "empty")
     assert PPOArgs().actor_learning_rate == 0.0 and PPOArgs().critic_learning_rate == 0.0
     assert PPOArgs().kl_coef == 0.1 and PPOArgs().kl_estimator == "k1"
     assert LR_AT_7B == {"sft": 1e-5, "reward": 1e-5, "dpo": 1e-6, "actor": 1e-6, "critic": 1e-6}

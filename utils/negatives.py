@@ -28,9 +28,11 @@ import random
 from .encoding import IGNORE
 
 KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empty", "replace", "swap")
-# What --synthetic_negatives takes by default. replace and swap are offered but not on by default: on the
-# alignment suite's cold_start task they moved PPO's outcome less than the PPO seed did (README).
-DEFAULT_KINDS = ("drop", "drop_span", "repeat", "truncate", "empty")
+# What --synthetic_negatives takes by default. repeat_span joined on 2026-12-06: without it PPO on the
+# alignment suite's detail task (the longer answer preferred) climbed a reward model that learned "longer
+# is better" by saying a clause again and again. replace and swap are offered but not on by default: on
+# the cold_start task they moved PPO's outcome less than the PPO seed did (README).
+DEFAULT_KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empty")
 
 
 def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
