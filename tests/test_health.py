@@ -105,7 +105,8 @@ def test_corruptions_of_a_reply():
         assert len(found) == 1, r
         runs.add(found[0][1:])
     assert runs == {(n, k) for n in range(2, 7) for k in (1, 2)}  # a clause-long run too: "..., because it is dull"
-    assert corrupt_reply([10, 11, EOS], "repeat_span", EOS, rng) in ([10, 11, 10, 11, EOS], [10, 11, 10, 11, 10, 11, EOS])
+    two = corrupt_reply([10, 11, EOS], "repeat_span", EOS, rng)
+    assert two in ([10, 11, 10, 11, EOS], [10, 11, 10, 11, 10, 11, EOS])
     assert corrupt_reply([10, EOS], "truncate", EOS, rng) == [EOS]  # a one-token reply has no shorter fragment
     vocab = [10, 11, 12, 13, 50, 51]
     for _ in range(20):

@@ -112,11 +112,12 @@ class AnswerHealthMonitor:
         if "answers_growing" not in self.fired and now is not None and start and now > self.length_growth * start:
             self.fired.add("answers_growing")
             out.append({"step": step, "split": "warning", "warning": "answers_growing", "finished_length": now,
-                        "message": f"rollout answers that end average {now:.1f} tokens (step 1: {start:.1f}): if the samples "
-                                   "say the same thing again at more length, the reward model over-scores long "
-                                   "answers (length hacking). Probe it with step2_reward/rw_eval.py (a good answer "
-                                   "with a clause repeated), retrain it with --synthetic_negative_kinds drop "
-                                   "drop_span repeat repeat_span truncate empty, or raise --kl_coef"})
+                        "message": f"rollout answers that end average {now:.1f} tokens (step 1: {start:.1f}): "
+                                   "if the samples say the same thing again at more length, the reward model "
+                                   "over-scores long answers (length hacking). Probe it with "
+                                   "step2_reward/rw_eval.py (a good answer with a clause repeated); retrain it "
+                                   "with repeat_span among --synthetic_negative_kinds (a default kind) and more "
+                                   "--synthetic_negatives, or raise --kl_coef"})
         return out
 
 
