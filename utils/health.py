@@ -61,8 +61,8 @@ class DisplacementMonitor:
 
 
 class AnswerHealthMonitor:
-    """Warns once each when PPO's rollout answers stop ending at EOS or start repeating, relative to the
-    first step's answers (the SFT policy's habits)."""
+    """Warns once each when PPO's rollout answers stop ending at EOS, start repeating or grow, relative to
+    the first step's answers (the SFT policy's habits)."""
 
     def __init__(self, eos_drop: float = 0.2, distinct_drop: float = 0.15, cut_lowest: bool = False,
                  cut_warn: float = 0.5, length_growth: float = 2.0):
@@ -74,23 +74,30 @@ class AnswerHealthMonitor:
         self.start: dict | None = None
         self.fired: set[str] = set()
 
-    # (metric, allowed drop attribute, warning name, message with {now} and {start})
+    # (metric, warning name, crossed(monitor, now, start), message with {now} and {start}); a metric a step
+    # does not report (None, at step 1 or now) is not checked. finished_length counts the answers that ended:
+    # one answer running to the length limit is the EOS signal's, not the length signal's.
     SIGNALS = (
-        ("eos_rate", "eos_drop", "answers_without_eos",
+        ("eos_rate", "answers_without_eos", lambda m, now, start: now < start - m.eos_drop,
          "only {now:.0%} of rollout answers end with EOS (step 1: {start:.0%}): the actor is drifting to answers "
          "that run to --max_answer_seq_len. Check the samples; consider --cut_answer_score lowest (the default "
          "with a reward model), a larger --kl_coef or a reward model trained with --synthetic_negatives"),
-        ("distinct_ratio", "distinct_drop", "repeating_answers",
+        ("distinct_ratio", "repeating_answers", lambda m, now, start: now < start - m.distinct_drop,
          "rollout answers repeat tokens: distinct-token ratio {now:.2f} (step 1: {start:.2f}). The reward model "
          "may over-score repeated words (probe it with step2_reward/rw_eval.py); consider a larger --kl_coef or "
          "a reward model trained with --synthetic_negatives"),
+        ("finished_length", "answers_growing", lambda m, now, start: start > 0 and now > m.length_growth * start,
+         "rollout answers that end average {now:.1f} tokens (step 1: {start:.1f}): if the samples say the same "
+         "thing again at more length, the reward model over-scores long answers (length hacking). Probe it with "
+         "step2_reward/rw_eval.py (a good answer with a clause repeated); retrain it with repeat_span among "
+         "--synthetic_negative_kinds (a default kind) and more --synthetic_negatives, or raise --kl_coef"),
     )
 
     def check(self, step: int, stats: dict) -> list[dict]:
-        """`stats`: a PPO step's metrics with eos_rate and distinct_ratio. Returns new warning events."""
+        """`stats`: a PPO step's metrics (eos_rate, distinct_ratio, finished_length). Returns new warning
+        events."""
         if self.start is None:
-            self.start = {key: stats[key] for key, *_ in self.SIGNALS}
-            self.start["finished_length"] = stats.get("finished_length")
+            self.start = {key: stats.get(key) for key, *_ in self.SIGNALS}
             if self.cut_lowest and stats["eos_rate"] < self.cut_warn:
                 return [{"step": step, "split": "warning", "warning": "answers_cut_at_start",
                          "eos_rate": stats["eos_rate"],
@@ -101,23 +108,12 @@ class AnswerHealthMonitor:
                                     "learned to stop"}]
             return []
         out = []
-        for key, drop, name, message in self.SIGNALS:
-            now, start = stats[key], self.start[key]
-            if name not in self.fired and now < start - getattr(self, drop):
+        for key, name, crossed, message in self.SIGNALS:
+            now, start = stats.get(key), self.start[key]
+            if name not in self.fired and now is not None and start is not None and crossed(self, now, start):
                 self.fired.add(name)
                 out.append({"step": step, "split": "warning", "warning": name, key: now,
                             "message": message.format(now=now, start=start)})
-        # The answers that ended: one answer running to the length limit is the EOS signal's, not this one's.
-        now, start = stats.get("finished_length"), self.start["finished_length"]
-        if "answers_growing" not in self.fired and now is not None and start and now > self.length_growth * start:
-            self.fired.add("answers_growing")
-            out.append({"step": step, "split": "warning", "warning": "answers_growing", "finished_length": now,
-                        "message": f"rollout answers that end average {now:.1f} tokens (step 1: {start:.1f}): "
-                                   "if the samples say the same thing again at more length, the reward model "
-                                   "over-scores long answers (length hacking). Probe it with "
-                                   "step2_reward/rw_eval.py (a good answer with a clause repeated); retrain it "
-                                   "with repeat_span among --synthetic_negative_kinds (a default kind) and more "
-                                   "--synthetic_negatives, or raise --kl_coef"})
         return out
 
 
