@@ -100,8 +100,9 @@ class RolloutArgs:
     per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout (each answered "
                                                     "--n_samples_per_prompt times on this rank)", ge=1)
     generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer", ge=1)
-    temperature: float = arg(1.0, "sampling temperature; log-probabilities are computed at the same temperature",
-                             gt=0)
+    temperature: float = arg(None, "sampling temperature; log-probabilities are computed at the same temperature "
+                                   "(default: 0.7 for PPO with a critic, 1.0 for the critic-free estimators; README, "
+                                   "Alignment defaults)", gt=0)
     top_p: float = arg(1.0, "nucleus sampling threshold (1.0: off)", gt=0, le=1)
     top_k: int = arg(0, "sample among the k most likely tokens (0: off)", ge=0)
     do_sample: bool = arg(True, "sample the rollouts (--no-do_sample: greedy, which PPO rarely wants)")
@@ -216,7 +217,13 @@ class Algorithm:
     reference: bool      # a reference model is loaded (kl_coef > 0)
     reward_model: str | None  # frozen reward model directory, or None (rule-based rewards only)
     cut_score: str = "scored"  # lowest: an answer cut at --max_answer_seq_len scores -clip_reward_value
+    temperature: float = 1.0   # rollout sampling temperature (--temperature, or the estimator's default)
 
+
+# --temperature unset: PPO with a critic samples at 0.7 (measured on the alignment suite, README), the
+# critic-free estimators at 1.0, which keeps the spread within a group their advantages are made of.
+AUTO_TEMPERATURE = {"gae": 0.7}
+DEFAULT_TEMPERATURE = 1.0
 
 CRITIC_WARMUP_SHARE = 0.1  # --critic_warmup_steps -1: this share of the steps (README, Alignment defaults)
 
@@ -267,7 +274,9 @@ def resolve_algorithm(args) -> Algorithm:
     loss_agg = AUTO_LOSS_AGG[est] if args.loss_agg == "auto" else args.loss_agg
     return Algorithm(estimator=est, k=k, scale=scale, loss_agg=loss_agg, kl_in=args.kl_in, critic=critic,
                      reference=args.kl_coef > 0, reward_model=reward_model,
-                     cut_score=resolve_cut_score(args, reward_model))
+                     cut_score=resolve_cut_score(args, reward_model),
+                     temperature=args.temperature if args.temperature is not None
+                     else AUTO_TEMPERATURE.get(est, DEFAULT_TEMPERATURE))
 
 
 def resolve_cut_score(args, reward_model: str | None) -> str:

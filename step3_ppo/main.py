@@ -135,7 +135,7 @@ def main(argv=None) -> None:
               f"steps={total_steps} optimizer_steps={total_steps * updates_per_step} estimator={algo.estimator} "
               f"k={algo.k} scale_rewards={algo.scale} loss_agg={algo.loss_agg} critic={algo.critic} "
               f"reference={algo.reference} reward_model={algo.reward_model} reward_funcs={[f.name for f in funcs]} "
-              f"cut_answer_score={algo.cut_score}")
+              f"cut_answer_score={algo.cut_score} temperature={algo.temperature}")
 
     warmup = critic_warmup_steps(args, algo, total_steps)
     if warmup:
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
                 "world_size": world, "total_steps": total_steps, "step": "ppo",
                 "reward_model_name_or_path": algo.reward_model, "resolved_scale_rewards": algo.scale,
                 "resolved_loss_agg": algo.loss_agg, "resolved_critic_warmup_steps": warmup,
-                "resolved_cut_answer_score": algo.cut_score,
+                "resolved_cut_answer_score": algo.cut_score, "resolved_temperature": algo.temperature,
                 **{f"{k}_learning_rate": v for k, v in models.lr.items()}}
     logger = start_run(args, total_steps, resolved)
     train(args, algo, models, encoder, stream, unsup, eval_prompts, funcs, logger, total_steps, warmup)

@@ -79,7 +79,7 @@ def check_args(args) -> Algorithm:
                  "generation_batches", "per_device_training_batch_size", "ppo_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
-    if args.temperature <= 0:
+    if args.temperature is not None and args.temperature <= 0:
         raise UserError("--temperature must be > 0 (use --no-do_sample for greedy rollouts)")
     buffer = args.per_device_generation_batch_size * args.generation_batches * algo.k
     per_update = args.per_device_training_batch_size * args.gradient_accumulation_steps

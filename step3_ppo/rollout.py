@@ -45,11 +45,14 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict:
     return pad_batch(prompts, None, pad_id, left=True)
 
 
-def generation_config(args, encoder, greedy: bool = False) -> GenerationConfig:
-    """Only our flags: a model's own generation_config.json (sampling defaults, min lengths) is ignored."""
+def generation_config(args, encoder, temperature: float | None = None, greedy: bool = False) -> GenerationConfig:
+    """Only our flags and the run's resolved sampling `temperature` (Algorithm.temperature; not needed for
+    greedy answers): a model's own generation_config.json (sampling defaults, min lengths) is ignored."""
     sample = args.do_sample and not greedy
+    if sample and temperature is None:
+        raise ValueError("sampled rollouts need the resolved temperature")
     return GenerationConfig(max_new_tokens=args.max_answer_seq_len, do_sample=sample,
-                            temperature=args.temperature if sample else None, top_p=args.top_p if sample else None,
+                            temperature=temperature if sample else None, top_p=args.top_p if sample else None,
                             top_k=args.top_k if sample else None, eos_token_id=encoder.eos_id,
                             pad_token_id=encoder.pad_id, bos_token_id=None, use_cache=True)
 

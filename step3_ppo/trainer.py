@@ -166,7 +166,7 @@ def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_t
     (loss, ptx_loss, stats) with stats as this mini-batch's parts of step-wide token means. `logits`:
     the mini-batch's answer logits from a fused forward (with autograd state); otherwise a forward here."""
     if logits is None:
-        logits = answer_logits(actor, b, args.temperature)
+        logits = answer_logits(actor, b, algo.temperature)
     logp = token_logprobs(logits, b["answers"])
     mask = b["action_mask"]
     per_token, terms = policy_loss_per_token(logp, b["logp"], b["advantages"], args.cliprange)
@@ -390,7 +390,7 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
     last step's metrics."""
     kl_ctl, reward_norm = make_kl_controller(args), RunningMoments()
     health = AnswerHealthMonitor(cut_lowest=algo.cut_score == "lowest")
-    gen_cfg = generation_config(args, encoder)
+    gen_cfg = generation_config(args, encoder, algo.temperature)
     last = {}
     engines = {"critic": models.critic, "actor": models.actor}  # actor last: its client state is per rank
     engines = {k: v for k, v in engines.items() if v is not None}
@@ -419,8 +419,8 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
             b = generate(models.actor, [it.ids for it in items], encoder, gen_cfg, keep_logits=not fuse_a)
             gen_sec += time.perf_counter() - tg
             if fuse_a:  # with autograd state: the same forward gives the policy loss in ppo_update
-                b["logits_graph"] = answer_logits(models.actor, b, args.temperature)
-            b.update(experience(models, b, args.temperature, critic=not fused,
+                b["logits_graph"] = answer_logits(models.actor, b, algo.temperature)
+            b.update(experience(models, b, algo.temperature, critic=not fused,
                                 actor_logits=b["logits_graph"].detach() if fuse_a else None))
             if fused:  # with autograd state: the same forward gives the value loss in ppo_update
                 b["values_graph"] = answer_values(models.critic, b)

@@ -129,11 +129,13 @@ def _per_token_scores(model, ids):
 def test_generation_config_uses_only_our_flags(tiny_models):
     tok, _, _ = tiny_models
     enc = Encoder(tok, "hh", 64)
-    args = types.SimpleNamespace(max_answer_seq_len=5, do_sample=True, temperature=0.5, top_p=0.9, top_k=7)
-    cfg = generation_config(args, enc)
+    args = types.SimpleNamespace(max_answer_seq_len=5, do_sample=True, top_p=0.9, top_k=7)
+    cfg = generation_config(args, enc, 0.5)
     assert (cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k) == (5, True, 0.5, 0.9, 7)
     assert cfg.eos_token_id == enc.eos_id and cfg.pad_token_id == enc.pad_id and cfg.use_cache
     assert not generation_config(args, enc, greedy=True).do_sample
+    with pytest.raises(ValueError, match="temperature"):
+        generation_config(args, enc)  # sampling without the run's resolved temperature
 
 
 # ----------------------------------------------------------------------------- fp16 step synchronisation

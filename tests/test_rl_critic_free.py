@@ -414,6 +414,21 @@ def test_algorithm_defaults_and_models_loaded():
     assert args.advantage_estimator == "grpo"  # resolving never changes the parsed flags
 
 
+def test_rollout_temperature_defaults_per_estimator_and_the_flag_wins():
+    """--temperature unset: PPO with a critic samples at 0.7 (README, Alignment defaults), the critic-free
+    estimators at 1.0; a given --temperature is used as it is, for every estimator."""
+    base = ["--actor_model_name_or_path", "a", "--data_path", "p", "--output_dir", "o"]
+    ppo = base + ["--critic_model_name_or_path", "c"]
+    grpo = base + ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_model_name_or_path", "r"]
+    run = lambda flags: resolve_algorithm(parse(GROUPS, "t", flags, required=REQUIRED))  # noqa: E731
+    assert run(ppo).temperature == 0.7 and run(grpo).temperature == 1.0
+    for est in ("dr_grpo", "rloo", "reinforce_pp_baseline"):
+        assert _algo_args(est)[1].temperature == 1.0
+    assert run(ppo + ["--temperature", "1.0"]).temperature == 1.0
+    assert run(grpo + ["--temperature", "0.6"]).temperature == 0.6
+    assert parse(GROUPS, "t", ppo, required=REQUIRED).temperature is None  # the flag itself stays unset
+
+
 def test_a_cut_answer_gets_the_lowest_score_by_default_when_a_reward_model_scores_it():
     """--cut_answer_score auto: with a reward model, clipping on and no --missing_eos_penalty, an answer cut
     at --max_answer_seq_len scores -clip_reward_value whatever the reward model read at its last token;

@@ -44,7 +44,7 @@ def test_generation_logits_equal_the_actor_forward_in_fp32(tiny_dir):
     prompts = [enc.encode_prompt(({"role": "user", "content": t},)) for t in
                ("Tell me about the owl.", "What do you think of the violin and the kitten?", "Hi")]
     args = types.SimpleNamespace(do_sample=True, max_answer_seq_len=12, temperature=0.7, top_p=0.9, top_k=0)
-    b = generate(actor, prompts, enc, generation_config(args, enc))
+    b = generate(actor, prompts, enc, generation_config(args, enc, args.temperature))
     assert b["gen_logits"].shape[:2] == b["answers"].shape
     reused = token_logprobs(b["gen_logits"] / args.temperature, b["answers"])
     forward = token_logprobs(answer_logits(actor, b, args.temperature), b["answers"])
@@ -53,7 +53,7 @@ def test_generation_logits_equal_the_actor_forward_in_fp32(tiny_dir):
 
     bf16 = Engine(AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dtype=torch.bfloat16))
     assert not reuses_generation_logits(bf16)  # bf16 decode and forward differ by ~1e-2: forwards stay
-    assert "gen_logits" not in generate(bf16, prompts, enc, generation_config(args, enc))
+    assert "gen_logits" not in generate(bf16, prompts, enc, generation_config(args, enc, args.temperature))
 
 
 def test_bench_times_the_same_steps_and_batches_on_both_sides():
