@@ -101,7 +101,7 @@ class RolloutArgs:
                                                     "--n_samples_per_prompt times on this rank)", ge=1)
     generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer", ge=1)
     temperature: float = arg(None, "sampling temperature; log-probabilities are computed at the same temperature "
-                                   "(default: 0.7 for PPO with a critic, 1.0 for the critic-free estimators; README, "
+                                   "(unset: 0.7 for PPO with a critic, 1.0 for the critic-free estimators; README, "
                                    "Alignment defaults)", gt=0)
     top_p: float = arg(1.0, "nucleus sampling threshold (1.0: off)", gt=0, le=1)
     top_k: int = arg(0, "sample among the k most likely tokens (0: off)", ge=0)
@@ -222,8 +222,8 @@ class Algorithm:
 
 # --temperature unset: PPO with a critic samples at 0.7 (measured on the alignment suite, README), the
 # critic-free estimators at 1.0, which keeps the spread within a group their advantages are made of.
-AUTO_TEMPERATURE = {"gae": 0.7}
-DEFAULT_TEMPERATURE = 1.0
+AUTO_TEMPERATURE = {"gae": 0.7, "grpo": 1.0, "dr_grpo": 1.0, "rloo": 1.0, "reinforce_pp": 1.0,
+                    "reinforce_pp_baseline": 1.0}
 
 CRITIC_WARMUP_SHARE = 0.1  # --critic_warmup_steps -1: this share of the steps (README, Alignment defaults)
 
@@ -275,8 +275,7 @@ def resolve_algorithm(args) -> Algorithm:
     return Algorithm(estimator=est, k=k, scale=scale, loss_agg=loss_agg, kl_in=args.kl_in, critic=critic,
                      reference=args.kl_coef > 0, reward_model=reward_model,
                      cut_score=resolve_cut_score(args, reward_model),
-                     temperature=args.temperature if args.temperature is not None
-                     else AUTO_TEMPERATURE.get(est, DEFAULT_TEMPERATURE))
+                     temperature=AUTO_TEMPERATURE[est] if args.temperature is None else args.temperature)
 
 
 def resolve_cut_score(args, reward_model: str | None) -> str:
