@@ -20,11 +20,10 @@ from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
-from utils.lr import lr_help, scaled_lr
+from utils.lr import lr_help
 from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
-from utils.stream import StepStream
 from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
 
@@ -118,16 +117,12 @@ def main(argv=None) -> None:
     model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, zero3_config=cfg)
     model = prepare_model(model, args)
-    stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), args.seed)
-    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    lr = scaled_lr("dpo", model, args.learning_rate)
-    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
-    engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
+    engine, stream, resolved = init_engine_from_args(
+        args, "dpo", model, cfg, train_items, lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), encoder,
+        world)
+    total_steps = resolved["total_steps"]
 
     # Train and save.
-    resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
-                "total_steps": total_steps, "step": "dpo", "learning_rate": lr}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, ref, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()

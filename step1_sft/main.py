@@ -13,10 +13,9 @@ from utils import ds, packing
 from utils.args import SHARED_GROUPS, args_record, parse
 from utils.encoding import encode_all
 from utils.errors import exit_on_user_error
-from utils.lr import lr_help, scaled_lr
+from utils.lr import lr_help
 from utils.model import load_model, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
-from utils.stream import StepStream
 from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
 DROPOUT_HELP = "set every dropout rate of the model to 0 while training (the saved config keeps its values)"
@@ -50,16 +49,11 @@ def main(argv=None) -> None:
     model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, zero3_config=cfg)
     model = prepare_model(model, args)
-    stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        lambda b: collate(b, encoder.pad_id, args.packing), args.seed)
-    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    lr = scaled_lr("sft", model, args.learning_rate)
-    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
-    engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
+    engine, stream, resolved = init_engine_from_args(args, "sft", model, cfg, train_items,
+                                                     lambda b: collate(b, encoder.pad_id, args.packing), encoder, world)
+    total_steps = resolved["total_steps"]
 
     # Train and save.
-    resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
-                "total_steps": total_steps, "step": "sft", "learning_rate": lr}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()

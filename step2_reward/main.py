@@ -15,13 +15,12 @@ from step2_reward.trainer import train
 from utils import ds, packing
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
-from utils.lr import lr_help, scaled_lr
+from utils.lr import lr_help
 from utils.model import prepare_model, save_hf
 from utils.negatives import DEFAULT_KINDS, KINDS, synthetic_pairs
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
 from utils.reward import export_pad_token_id, load_reward_model
-from utils.stream import StepStream
 from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
 
@@ -81,16 +80,11 @@ def main(argv=None) -> None:
                               trust_remote_code=args.trust_remote_code, zero3_config=cfg)
     model = prepare_model(model, args, task_type="SEQ_CLS")
     collate_fn = functools.partial(collate_pairs, pad_id=encoder.pad_id, shared_prompt=args.shared_prompt_forward)
-    stream = StepStream(train_items, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        functools.partial(collate_fn, pack=args.packing), args.seed)
-    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
-    lr = scaled_lr("reward", model, args.learning_rate)
-    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
-    engine = init_engine_from_args(args, model, cfg, total_steps, lr=lr)
+    engine, stream, resolved = init_engine_from_args(args, "reward", model, cfg, train_items,
+                                                     functools.partial(collate_fn, pack=args.packing), encoder, world)
+    total_steps = resolved["total_steps"]
 
     # Train and save.
-    resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
-                "total_steps": total_steps, "step": "reward", "learning_rate": lr}
     logger = start_run(args, total_steps, resolved)
     train(args, engine, stream, eval_items, logger, collate_fn, total_steps)
     logger.close()

@@ -13,9 +13,11 @@ from .args import args_record, resolve_data_settings
 from .data import load_splits
 from .encoding import Encoder
 from .errors import UserError
+from .lr import scaled_lr
 from .metrics import MetricsLogger
 from .model import load_tokenizer
 from .output import finish_output_dir, partial_dir, prepare_partial
+from .stream import StepStream
 
 
 def load_step_data(args, kind: str):
@@ -37,12 +39,23 @@ def ds_config_from_args(args, world: int) -> dict:
                         world=world, grad_clip=args.max_grad_norm)
 
 
-def init_engine_from_args(args, model, cfg: dict, total_steps: int, lr: float | None = None):
-    """The trained model's DeepSpeed engine, configured from the shared optimisation flags."""
-    return ds.init_train_engine(model, cfg=cfg, lr=args.learning_rate if lr is None else lr,
-                                weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
-                                offload=args.offload, scheduler=args.lr_scheduler_type,
-                                warmup=args.num_warmup_steps, total_steps=total_steps)
+def init_engine_from_args(args, step: str, model, cfg: dict, items: list, collate_fn, encoder, world: int):
+    """The trained model's data stream and DeepSpeed engine, configured from the shared flags: the run
+    lasts --max_steps or --num_train_epochs over `items`; the rate is the flag, else `step`'s rate
+    scaled to the model's size (utils/lr.py). Returns (engine, stream, resolved): resolved holds the
+    settings decided at run time, which args.json records and the next step inherits."""
+    stream = StepStream(items, args.per_device_train_batch_size, args.gradient_accumulation_steps, collate_fn,
+                        args.seed)
+    total_steps = args.max_steps or stream.steps_for(args.num_train_epochs)
+    lr = scaled_lr(step, model, args.learning_rate)
+    ds.print0(f"learning_rate={lr:.3g}{' (scaled to the model size)' if not args.learning_rate else ''}")
+    engine = ds.init_train_engine(model, cfg=cfg, lr=lr, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), offload=args.offload,
+                                  scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps,
+                                  total_steps=total_steps)
+    resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
+                "total_steps": total_steps, "step": step, "learning_rate": lr}
+    return engine, stream, resolved
 
 
 def start_run(args, total_steps: int, resolved: dict) -> MetricsLogger:
@@ -67,18 +80,6 @@ def finish_run(args, resolved: dict) -> None:
         finish_output_dir(args, resolved)
     ds.barrier()
     ds.print0(f"saved {os.path.normpath(args.output_dir)}")
-
-
-def count_parameters(model) -> int:
-    """Parameters of a model, also when ZeRO-3 has already partitioned them."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def size_scaled_lr(n_params: int, anchor_lr: float, anchor_params: float = 7e9, max_lr: float = 1e-3) -> float:
-    """A learning rate for `n_params` scaled from a known-good one at `anchor_params` by
-    sqrt(anchor_params / n_params): larger models need smaller steps, and a tiny demo model needs
-    far larger ones than a 7B model. Capped at `max_lr`."""
-    return min(max_lr, anchor_lr * math.sqrt(anchor_params / max(n_params, 1)))
 
 
 def to_device(batch: dict) -> dict:
