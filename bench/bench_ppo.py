@@ -205,10 +205,9 @@ def run_ppo(a, actor: str, critic: str, prompts: str, out: str, extra: str = "")
             "1e-4", "--print_answers_interval", "0", "--attn_implementation", a.attn_implementation,
             "--log_interval", "1", "--critic_warmup_steps", "0", "--temperature", "1.0", "--cut_answer_score",
             "scored", *ds_flags(a), *a.extra.split(), *extra.split()]
-    # The random-init actor's answers run to ANSWER_TOKENS, as DeepSpeed-Chat's do and as the SFT samples it is
-    # compared with are long, only if nothing teaches it to stop: PPO's defaults would (a cut answer scores
-    # the lowest, --cut_answer_score; and at temperature 0.7 it samples its EOS sooner), and a step over
-    # answers of 4-8 tokens does a fraction of the work. So the bench keeps the settings of its first runs.
+    # Temperature 1.0 and cut answers scored by the reward model keep every answer ANSWER_TOKENS long, like
+    # DeepSpeed-Chat's and the SFT samples compared with: under PPO's defaults (a cut answer scores the
+    # lowest; sampling at 0.7) the random actor learns to stop after 4-8 tokens and a step does less work.
     env = dict(os.environ, PYTHONPATH=REPO)
     port = str(common.free_port())
     cmd = ["deepspeed", "--num_gpus", str(a.ranks), "--master_port", port, os.path.join(REPO, "step3_ppo/main.py"),
