@@ -79,3 +79,51 @@ def test_prepare_model_turns_dropout_off_only_when_asked_and_the_saved_config_ke
     save_hf(model, load_tokenizer(tiny_dir("gpt2")), str(tmp_path / "out"), {"step": "test"})
     saved = AutoConfig.from_pretrained(tmp_path / "out")
     assert (saved.resid_pdrop, saved.embd_pdrop, saved.attn_pdrop) == (0.3, 0.3, 0.3)
+
+
+def _linear_layers(model) -> set[str]:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "bloom", "falcon"])
+def test_all_linear_lora_covers_every_family_and_merges_to_the_same_model(tiny_dir, family):
+    """The default --lora_module_name all-linear adapts every linear layer but the LM head in any family
+    (GPT-NeoX, Bloom and Falcon name theirs query_key_value / dense_*: the former default list matched none),
+    and the merged weights (utils.model.merge_lora_state_dict, GPT-2's transposed Conv1D included) give
+    the adapted model's logits in a plain model."""
+    import torch
+
+    from utils.model import apply_lora, merge_lora_state_dict
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir(family)).eval()
+    linear = _linear_layers(base)
+    head = next(n for n, m in base.named_modules() if m is base.get_output_embeddings())
+    wrapped = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir(family)), 4, 16, "all-linear", False).eval()
+    adapted = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == linear - {head}, (adapted ^ (linear - {head}))
+    torch.manual_seed(0)
+    for n, p in wrapped.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # peft starts B at zero; a merge of zeros would prove nothing
+    ids = torch.tensor([[5, 9, 11, 3, 7, 8, 4, 20]])
+    with torch.no_grad():
+        want = wrapped(input_ids=ids).logits
+        merged = merge_lora_state_dict(wrapped.state_dict(), wrapped.peft_config["default"])
+        missing, unexpected = base.load_state_dict(merged, strict=False)
+        assert not unexpected and not missing, (missing, unexpected)
+        got = base(input_ids=ids).logits
+    assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(tiny_dir(family)).eval()(input_ids=ids).logits)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_all_linear_lora_on_a_classifier_trains_the_score_head_whole(tiny_dir):
+    from utils.model import apply_lora
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("gpt_neox"), num_labels=1)
+    wrapped = apply_lora(model, 4, 16, "all-linear", True, task_type="SEQ_CLS")
+    trained = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("query_key_value.lora_A" in n for n in trained)
+    assert {n for n in trained if "lora_" not in n} == {"base_model.model.score.modules_to_save.default.weight"}

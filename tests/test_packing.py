@@ -95,17 +95,20 @@ def test_packed_equals_padded(tiny_dir, family, attn):
     torch.testing.assert_close(r_pack, r_pad, atol=1e-5, rtol=0)
 
 
-def test_opt_would_attend_across_samples_so_it_is_refused(tiny_dir):
-    """OPT's mask ignores the position ids: packed samples see each other, so --packing refuses OPT."""
+@pytest.mark.parametrize("family", ["opt", "bloom"])
+def test_families_that_would_attend_across_samples_are_refused(tiny_dir, family):
+    """OPT's mask ignores the position ids and Bloom's ALiBi reads none: packed samples see each other,
+    so --packing refuses them."""
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(tiny_dir("opt"), dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir(family), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
     padded, packed, out_pad, out_pack = forward_both(lm, samples())
     logp_pad, _ = sequence_logps(out_pad.logits, padded["labels"])
     logp_pack, _ = packing.sequence_logps(out_pack.logits, packed)
     assert (logp_pack - logp_pad).abs().max() > 1e-3
-    with pytest.raises(UserError, match="'opt' model family is not supported"):
-        packing.check_supported(tiny_dir("opt"))
+    with pytest.raises(UserError, match=f"'{family}' model family is not supported"):
+        packing.check_supported(tiny_dir(family))
 
 
 def test_gradients_match(tiny_dir):

@@ -2,6 +2,8 @@
 scores under plain transformers (pitfalls 7, 8 and 18)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from utils.model import disable_dropout
 from utils.pairs import Pair, collate_pairs, pair_tokens
 from utils.reward import (export_pad_token_id, gather_last, last_token_index, load_reward_model,
                           score_ids, sequence_rewards)
+from utils.tiny import ARCHITECTURES
 
 FAMILIES = ["llama", "llama-sp", "gpt2", "opt", "qwen2"]
 PROMPT = ({"role": "user", "content": "Tell me about the turtle."},)
@@ -299,3 +302,34 @@ def test_reward_read_through_lora_wrappers(tiny_dir, tokenizer_of):
     wrapped = apply_lora(model, 4, 16, "q_proj,v_proj", True, task_type="SEQ_CLS").eval()
     assert score_ids(wrapped, seqs, enc.pad_id) == pytest.approx(before, abs=1e-6)
     assert any("score" in n for n, p in wrapped.named_parameters() if p.requires_grad)  # the head trains
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_reward_model_from_a_causal_lm_of_any_architecture(tiny_dir, arch):
+    """The LM head a classifier drops is the family's own (GPT-NeoX saves it as `embed_out.weight`,
+    GPT-J and Phi add `lm_head.bias`): step 2 from those SFT models used to stop at the key check.
+    The backbone arrives unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_reward_model(tiny_dir(arch), pad_id=0)
+    assert model.config.num_labels == 1
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir(arch)).state_dict()
+    shared = [k for k, v in model.state_dict().items() if k in lm]
+    assert len(shared) >= len(model.state_dict()) - 1  # all but the score head
+    assert all(torch.equal(model.state_dict()[k], lm[k]) for k in shared)
+
+
+def test_a_stray_backbone_weight_is_still_refused(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from utils.errors import UserError
+
+    src = tiny_dir("gpt_neox")
+    bad = tmp_path / "stray"
+    shutil.copytree(src, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    assert "embed_out.weight" in weights  # the dropped head under its saved name
+    weights["gpt_neox.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="unexpected.*gpt_neox.layers.0.extra.weight"):
+        load_reward_model(str(bad), pad_id=0)

@@ -65,8 +65,10 @@ class ModelArgs:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     lora_dim: int = arg(0, "LoRA rank; 0 disables LoRA (peft, merged into the weights on save)", ge=0)
     lora_alpha: int = arg(16, "LoRA alpha (scaling = alpha / rank)", gt=0)
-    lora_module_name: str = arg("q_proj,k_proj,v_proj,o_proj,c_attn,c_proj,out_proj,fc1,fc2,gate_proj,up_proj,down_proj",
-                                "comma-separated module-name suffixes that get LoRA adapters (missing ones ignored)")
+    lora_module_name: str = arg("all-linear",
+                                "modules that get LoRA adapters: all-linear (every Linear/Conv1D layer but the output "
+                                "head, in any model family) or comma-separated module-name suffixes such as "
+                                "q_proj,v_proj (missing ones ignored)")
     only_optimize_lora: bool = arg(False, "train only the LoRA adapters (base weights frozen)")
     freeze_embeddings: str = arg("none", "token embeddings kept fixed: input, output (the LM head), both, or none "
                                  "(tied embeddings are one matrix: input, output and both are the same)",

@@ -124,12 +124,21 @@ def apply_lora(model, lora_dim: int, lora_alpha: int, module_names: str, only_op
     """Wrap with peft LoRA adapters on the named Linear/Conv1D modules."""
     from peft import LoraConfig, get_peft_model
 
-    suffixes = [s.strip() for s in module_names.split(",") if s.strip()]
-    present = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} & set(suffixes))
-    if not present:
-        raise UserError(f"--lora_module_name: none of {suffixes} names a module of this model")
+    from transformers.pytorch_utils import Conv1D
+
+    if module_names.strip().lower() == "all-linear":
+        # peft picks every Linear/Conv1D but the LM head (and a classifier's head, which is trained whole below)
+        present = "all-linear"
+    else:
+        suffixes = [s.strip() for s in module_names.split(",") if s.strip()]
+        present = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} & set(suffixes))
+        if not present:
+            raise UserError(f"--lora_module_name: none of {suffixes} names a module of this model "
+                            "(all-linear takes every linear layer)")
+    # GPT-2's Conv1D stores its weight transposed; a model has either kind of layer, not both
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     cfg = LoraConfig(r=lora_dim, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=present,
-                     task_type=task_type, fan_in_fan_out=model.config.model_type == "gpt2",
+                     task_type=task_type, fan_in_fan_out=conv1d,
                      modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
     model = get_peft_model(model, cfg)
     if not only_optimize_lora:

@@ -25,9 +25,10 @@ order the samples were given. Samples stay in the micro-batch the stream drew th
 normalisation by the step's global token or pair counts is the padded one.
 
 Verified for the families in PACKABLE (tests/test_packing.py compares packed and padded losses,
-rewards and DPO log-probs per family). OPT builds its attention mask without the position ids, so
-its packed samples would attend to each other: --packing is refused for it, and for any family not
-verified.
+rewards and DPO log-probs per family). OPT builds its attention mask without the position ids, and
+Bloom's ALiBi reads no positions at all, so their packed samples would attend to each other:
+--packing is refused for them, and for any family not verified (Falcon: its causal LM packs, but its
+sequence classifier does not pass the position ids on, so rewards would cross samples).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 from .encoding import IGNORE
 from .errors import UserError
 
-PACKABLE = ("llama", "qwen2", "gpt2")
+PACKABLE = ("llama", "qwen2", "gpt2", "mistral", "gemma", "qwen3", "phi", "phi3", "gpt_neox", "gptj")
 
 
 def check_supported(model_name_or_path: str, trust_remote_code: bool = False) -> None:

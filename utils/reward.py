@@ -15,9 +15,41 @@ from .encoding import pad_batch, position_ids_from_mask
 from .errors import UserError
 from .model import _check_source, load_model
 
-# Weights that legitimately differ when a causal LM becomes a one-label sequence classifier.
+# Weights that legitimately differ when a causal LM becomes a one-label sequence classifier, where the
+# family's two classes cannot be compared (see `head_swap_patterns`).
 NEW_HEAD = ("score.weight",)
 DROPPED_LM_HEAD = ("lm_head.weight",)
+
+
+def head_swap_patterns(config, trust_remote_code: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(new, dropped): the weight names a one-label sequence classifier has and the causal LM of the
+    same config lacks (the score head), and the reverse (the LM head: `lm_head.weight`, but
+    `embed_out.weight` on GPT-NeoX and `lm_head.bias` on GPT-J and Phi). Both classes are built from
+    the config on the meta device, so this costs no memory at any size; a family whose classes
+    cannot be built that way gets the common names."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import copy
+
+    clf_config = copy.deepcopy(config)
+    clf_config.num_labels = 1
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            clf = AutoModelForSequenceClassification.from_config(clf_config, trust_remote_code=trust_remote_code)
+        lm_state, clf_keys = lm.state_dict(), set(clf.state_dict())
+    except Exception:  # noqa: BLE001 - remote code or a family without one of the classes
+        return NEW_HEAD, DROPPED_LM_HEAD
+    new = set(clf_keys) - set(lm_state)
+    dropped = {k: v for k, v in lm_state.items() if k not in clf_keys}
+    names = set(dropped)
+    try:  # the names a checkpoint holds them under (transformers renames some on load: embed_out -> lm_head)
+        from transformers.core_model_loading import revert_weight_conversion
+
+        names |= set(revert_weight_conversion(lm, dropped))
+    except Exception:  # noqa: BLE001 - an internal API that may move; the in-memory names stay
+        pass
+    return tuple(sorted(new)) or NEW_HEAD, tuple(sorted(names)) or DROPPED_LM_HEAD
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -123,7 +155,7 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
     """A one-label `AutoModelForSequenceClassification` from a causal LM or an earlier reward model.
 
     From a causal LM the head `score.weight` is new (HF's init: normal(0, config.initializer_range),
-    no bias) and `lm_head.weight` is dropped; from a sequence classifier nothing may differ.
+    no bias) and the LM head is dropped (`head_swap_patterns`); from a sequence classifier nothing may differ.
     `new_head=False` (scoring with a trained model) refuses a model without a trained score head,
     whose scores would be those of a random head and change with every load.
     `pad_id` is set on the in-memory config only when it has none, because HF's forward refuses
@@ -144,14 +176,14 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
         arch = ", ".join(config.architectures or []) or config.model_type
         raise UserError(f"{what} '{path}' is not a reward model ({arch}, not a *ForSequenceClassification with a "
                         "trained score head): its scores would come from a random head; give a step-2 output")
+    new, dropped = ((), ()) if is_classifier else head_swap_patterns(config, trust_remote_code)
     # HF prints the expected head swap as a warning table; the key check below is ours and stricter.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         model = load_model(AutoModelForSequenceClassification, path, dtype=dtype,
                            trust_remote_code=trust_remote_code, zero3_config=zero3_config, what=what, num_labels=1,
-                           allow_missing=() if is_classifier else NEW_HEAD,
-                           allow_unexpected=() if is_classifier else DROPPED_LM_HEAD)
+                           allow_missing=new, allow_unexpected=dropped)
     finally:
         hf_logging.set_verbosity(verbosity)
     text_config = model.config.get_text_config()

@@ -8,6 +8,9 @@ special-token habits, because that is where pipelines break:
   gpt2      <|endoftext|> is BOS = EOS = UNK, no pad token, nothing prepended
   opt       </s> prepended as BOS and also the EOS, separate <pad>
   qwen2     ChatML chat template, EOS <|im_end|>, pad <|endoftext|>, no BOS
+Architectures the tests use to check that nothing is tied to those five (their own head and weight
+names: GPT-NeoX's `embed_out`, GPT-J's and Phi's LM-head bias, Bloom's ALiBi, Falcon's fused
+query_key_value) share the llama-sp tokenizer: ARCHITECTURES.
 
 The vocabulary is learned from the shipped text (data/) plus any `extra_lines`, so a tokenizer
 for another task's text covers that text's words (bench/alignment builds one per task).
@@ -23,6 +26,19 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("llama", "llama-sp", "gpt2", "opt", "qwen2")
+# model_type -> config fields of a tiny model; vocabulary and special ids come from the llama-sp tokenizer
+# (the MLP width is 2 x hidden where the config has one; GPT-J, Bloom and Falcon fix it at 4 x hidden)
+ARCHITECTURES = {
+    "mistral": dict(sliding_window=None),
+    "gemma": dict(),
+    "qwen3": dict(),
+    "phi": dict(),
+    "phi3": dict(original_max_position_embeddings=512),
+    "gpt_neox": dict(hidden_dropout=0.1, attention_dropout=0.1),  # Pythia's untied `embed_out` head
+    "gptj": dict(rotary_dim=8),
+    "bloom": dict(hidden_dropout=0.1, attention_dropout=0.1),
+    "falcon": dict(new_decoder_architecture=False),
+}
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -129,15 +145,40 @@ def build_config(family: str, tokenizer, hidden: int = 64, layers: int = 2, head
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
+def build_architecture_config(model_type: str, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4,
+                              max_pos: int = 512):
+    """A tiny config of one of ARCHITECTURES (the field names differ by family; AutoConfig maps the common ones)."""
+    from transformers import AutoConfig
+
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {model_type!r}; expected one of {sorted(ARCHITECTURES)}")
+    sizes = {"gptj": dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos),
+             "bloom": dict(hidden_size=hidden, n_layer=layers, n_head=heads),
+             "falcon": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=max_pos)}.get(
+        model_type, dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=max_pos))
+    if model_type in ("mistral", "gemma", "qwen3"):  # grouped-query attention, as the real models
+        sizes.update(num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads)
+    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                **sizes, **ARCHITECTURES[model_type])
+
+
 def make_tiny_model(family: str, output_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2,
                     heads: int = 4, vocab_size: int = 512, extra_lines=()) -> str:
     """Write a random-init causal LM + tokenizer as a Hugging Face directory; returns the path.
+    `family`: one of FAMILIES or ARCHITECTURES (the latter with the llama-sp tokenizer).
     `extra_lines`: more text for the tokenizer's vocabulary (see corpus_lines)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok = build_tokenizer(family, vocab_size, extra_lines)
-    cfg = build_config(family, tok, hidden, layers, heads)
+    if family in ARCHITECTURES:
+        tok = build_tokenizer("llama-sp", vocab_size, extra_lines)
+        cfg = build_architecture_config(family, tok, hidden, layers, heads)
+    else:
+        tok = build_tokenizer(family, vocab_size, extra_lines)
+        cfg = build_config(family, tok, hidden, layers, heads)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -149,7 +190,7 @@ def make_tiny_model(family: str, output_dir: str, seed: int = 0, hidden: int = 6
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=FAMILIES, default="llama")
+    p.add_argument("--family", choices=FAMILIES + tuple(ARCHITECTURES), default="llama")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)

@@ -43,14 +43,18 @@ import tasks as task_defs  # noqa: E402
 
 FAMILIES = ("llama-sp", "gpt2")  # the table's (issue 10): with a pad token, and without one (pad = EOS)
 # More families a run can ask for (--families): OPT (BOS prepended, a pad token, dropout 0.1 in its
-# config) and Qwen2 (no BOS, ChatML template, pad <|endoftext|> apart from EOS <|im_end|>).
-EXTRA_FAMILIES = ("opt", "qwen2")
+# config) and Qwen2 (no BOS, ChatML template, pad <|endoftext|> apart from EOS <|im_end|>), and GPT-NeoX
+# (Pythia's architecture: parallel attention and MLP, an untied `embed_out` head, dropout 0.1 in its
+# config; the llama-sp tokenizer, utils/tiny.py ARCHITECTURES).
+EXTRA_FAMILIES = ("opt", "qwen2", "gpt_neox")
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 # (hidden, layers, heads) per family and size; parameter counts in the comment.
 SIZES = {"0.5m": {"llama-sp": (128, 3, 4), "gpt2": (128, 2, 4),      # 0.57M, 0.53M
-                  "opt": (128, 3, 4), "qwen2": (128, 3, 4)},         # 0.53M, 0.51M
+                  "opt": (128, 3, 4), "qwen2": (128, 3, 4),          # 0.53M, 0.51M
+                  "gpt_neox": (128, 3, 4)},                          # 0.53M
          "5m": {"llama-sp": (320, 5, 4), "gpt2": (320, 4, 5),        # 4.7M, 5.3M
-                "opt": (320, 5, 5), "qwen2": (320, 5, 4)}}          # 4.4M, 4.8M
+                "opt": (320, 5, 5), "qwen2": (320, 5, 4),            # 4.4M, 4.8M
+                "gpt_neox": (320, 5, 4)}}                            # 4.3M
 VOCAB = 512
 DEFAULT_SEED = 1234  # every step's --seed default: the table's PPO and DPO rows
 SEEDED = ("ppo", "dpo")  # the methods the suite reruns with other seeds (--ppo_seeds, --dpo_seeds)
