@@ -16,9 +16,10 @@ to the 11.1 samples/s of issue 14 (another machine, a 3.3M-parameter Llama), whi
 samples/s = prompts answered and trained on per second of PPO step (generation + experience +
 training), the median over the steps after --warmup of each run; start-up (loading four models) is
 not counted. The SFT reference trains the same model on 48-token samples (the PPO sequence length)
-with the same global batch, ranks, ZeRO stage, offload and dtype: a PPO step does 3 forwards of the
-frozen/critic models, the actor's and critic's forward + backward, and generation, so its FLOPs alone
-allow about 1/3.3 of the SFT rate. Each figure is the median over --reps fresh runs with the spread,
+with the same global batch, ranks, ZeRO stage, offload and dtype: a PPO step does the reference's and
+the reward model's forwards, the actor's and critic's forward + backward (their rollout values come from
+those forwards, --fuse_actor_forward / --fuse_critic_forward), and generation, so its FLOPs alone allow
+about 3/8 of the SFT rate before generation. Each figure is the median over --reps fresh runs with the spread,
 with the peak RSS of the largest rank and the load average.
 """
 from __future__ import annotations

@@ -97,6 +97,13 @@ def test_config_values_get_the_flags_types(tmp_path):
     assert ns.max_steps == 7 and ns.offload is True and ns.num_train_epochs == 2.0 and ns.eval_data_path == []
 
 
+def test_a_comma_separated_flag_takes_a_yaml_list(tmp_path):
+    cfg = write_config(tmp_path, "lora_module_name: [query_key_value, dense]\n")
+    assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg]).lora_module_name == "query_key_value,dense"
+    cfg = write_config(tmp_path, "lora_module_name: q_proj,v_proj\n", "d.yaml")
+    assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg]).lora_module_name == "q_proj,v_proj"
+
+
 @pytest.mark.parametrize("text,message", [
     ("zero_stage: 5", "key 'zero_stage': 5 is not one of 0, 1, 2, 3"),
     ("dtype: fp64", "key 'dtype': 'fp64' is not one of fp32, fp16, bf16"),
@@ -109,6 +116,7 @@ def test_config_values_get_the_flags_types(tmp_path):
     ("zero_stage: true", "key 'zero_stage': expected an integer, got True"),
     ("data_path: [a.jsonl, 3]", "key 'data_path': expected a string or a list of strings, got ['a.jsonl', 3]"),
     ("template: [chat]", "key 'template': expected a string, got ['chat']"),
+    ("lora_module_name: [q_proj, 3]", "key 'lora_module_name': expected a string, got ['q_proj', 3]"),
     ("seed: null", "key 'seed': expected an integer, got null"),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tmp_path, text, message):

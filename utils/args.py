@@ -23,10 +23,11 @@ from .errors import UserError
 LIMITS = ("gt", "ge", "lt", "le")  # value > gt, >= ge, < lt, <= le
 
 
-def arg(default, help: str, choices=None, nargs=None, *, gt=None, ge=None, lt=None, le=None):
-    """A flag. `gt`/`ge`/`lt`/`le` bound a numeric value (checked for flags and --config values alike)."""
+def arg(default, help: str, choices=None, nargs=None, *, gt=None, ge=None, lt=None, le=None, comma=False):
+    """A flag. `gt`/`ge`/`lt`/`le` bound a numeric value (checked for flags and --config values alike).
+    `comma`: a comma-separated string, which a --config file may also give as a list."""
     limits = {k: v for k, v in zip(LIMITS, (gt, ge, lt, le)) if v is not None}
-    meta = {"help": help, "choices": choices, "nargs": nargs, "limits": limits}
+    meta = {"help": help, "choices": choices, "nargs": nargs, "limits": limits, "comma": comma}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -68,7 +69,7 @@ class ModelArgs:
     lora_module_name: str = arg("all-linear",
                                 "modules that get LoRA adapters: all-linear (every Linear/Conv1D layer but the output "
                                 "head, in any model family) or comma-separated module-name suffixes such as "
-                                "q_proj,v_proj (missing ones ignored)")
+                                "q_proj,v_proj (missing ones ignored; a --config file may give a list)", comma=True)
     only_optimize_lora: bool = arg(False, "train only the LoRA adapters (base weights frozen)")
     freeze_embeddings: str = arg("none", "token embeddings kept fixed: input, output (the LM head), both, or none "
                                  "(tied embeddings are one matrix: input, output and both are the same)",
@@ -166,6 +167,7 @@ class Spec:
     nargs: str | None
     limits: dict
     help: str
+    comma: bool = False
 
 
 def specs_of(groups, limits: dict | None = None) -> dict[str, Spec]:
@@ -176,7 +178,8 @@ def specs_of(groups, limits: dict | None = None) -> dict[str, Spec]:
             meta = f.metadata
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             out[f.name] = Spec(f.name, _base_type(f.type), default, meta.get("choices"), meta.get("nargs"),
-                               dict((limits or {}).get(f.name, meta.get("limits") or {})), meta["help"])
+                               dict((limits or {}).get(f.name, meta.get("limits") or {})), meta["help"],
+                               meta.get("comma", False))
     return out
 
 
@@ -251,6 +254,8 @@ def config_value(sp: Spec, value):
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
         return value
+    if sp.comma and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # `lora_module_name: [q_proj, v_proj]`, as peft's own target_modules
     if isinstance(value, bool) or isinstance(value, (list, dict)):
         raise ValueError(f"expected {KINDS.get(sp.type, sp.type.__name__)}, got {value!r}")
     if sp.type in (int, float):
