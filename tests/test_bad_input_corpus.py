@@ -65,7 +65,7 @@ ERRORS = {
     "pairs/empty_file.jsonl": "{path}: file is empty (no records)",
     "pairs/all_chosen_equal_rejected.jsonl": "{path}: every row has chosen == rejected",
     "pairs/no_format.jsonl": "{path}:1: record matches no known format (fields: bad, good, question)",
-    "pairs/wrong_kind.jsonl": "{path}:1: field 'rejected': missing field",
+    "pairs/wrong_kind.jsonl": "{path}:1: field 'chosen': format 'prompt_response' has no chosen/rejected pair",
     "pairs/missing.jsonl": "data file '{path}' does not exist",
     "pairs/prompt_mismatch.jsonl": "{path}:2: field 'prompt': differs from the turns before the last reply in "
                                    "'chosen' (a conversation in chosen/rejected must start with the prompt's turns)",

@@ -19,6 +19,7 @@ def write_jsonl(path, rows):
 @pytest.mark.parametrize("row,fmt", [
     ({"messages": [{"role": "user", "content": "a"}]}, "messages"),
     ({"prompt": "a", "response": "b"}, "prompt_response"),
+    ({"prompt": "a", "completion": "b"}, "prompt_completion"),
     ({"prompt": "a", "chosen": "b", "rejected": "c"}, "preference"),
     ({"prompt": "a", "chosen": "b"}, "preference"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, "hh"),
@@ -317,3 +318,25 @@ def test_dataset_rows_are_named_by_row_index(tmp_path):
     assert str(e.value) == (f"{tmp_path / 'd'} row 1: field 'rejected': missing field (preference training needs "
                             "chosen and rejected)")
     assert e.value.row == 1 and e.value.line is None
+
+
+def test_prompt_completion_rows_train_like_prompt_response(tmp_path):
+    """TRL's prompt-completion format, as strings and conversational; its unpaired preference (KTO) rows
+    are refused by name, since SFT would otherwise train on the completions labelled bad."""
+    s = load_file(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "P", "completion": "C"}]), "sft")[0]
+    assert s.prompt == ({"role": "user", "content": "P"},) and s.chosen == ({"role": "assistant", "content": "C"},)
+    conv = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "P"}],
+            "completion": [{"role": "assistant", "content": "C"}]}
+    s = load_file(write_jsonl(tmp_path / "pcc.jsonl", [conv]), "sft")[0]
+    assert [m["role"] for m in s.prompt] == ["system", "user"] and s.chosen[0]["content"] == "C"
+    s = load_file(write_jsonl(tmp_path / "pcp.jsonl", [conv]), "prompts")[0]  # PPO reads the prompt
+    assert [m["content"] for m in s.prompt] == ["S", "P"]
+    with pytest.raises(DataError, match="pc.jsonl:1: field 'chosen': format 'prompt_completion' has no chosen/rejected"):
+        load_file(str(tmp_path / "pc.jsonl"), "pairs")
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "P", "completion": "C", "label": True}])
+    for need in ("sft", "pairs"):
+        with pytest.raises(DataError, match="kto.jsonl:1: field 'label': unpaired preference rows"):
+            load_file(kto, need)
+    bad = dict(conv, completion=[{"role": "user", "content": "U"}])
+    with pytest.raises(DataError, match="field 'completion': expected assistant turns only"):
+        load_file(write_jsonl(tmp_path / "bad.jsonl", [bad]), "sft")

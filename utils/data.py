@@ -12,6 +12,8 @@ Each record becomes a `Sample`:
 
   {"messages": [{"role", "content"}, ...]}      prompt = turns before the last assistant turn
   {"prompt", "response"}                         one user turn, one reply
+  {"prompt", "completion"}                       the same (TRL's prompt-completion format; strings, or a
+                                                 `prompt` conversation and assistant-only `completion` turns)
   {"prompt", "chosen"[, "rejected"][, "margin"]} chosen is the SFT target; strings, assistant-only
                                                  message lists (TRL), or whole conversations that
                                                  repeat the prompt turns (UltraFeedback)
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from .errors import DataError, UserError, location
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-FORMATS = ("messages", "prompt_response", "preference", "hh", "alpaca", "text", "prompt")
+FORMATS = ("messages", "prompt_response", "prompt_completion", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
 NEEDS = ("sft", "pairs", "prompts")
 # Files `datasets.save_to_disk` writes: a DatasetDict, or one Dataset.
@@ -236,6 +238,8 @@ def detect_format(row: dict, need: str = "sft") -> str | None:
         return "messages"
     if "prompt" in keys and "response" in keys:
         return "prompt_response"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
     if "prompt" in keys and "chosen" in keys:
         return "preference"
     if "chosen" in keys:
@@ -422,6 +426,16 @@ def parse_record(fmt: str, r: _Row) -> Sample:
         return Sample(prompt=prompt, chosen=reply, where=where)
     if fmt == "prompt_response":
         return Sample(prompt=_prompt_messages(r), chosen=r.text_or_messages("response"), where=where)
+    if fmt == "prompt_completion":
+        if "label" in r.row:  # TRL's unpaired preference (KTO) rows: a completion labelled bad is no SFT target
+            raise r.err("label", "unpaired preference rows (prompt, completion, label) are not supported: SFT would "
+                                 "also train on the completions labelled false, and reward/DPO need chosen and "
+                                 "rejected; give chosen/rejected pairs, or for SFT the rows labelled true without "
+                                 "the label column")
+        reply = r.text_or_messages("completion")
+        if any(m["role"] != "assistant" for m in reply):
+            raise r.err("completion", "expected assistant turns only (the conversation before them goes in 'prompt')")
+        return Sample(prompt=_prompt_messages(r), chosen=reply, where=where)
     if fmt in ("preference", "hh"):
         return parse_pair(r)
     if fmt == "alpaca":
@@ -451,7 +465,7 @@ def _check_need(need: str, s: Sample, r: _Row, fmt: str):
         raise r.err("messages" if fmt == "messages" else "prompt",
                     "record has no assistant reply to train on")
     if need == "pairs":
-        if s.text is not None or s.chosen is None:
+        if s.text is not None or s.chosen is None or fmt not in ("preference", "hh"):
             raise r.err("chosen", f"format '{fmt}' has no chosen/rejected pair")
         if s.rejected is None:
             raise r.err("rejected", "missing field (preference training needs chosen and rejected)")
@@ -474,7 +488,7 @@ def load_file(path: str, need: str, log=print) -> list[Sample]:
             fmt = detect_format(record, need)
             if fmt is None:
                 raise r.err(None, f"record matches no known format (fields: {', '.join(sorted(record)) or 'none'}); "
-                                  "expected messages, prompt+response, prompt+chosen[+rejected], chosen (HH), "
+                                  "expected messages, prompt+response, prompt+completion, prompt+chosen[+rejected], chosen (HH), "
                                   "instruction+output, text or prompt")
         s = parse_for(need, fmt, r)
         _check_need(need, s, r, fmt)
