@@ -340,3 +340,32 @@ def test_prompt_completion_rows_train_like_prompt_response(tmp_path):
     bad = dict(conv, completion=[{"role": "user", "content": "U"}])
     with pytest.raises(DataError, match="field 'completion': expected assistant turns only"):
         load_file(write_jsonl(tmp_path / "bad.jsonl", [bad]), "sft")
+
+
+def test_sharegpt_conversations_and_text_parts(tmp_path):
+    """ShareGPT rows (`conversations` of from/value turns) read as `messages`; OpenAI-style content parts
+    are joined when they are text and refused by name when not."""
+    conv = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "U1"},
+                              {"from": "gpt", "value": "A1"}, {"from": "human", "value": "U2"},
+                              {"from": "gpt", "value": "A2"}], "id": "x1"}
+    s = load_file(write_jsonl(tmp_path / "sg.jsonl", [conv]), "sft")[0]
+    assert [m["role"] for m in s.prompt] == ["system", "user", "assistant", "user"]
+    assert s.chosen == ({"role": "assistant", "content": "A2"},)
+    logs = []
+    p = load_samples([str(tmp_path / "sg.jsonl")], "prompts", log=logs.append)[0]
+    assert p.prompt == s.prompt and p.columns == {"id": "x1"} and "dropped the trailing assistant turn" in logs[0]
+    for turn, field, problem in [({"from": "bot", "value": "x"}, "conversations[1].from", "expected one of"),
+                                 ({"from": "gpt", "value": " "}, "conversations[1].value", "field is empty"),
+                                 ({"from": "gpt"}, "conversations[1].value", "missing or not a string")]:
+        bad = {"conversations": [{"from": "human", "value": "U"}, turn]}
+        with pytest.raises(DataError) as e:
+            load_file(write_jsonl(tmp_path / "bad.jsonl", [bad]), "sft")
+        assert e.value.field == field and problem in str(e.value)
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": "Hello"}]}
+    s = load_file(write_jsonl(tmp_path / "parts.jsonl", [parts]), "sft")[0]
+    assert s.prompt[0]["content"] == "Hi there"
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+                          {"role": "assistant", "content": "A"}]}
+    with pytest.raises(DataError, match=r"field 'messages\[0\].content\[0\]': only text parts are supported, got 'image_url'"):
+        load_file(write_jsonl(tmp_path / "img.jsonl", [image]), "sft")

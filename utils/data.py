@@ -11,6 +11,7 @@ a preference step reads `chosen`/`rejected` even when a `messages` column is the
 Each record becomes a `Sample`:
 
   {"messages": [{"role", "content"}, ...]}      prompt = turns before the last assistant turn
+  {"conversations": [{"from", "value"}, ...]}    ShareGPT: the same, with human/gpt/system turns
   {"prompt", "response"}                         one user turn, one reply
   {"prompt", "completion"}                       the same (TRL's prompt-completion format; strings, or a
                                                  `prompt` conversation and assistant-only `completion` turns)
@@ -36,12 +37,12 @@ from dataclasses import dataclass, field
 from .errors import DataError, UserError, location
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-FORMATS = ("messages", "prompt_response", "prompt_completion", "preference", "hh", "alpaca", "text", "prompt")
+FORMATS = ("messages", "sharegpt", "prompt_response", "prompt_completion", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
 NEEDS = ("sft", "pairs", "prompts")
 # Files `datasets.save_to_disk` writes: a DatasetDict, or one Dataset.
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
-PROMPT_FIELDS = ("prompt", "messages")  # the fields a prompt is read from; the rest of a row is its columns
+PROMPT_FIELDS = ("prompt", "messages", "conversations")  # the fields a prompt is read from; the rest of a row is its columns
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,8 @@ def detect_format(row: dict, need: str = "sft") -> str | None:
         return "prompt"
     if "messages" in keys:
         return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
     if "prompt" in keys and "response" in keys:
         return "prompt_response"
     if "prompt" in keys and "completion" in keys:
@@ -291,12 +294,23 @@ class _Row:
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
                 raise self.err(f"{fld}[{j}].role", f"expected one of {ROLES}, got {role!r}")
+            if isinstance(content, list):  # OpenAI-style parts: [{"type": "text", "text": ...}, ...]
+                content = self._text_parts(f"{fld}[{j}].content", content)
             if not isinstance(content, str):
                 raise self.err(f"{fld}[{j}].content", "missing or not a string")
             if not content.strip():
                 raise self.err(f"{fld}[{j}].content", "field is empty")
             out.append({"role": role, "content": content})
         return tuple(out)
+
+    def _text_parts(self, fld, parts: list) -> str:
+        texts = []
+        for k, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise self.err(f"{fld}[{k}]", f"only text parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "".join(texts)
 
     def text_or_messages(self, fld, role="assistant"):
         v = self.row.get(fld)
@@ -358,10 +372,40 @@ def _prompt_messages(r: _Row) -> tuple:
     return ({"role": "user", "content": r.string("prompt")},)
 
 
+# ShareGPT speaker names -> roles (`from` as ShareGPT dumps and their derivatives write it)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+def _sharegpt_messages(r: _Row, fld: str = "conversations") -> tuple:
+    """ShareGPT turns ({"from": "human"|"gpt"|"system", "value": ...}) as messages, validated by name."""
+    v = r.row.get(fld)
+    if not isinstance(v, list):
+        raise r.err(fld, f"expected a list of turns, got {type(v).__name__}")
+    msgs = []
+    for j, t in enumerate(v):
+        if not isinstance(t, dict):
+            raise r.err(f"{fld}[{j}]", f"expected a turn object, got {type(t).__name__}")
+        if "from" not in t and "role" in t:  # some dumps mix in role/content turns
+            t = {"from": t.get("role"), "value": t.get("content")}
+        speaker, value = t.get("from"), t.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise r.err(f"{fld}[{j}].from", f"expected one of {', '.join(SHAREGPT_ROLES)}, got {speaker!r}")
+        if not isinstance(value, str):
+            raise r.err(f"{fld}[{j}].value", "missing or not a string")
+        if not value.strip():
+            raise r.err(f"{fld}[{j}].value", "field is empty")
+        msgs.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return r.messages(fld, value=msgs)
+
+
 def _conversation_prompt(r: _Row, fld: str) -> tuple:
-    """The prompt of a conversation given for PPO (`prompt` list or `messages`). One rule for both: a
-    trailing assistant reply is dropped (and counted in the log), so the model answers the last user turn."""
-    prompt, reply = _split_last_reply(r, fld, r.messages(fld))
+    """The prompt of a conversation given for PPO (`prompt` list, `messages` or ShareGPT `conversations`).
+    One rule for all: a trailing assistant reply is dropped (and counted in the log), so the model
+    answers the last user turn."""
+    msgs = _sharegpt_messages(r, fld) if fld == "conversations" else r.messages(fld)
+    prompt, reply = _split_last_reply(r, fld, msgs)
     if reply is not None:
         r.notes.append(f"dropped the trailing assistant turn of the '{fld}' conversation")
     return prompt
@@ -420,9 +464,10 @@ def parse_pair(r: _Row) -> Sample:
 
 def parse_record(fmt: str, r: _Row) -> Sample:
     where = r.where
-    if fmt == "messages":
-        msgs = r.messages("messages")
-        prompt, reply = _split_last_reply(r, "messages", msgs)
+    if fmt in ("messages", "sharegpt"):
+        fld = "messages" if fmt == "messages" else "conversations"
+        msgs = r.messages(fld) if fmt == "messages" else _sharegpt_messages(r, fld)
+        prompt, reply = _split_last_reply(r, fld, msgs)
         return Sample(prompt=prompt, chosen=reply, where=where)
     if fmt == "prompt_response":
         return Sample(prompt=_prompt_messages(r), chosen=r.text_or_messages("response"), where=where)
@@ -455,14 +500,15 @@ def parse_record(fmt: str, r: _Row) -> Sample:
 
 def parse_for(need: str, fmt: str, r: _Row) -> Sample:
     """The record as the step reads it: PPO takes the prompt of a `messages` conversation."""
-    if need == "prompts" and fmt == "messages":
-        return Sample(prompt=_conversation_prompt(r, "messages"), where=r.where)
+    if need == "prompts" and fmt in ("messages", "sharegpt"):
+        return Sample(prompt=_conversation_prompt(r, "messages" if fmt == "messages" else "conversations"),
+                      where=r.where)
     return parse_record(fmt, r)
 
 
 def _check_need(need: str, s: Sample, r: _Row, fmt: str):
     if need == "sft" and s.text is None and not s.chosen:
-        raise r.err("messages" if fmt == "messages" else "prompt",
+        raise r.err({"messages": "messages", "sharegpt": "conversations"}.get(fmt, "prompt"),
                     "record has no assistant reply to train on")
     if need == "pairs":
         if s.text is not None or s.chosen is None or fmt not in ("preference", "hh"):
@@ -488,7 +534,7 @@ def load_file(path: str, need: str, log=print) -> list[Sample]:
             fmt = detect_format(record, need)
             if fmt is None:
                 raise r.err(None, f"record matches no known format (fields: {', '.join(sorted(record)) or 'none'}); "
-                                  "expected messages, prompt+response, prompt+completion, prompt+chosen[+rejected], chosen (HH), "
+                                  "expected messages, conversations (ShareGPT), prompt+response, prompt+completion, prompt+chosen[+rejected], chosen (HH), "
                                   "instruction+output, text or prompt")
         s = parse_for(need, fmt, r)
         _check_need(need, s, r, fmt)
