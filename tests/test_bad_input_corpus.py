@@ -390,8 +390,17 @@ def refused(module: str, argv: list, capsys) -> str:
     traceback. Returns the message."""
     import importlib
 
-    with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).main([str(a) for a in argv])
+    import torch.distributed as dist
+
+    env = dict(os.environ)
+    try:
+        with pytest.raises(SystemExit) as e:
+            importlib.import_module(module).main([str(a) for a in argv])
+    finally:  # a program refused after it joined its (one-rank) process group leaves nothing for later tests
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (e.value.code, captured.err)
@@ -417,6 +426,15 @@ def damaged_models(tiny_dir, tmp_path_factory):
         weights = d / "model.safetensors"
         with open(weights, "r+b") as f:
             f.truncate(weights.stat().st_size // 2)
+        out[name] = str(d)
+    # A model copied without its tokenizer, and one whose tokenizer config names no vocabulary: transformers
+    # 5 makes an empty tokenizer of the model's type for both, which encodes every text to nothing.
+    for name, family, files in (("no_tok", "llama", {}), ("empty_tok", "gpt_neox", {"tokenizer_config.json": "{}"})):
+        d = tmp_path_factory.mktemp(name)
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(tiny_dir(family), f), d / f)
+        for f, text in files.items():
+            (d / f).write_text(text)
         out[name] = str(d)
     return out
 
@@ -473,19 +491,28 @@ def program_cases(models: dict, tmp: str) -> dict:
                                    "file not fully covered)"),
         "report missing run": ("launch.report", ["--runs", f"sft={tmp}/no-run", "--out", f"{tmp}/r.png"],
                                f"--runs: run directory '{tmp}/no-run' does not exist"),
+        "sft, a model without tokenizer files": (
+            "step1_sft.main", ["--model_name_or_path", models["no_tok"], "--output_dir", f"{tmp}/out", "--data_path", sft],
+            f"--model_name_or_path '{models['no_tok']}' has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model, ...): save the tokenizer next to the weights (tokenizer.save_pretrained(dir))"),
+        "dpo, an empty tokenizer": (
+            "dpo.main", ["--model_name_or_path", models["empty_tok"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
+            f"the tokenizer of --model_name_or_path '{models['empty_tok']}' encodes text to no tokens (vocabulary of 2): "
+            "its vocabulary files are missing or empty"),
         "report NAME=DIR": ("launch.report", ["--runs", "sft", "--out", f"{tmp}/r.png"],
                             "--runs: expected NAME=DIR, got 'sft'"),
     }
 
 
-CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": ""}, ""))
+CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": "", "no_tok": "", "empty_tok": ""}, ""))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_program_refuses_a_mistake_in_one_line(tiny_dir, damaged_models, tmp_path, capsys, case):
     (tmp_path / "a-file").write_text("keep me")
     models = {"lm": tiny_dir("llama"), "bad_lm": damaged_models["lm"], "bad_rm": damaged_models["rm"],
-              "file": str(tmp_path / "a-file")}
+              "file": str(tmp_path / "a-file"), "no_tok": damaged_models["no_tok"],
+              "empty_tok": damaged_models["empty_tok"]}
     module, argv, message = program_cases(models, str(tmp_path))[case]
     before = snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values())
     assert refused(module, argv, capsys) == message

@@ -43,14 +43,29 @@ def check_weight_files(path: str, what: str) -> None:
             raise UserError(f"{what} '{path}': weights file '{file}' is damaged or truncated ({e})") from None
 
 
+# Files a tokenizer is read from (any one); a model directory without them has weights only.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "--model_name_or_path"):
+    """The directory's tokenizer. Refuses one that has none: transformers 5 then builds an empty tokenizer
+    of the model's type (two special tokens, every text encoded to nothing), and training on it runs
+    on empty samples until the loss is nan."""
     from transformers import AutoTokenizer
 
     _check_source(path, what)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{what} '{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+                        "save the tokenizer next to the weights (tokenizer.save_pretrained(dir))")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # missing files, unreachable hub name; a damaged tokenizer.json or config
         raise UserError(f"cannot load a tokenizer from {what} '{path}': {_first_line(e)}") from None
+    if not tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer of {what} '{path}' encodes text to no tokens (vocabulary of {len(tokenizer)}): "
+                        "its vocabulary files are missing or empty")
+    return tokenizer
 
 
 def _first_line(e: Exception) -> str:
