@@ -369,3 +369,12 @@ def test_sharegpt_conversations_and_text_parts(tmp_path):
                           {"role": "assistant", "content": "A"}]}
     with pytest.raises(DataError, match=r"field 'messages\[0\].content\[0\]': only text parts are supported, got 'image_url'"):
         load_file(write_jsonl(tmp_path / "img.jsonl", [image]), "sft")
+
+
+def test_dolly_rows_read_as_alpaca(tmp_path):
+    row = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    s = load_file(write_jsonl(tmp_path / "dolly.jsonl", [row, dict(row, context="")]), "sft")
+    assert s[0].prompt[0]["content"] == "Summarise.\n\nA long text." and s[0].prompt[0]["input"] == "A long text."
+    assert s[0].chosen == ({"role": "assistant", "content": "Short."},) and s[1].prompt[0]["content"] == "Summarise."
+    with pytest.raises(DataError, match="dolly2.jsonl:1: field 'response': field is empty"):
+        load_file(write_jsonl(tmp_path / "dolly2.jsonl", [dict(row, response=" ")]), "sft")

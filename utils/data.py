@@ -19,7 +19,7 @@ Each record becomes a `Sample`:
                                                  message lists (TRL), or whole conversations that
                                                  repeat the prompt turns (UltraFeedback)
   {"chosen"[, "rejected"]} HH transcripts        "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, or conversations
-  {"instruction"[, "input"], "output"}           Alpaca
+  {"instruction"[, "input"], "output"}           Alpaca (also Dolly's instruction, context, response)
   {"text"}                                       plain language modelling, loss on all tokens
   {"prompt"}                                     prompt only (PPO)
 
@@ -247,8 +247,8 @@ def detect_format(row: dict, need: str = "sft") -> str | None:
         return "preference"
     if "chosen" in keys:
         return "hh"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
+    if "instruction" in keys and ("output" in keys or "response" in keys):
+        return "alpaca"  # Dolly's rows name them instruction, context, response
     if "text" in keys:
         return "text"
     if "prompt" in keys:
@@ -485,10 +485,12 @@ def parse_record(fmt: str, r: _Row) -> Sample:
         return parse_pair(r)
     if fmt == "alpaca":
         instruction = r.string("instruction")
-        inp = r.string("input", required=False, allow_empty=True) or ""
+        inp_field = "input" if "input" in r.row or "context" not in r.row else "context"
+        inp = r.string(inp_field, required=False, allow_empty=True) or ""
         content = instruction + (f"\n\n{inp}" if inp.strip() else "")
         user = {"role": "user", "content": content, "instruction": instruction, "input": inp.strip()}
-        return Sample(prompt=(user,), chosen=({"role": "assistant", "content": r.string("output")},), where=where)
+        out_field = "output" if "output" in r.row or "response" not in r.row else "response"
+        return Sample(prompt=(user,), chosen=({"role": "assistant", "content": r.string(out_field)},), where=where)
     if fmt == "text":
         return Sample(text=r.string("text"), where=where)
     if fmt == "prompt":
