@@ -9,6 +9,8 @@ pooled output; we read the head's per-token outputs and pick the token ourselves
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .encoding import pad_batch, position_ids_from_mask
@@ -29,8 +31,6 @@ def head_swap_patterns(config, trust_remote_code: bool = False) -> tuple[tuple[s
     cannot be built that way gets the common names."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    import copy
-
     clf_config = copy.deepcopy(config)
     clf_config.num_labels = 1
     try:
@@ -40,7 +40,7 @@ def head_swap_patterns(config, trust_remote_code: bool = False) -> tuple[tuple[s
         lm_state, clf_keys = lm.state_dict(), set(clf.state_dict())
     except Exception:  # noqa: BLE001 - remote code or a family without one of the classes
         return NEW_HEAD, DROPPED_LM_HEAD
-    new = set(clf_keys) - set(lm_state)
+    new = clf_keys - set(lm_state)
     dropped = {k: v for k, v in lm_state.items() if k not in clf_keys}
     names = set(dropped)
     try:  # the names a checkpoint holds them under (transformers renames some on load: embed_out -> lm_head)
