@@ -128,6 +128,9 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   echo
   exit 0
 fi
+# The programs run from the checkout, and read paths (MODEL, DATA, OUTPUT_DIR, flags, --config) from the
+# directory this script was started in: every program changes back to it first (utils/args.py: parse).
+export RLHF_CALLER_CWD="$PWD"
 cd "$REPO"
 # The checkout's packages win over any installed copy (and work without `pip install -e .`).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

@@ -166,3 +166,23 @@ def test_pipeline_skips_the_reward_model_when_reward_functions_score_alone(tmp_p
     env.update(USE_REWARD_MODEL="1")
     p = subprocess.run(["bash", os.path.join(REPO, "launch/pipeline.sh")], env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "PREF_DATA" in p.stderr  # now step 2 runs and needs its pairs
+
+
+def test_relative_paths_are_the_callers_not_the_checkouts(tiny_dir, tmp_path):
+    """launch/run.sh starts the programs from the checkout; a relative MODEL, DATA and OUTPUT_DIR still mean
+    the user's own directory (a run used to write its model into the checkout and refuse ./base)."""
+    proj = tmp_path / "proj"
+    shutil.copytree(tiny_dir("llama"), proj / "base")
+    (proj / "mydata").mkdir()
+    shutil.copy(os.path.join(REPO, "data", "sft.jsonl"), proj / "mydata" / "sft.jsonl")
+    env = dict(os.environ, STATUS="1", MODEL="./base", DATA="mydata/sft.jsonl", OUTPUT_DIR="out/sft",
+               MODEL_SIZE="tiny", NGPUS="2")
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], cwd=proj, env=env, capture_output=True,
+                       text=True)
+    assert (p.returncode, p.stdout.strip()) == (1, "out/sft has no finished run"), p.stderr
+    (proj / "out" / "sft").mkdir(parents=True)
+    (proj / "out" / "sft" / "done.json").write_text("{}")  # a finished run of other inputs, in the caller's out/
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], cwd=proj, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 3 and p.stdout.startswith("out/sft"), (p.stdout, p.stderr)
+    assert not os.path.exists(os.path.join(REPO, "out", "sft"))

@@ -291,7 +291,12 @@ def check_output_dir(path: str | None, flag: str = "--output_dir") -> None:
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,
           helps: dict | None = None, limits: dict | None = None) -> argparse.Namespace:
     """`defaults`/`helps`/`limits` let a step give a shared flag its own default, help text and range
-    (e.g. its own help for --learning_rate)."""
+    (e.g. its own help for --learning_rate). Under launch/run.sh, which starts the programs from the
+    checkout, relative paths are the user's: the program first changes to the directory the launcher
+    was started in (RLHF_CALLER_CWD)."""
+    caller = os.environ.get("RLHF_CALLER_CWD")
+    if caller and os.path.isdir(caller):
+        os.chdir(caller)
     parser = build_parser(groups, description)
     specs = specs_of(groups, limits)
     if defaults:
