@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO
 from utils import signals
 from utils.errors import UserError
 from utils.output import (check_output_dir, finish_output_dir, first_difference, fingerprint, partial_dir,
@@ -183,3 +184,28 @@ def test_a_watched_launcher_that_exits_is_a_stop_request(monkeypatch):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_directory_another_run_is_writing_is_refused(tmp_path, monkeypatch):
+    """Two runs into one --output_dir: the second used to pass the checks (the first one's partial directory
+    appears only after its model has loaded) and both wrote one metrics.jsonl. Rank 0 of a run holds a lock
+    for the directory until it exits; the lock goes with the process, even killed."""
+    from utils import output
+
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.output import lock_output_dir; "
+                               f"lock_output_dir({out!r}); print('locked', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(output, "_LOCK", None)
+        with pytest.raises(UserError, match=rf"--output_dir '.*out' is being written by another run \(pid {holder.pid} "):
+            check_output_dir(run_args(tmp_path))
+        monkeypatch.setenv("RANK", "1")
+        check_output_dir(run_args(tmp_path))  # other ranks leave the lock to rank 0
+        monkeypatch.delenv("RANK")
+    finally:
+        holder.kill()
+        holder.wait()
+    check_output_dir(run_args(tmp_path))  # the killed run's lock is gone
+    output._LOCK.close()

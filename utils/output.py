@@ -114,9 +114,49 @@ def _when(sig) -> str:
 
 # ----------------------------------------------------------------------------- start and finish
 
+_LOCK = None  # the open lock file of this process's --output_dir (held until the process ends)
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Global rank 0 (or a single process): hold an exclusive lock for OUTPUT_DIR for the rest of the
+    process, or refuse a directory another run on this machine is writing. Without it a second run into
+    the same --output_dir passed the checks below (its partial directory appears only after the model has
+    loaded) and both wrote one metrics.jsonl. The lock file lives in the temporary directory (named by a
+    hash of the absolute path), so nothing is written beside the user's output; the OS drops the lock
+    when the process ends, even by SIGKILL. Runs on different machines are not seen."""
+    global _LOCK
+    if os.environ.get("RANK", "0") != "0" or _LOCK is not None:
+        return
+    import fcntl
+    import hashlib
+    import socket
+    import tempfile
+
+    out = os.path.realpath(os.path.abspath(output_dir))
+    locks = os.path.join(tempfile.gettempdir(), "ds-rlhf-locks")
+    os.makedirs(locks, exist_ok=True)
+    path = os.path.join(locks, hashlib.sha1(out.encode()).hexdigest()[:16] + ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"--output_dir '{output_dir}' is being written by another run ({holder}); wait for it to "
+                        "finish or stop it, or choose another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    _LOCK = f
+
+
 def check_output_dir(args) -> None:
     """Refuse, before anything is written, to replace a finished run or a partial one without being
-    asked (read-only; every rank may call it)."""
+    asked, or a directory another run is writing (rank 0 takes its lock; the rest is read-only and
+    every rank may call it)."""
+    lock_output_dir(args.output_dir)
     out, part = os.path.normpath(args.output_dir), partial_dir(args.output_dir)
     overwrite = args.overwrite_output_dir
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
