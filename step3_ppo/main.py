@@ -28,7 +28,7 @@ from utils.args import args_record, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all
 from utils.errors import UserError, at_record, exit_on_user_error
-from utils.model import load_tokenizer, save_hf
+from utils.model import check_positions, load_tokenizer, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.reward import export_pad_token_id
 from utils.reward_funcs import call_reward_func, load_reward_funcs
@@ -113,6 +113,8 @@ def main(argv=None) -> None:
         require_reward_model(algo.reward_model, args.trust_remote_code)
     template, sft_len = resolve_data_settings(types.SimpleNamespace(template=args.template, max_seq_len=0),
                                               args.actor_model_name_or_path)
+    check_positions(args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len,
+                    "--max_prompt_seq_len + --max_answer_seq_len", "--actor_model_name_or_path", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)
     prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
                            "prompts")

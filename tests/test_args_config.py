@@ -114,7 +114,7 @@ def test_a_comma_separated_flag_takes_a_yaml_list(tmp_path):
     ("learning_rate: fast", "key 'learning_rate': expected a number, got 'fast'"),
     ("offload: maybe", "key 'offload': expected true/false, got 'maybe'"),
     ("zero_stage: true", "key 'zero_stage': expected an integer, got True"),
-    ("data_path: [a.jsonl, 3]", "key 'data_path': expected a string or a list of strings, got ['a.jsonl', 3]"),
+    ("data_path: [a.jsonl, true]", "key 'data_path': expected a string or a list of strings, got ['a.jsonl', True]"),
     ("template: [chat]", "key 'template': expected a string, got ['chat']"),
     ("lora_module_name: [q_proj, 3]", "key 'lora_module_name': expected a string, got ['q_proj', 3]"),
     ("seed: null", "key 'seed': expected an integer, got null"),
@@ -194,3 +194,12 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
                                    "--output_dir", str(tmp_path / "f" / "out")])
     assert (tmp_path / "f").read_text() == "keep me"
     assert parse(SHARED_GROUPS, "t", BASE[:4] + ["--output_dir", str(tmp_path / "new" / "out")])
+
+
+def test_a_yaml_list_of_numbers_is_read_for_a_list_flag(tmp_path):
+    from step3_ppo.main import parse_args
+
+    cfg = write_config(tmp_path, "reward_weights: [0.5, 1]\nreward_funcs: [a.py:f, b.py:g]\n")
+    ns = parse_args(["--config", cfg, "--actor_model_name_or_path", "a", "--data_path", "p.jsonl",
+                     "--output_dir", "o", "--advantage_estimator", "grpo"])
+    assert [float(w) for w in ns.reward_weights] == [0.5, 1.0]

@@ -499,6 +499,16 @@ def program_cases(models: dict, tmp: str) -> dict:
             "dpo.main", ["--model_name_or_path", models["empty_tok"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
             f"the tokenizer of --model_name_or_path '{models['empty_tok']}' encodes text to no tokens (vocabulary of 2): "
             "its vocabulary files are missing or empty"),
+        "sft --max_seq_len beyond the model's positions": (
+            "step1_sft.main", one + ["--data_path", sft, "--max_seq_len", "4096"],
+            f"--max_seq_len is 4096 tokens, more than the 512 positions of --model_name_or_path '{models['lm']}' "
+            "(config.json max_position_embeddings)"),
+        "ppo prompt + answer beyond the model's positions": (
+            "step3_ppo.main", ["--actor_model_name_or_path", models["lm"], "--data_path", prompts, "--output_dir",
+                               f"{tmp}/out", "--advantage_estimator", "grpo", "--reward_funcs",
+                               "utils.reward_funcs:answer_format", "--n_samples_per_prompt", "4", "--max_answer_seq_len", "300"],
+            f"--max_prompt_seq_len + --max_answer_seq_len is 556 tokens, more than the 512 positions of "
+            f"--actor_model_name_or_path '{models['lm']}' (config.json max_position_embeddings)"),
         "report NAME=DIR": ("launch.report", ["--runs", "sft", "--out", f"{tmp}/r.png"],
                             "--runs: expected NAME=DIR, got 'sft'"),
     }

@@ -378,3 +378,17 @@ def test_dolly_rows_read_as_alpaca(tmp_path):
     assert s[0].chosen == ({"role": "assistant", "content": "Short."},) and s[1].prompt[0]["content"] == "Summarise."
     with pytest.raises(DataError, match="dolly2.jsonl:1: field 'response': field is empty"):
         load_file(write_jsonl(tmp_path / "dolly2.jsonl", [dict(row, response=" ")]), "sft")
+
+
+def test_unanswered_last_turns_are_dropped_and_counted_and_json_lines_in_a_json_file(tmp_path):
+    """ShareGPT dumps often end with a user turn nobody answered: SFT trains the turns up to the last reply
+    and the log counts the rows. A .json file in JSON Lines layout (datasets' to_json) reads as .jsonl."""
+    rows = [{"conversations": [{"from": "human", "value": "U1"}, {"from": "gpt", "value": "A1"},
+                               {"from": "human", "value": "U2"}]},
+            {"conversations": [{"from": "human", "value": "V1"}, {"from": "gpt", "value": "B1"}]}]
+    logs = []
+    out = load_samples([write_jsonl(tmp_path / "sg.jsonl", rows)], "sft", log=logs.append)
+    assert [s.chosen[0]["content"] for s in out] == ["A1", "B1"] and out[0].prompt[-1]["content"] == "U1"
+    assert any("dropped the unanswered turn(s)" in line and "1 of 2" in line and "sg.jsonl:1" in line for line in logs)
+    lines = write_jsonl(tmp_path / "lines.json", [{"prompt": "P1", "response": "R1"}, {"prompt": "P2", "response": "R2"}])
+    assert [s.where for s in load_file(lines, "sft")] == [f"{lines}:1", f"{lines}:2"]

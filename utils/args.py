@@ -92,7 +92,7 @@ class DataArgs:
                         "or error", choices=["skip", "truncate", "error"])
     packing: bool = arg(False, "training micro-batches concatenate their samples into rows (position ids restart "
                         "per sample, attention never crosses samples) instead of padding each to the longest "
-                        "one; the same losses (utils/packing.py); llama, qwen2 and gpt2 families")
+                        "one; the same losses (utils/packing.py); the families utils/packing.py verifies, PACKABLE")
 
 
 @dataclass
@@ -235,6 +235,8 @@ def config_value(sp: Spec, value):
     ValueError with the problem (the caller names the file and the key)."""
     if sp.nargs:
         items = value if isinstance(value, list) else [value]  # `data_path: a.jsonl` means [a.jsonl]
+        # `reward_weights: [0.5, 1.0]`: numbers, as the command line gives them, parsed by the flag itself
+        items = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in items]
         if not all(isinstance(v, str) for v in items):
             raise ValueError(f"expected a string or a list of strings, got {value!r}")
         bad = [v for v in items if sp.choices is not None and v not in sp.choices]

@@ -101,6 +101,10 @@ def _read_json(path: str):
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        first = text.lstrip().split("\n", 1)[0]
+        if e.msg == "Extra data" and first.startswith("{"):  # JSON Lines in a .json file, as datasets' to_json writes
+            yield from _read_jsonl(path)
+            return
         raise DataError(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
         data = data["data"]
@@ -467,6 +471,10 @@ def parse_record(fmt: str, r: _Row) -> Sample:
     if fmt in ("messages", "sharegpt"):
         fld = "messages" if fmt == "messages" else "conversations"
         msgs = r.messages(fld) if fmt == "messages" else _sharegpt_messages(r, fld)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is not None and last < len(msgs) - 1:  # a conversation ending with an unanswered user turn
+            r.notes.append(f"dropped the unanswered turn(s) after the last assistant reply of '{fld}'")
+            msgs = msgs[:last + 1]
         prompt, reply = _split_last_reply(r, fld, msgs)
         return Sample(prompt=prompt, chosen=reply, where=where)
     if fmt == "prompt_response":

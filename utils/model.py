@@ -68,6 +68,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "--mo
     return tokenizer
 
 
+def check_positions(path: str, length: int, flag: str, what: str = "--model_name_or_path",
+                    trust_remote_code: bool = False) -> None:
+    """Refuse a sequence length beyond the model's positions (config max_position_embeddings, GPT-2's
+    n_positions) before anything runs: a learned position table fails mid-run with an IndexError at the
+    first longer batch."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
+    except (OSError, ValueError):
+        return  # the loaders report an unreadable config with their own message
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            if length > limit:
+                raise UserError(f"{flag} is {length} tokens, more than the {limit} positions of {what} '{path}' "
+                                f"(config.json {name})")
+            return
+
+
 def _first_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__

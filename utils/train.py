@@ -15,7 +15,7 @@ from .encoding import Encoder
 from .errors import UserError
 from .lr import scaled_lr
 from .metrics import MetricsLogger
-from .model import load_tokenizer
+from .model import check_positions, load_tokenizer
 from .output import finish_output_dir, partial_dir, prepare_partial
 from .stream import StepStream
 
@@ -26,6 +26,7 @@ def load_step_data(args, kind: str):
     from the input model's args.json."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
+    check_positions(args.model_name_or_path, max_seq_len, "--max_seq_len", trust_remote_code=args.trust_remote_code)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
     train, evals = load_splits(args.data_path, args.eval_data_path, args.eval_fraction, args.seed, kind,
                                log=ds.print0)
