@@ -24,7 +24,7 @@ from step3_ppo.models import build_models, check_args, require_reward_model
 from step3_ppo.rollout import PromptItem
 from step3_ppo.trainer import train
 from utils import ds
-from utils.args import args_record, parse, resolve_data_settings
+from utils.args import args_record, inherited, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all
 from utils.errors import UserError, at_record, exit_on_user_error
@@ -89,6 +89,17 @@ def check_reward_funcs(funcs, item: PromptItem, max_len: int) -> None:
         call_reward_func(f, [item.text], [""], [item.columns], [[]], max_len, [item.where])
 
 
+def check_templates(template: str, models) -> None:
+    """Every model reads the text the actor's template renders: refuse a critic or reward model trained
+    (args.json) on another template, whose scores would be of text it never saw."""
+    for path, what in models:
+        theirs = inherited(path).get("template") if path else None
+        if theirs and theirs != "auto" and theirs != template:
+            raise UserError(f"{what} '{path}' was trained with --template {theirs}, and step 3 renders the prompts "
+                            f"with {template}: its scores would be of text it never saw; give step 3 --template "
+                            f"{theirs} or train it with --template {template}")
+
+
 def parse_args(argv=None):
     return parse(GROUPS, "Step 3: PPO with actor, critic, reference and reward models, or a critic-free "
                          "estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++)", argv, required=REQUIRED)
@@ -116,6 +127,9 @@ def main(argv=None) -> None:
     check_positions(args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len,
                     "--max_prompt_seq_len + --max_answer_seq_len", "--actor_model_name_or_path", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)
+    check_templates(encoder.template, ((args.critic_model_name_or_path if algo.critic else None,
+                                        "--critic_model_name_or_path"),
+                                       (algo.reward_model, "--reward_model_name_or_path")))
     prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
                            "prompts")
     eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,

@@ -295,3 +295,20 @@ def test_main_refuses_a_causal_lm_as_reward_model(tiny_dir, tmp_path):
                                          "--data_path", prompts, "--output_dir", tmp_path / "out"])
     assert p.returncode == 2, p.stderr[-2000:]
     assert "not a sequence-classification model" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_reward_model_of_another_template_is_refused(tmp_path):
+    """A reward model trained on hh text scores ChatML prompts it never saw; step 3 refuses it by name."""
+    import json
+
+    from step3_ppo.main import check_templates
+    from utils.errors import UserError
+
+    for name, template in (("rm_hh", "hh"), ("rm_chat", "chat"), ("old", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps({"template": template} if template else {}))
+    check_templates("chat", [(str(tmp_path / "rm_chat"), "--reward_model_name_or_path"),
+                             (str(tmp_path / "old"), "--critic_model_name_or_path"), (None, "--critic_model_name_or_path")])
+    with pytest.raises(UserError, match=r"--reward_model_name_or_path '.*rm_hh' was trained with --template hh, and "
+                                        r"step 3 renders the prompts with chat"):
+        check_templates("chat", [(str(tmp_path / "rm_hh"), "--reward_model_name_or_path")])
