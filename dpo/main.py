@@ -67,8 +67,9 @@ def load_reference(args, tokenizer, world: int):
                             f"--model_name_or_path; log-probabilities would not be comparable")
     cfg = ds.ds_eval_config(stage=args.zero_stage, dtype=args.dtype, micro_batch=args.per_device_train_batch_size,
                             world=world)
+    what = "--ref_model_name_or_path" if args.ref_model_name_or_path else "--model_name_or_path (the reference)"
     ref = load_model(AutoModelForCausalLM, path, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                     zero3_config=cfg, what="--ref_model_name_or_path")
+                     zero3_config=cfg, what=what)
     ref.requires_grad_(False)
     if args.disable_dropout:
         disable_dropout(ref)

@@ -427,6 +427,12 @@ def damaged_models(tiny_dir, tmp_path_factory):
         with open(weights, "r+b") as f:
             f.truncate(weights.stat().st_size // 2)
         out[name] = str(d)
+    d = tmp_path_factory.mktemp("reward-model")  # a whole reward model, where a causal LM is expected
+    from transformers import AutoTokenizer
+
+    load_reward_model(tiny_dir("llama"), pad_id=0).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_dir("llama")).save_pretrained(d)
+    out["good_rm"] = str(d)
     # A model copied without its tokenizer, and one whose tokenizer config names no vocabulary: transformers
     # 5 makes an empty tokenizer of the model's type for both, which encodes every text to nothing.
     for name, family, files in (("no_tok", "llama", {}), ("empty_tok", "gpt_neox", {"tokenizer_config.json": "{}"})):
@@ -509,12 +515,17 @@ def program_cases(models: dict, tmp: str) -> dict:
                                "utils.reward_funcs:answer_format", "--n_samples_per_prompt", "4", "--max_answer_seq_len", "300"],
             f"--max_prompt_seq_len + --max_answer_seq_len is 556 tokens, more than the 512 positions of "
             f"--actor_model_name_or_path '{models['lm']}' (config.json max_position_embeddings)"),
+        "dpo, a reward model as the policy": (
+            "dpo.main", ["--model_name_or_path", models["good_rm"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
+            f"--model_name_or_path (the reference) '{models['good_rm']}' is a reward model "
+            "(LlamaForSequenceClassification), not a causal LM: give a step-1 (SFT) output or another causal LM"),
         "report NAME=DIR": ("launch.report", ["--runs", "sft", "--out", f"{tmp}/r.png"],
                             "--runs: expected NAME=DIR, got 'sft'"),
     }
 
 
-CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": "", "no_tok": "", "empty_tok": ""}, ""))
+CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": "", "no_tok": "", "empty_tok": "",
+                              "good_rm": ""}, ""))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -522,7 +533,7 @@ def test_program_refuses_a_mistake_in_one_line(tiny_dir, damaged_models, tmp_pat
     (tmp_path / "a-file").write_text("keep me")
     models = {"lm": tiny_dir("llama"), "bad_lm": damaged_models["lm"], "bad_rm": damaged_models["rm"],
               "file": str(tmp_path / "a-file"), "no_tok": damaged_models["no_tok"],
-              "empty_tok": damaged_models["empty_tok"]}
+              "empty_tok": damaged_models["empty_tok"], "good_rm": damaged_models["good_rm"]}
     module, argv, message = program_cases(models, str(tmp_path))[case]
     before = snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values())
     assert refused(module, argv, capsys) == message

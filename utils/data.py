@@ -172,8 +172,10 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
     except Exception as e:  # the hub client and the file builders raise many types; the message is what counts
         if isinstance(e, ValueError) and "split" in str(e).lower():  # 'Unknown split "test". Should be one of ...'
             raise UserError(f"data path '{path}': {str(e).splitlines()[0]} (pick one as '{path}:SPLIT')") from None
-        if local:
-            raise UserError(f"{what} could not be loaded with datasets.load_dataset: {_one_line(e)}") from None
+        if local:  # datasets hides the reason (files whose columns differ, ...) in the exception's cause
+            cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
+            raise UserError(f"{what} could not be loaded with datasets.load_dataset: {_one_line(e)}{cause}; files "
+                            "of different formats can be given as separate --data_path sources") from None
         raise UserError(f"{what} could not be loaded as a hub dataset: {_one_line(e)}") from None
     return _rows(f"{path}:{split}", ds)
 

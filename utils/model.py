@@ -88,6 +88,20 @@ def check_positions(path: str, length: int, flag: str, what: str = "--model_name
             return
 
 
+def _refuse_a_classifier(path: str, what: str, trust_remote_code: bool) -> None:
+    """A reward model (a sequence classifier) where a causal LM is expected: say so, rather than list the
+    score head as an unexpected weight."""
+    from transformers import AutoConfig
+
+    try:
+        archs = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+    except (OSError, ValueError):
+        return
+    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(f"{what} '{path}' is a reward model ({', '.join(archs)}), not a causal LM: give a step-1 "
+                        "(SFT) output or another causal LM")
+
+
 def _first_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -103,6 +117,8 @@ def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool =
     """
     _check_source(path, what)
     check_weight_files(path, what)
+    if cls.__name__.endswith("ForCausalLM"):
+        _refuse_a_classifier(path, what, trust_remote_code)
     hf_ds = None
     if zero3_config is not None and zero3_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
