@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, (name, key, series, warnings) in zip(axes.flat, ps):
         for split, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if split == "eval" else None,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if split == "eval" or len(pts) == 1 else None,  # one point: no line
                     markersize=3, label=split)
         for step, what in warnings:
             ax.axvline(step, color="red", linestyle="--", linewidth=1, label=f"warning: {what}")
