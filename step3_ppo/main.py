@@ -116,8 +116,9 @@ def main(argv=None) -> None:
 
     # Data first, so bad input fails before the models are loaded.
     tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, "--actor_model_name_or_path")
-    for path, what in ((args.critic_model_name_or_path if algo.critic else None, "--critic_model_name_or_path"),
-                       (algo.reward_model, "--reward_model_name_or_path")):
+    scorers = ((args.critic_model_name_or_path if algo.critic else None, "--critic_model_name_or_path"),
+               (algo.reward_model, "--reward_model_name_or_path"))  # the models that read the actor's text
+    for path, what in scorers:
         if path is not None:
             check_tokenizers(tokenizer, path, what, args.trust_remote_code)
     if algo.reward_model is not None:
@@ -127,9 +128,7 @@ def main(argv=None) -> None:
     check_positions(args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len,
                     "--max_prompt_seq_len + --max_answer_seq_len", "--actor_model_name_or_path", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)
-    check_templates(encoder.template, ((args.critic_model_name_or_path if algo.critic else None,
-                                        "--critic_model_name_or_path"),
-                                       (algo.reward_model, "--reward_model_name_or_path")))
+    check_templates(encoder.template, scorers)
     prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
                            "prompts")
     eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,

@@ -406,12 +406,20 @@ def _sharegpt_messages(r: _Row, fld: str = "conversations") -> tuple:
     return r.messages(fld, value=msgs)
 
 
+# The field a conversation format keeps its turns in.
+CONVERSATION_FIELD = {"messages": "messages", "sharegpt": "conversations"}
+
+
+def _turns(r: _Row, fld: str) -> tuple:
+    """The validated messages of a conversation field: ShareGPT's `conversations`, else role/content turns."""
+    return _sharegpt_messages(r, fld) if fld == "conversations" else r.messages(fld)
+
+
 def _conversation_prompt(r: _Row, fld: str) -> tuple:
     """The prompt of a conversation given for PPO (`prompt` list, `messages` or ShareGPT `conversations`).
     One rule for all: a trailing assistant reply is dropped (and counted in the log), so the model
     answers the last user turn."""
-    msgs = _sharegpt_messages(r, fld) if fld == "conversations" else r.messages(fld)
-    prompt, reply = _split_last_reply(r, fld, msgs)
+    prompt, reply = _split_last_reply(r, fld, _turns(r, fld))
     if reply is not None:
         r.notes.append(f"dropped the trailing assistant turn of the '{fld}' conversation")
     return prompt
@@ -470,9 +478,9 @@ def parse_pair(r: _Row) -> Sample:
 
 def parse_record(fmt: str, r: _Row) -> Sample:
     where = r.where
-    if fmt in ("messages", "sharegpt"):
-        fld = "messages" if fmt == "messages" else "conversations"
-        msgs = r.messages(fld) if fmt == "messages" else _sharegpt_messages(r, fld)
+    if fmt in CONVERSATION_FIELD:
+        fld = CONVERSATION_FIELD[fmt]
+        msgs = _turns(r, fld)
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is not None and last < len(msgs) - 1:  # a conversation ending with an unanswered user turn
             r.notes.append(f"dropped the unanswered turn(s) after the last assistant reply of '{fld}'")
@@ -512,15 +520,14 @@ def parse_record(fmt: str, r: _Row) -> Sample:
 
 def parse_for(need: str, fmt: str, r: _Row) -> Sample:
     """The record as the step reads it: PPO takes the prompt of a `messages` conversation."""
-    if need == "prompts" and fmt in ("messages", "sharegpt"):
-        return Sample(prompt=_conversation_prompt(r, "messages" if fmt == "messages" else "conversations"),
-                      where=r.where)
+    if need == "prompts" and fmt in CONVERSATION_FIELD:
+        return Sample(prompt=_conversation_prompt(r, CONVERSATION_FIELD[fmt]), where=r.where)
     return parse_record(fmt, r)
 
 
 def _check_need(need: str, s: Sample, r: _Row, fmt: str):
     if need == "sft" and s.text is None and not s.chosen:
-        raise r.err({"messages": "messages", "sharegpt": "conversations"}.get(fmt, "prompt"),
+        raise r.err(CONVERSATION_FIELD.get(fmt, "prompt"),
                     "record has no assistant reply to train on")
     if need == "pairs":
         if s.text is not None or s.chosen is None or fmt not in ("preference", "hh"):
