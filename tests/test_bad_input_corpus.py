@@ -442,6 +442,13 @@ def damaged_models(tiny_dir, tmp_path_factory):
         for f, text in files.items():
             (d / f).write_text(text)
         out[name] = str(d)
+    d = tmp_path_factory.mktemp("ppo-out")  # step 3's output: the models are one level down
+    for sub in ("actor", "critic"):
+        shutil.copytree(tiny_dir("llama"), d / sub)
+    out["ppo_out"] = str(d)
+    d = tmp_path_factory.mktemp("unfinished")
+    (d / "sft.partial").mkdir()  # a run stopped before it finished
+    out["unfinished"] = str(d / "sft")
     return out
 
 
@@ -515,6 +522,15 @@ def program_cases(models: dict, tmp: str) -> dict:
                                "utils.reward_funcs:answer_format", "--n_samples_per_prompt", "4", "--max_answer_seq_len", "300"],
             f"--max_prompt_seq_len + --max_answer_seq_len is 556 tokens, more than the 512 positions of "
             f"--actor_model_name_or_path '{models['lm']}' (config.json max_position_embeddings)"),
+        "dpo from step 3's output directory": (
+            "dpo.main", ["--model_name_or_path", models["ppo_out"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
+            f"--model_name_or_path '{models['ppo_out']}' is not a Hugging Face model directory (no config.json); it "
+            f"holds actor/, critic/: pass one of them (step 3 saves actor/ and critic/), e.g. {models['ppo_out']}/actor"),
+        "reward from an unfinished SFT run": (
+            "step2_reward.main", ["--model_name_or_path", models["unfinished"], "--output_dir", f"{tmp}/out",
+                                  "--data_path", pairs],
+            f"--model_name_or_path '{models['unfinished']}' does not exist ('{models['unfinished']}.partial' holds an "
+            "unfinished run: finish it with --resume first)"),
         "dpo, a reward model as the policy": (
             "dpo.main", ["--model_name_or_path", models["good_rm"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
             f"--model_name_or_path (the reference) '{models['good_rm']}' is a reward model "
@@ -525,7 +541,7 @@ def program_cases(models: dict, tmp: str) -> dict:
 
 
 CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": "", "no_tok": "", "empty_tok": "",
-                              "good_rm": ""}, ""))
+                              "good_rm": "", "ppo_out": "", "unfinished": ""}, ""))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -533,7 +549,8 @@ def test_program_refuses_a_mistake_in_one_line(tiny_dir, damaged_models, tmp_pat
     (tmp_path / "a-file").write_text("keep me")
     models = {"lm": tiny_dir("llama"), "bad_lm": damaged_models["lm"], "bad_rm": damaged_models["rm"],
               "file": str(tmp_path / "a-file"), "no_tok": damaged_models["no_tok"],
-              "empty_tok": damaged_models["empty_tok"], "good_rm": damaged_models["good_rm"]}
+              "empty_tok": damaged_models["empty_tok"], "good_rm": damaged_models["good_rm"],
+              "ppo_out": damaged_models["ppo_out"], "unfinished": damaged_models["unfinished"]}
     module, argv, message = program_cases(models, str(tmp_path))[case]
     before = snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values())
     assert refused(module, argv, capsys) == message

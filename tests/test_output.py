@@ -103,13 +103,66 @@ def test_fingerprint_names_the_input_that_changed(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "bb"}\n')
     assert f"data file {data} changed (size 33 -> 34 bytes" in first_difference(old, fingerprint(args))
-    data.write_text('{"prompt": "a", "response": "b"}\n')
-    os.utime(data, ns=(1, 1))
+    data.write_text('{"prompt": "a", "response": "c"}\n')  # same size, other content
     assert f"data file {data} changed" in first_difference(old, fingerprint(args))
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    os.utime(data, ns=(1, 1))  # the same content, touched: the same input
+    assert first_difference(old, fingerprint(args)) is None
     old = json.loads(json.dumps(fingerprint(args)))
     (tmp_path / "model" / "model.safetensors").write_bytes(b"y" * 11)
     assert "--model_name_or_path" in first_difference(old, fingerprint(args)) and "model.safetensors changed" in \
         first_difference(old, fingerprint(args))
+
+
+def test_fingerprint_sees_tokenizers_dataset_dirs_and_reward_code_and_not_a_copy(tmp_path):
+    """The inputs a rerun used to miss (a tokenizer file, a dataset directory's rows, a reward function's
+    code) are compared by content; a model copied elsewhere (a copied WORK_DIR) is the same input."""
+    import shutil
+
+    model = tmp_path / "model"
+    run_args(tmp_path)
+    (model / "tokenizer_config.json").write_text('{"chat_template": "A"}')
+    ds = tmp_path / "ds"
+    (ds / "train").mkdir(parents=True)
+    (ds / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (ds / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows-1")
+    code = tmp_path / "rf.py"
+    code.write_text("def r(**kw): return [0.0]\n")
+    args = run_args(tmp_path, data_path=[f"{ds}:train"], reward_funcs=[f"{code}:r"])
+    old = json.loads(json.dumps(fingerprint(args)))
+    assert old["version"] == 2 and first_difference(old, fingerprint(args)) is None
+
+    (model / "tokenizer_config.json").write_text('{"chat_template": "B"}')
+    assert "tokenizer_config.json changed" in first_difference(old, fingerprint(args))
+    (model / "tokenizer_config.json").write_text('{"chat_template": "A"}')
+    (ds / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows-2")
+    assert f"data directory {ds}:train: train/data-00000-of-00001.arrow changed" in first_difference(
+        old, fingerprint(args))
+    (ds / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows-1")
+    code.write_text("def r(**kw): return [1.0]\n")
+    assert f"--reward_funcs {code}:r: its code changed" in first_difference(old, fingerprint(args))
+    code.write_text("def r(**kw): return [0.0]\n")
+    assert first_difference(old, fingerprint(args)) is None
+
+    shutil.copytree(model, tmp_path / "copy")  # new mtimes and another path, the same files
+    assert first_difference(old, fingerprint(run_args(tmp_path, data_path=[f"{ds}:train"], reward_funcs=[
+        f"{code}:r"], model_name_or_path=str(tmp_path / "copy")))) is None
+
+
+def test_fingerprint_of_an_earlier_version_still_matches(tmp_path):
+    """done.json written before content digests ([size, mtime], fewer model files, a dataset directory
+    by name) matches the same unchanged inputs, so an upgrade does not make every finished step 'changed'."""
+    args = run_args(tmp_path)
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    now = fingerprint(args)
+    v1 = json.loads(json.dumps(now))
+    del v1["version"], v1["code"]
+    v1["models"]["model_name_or_path"]["files"] = {
+        n: sig[:2] for n, sig in v1["models"]["model_name_or_path"]["files"].items() if n != "tokenizer.json"}
+    v1["data"] = {p: sig[:2] for p, sig in v1["data"].items()}
+    assert first_difference(v1, now) is None
+    v1["data"] = {p: [sig[0], sig[1] + 1] for p, sig in v1["data"].items()}  # v1 compares the mtime
+    assert "changed" in first_difference(v1, now)
 
 
 def test_status_for_launch_scripts(tmp_path):

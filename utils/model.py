@@ -19,9 +19,16 @@ def _check_source(path: str, what: str) -> None:
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split(os.sep, 1)[-1]
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{what} '{path}' is not a Hugging Face model directory (no config.json)")
+            inner = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))) \
+                if os.path.isdir(path) else []
+            hint = (f"; it holds {', '.join(d + '/' for d in inner)}: pass one of them (step 3 saves actor/ and "
+                    f"critic/), e.g. {os.path.join(path, inner[0])}") if inner else ""
+            raise UserError(f"{what} '{path}' is not a Hugging Face model directory (no config.json){hint}")
     elif looks_local:
-        raise UserError(f"{what} '{path}' does not exist")
+        unfinished = path.rstrip("/") + ".partial"
+        hint = (f" ('{unfinished}' holds an unfinished run: finish it with --resume first)"
+                if os.path.isdir(unfinished) else "")
+        raise UserError(f"{what} '{path}' does not exist{hint}")
 
 
 def check_weight_files(path: str, what: str) -> None:

@@ -11,10 +11,11 @@ which `--resume` continues.
   then appended to the new directory's metrics.previous.jsonl.
 - A partial run is continued with --resume or discarded with --overwrite_output_dir (its
   metrics.jsonl goes to the new partial directory's metrics.previous.jsonl).
-- done.json records the inputs: every model directory (its config.json and weight files, with sizes
-  and modification times), every data file (size and modification time) and the flags that change
-  the result. `python -m utils.output status SCRIPT ARGS...` compares them with a new command line;
-  launch/run.sh uses it to skip a finished step or name the input that changed.
+- done.json records the inputs: every model directory (its config, weight, tokenizer and chat-template
+  files), every data file and dataset directory, the source of `--reward_funcs`, each file by size and
+  content digest, and the flags that change the result. `python -m utils.output status SCRIPT ARGS...`
+  compares them with a new command line; launch/run.sh uses it to skip a finished step or name the
+  input that changed.
 """
 from __future__ import annotations
 
@@ -55,49 +56,154 @@ def is_finished(path: str) -> bool:
 
 # ----------------------------------------------------------------------------- fingerprint
 
-def _file_sig(path: str) -> list:
+# A file's signature is [size, mtime_ns, digest]; two signatures match when size and content digest do,
+# so a `touch`ed or copied file is the same input and an edited one is not. Files up to SAMPLED_ABOVE
+# bytes (every data and code file a user edits by hand) are hashed whole; a larger weights file is
+# identified by its size and 64 blocks spread over it (retrained weights differ everywhere). A digest is
+# computed once per (path, size, mtime) in a process: a run saves a checkpoint's fingerprint often.
+SAMPLED_ABOVE = 256 << 20
+FINGERPRINT_VERSION = 2
+MODEL_FILES = ("config.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+               "special_tokens_map.json", "added_tokens.json", "merges.txt")
+_DIGESTS: dict = {}
+
+
+def _digest(path: str, size: int, sample: bool) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if sample and size > SAMPLED_ABOVE:
+            block = 1 << 16
+            for i in range(64):
+                f.seek((size - block) * i // 63)
+                h.update(f.read(block))
+            return "sampled:" + h.hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_sig(path: str, sample: bool = False) -> list:
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, sample)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _digest(path, st.st_size, sample)
+    return [st.st_size, st.st_mtime_ns, _DIGESTS[key]]
+
+
+def _same_file(was, now) -> bool:
+    """Signatures of fingerprint version 2 compare size and digest; an older [size, mtime] one both."""
+    if not (isinstance(was, list) and isinstance(now, list)):
+        return was == now
+    return was[:2] == now[:2] if len(was) == 2 else (was[0], was[2]) == (now[0], now[2])
 
 
 def _model_sig(path: str) -> dict | str:
+    """A model directory: its config, weights, tokenizer and chat-template files (by content, not path)."""
+    from .model import TOKENIZER_FILES
+
     if not os.path.isdir(path):
         return path  # a hub name: the name is all we know without the network
-    files = [os.path.join(path, "config.json")] + sorted(f for pat in WEIGHTS for f in glob.glob(os.path.join(path, pat)))
+    names = set(MODEL_FILES) | set(TOKENIZER_FILES)
+    files = [os.path.join(path, n) for n in sorted(names)] + sorted(
+        f for pat in WEIGHTS for f in glob.glob(os.path.join(path, pat)))
     return {"path": os.path.realpath(path),
-            "files": {os.path.basename(f): _file_sig(f) for f in files if os.path.isfile(f)}}
+            "files": {os.path.basename(f): _file_sig(f, sample=f.endswith(tuple(w[1:] for w in WEIGHTS)))
+                      for f in files if os.path.isfile(f)}}
+
+
+def _tree_sig(root: str) -> dict:
+    """Every file under a dataset directory (a save_to_disk or hub-layout one), by relative path."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for n in sorted(filenames):
+            if not n.startswith(".") and not n.endswith(".lock"):
+                f = os.path.join(dirpath, n)
+                out[os.path.relpath(f, root)] = _file_sig(f)
+    return out
+
+
+def _data_sig(path: str):
+    from .data import split_source
+
+    source, _ = split_source(path)
+    if os.path.isfile(source):
+        return _file_sig(source)
+    if os.path.isdir(source):
+        return {"files": _tree_sig(source)}
+    return "hub"
+
+
+def _code_sig(spec: str):
+    """A --reward_funcs entry's source file (FILE.py:NAME, or the module's file found without importing it)."""
+    target = spec.rpartition(":")[0] or spec
+    if target.endswith(".py"):
+        return _file_sig(target) if os.path.isfile(target) else "missing"
+    try:
+        import importlib.util
+
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        found = None
+    origin = getattr(found, "origin", None)
+    return _file_sig(origin) if origin and os.path.isfile(origin) else "module"
 
 
 def fingerprint(args) -> dict:
-    """The inputs of a run: models (config and weights), data files and result-changing flags."""
+    """The inputs of a run: models (config, weights, tokenizer), data files and directories, the code
+    of rule-based rewards, and the result-changing flags."""
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in BOOKKEEPING}
     models = {k: _model_sig(v) for k, v in flags.items() if k.endswith("model_name_or_path") and v}
     data = {}
     for k, v in flags.items():
         if k.endswith("data_path") and v:
             for p in (v if isinstance(v, list) else [v]):
-                data[p] = _file_sig(p) if os.path.isfile(p) else "hub"
-    return {"models": models, "data": data, "flags": flags}
+                data[p] = _data_sig(p)
+    code = {spec: _code_sig(spec) for spec in (flags.get("reward_funcs") or [])}
+    return {"version": FINGERPRINT_VERSION, "models": models, "data": data, "code": code, "flags": flags}
+
+
+def _changed_files(was: dict, now: dict, old_style: bool) -> list[str]:
+    names = set(was) if old_style else set(was) | set(now)  # version 1 recorded fewer files of a model
+    return sorted(n for n in names if n not in was or n not in now or not _same_file(was[n], now[n]))
 
 
 def first_difference(old: dict, new: dict, ignore=()) -> str | None:
-    """A one-line description of the first input that differs between two fingerprints, or None."""
+    """A one-line description of the first input that differs between two fingerprints, or None.
+    A model directory is compared by its files' contents, so a copied model (another path) is the same
+    input; its path flag is then not compared either."""
+    old_style = old.get("version", 1) < FINGERPRINT_VERSION
+    same_model = set()
     for name, sig in new["models"].items():
         was = old["models"].get(name)
-        if was != sig:
-            if isinstance(sig, dict) and isinstance(was, dict) and was.get("path") == sig.get("path"):
-                changed = sorted(set(sig["files"]) ^ set(was["files"]) |
-                                 {f for f in sig["files"] if was["files"].get(f) != sig["files"][f]})
+        if isinstance(sig, dict) and isinstance(was, dict):
+            changed = _changed_files(was["files"], sig["files"], old_style)
+            if changed:
                 return f"--{name} {sig['path']}: {', '.join(changed)} changed"
+            same_model.add(name)
+        elif was != sig:
             return f"--{name}: {_show(was)} -> {_show(sig)}"
     for path in sorted(set(old["data"]) | set(new["data"])):
         was, now = old["data"].get(path), new["data"].get(path)
-        if was != now:
-            if was is None or now is None:
-                return f"data file {path} {'added' if was is None else 'removed'}"
-            return f"data file {path} changed (size {was[0]} -> {now[0]} bytes, modified {_when(now)})"
+        if was is None or now is None:
+            return f"data file {path} {'added' if was is None else 'removed'}"
+        if isinstance(now, dict) and isinstance(was, dict):
+            changed = _changed_files(was["files"], now["files"], False)
+            if changed:
+                return f"data directory {path}: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed"
+        elif old_style and was == "hub":
+            continue  # version 1 recorded a dataset directory as a name
+        elif not _same_file(was, now):
+            if isinstance(was, list) and isinstance(now, list):
+                return f"data file {path} changed (size {was[0]} -> {now[0]} bytes, modified {_when(now)})"
+            return f"data {path}: {_show(was)} -> {_show(now)}"
+    for spec in sorted(set(old.get("code", {})) & set(new.get("code", {}))):
+        if not _same_file(old["code"][spec], new["code"][spec]):
+            return f"--reward_funcs {spec}: its code changed"
     for k in sorted(set(old["flags"]) | set(new["flags"])):
-        if k in ignore:
+        if k in ignore or k in same_model:
             continue
         if old["flags"].get(k) != new["flags"].get(k):
             return f"--{k} {old['flags'].get(k)} -> {new['flags'].get(k)}"
