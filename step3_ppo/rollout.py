@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 from step3_ppo.models import generation_mode
 from utils import ds
 from utils.encoding import pad_batch, position_ids_from_mask
+from utils.generation import only_our_settings
 from utils.reward import sequence_rewards, token_scores
 from utils.reward_funcs import score_with_funcs
 from utils.rl import entropy_from_logits, mask_from_lengths, response_lengths, token_logprobs
@@ -47,7 +48,8 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict:
 
 def generation_config(args, encoder, temperature: float | None = None, greedy: bool = False) -> GenerationConfig:
     """Only our flags and the run's resolved sampling `temperature` (Algorithm.temperature; not needed for
-    greedy answers): a model's own generation_config.json (sampling defaults, min lengths) is ignored."""
+    greedy answers): a model's own generation_config.json (sampling defaults, penalties, min lengths) is
+    kept out by `generate`, which calls with `only_our_settings`."""
     sample = args.do_sample and not greedy
     if sample and temperature is None:
         raise ValueError("sampled rollouts need the resolved temperature")
@@ -78,7 +80,7 @@ def generate(actor, prompts: list[list[int]], encoder, gen_cfg: GenerationConfig
     batch = {k: v.to(ds.device()) for k, v in collate_prompts(prompts, encoder.pad_id).items()}
     zero3 = actor.zero_optimization_stage() == 3
     keep = keep_logits and reuses_generation_logits(actor)
-    with generation_mode(actor) as model:
+    with generation_mode(actor) as model, only_our_settings(model):
         # synced_gpus: under ZeRO-3 a rank whose answers are done keeps stepping until all ranks are.
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              generation_config=gen_cfg, synced_gpus=zero3 and ds.world_size() > 1,

@@ -84,6 +84,42 @@ def _rollout(tiny_models, temperature=0.7):
     return enc, prompts, b
 
 
+def test_a_models_own_generation_config_does_not_shape_rollouts_or_answers(tiny_models):
+    """An instruct model ships generation_config.json with sampling settings (Qwen2.5: repetition_penalty
+    1.05, top_k 20, top_p 0.8). generate() fills whatever our config leaves unset from it, so rollouts were
+    drawn from another distribution than the one PPO's log-probabilities describe, and "greedy" answers
+    were penalised ones. Both the rollout and the evaluation answers must ignore it (and keep it)."""
+    from transformers import GenerationConfig
+
+    from utils.generation import generate_answers
+
+    tok, actor, _ = tiny_models
+    enc = Encoder(tok, "hh", 64)
+    texts = ("Tell me about the apple.", "Hi.", "What do you think of it?")
+    prompts = [enc.encode_prompt(user(t)) for t in texts]
+    args = types.SimpleNamespace(max_answer_seq_len=12, do_sample=True, temperature=0.7, top_p=1.0, top_k=0)
+
+    def both():
+        torch.manual_seed(3)
+        sampled = generate(PlainEngine(actor), prompts, enc, generation_config(args, enc, 0.7))["answers"]
+        greedy = generate(PlainEngine(actor), prompts, enc, generation_config(args, enc, greedy=True))["answers"]
+        evaluated = [a.ids for a in generate_answers(actor, enc, [user(t) for t in texts], max_new_tokens=12)]
+        return sampled, greedy, evaluated
+
+    own = actor.generation_config
+    try:
+        actor.generation_config = GenerationConfig()
+        plain = both()
+        shipped = GenerationConfig(repetition_penalty=50.0, no_repeat_ngram_size=1, min_new_tokens=12, top_k=1,
+                                   bad_words_ids=[[int(plain[1][0, 0])]])
+        actor.generation_config = shipped
+        assert [torch.equal(a, b) for a, b in zip(both()[:2], plain[:2])] == [True, True]
+        assert both()[2] == plain[2]
+        assert actor.generation_config is shipped  # the model's own config is back (it is what gets saved)
+    finally:
+        actor.generation_config = own
+
+
 def test_rollout_masks_come_from_lengths_and_logprobs_match_unpadded_forwards(tiny_models):
     tok, actor, critic = tiny_models
     T = 0.7

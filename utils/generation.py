@@ -1,6 +1,7 @@
 """Batched answers from a saved causal LM with the run's template (evaluation tools, chat, demo)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,23 @@ class Answer:
     text: str         # decoded answer, without the EOS
     ended: bool       # the model emitted EOS (did not hit the length limit)
     ids: list         # answer token ids including the EOS when ended
+
+
+@contextmanager
+def only_our_settings(model):
+    """`generate()` fills every setting its GenerationConfig leaves unset from the model's own
+    generation_config.json: an instruct model's repetition_penalty, top_k, min_p or min_new_tokens would
+    shape PPO's rollouts (which its log-probabilities then do not describe) and the evaluation's "greedy"
+    answers. Inside this block the model's config is a blank one, so only transformers' neutral
+    defaults fill the gaps; the model's own config is back on exit (and is what gets saved)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield model
+    finally:
+        model.generation_config = own
 
 
 @torch.no_grad()
@@ -31,9 +49,10 @@ def generate_answers(model, encoder: Encoder, prompts: list, max_new_tokens: int
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=encoder.pad_id,
                       eos_token_id=encoder.eos_id)
         if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        gen = model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                             **kwargs)[:, batch["input_ids"].size(1):]
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        with only_our_settings(model):
+            gen = model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                                 **kwargs)[:, batch["input_ids"].size(1):]
         for p, row in zip(chunk, gen.tolist()):
             ended = encoder.eos_id in row
             row = row[: row.index(encoder.eos_id) + 1] if ended else row
