@@ -95,23 +95,22 @@ def check_args(args) -> Algorithm:
 
 def _causal(args, cfg: dict, dtype: str) -> nn.Module:
     model = load_model(AutoModelForCausalLM, args.actor_model_name_or_path, dtype=dtype,
-                       trust_remote_code=args.trust_remote_code, zero3_config=cfg, what="--actor_model_name_or_path")
+                       trust_remote_code=args.trust_remote_code, zero3_config=cfg, what="--actor_model_name_or_path",
+                       attn_implementation=args.attn_implementation)
     return _prepared(model, args)
 
 
 def _classifier(args, path: str, cfg: dict, pad_id: int, what: str) -> nn.Module:
     model = load_reward_model(path, pad_id=pad_id, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                              zero3_config=cfg, what=what)
+                              zero3_config=cfg, what=what, attn_implementation=args.attn_implementation)
     return _prepared(model, args)
 
 
 def _prepared(model: nn.Module, args) -> nn.Module:
     """Dropout off (PPO's ratio pi_new / pi_old assumes the rollout policy and the updated one are the same
-    function; DeepSpeed-Chat's --disable_actor_dropout) and the requested attention kernel."""
+    function; DeepSpeed-Chat's --disable_actor_dropout). The attention kernel is chosen at load time."""
     if args.disable_dropout:
         disable_dropout(model)
-    if args.attn_implementation != "auto":
-        model.set_attn_implementation(args.attn_implementation)
     return model
 
 

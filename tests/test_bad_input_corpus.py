@@ -446,6 +446,21 @@ def damaged_models(tiny_dir, tmp_path_factory):
     for sub in ("actor", "critic"):
         shutil.copytree(tiny_dir("llama"), d / sub)
     out["ppo_out"] = str(d)
+    d = tmp_path_factory.mktemp("adapter")  # what peft's save_pretrained writes: no config.json, no base weights
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "base"}')
+    (d / "adapter_model.safetensors").write_bytes(b"")
+    out["adapter"] = str(d)
+    d = tmp_path_factory.mktemp("small-vocab")  # tokens added to the tokenizer, embeddings not resized
+    shutil.copytree(tiny_dir("llama"), d, dirs_exist_ok=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    rows = json.loads((d / "config.json").read_text())["vocab_size"]
+    extra = [f"<extra_{i}>" for i in range(rows - len(tok) + 2)]
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    tok.save_pretrained(d)
+    out["small_vocab"], out["small_vocab_rows"], out["small_vocab_len"] = str(d), rows, len(tok)
+    out["small_vocab_beyond"] = extra[-2:]  # the two ids without an embedding row
     d = tmp_path_factory.mktemp("unfinished")
     (d / "sft.partial").mkdir()  # a run stopped before it finished
     out["unfinished"] = str(d / "sft")
@@ -522,6 +537,17 @@ def program_cases(models: dict, tmp: str) -> dict:
                                "utils.reward_funcs:answer_format", "--n_samples_per_prompt", "4", "--max_answer_seq_len", "300"],
             f"--max_prompt_seq_len + --max_answer_seq_len is 556 tokens, more than the 512 positions of "
             f"--actor_model_name_or_path '{models['lm']}' (config.json max_position_embeddings)"),
+        "sft from a LoRA adapter directory": (
+            "step1_sft.main", ["--model_name_or_path", models["adapter"], "--output_dir", f"{tmp}/out", "--data_path", sft],
+            f"--model_name_or_path '{models['adapter']}' is a LoRA/PEFT adapter (adapter_config.json), not a whole "
+            "model: merge it into its base model first (PeftModel.from_pretrained(base, dir).merge_and_unload()"
+            ".save_pretrained(out), with the tokenizer) and pass that directory"),
+        "dpo, a tokenizer larger than the embedding": (
+            "dpo.main", ["--model_name_or_path", models["small_vocab"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
+            f"the tokenizer of --model_name_or_path '{models['small_vocab']}' has {models['small_vocab_len']} tokens but "
+            f"the model's config.json vocab_size is {models['small_vocab_rows']} (ids from {models['small_vocab_rows']} "
+            f"up, e.g. {models['small_vocab_beyond']}, have no embedding): call "
+            "model.resize_token_embeddings(len(tokenizer)) and save the model again"),
         "dpo from step 3's output directory": (
             "dpo.main", ["--model_name_or_path", models["ppo_out"], "--output_dir", f"{tmp}/out", "--data_path", pairs],
             f"--model_name_or_path '{models['ppo_out']}' is not a Hugging Face model directory (no config.json); it "
@@ -541,7 +567,8 @@ def program_cases(models: dict, tmp: str) -> dict:
 
 
 CASES = sorted(program_cases({"lm": "", "bad_lm": "", "bad_rm": "", "file": "", "no_tok": "", "empty_tok": "",
-                              "good_rm": "", "ppo_out": "", "unfinished": ""}, ""))
+                              "good_rm": "", "ppo_out": "", "unfinished": "", "adapter": "", "small_vocab": "",
+                              "small_vocab_rows": 0, "small_vocab_len": 0, "small_vocab_beyond": []}, ""))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -550,11 +577,13 @@ def test_program_refuses_a_mistake_in_one_line(tiny_dir, damaged_models, tmp_pat
     models = {"lm": tiny_dir("llama"), "bad_lm": damaged_models["lm"], "bad_rm": damaged_models["rm"],
               "file": str(tmp_path / "a-file"), "no_tok": damaged_models["no_tok"],
               "empty_tok": damaged_models["empty_tok"], "good_rm": damaged_models["good_rm"],
-              "ppo_out": damaged_models["ppo_out"], "unfinished": damaged_models["unfinished"]}
+              **{k: damaged_models[k] for k in ("ppo_out", "unfinished", "adapter", "small_vocab", "small_vocab_rows",
+                                                "small_vocab_len", "small_vocab_beyond")}}
     module, argv, message = program_cases(models, str(tmp_path))[case]
-    before = snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values())
+    paths = [v for v in (*models.values(), *damaged_models.values()) if isinstance(v, str)]
+    before = snapshot(tmp_path, CORPUS, *paths)
     assert refused(module, argv, capsys) == message
-    assert snapshot(tmp_path, CORPUS, *models.values(), *damaged_models.values()) == before
+    assert snapshot(tmp_path, CORPUS, *paths) == before
     assert not (tmp_path / "out").exists()
 
 

@@ -127,3 +127,42 @@ def test_all_linear_lora_on_a_classifier_trains_the_score_head_whole(tiny_dir):
     trained = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert any("query_key_value.lora_A" in n for n in trained)
     assert {n for n in trained if "lora_" not in n} == {"base_model.model.score.modules_to_save.default.weight"}
+
+
+@pytest.mark.parametrize("lora_dim", [0, 4])
+def test_gradient_checkpointing_does_not_change_the_saved_config(tiny_dir, tmp_path, lora_dim):
+    """Training with --gradient_checkpointing turns the KV cache off in the model's config; the saved
+    model must keep its own `use_cache` (a saved `false` made every later generate() slow)."""
+    import json
+
+    from utils.model import load_tokenizer, save_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+    assert model.config.use_cache is True
+    args = SimpleNamespace(**{**vars(_args("none", lora_dim=lora_dim)), "gradient_checkpointing": True})
+    model = prepare_model(model, args)
+    save_hf(model, load_tokenizer(tiny_dir("llama")), str(tmp_path / "out"), {"step": "test"})
+    assert json.load(open(tmp_path / "out" / "config.json"))["use_cache"] is True
+    base = model.get_base_model() if lora_dim else model
+    assert base.config.use_cache is False  # still off for the rest of training
+
+
+def test_a_config_asking_for_flash_attention_loads_with_sdpa_where_it_cannot_run(tiny_dir, tmp_path, capsys):
+    """A checkpoint saved on a GPU machine with attn_implementation flash_attention_2 in config.json
+    failed to load on a machine without flash-attn with an ImportError traceback."""
+    import json
+    import shutil
+
+    import torch
+
+    from utils.model import load_model
+
+    d = tmp_path / "fa2"
+    shutil.copytree(tiny_dir("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "attn_implementation": "flash_attention_2"}))
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine may have flash-attn")
+    model = load_model(AutoModelForCausalLM, str(d))
+    assert model.config._attn_implementation == "sdpa"
+    assert "asks for flash_attention_2, which this machine cannot run" in capsys.readouterr().out

@@ -18,6 +18,11 @@ def _check_source(path: str, what: str) -> None:
         raise UserError(f"{what} is required")
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split(os.sep, 1)[-1]
     if os.path.exists(path):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+                os.path.join(path, "config.json")):
+            raise UserError(f"{what} '{path}' is a LoRA/PEFT adapter (adapter_config.json), not a whole model: merge "
+                            "it into its base model first (PeftModel.from_pretrained(base, dir).merge_and_unload()"
+                            ".save_pretrained(out), with the tokenizer) and pass that directory")
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
             inner = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json"))) \
                 if os.path.isdir(path) else []
@@ -72,7 +77,25 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "--mo
     if not tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer of {what} '{path}' encodes text to no tokens (vocabulary of {len(tokenizer)}): "
                         "its vocabulary files are missing or empty")
+    _check_vocabulary(path, tokenizer, what, trust_remote_code)
     return tokenizer
+
+
+def _check_vocabulary(path: str, tokenizer, what: str, trust_remote_code: bool) -> None:
+    """A tokenizer with more tokens than the model has embedding rows (tokens added without
+    `resize_token_embeddings`) fails mid-run with an IndexError at the first added token, often the pad."""
+    from transformers import AutoConfig
+
+    try:
+        rows = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config(),
+                       "vocab_size", None)
+    except (OSError, ValueError):
+        return
+    if isinstance(rows, int) and rows > 0 and len(tokenizer) > rows:
+        added = [t for i, t in sorted(tokenizer.added_tokens_decoder.items()) if i >= rows][:3]
+        raise UserError(f"the tokenizer of {what} '{path}' has {len(tokenizer)} tokens but the model's config.json "
+                        f"vocab_size is {rows} (ids from {rows} up, e.g. {[str(t) for t in added]}, have no "
+                        "embedding): call model.resize_token_embeddings(len(tokenizer)) and save the model again")
 
 
 def check_positions(path: str, length: int, flag: str, what: str = "--model_name_or_path",
@@ -114,13 +137,35 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _attention(path: str, trust_remote_code: bool, what: str) -> str | None:
+    """The attention kernel to ask for when the model's config names one this machine cannot run (a
+    checkpoint saved with flash_attention_2, loaded without the flash-attn package or a GPU): sdpa,
+    said once. None keeps the config's choice."""
+    from transformers import AutoConfig
+    from transformers.utils import is_flash_attn_2_available
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    named = getattr(config, "_attn_implementation_internal", None) or getattr(config, "attn_implementation", None)
+    if isinstance(named, str) and named.startswith("flash_attention") and not (
+            torch.cuda.is_available() and is_flash_attn_2_available()):
+        if ds.is_rank0():
+            print(f"{what} '{path}': config.json asks for {named}, which this machine cannot run (no flash-attn "
+                  "package or no GPU); using sdpa", flush=True)
+        return "sdpa"
+    return None
+
+
 def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool = False,
                zero3_config: dict | None = None, allow_missing=(), allow_unexpected=(),
-               what: str = "--model_name_or_path", **kwargs):
+               what: str = "--model_name_or_path", attn_implementation: str | None = None, **kwargs):
     """`cls.from_pretrained` that fails loudly on missing or unexpected weights (pitfall 18).
 
     `allow_missing` / `allow_unexpected` are glob patterns for the differences a step expects (a new
     reward head, a dropped LM head). With `zero3_config`, weights load straight into ZeRO-3 shards.
+    `attn_implementation` (None or "auto": the config's, unless it names a kernel this machine lacks).
     """
     _check_source(path, what)
     check_weight_files(path, what)
@@ -137,10 +182,14 @@ def load_model(cls, path: str, *, dtype: str = "fp32", trust_remote_code: bool =
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+    attn = attn_implementation if attn_implementation not in (None, "auto") else _attention(
+        path, trust_remote_code, what)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
     try:
         model, info = cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                           output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as e:  # missing or damaged files, a config transformers cannot read
+    except (OSError, ValueError, ImportError) as e:  # missing or damaged files, an unreadable config, a kernel
         raise UserError(f"cannot load a model from {what} '{path}': {_first_line(e)}") from None
     missing = [k for k in info.get("missing_keys", []) if not any(fnmatch.fnmatch(k, p) for p in allow_missing)]
     unexpected = [k for k in info.get("unexpected_keys", [])
@@ -212,6 +261,7 @@ def prepare_model(model, args, task_type: str = "CAUSAL_LM"):
         disable_dropout(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model._saved_use_cache = model.config.use_cache  # save_hf writes the model's own setting back
         model.config.use_cache = False
     if args.lora_dim > 0:
         model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name,
@@ -279,11 +329,16 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> N
 
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        if isinstance(module, PeftModel):
-            merged = merge_lora_state_dict(sd, module.peft_config["default"])
-            module.get_base_model().save_pretrained(tmp, state_dict=merged)
-        else:
-            module.save_pretrained(tmp, state_dict=sd)
+        base = module.get_base_model() if isinstance(module, PeftModel) else module
+        training_use_cache = base.config.use_cache
+        base.config.use_cache = getattr(base, "_saved_use_cache", training_use_cache)
+        try:
+            if isinstance(module, PeftModel):
+                base.save_pretrained(tmp, state_dict=merge_lora_state_dict(sd, module.peft_config["default"]))
+            else:
+                module.save_pretrained(tmp, state_dict=sd)
+        finally:
+            base.config.use_cache = training_use_cache
         tokenizer.save_pretrained(tmp)
         if args_dict is not None:
             with open(os.path.join(tmp, "args.json"), "w") as f:

@@ -151,7 +151,8 @@ def export_pad_token_id(tokenizer) -> int | None:
 
 
 def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remote_code: bool = False,
-                      zero3_config: dict | None = None, what: str = "--model_name_or_path", new_head: bool = True):
+                      zero3_config: dict | None = None, what: str = "--model_name_or_path", new_head: bool = True,
+                      attn_implementation: str | None = None):
     """A one-label `AutoModelForSequenceClassification` from a causal LM or an earlier reward model.
 
     From a causal LM the head `score.weight` is new (HF's init: normal(0, config.initializer_range),
@@ -183,7 +184,7 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
     try:
         model = load_model(AutoModelForSequenceClassification, path, dtype=dtype,
                            trust_remote_code=trust_remote_code, zero3_config=zero3_config, what=what, num_labels=1,
-                           allow_missing=new, allow_unexpected=dropped)
+                           allow_missing=new, allow_unexpected=dropped, attn_implementation=attn_implementation)
     finally:
         hf_logging.set_verbosity(verbosity)
     text_config = model.config.get_text_config()
