@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     train(args, engine, stream, eval_items, logger, collate_fn, total_steps)
     logger.close()
     # The saved config's pad id is the one plain transformers needs to pool at the EOS (see export_pad_token_id).
-    export_pad = export_pad_token_id(tokenizer)
+    export_pad = export_pad_token_id(tokenizer, encoder.eos_id)
     config = engine.module.config.get_text_config()
     if config.pad_token_id != export_pad:
         ds.print0(f"saved config.pad_token_id = {export_pad} (was {config.pad_token_id} for training batches; "

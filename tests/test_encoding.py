@@ -226,3 +226,52 @@ def test_template_errors_name_the_record(tokenizer_of, tmp_path):
     assert str(e.value) == (f"{path}:2: the tokenizer's chat template refused this conversation: Conversation roles "
                             "must alternate user/assistant/user/assistant/... (--template chat; fix the record or "
                             "pick --template hh, alpaca or raw)")
+
+
+@pytest.mark.parametrize("turn_end", ["<|im_end|>", "<|eot|>"])
+def test_a_chat_templates_turn_end_ends_the_reply_when_the_eos_is_another_token(tiny_dir, tmp_path, turn_end):
+    """A base model with a chat template often names another EOS than the template's turn end (Qwen2.5
+    base: EOS <|endoftext|>, turns end with <|im_end|>; Gemma-it: <eos> and <end_of_turn>; Llama 3.0:
+    <|end_of_text|> and <|eot_id|>). The reply ends with the turn end, as the template renders it: no EOS
+    appended after it (mid-conversation too), the template's newline after it untrained; rollouts stop
+    there (Encoder.eos_id) and the saved generation_config stops there too. Plain text keeps the EOS."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.encoding import reply_end_id
+    from utils.model import save_hf
+    from utils.reward import export_pad_token_id
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir("qwen2"))
+    if turn_end != "<|im_end|>":
+        tok.add_special_tokens({"additional_special_tokens": [turn_end]})
+        tok.chat_template = tok.chat_template.replace("<|im_end|>", turn_end)
+    tok.eos_token = "<|endoftext|>"
+    end = tok.convert_tokens_to_ids(turn_end)
+    assert end != tok.eos_token_id and reply_end_id(tok, "chat") == end
+    assert reply_end_id(tok, "hh") == tok.eos_token_id  # templates of ours end replies with the EOS
+
+    enc = Encoder(tok, "auto", 256)
+    second = {"role": "user", "content": "And the pear?"}
+    msgs = (USER, REPLY, second, {"role": "assistant", "content": "The pear is fine."})
+    ids, labels = enc.encode_conversation(msgs)
+    rendered = tok(render_text(msgs, "chat", tok, False), add_special_tokens=False)["input_ids"]
+    assert ids == rendered[: len(ids)] and tok.decode(rendered[len(ids):]) == "\n"  # only the final newline cut
+    assert tok.eos_token_id not in ids
+    trained = [t for t in labels if t != IGNORE]
+    assert trained.count(end) == 2 and trained[-1] == end
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    first_end = ids.index(end)
+    assert ids[first_end + 1: first_end + 1 + len(newline)] == newline and labels[first_end + 1] == IGNORE
+    text_ids, _ = enc.encode_text("The apple is great.")
+    assert text_ids[-1] == tok.eos_token_id
+
+    assert export_pad_token_id(tok, enc.eos_id) == tok.pad_token_id  # <|endoftext|> is pad and EOS here
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen2"))
+    model.resize_token_embeddings(len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    save_hf(model, tok, str(tmp_path / "out"), {"step": "test"}, end_id=enc.eos_id)
+    assert json.load(open(tmp_path / "out" / "generation_config.json"))["eos_token_id"] == [end, tok.eos_token_id]

@@ -27,8 +27,41 @@ def _adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+PROBE_REPLY = "Probe reply 7."
+
+
+def reply_end_id(tokenizer, template: str) -> int:
+    """The token that ends an assistant reply: the first special token the chat template writes after a
+    reply (Gemma's <end_of_turn>, ChatML's <|im_end|>, Llama 3's <|eot_id|>, Phi-3's <|end|>), else the
+    tokenizer's EOS. Base models with a chat template often name another EOS (Qwen2.5 base:
+    <|endoftext|>); appending that EOS after the turn end trained text the template never renders (an
+    EOS in the middle of a conversation, the newline after the turn end), and an instruct model used
+    as PPO's actor, which stops at its turn end, never reached the EOS its rollouts waited for."""
+    eos = tokenizer.eos_token_id
+    if template != "chat":
+        return eos
+    try:
+        segments = render_segments(({"role": "user", "content": "Hi."}, {"role": "assistant", "content": PROBE_REPLY}),
+                                   template, tokenizer)
+    except UserError:
+        return eos
+    reply = next((seg.text for seg in segments if seg.train), "")
+    k = reply.rfind(PROBE_REPLY)
+    if k < 0:
+        return eos
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for i in tokenizer(reply[k + len(PROBE_REPLY):], add_special_tokens=False)["input_ids"]:
+        if i == eos or i in special:
+            return i
+    return eos
+
+
 class Encoder:
-    """Turns samples into token ids with the run's one template. Shared by every step."""
+    """Turns samples into token ids with the run's one template. Shared by every step.
+
+    `eos_id` is the token that ends a reply (`reply_end_id`): trained after every assistant turn, where
+    generation stops, where the reward is read. Plain text (the `text` format) ends with the tokenizer's
+    own EOS, `text_eos_id`."""
 
     def __init__(self, tokenizer, template: str, max_seq_len: int, overlong: str = "skip"):
         if tokenizer.eos_token_id is None:
@@ -39,7 +72,8 @@ class Encoder:
         self.template = resolve_template(template, tokenizer)
         self.max_seq_len = max_seq_len
         self.overlong = overlong
-        self.eos_id = tokenizer.eos_token_id
+        self.text_eos_id = tokenizer.eos_token_id
+        self.eos_id = reply_end_id(tokenizer, self.template)
         self.bos_id = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
         # Padding id for batches only; the tokenizer itself is never changed (pitfall 5).
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -60,7 +94,8 @@ class Encoder:
                 ids += t
                 labels += [IGNORE] * len(t)
                 continue
-            # The reply ends at its EOS; a template's text after the EOS (e.g. a newline) is not trained.
+            # The reply ends at its end token (the EOS, or the template's turn end); a template's text after
+            # it (e.g. a newline) is not trained.
             if self.eos_id in t:
                 k = t.index(self.eos_id) + 1
                 head, tail = t[:k], t[k:]
@@ -85,7 +120,7 @@ class Encoder:
         return ids[:last], labels[:last]
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
-        ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(text) + [self.eos_id]
+        ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(text) + [self.text_eos_id]
         return ids, list(ids)
 
     def encode_sft(self, s: Sample) -> tuple[list[int], list[int]]:

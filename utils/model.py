@@ -311,13 +311,15 @@ def merge_lora_state_dict(state_dict: dict, peft_config) -> dict:
     return out
 
 
-def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> None:
+def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_id: int | None = None) -> None:
     """Write a Hugging Face directory (safetensors + tokenizer + args.json) from any ZeRO stage.
 
     All ranks must call it: ZeRO-3 parameters are gathered one at a time (buffers included).
     The steps call it on their run directory (OUTPUT_DIR.partial), which replaces OUTPUT_DIR only once
     the run has finished (utils/output.py); within it the files are written to a temporary name and
     moved in, so a rerun after a kill never finds a half-written file.
+    `end_id` (a causal LM's reply end, Encoder.eos_id) is added to generation_config.json's eos_token_id
+    when missing, so plain `generate()` stops where the trained replies end (a chat template's turn end).
     """
     from peft import PeftModel
 
@@ -330,6 +332,12 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None) -> N
             shutil.rmtree(tmp)
         os.makedirs(tmp)
         base = module.get_base_model() if isinstance(module, PeftModel) else module
+        gen = getattr(base, "generation_config", None)
+        if end_id is not None and gen is not None:
+            ends = gen.eos_token_id if isinstance(gen.eos_token_id, list) else (
+                [] if gen.eos_token_id is None else [gen.eos_token_id])
+            if end_id not in ends:
+                gen.eos_token_id = [end_id] + ends if ends else end_id
         training_use_cache = base.config.use_cache
         base.config.use_cache = getattr(base, "_saved_use_cache", training_use_cache)
         try:

@@ -137,9 +137,10 @@ def shared_prompt_rewards(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     return rewards.float() if fp32 else rewards
 
 
-def export_pad_token_id(tokenizer) -> int | None:
+def export_pad_token_id(tokenizer, end_id: int | None = None) -> int | None:
     """The `pad_token_id` a saved reward model's config gets, so that plain
-    `AutoModelForSequenceClassification` scores an unpadded text at its last token, the EOS.
+    `AutoModelForSequenceClassification` scores an unpadded text at its last token, the reply's end
+    token `end_id` (Encoder.eos_id: the EOS, or the chat template's turn end).
 
     HF pools at the last token whose id != config.pad_token_id. That is right when the pad token
     differs from EOS (then right or left padding with it also works); where pad == eos or there is
@@ -147,7 +148,8 @@ def export_pad_token_id(tokenizer) -> int | None:
     larger batches rather than scoring the wrong token).
     """
     pad = tokenizer.pad_token_id
-    return pad if pad is not None and pad != tokenizer.eos_token_id else None
+    end = tokenizer.eos_token_id if end_id is None else end_id
+    return pad if pad is not None and pad != end else None
 
 
 def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remote_code: bool = False,
