@@ -136,7 +136,12 @@ def test_bad_config_values_are_one_line_naming_the_key(tmp_path, text, message):
     ("--num_train_epochs", "0", "--num_train_epochs must be > 0, got 0.0"),
     ("--log_interval", "0", "--log_interval must be >= 1, got 0"),
     ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
-    ("--learning_rate", "nan", "--learning_rate must be >= 0, got nan"),
+    ("--learning_rate", "nan", "--learning_rate must be a finite number >= 0, got nan"),
+    ("--num_train_epochs", "inf", "--num_train_epochs must be a finite number > 0, got inf"),  # OverflowError
+    ("--weight_decay", "inf", "--weight_decay must be a finite number >= 0, got inf"),  # a nan loss mid-run
+    ("--data_path", "x.jsonl", "--data_path is given twice; give every value after one --data_path "
+     "(--data_path A B)"),  # argparse kept only the last list
+    ("--lr", "3e-5", "unrecognized arguments: --lr 3e-5 (see --help)"),  # was read as --lr_scheduler_type
 ])
 def test_flag_ranges_are_checked_up_front(flag, value, message):
     with pytest.raises(UserError) as e:
@@ -203,3 +208,20 @@ def test_a_yaml_list_of_numbers_is_read_for_a_list_flag(tmp_path):
     ns = parse_args(["--config", cfg, "--actor_model_name_or_path", "a", "--data_path", "p.jsonl",
                      "--output_dir", "o", "--advantage_estimator", "grpo"])
     assert [float(w) for w in ns.reward_weights] == [0.5, 1.0]
+
+
+def test_home_paths_are_expanded_and_the_output_is_not_an_input(tmp_path, monkeypatch):
+    """`--data_path=~/x` and a --config file's `output_dir: ~/out` reach the program with a literal `~`
+    (the shell expands it only at the start of a word); an output directory equal to the input model
+    would be replaced by it under --overwrite_output_dir."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: ~/out\ndata_path: ~/d.jsonl\n")
+    ns = parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--config", "~/c.yaml", "--eval_data_path=~/e.jsonl"])
+    assert (ns.output_dir, ns.data_path, ns.eval_data_path) == (
+        f"{tmp_path}/out", [f"{tmp_path}/d.jsonl"], [f"{tmp_path}/e.jsonl"])
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(UserError, match=r"--output_dir '.*/model/' is --model_name_or_path, an input of this run"):
+        parse(SHARED_GROUPS, "t", ["--model_name_or_path", str(model), "--data_path", "d.jsonl", "--output_dir",
+                                   f"{model}/"])

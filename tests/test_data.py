@@ -392,3 +392,54 @@ def test_unanswered_last_turns_are_dropped_and_counted_and_json_lines_in_a_json_
     assert any("dropped the unanswered turn(s)" in line and "1 of 2" in line and "sg.jsonl:1" in line for line in logs)
     lines = write_jsonl(tmp_path / "lines.json", [{"prompt": "P1", "response": "R1"}, {"prompt": "P2", "response": "R2"}])
     assert [s.where for s in load_file(lines, "sft")] == [f"{lines}:1", f"{lines}:2"]
+
+
+def test_user_data_mistakes_found_by_an_audit(tmp_path):
+    """Each gave a traceback, a nan loss mid-run or a silent misread; each is now one line naming the
+    file, line and field, or read as the user meant."""
+    import gzip
+
+    def error(rows_or_text, need="sft", name="d.jsonl"):
+        path = tmp_path / name
+        if isinstance(rows_or_text, str):
+            path.write_text(rows_or_text)
+        else:
+            write_jsonl(path, rows_or_text)
+        with pytest.raises(UserError) as e:
+            load_file(str(path), need)
+        return str(e.value).replace(str(tmp_path) + "/", "")
+
+    # A lone surrogate (a cut emoji in a ShareGPT dump) was a TypeError inside the tokenizer.
+    assert error('{"prompt": "Hi", "response": "Nice \\ud83d"}\n') == (
+        "d.jsonl:1: field 'response': holds a lone surrogate '\\ud83d' at character 5 (half of an emoji pair, cut "
+        "off); remove or repair it")
+    assert error('{"messages": [{"role": "user", "content": "\\udc00x"}, {"role": "assistant", "content": "y"}]}\n'
+                 ).startswith("d.jsonl:1: field 'messages[0].content': holds a lone surrogate")
+    # NaN / Infinity margins (Python's json reads them) ran to "loss is nan" after the model had trained.
+    assert error('{"prompt": "P", "chosen": "C", "rejected": "R", "margin": NaN}\n', "pairs") == (
+        "d.jsonl:1: field 'margin': expected a finite number, got nan")
+    # OpenAssistant's message rows were trained as plain text, user messages included.
+    assert error([{"message_id": "a", "parent_id": None, "text": "Hi", "role": "prompter"}]).startswith(
+        "d.jsonl:1: an OpenAssistant message row (text, role, parent_id)")
+    assert error("a,b\n1,2\n", name="d.csv").startswith("data file 'd.csv': csv files are not read")
+    assert error('{"prompt": "unterminated\n') == "d.jsonl:1: malformed JSON (Unterminated string starting at column 12)"
+
+    # gzip'd JSON Lines (as Anthropic's HH files ship) are read.
+    with gzip.open(tmp_path / "hh.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}))
+    assert load_file(str(tmp_path / "hh.jsonl.gz"), "pairs")[0].rejected == ({"role": "assistant", "content": "Go"},)
+    # DeepSpeed-Chat's Dahoas layout: the prompt is itself an HH transcript ending with "Assistant:".
+    row = {"prompt": "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: More?\n\nAssistant:", "chosen": " Yes.",
+           "rejected": " No."}
+    s = load_file(write_jsonl(tmp_path / "dahoas.jsonl", [row]), "pairs", log=lambda m: None)[0]
+    assert s.prompt == ({"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "More?"})
+    assert s.chosen == ({"role": "assistant", "content": " Yes."},)
+    # A ShareGPT dump's top-level system prompt was dropped.
+    row = {"system": "Be warm.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    s = load_file(write_jsonl(tmp_path / "sg.jsonl", [row]), "sft")[0]
+    assert s.prompt[0] == {"role": "system", "content": "Be warm."}
+    from utils.templates import render_text
+
+    # --template alpaca dropped system turns.
+    assert render_text(s.prompt + s.chosen, "alpaca", None, False).startswith("Be warm.\n\nBelow is an instruction")

@@ -48,11 +48,20 @@ def _num(v) -> str:
     return str(v) if isinstance(v, int) else f"{v:g}"
 
 
+def _rule(limits: dict, value) -> str:
+    finite = not (isinstance(value, float) and not math.isfinite(value))
+    if not limits:
+        return "a finite number"
+    return describe_limits(limits) if finite else f"a finite number {describe_limits(limits)}"
+
+
 def within(value, limits: dict) -> bool:
+    """In range, and finite: nan compares false with every bound, and inf passed every lower bound (an
+    inf learning rate, beta or KL coefficient ran to a nan loss; inf epochs overflowed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
     if value is None or not limits:
         return True
-    if isinstance(value, float) and math.isnan(value):
-        return False
     return (("gt" not in limits or value > limits["gt"]) and ("ge" not in limits or value >= limits["ge"])
             and ("lt" not in limits or value < limits["lt"]) and ("le" not in limits or value <= limits["le"]))
 
@@ -184,10 +193,27 @@ def specs_of(groups, limits: dict | None = None) -> dict[str, Spec]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (an unknown flag, a bad choice or number) as one line: error: ... (exit 2)."""
+    """argparse's own errors (an unknown flag, a bad choice or number) as one line: error: ... (exit 2).
+    No abbreviations: `--lr 3e-5` was read as `--lr_scheduler_type 3e-5`."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, allow_abbrev=False, **k)
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
+
+
+class _ListOnce(argparse.Action):
+    """A list flag given twice on the command line: argparse kept only the last list (`--data_path a
+    --data_path b` trained on b alone); refuse it, naming the one way to give several values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, "_lists_given", set())
+        if self.dest in seen:
+            raise UserError(f"{option_string} is given twice; give every value after one {option_string} "
+                            f"({option_string} A B)")
+        namespace._lists_given = seen | {self.dest}
+        setattr(namespace, self.dest, values)
 
 
 def build_parser(groups, description: str) -> argparse.ArgumentParser:
@@ -202,7 +228,8 @@ def build_parser(groups, description: str) -> argparse.ArgumentParser:
             if sp.type is bool:
                 ag.add_argument(name, action=argparse.BooleanOptionalAction, default=sp.default, help=help)
             elif sp.nargs:
-                ag.add_argument(name, nargs=sp.nargs, default=sp.default, choices=sp.choices, help=help)
+                ag.add_argument(name, nargs=sp.nargs, default=sp.default, choices=sp.choices, help=help,
+                                action=_ListOnce)
             else:
                 ag.add_argument(name, type=sp.type, default=sp.default, choices=sp.choices, help=help)
     return p
@@ -273,7 +300,7 @@ def config_value(sp: Spec, value):
     if sp.choices is not None and value not in sp.choices:
         raise ValueError(f"{value!r} is not one of {', '.join(map(str, sp.choices))}")
     if not within(value, sp.limits):
-        raise ValueError(f"must be {describe_limits(sp.limits)}, got {value!r}")
+        raise ValueError(f"must be {_rule(sp.limits, value)}, got {value!r}")
     return value
 
 
@@ -288,6 +315,35 @@ def check_output_dir(path: str | None, flag: str = "--output_dir") -> None:
     if not os.path.isdir(p):
         where = "is a file" if p == os.path.abspath(path) else f"is inside '{p}', which is a file"
         raise UserError(f"{flag} '{path}' {where}, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': '{p}' is not writable here")
+
+
+def expand_paths(ns) -> None:
+    """`~` in a path flag: the shell expands it only at the start of a word, so `--data_path=~/x` and a
+    --config file's `output_dir: ~/out` reached us as a literal `~` (and an output went to `./~/out`)."""
+    for name, value in vars(ns).items():
+        if not (name.endswith(("_path", "_dir", "name_or_path")) or name == "config"):
+            continue
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(ns, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(ns, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                               for v in value])
+
+
+def check_not_an_input(ns) -> None:
+    """--output_dir must not be a model the run reads: with --overwrite_output_dir the finished output
+    replaces that directory, the input model with it."""
+    out = getattr(ns, "output_dir", None)
+    if not out:
+        return
+    out = os.path.realpath(out)
+    for name, value in sorted(vars(ns).items()):
+        if name.endswith("model_name_or_path") and isinstance(value, str) and os.path.exists(value) and \
+                os.path.realpath(value) == out:
+            raise UserError(f"--output_dir '{ns.output_dir}' is --{name}, an input of this run; write the "
+                            "output to another directory")
 
 
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,
@@ -308,6 +364,8 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
             sp = specs[action.dest]
             action.help = helps[action.dest] + (f" ({describe_limits(sp.limits)})" if sp.limits else "")
     pre, _ = parser.parse_known_args(argv)
+    if pre.config and pre.config.startswith("~"):
+        pre.config = os.path.expanduser(pre.config)
     if pre.config:
         cfg = _read_config(pre.config)
         unknown = sorted(set(cfg) - set(specs))
@@ -321,14 +379,18 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
                 raise UserError(f"--config file '{pre.config}': key '{key}': {e}") from None
         parser.set_defaults(**values)
     ns = parser.parse_args(argv)
+    if hasattr(ns, "_lists_given"):
+        del ns._lists_given
+    expand_paths(ns)
     for name in required:
         if getattr(ns, name, None) in (None, "", []):
             raise UserError(f"--{name} is required")
     for sp in specs.values():
         value = getattr(ns, sp.name)
-        if sp.limits and not within(value, sp.limits):
-            raise UserError(f"--{sp.name} must be {describe_limits(sp.limits)}, got {value}")
+        if not within(value, sp.limits):
+            raise UserError(f"--{sp.name} must be {_rule(sp.limits, value)}, got {value}")
     check_output_dir(getattr(ns, "output_dir", None))
+    check_not_an_input(ns)
     return ns
 
 

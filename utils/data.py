@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import gzip
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
 
 from .errors import DataError, UserError, location
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".csv", ".tsv")
 FORMATS = ("messages", "sharegpt", "prompt_response", "prompt_completion", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
 NEEDS = ("sft", "pairs", "prompts")
@@ -70,8 +72,12 @@ def _decode_error(path: str, line: int | None, raw: bytes, e: UnicodeDecodeError
 
 
 def _read_jsonl(path: str):
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except (OSError, EOFError) as e:  # gzip: not a gzip file, or one cut short
+        raise DataError(path, None, None, f"cannot read the gzip file: {e}") from None
     # A UTF-8 byte-order mark (what many Windows editors write) is not part of the first record.
     if raw_lines[0].startswith(codecs.BOM_UTF8):
         raw_lines[0] = raw_lines[0][len(codecs.BOM_UTF8):]
@@ -85,8 +91,13 @@ def _read_jsonl(path: str):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(path, i, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(path, i, None, f"malformed JSON ({_json_problem(e)})") from None
         yield path, i, None, row
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    msg = e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg  # "Unterminated string starting at"
+    return f"{msg} at column {e.colno}"
 
 
 def _read_json(path: str):
@@ -105,7 +116,7 @@ def _read_json(path: str):
         if e.msg == "Extra data" and first.startswith("{"):  # JSON Lines in a .json file, as datasets' to_json writes
             yield from _read_jsonl(path)
             return
-        raise DataError(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(path, e.lineno, None, f"malformed JSON ({_json_problem(e)})") from None
     if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
         data = data["data"]
     if not isinstance(data, list):
@@ -218,12 +229,16 @@ def read_records(path: str):
         _quiet_datasets()
         yield from _read_dataset_repo(source, split, local=False)
         return
+    if source.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz", ".xlsx")):
+        raise UserError(f"data file '{path}': {source.rsplit('.', 1)[-1] if not source.endswith('.gz') else 'csv/tsv'} "
+                        "files are not read (their columns have no types); convert to .jsonl, e.g. "
+                        "datasets.load_dataset('csv', data_files=FILE)['train'].to_json('data.jsonl')")
     if source.endswith(".parquet"):
         reader = _read_parquet
     elif source.endswith(".json"):
         reader = _read_json
     else:
-        reader = _read_jsonl
+        reader = _read_jsonl  # .jsonl, .jsonl.gz (as Anthropic's HH files ship), and any other text file
     yield from reader(source)
 
 
@@ -283,6 +298,16 @@ class _Row:
             raise self.err(fld, f"expected a string, got {type(v).__name__}")
         if not allow_empty and not v.strip():
             raise self.err(fld, "field is empty")
+        return self.text(fld, v)
+
+    def text(self, fld, v: str) -> str:
+        """A text the tokenizer can take: JSON's \\ud83d escapes decode to a lone surrogate (an emoji cut in
+        half, common in ShareGPT dumps), which no tokenizer encodes (a TypeError deep in the run)."""
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise self.err(fld, f"holds a lone surrogate {v[e.start]!r} at character {e.start} (half of an emoji "
+                                "pair, cut off); remove or repair it") from None
         return v
 
     def messages(self, fld, value=None):
@@ -306,7 +331,7 @@ class _Row:
                 raise self.err(f"{fld}[{j}].content", "missing or not a string")
             if not content.strip():
                 raise self.err(f"{fld}[{j}].content", "field is empty")
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": self.text(f"{fld}[{j}].content", content)})
         return tuple(out)
 
     def _text_parts(self, fld, parts: list) -> str:
@@ -330,12 +355,15 @@ class _Row:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self.err("margin", f"expected a number, got {type(v).__name__}")
+        if not math.isfinite(v):  # Python's json reads NaN and Infinity; the loss would be nan mid-run
+            raise self.err("margin", f"expected a finite number, got {v}")
         return float(v)
 
 
-def parse_hh(r: _Row, fld: str) -> tuple:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages. The transcript must end with an Assistant turn."""
-    text = r.string(fld)
+def parse_hh(r: _Row, fld: str, text: str | None = None, ends_with_reply: bool = True) -> tuple:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages. The transcript must end with an Assistant turn
+    (or, for a prompt, `ends_with_reply=False`, with a Human turn)."""
+    text = r.string(fld) if text is None else text
     msgs, pos = [], 0
     markers = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
     if not text.startswith("\n\n"):
@@ -354,9 +382,25 @@ def parse_hh(r: _Row, fld: str) -> tuple:
             raise r.err(fld, f"empty {markers[key]} turn in HH transcript")
         msgs.append({"role": markers[key], "content": content})
         pos = end
-    if not msgs or msgs[-1]["role"] != "assistant":
+    if ends_with_reply and (not msgs or msgs[-1]["role"] != "assistant"):
         raise r.err(fld, "HH transcript must end with an Assistant turn")
+    if not ends_with_reply and (not msgs or msgs[-1]["role"] != "user"):
+        raise r.err(fld, "an HH prompt must end with a Human turn followed by 'Assistant:'")
     return tuple(msgs)
+
+
+HH_PROMPT_END = "\n\nAssistant:"
+
+
+def _hh_prompt(text: str) -> str | None:
+    """The transcript part of a prompt string written as an HH transcript that ends in 'Assistant:'
+    (DeepSpeed-Chat's Dahoas/rm-static layout: prompt "\\n\\nHuman: ...\\n\\nAssistant:", chosen " ..."),
+    else None. Read as one user turn it rendered 'Human: \\n\\nHuman: ...' with a second 'Assistant:'."""
+    t = text.rstrip()
+    if not (t.lstrip("\n").startswith("Human:") and t.endswith(HH_PROMPT_END.strip()) and "\n\nAssistant:" in
+            ("\n\n" + t.lstrip("\n"))):
+        return None
+    return ("\n\n" + t.lstrip("\n"))[: -len("Assistant:")].rstrip()
 
 
 def _split_last_reply(r: _Row, fld: str, msgs: tuple):
@@ -375,7 +419,12 @@ def _prompt_messages(r: _Row) -> tuple:
     v = r.row.get("prompt")
     if isinstance(v, list):
         return r.messages("prompt")
-    return ({"role": "user", "content": r.string("prompt")},)
+    text = r.string("prompt")
+    transcript = _hh_prompt(text)
+    if transcript is not None:
+        r.notes.append("read the 'prompt' HH transcript ('Human: ... Assistant:') as its turns")
+        return parse_hh(r, "prompt", transcript, ends_with_reply=False)
+    return ({"role": "user", "content": text},)
 
 
 # ShareGPT speaker names -> roles (`from` as ShareGPT dumps and their derivatives write it)
@@ -403,6 +452,9 @@ def _sharegpt_messages(r: _Row, fld: str = "conversations") -> tuple:
         if not value.strip():
             raise r.err(f"{fld}[{j}].value", "field is empty")
         msgs.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    system = r.row.get("system")  # some ShareGPT dumps keep the system prompt beside the turns
+    if isinstance(system, str) and system.strip() and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": system})
     return r.messages(fld, value=msgs)
 
 
@@ -551,6 +603,9 @@ def load_file(path: str, need: str, log=print) -> list[Sample]:
             raise r.err(None, f"expected a JSON object, got {type(record).__name__}")
         if fmt is None:
             fmt = detect_format(record, need)
+            if fmt == "text" and {"parent_id", "message_tree_id"} & set(record):
+                raise r.err(None, "an OpenAssistant message row (text, role, parent_id): each row is one message of "
+                                  "a tree; build conversations ({\"messages\": [...]}) from the trees first")
             if fmt is None:
                 raise r.err(None, f"record matches no known format (fields: {', '.join(sorted(record)) or 'none'}); "
                                   "expected messages, conversations (ShareGPT), prompt+response, prompt+completion, prompt+chosen[+rejected], chosen (HH), "

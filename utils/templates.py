@@ -67,7 +67,8 @@ def _hh(messages, add_generation_prompt: bool) -> str:
 def _alpaca(messages, add_generation_prompt: bool) -> str:
     out = []
     for m in messages:
-        if m["role"] == "system":
+        if m["role"] == "system":  # before the instruction blocks (it was dropped, silently)
+            out.append(("\n\n" if out else "") + m["content"])
             continue
         if m["role"] == "user":
             instruction, inp = m.get("instruction", m["content"]), m.get("input", "")
