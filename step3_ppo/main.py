@@ -82,11 +82,15 @@ def check_tokenizers(actor_tok, other_path: str, what: str, trust_remote_code: b
                         "ids between the models, so they must share one (train step 2 from the step-1 model)")
 
 
-def check_reward_funcs(funcs, item: PromptItem, max_len: int) -> None:
-    """Call every reward function once on the first prompt with an empty answer, so a function that cannot
-    run on these rows (a missing column, a typo) stops the run before any model is loaded."""
+def check_reward_funcs(funcs, items: list[PromptItem], max_len: int, chunk: int = 512) -> None:
+    """Call every reward function on every prompt row with an empty answer, in batches, so a function
+    that cannot run on some row (a missing column, an `answer` without a number in row 900) stops the run
+    before any model is loaded, naming the row, rather than mid-run."""
     for f in funcs:
-        call_reward_func(f, [item.text], [""], [item.columns], [[]], max_len, [item.where])
+        for i in range(0, len(items), chunk):
+            part = items[i:i + chunk]
+            call_reward_func(f, [it.text for it in part], [""] * len(part), [it.columns for it in part],
+                             [[] for _ in part], max_len, [it.where for it in part])
 
 
 def check_templates(template: str, models) -> None:
@@ -133,8 +137,7 @@ def main(argv=None) -> None:
                            "prompts")
     eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,
                                  args.max_prompt_seq_len, "eval prompts") if args.eval_data_path else [])
-    for first in (prompts[0], *eval_prompts[:1]):
-        check_reward_funcs(funcs, first, args.max_answer_seq_len)
+    check_reward_funcs(funcs, prompts + eval_prompts, args.max_answer_seq_len)
     stream = StepStream(prompts, args.per_device_generation_batch_size, args.generation_batches, list, args.seed)
     unsup = None
     if args.unsup_data_path:

@@ -72,6 +72,7 @@ def check_args(args) -> Algorithm:
     if args.offload and min(stages) == 0:
         raise UserError("--offload moves optimizer states to the CPU, which needs ZeRO stage >= 1 for both "
                         "--actor_zero_stage and --critic_zero_stage")
+    ds.check_dtype(args.dtype)
     if args.dtype == "fp16" and min(stages) == 0:
         raise UserError("--dtype fp16 needs ZeRO stage >= 1 for actor and critic (their overflow checks are "
                         "synchronised so an overflow skips both steps); use bf16 or a ZeRO stage >= 1")

@@ -55,6 +55,11 @@ def test_missing_required_flag_is_a_user_error():
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_ds_config_arithmetic(stage, offload, dtype):
+    if offload and stage == 0:  # it was silently ignored
+        with pytest.raises(UserError, match="--offload moves the optimizer states to the CPU, which needs "
+                                            "--zero_stage >= 1"):
+            ds_config(stage=stage, offload=offload, dtype=dtype, micro_batch=4, grad_accum=3, world=8)
+        return
     cfg = ds_config(stage=stage, offload=offload, dtype=dtype, micro_batch=4, grad_accum=3, world=8)
     assert cfg["train_batch_size"] == 4 * 3 * 8
     assert cfg["zero_optimization"]["stage"] == stage
@@ -225,3 +230,33 @@ def test_home_paths_are_expanded_and_the_output_is_not_an_input(tmp_path, monkey
     with pytest.raises(UserError, match=r"--output_dir '.*/model/' is --model_name_or_path, an input of this run"):
         parse(SHARED_GROUPS, "t", ["--model_name_or_path", str(model), "--data_path", "d.jsonl", "--output_dir",
                                    f"{model}/"])
+
+
+def test_schedules_warm_up_and_precision_and_batch_mistakes_are_refused():
+    """From a new-user audit: `constant` ignored --num_warmup_steps (PPO's default schedule), a warm-up
+    longer than the run never reached the announced rate, --dtype fp16 on a CPU was a DeepSpeed traceback
+    after the model had loaded, and a global batch larger than the data repeated every sample in one step."""
+    import torch
+
+    from deepspeed.accelerator import get_accelerator
+
+    from utils.ds import build_scheduler, check_dtype
+    from utils.stream import StepStream
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, "constant", warmup=4, total_steps=10)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    with pytest.raises(UserError, match="--num_warmup_steps 10 is not shorter than the run's 5 optimizer steps"):
+        build_scheduler(opt, "cosine", warmup=10, total_steps=5)
+    if not get_accelerator().is_fp16_supported():
+        with pytest.raises(UserError, match=r"--dtype fp16 is not supported on this machine's accelerator \(cpu\)"):
+            check_dtype("fp16")
+    with pytest.raises(UserError, match=r"the global batch \(--per_device_train_batch_size 8 x "
+                                        r"--gradient_accumulation_steps 4 x 1 rank\(s\) = 32\) is larger than the 20 "
+                                        "training samples"):
+        StepStream(list(range(20)), 8, 4, list, 0)

@@ -174,3 +174,20 @@ def test_step3_prompt_items_carry_text_columns_and_row(tokenizer_of, tmp_path):
     assert [it.ids for it in items] == encode_prompts(samples, enc, 64, "prompts")
     assert [(it.text, it.columns, it.where) for it in items] == [("Count: 1 2.", {"answer": "2"}, f"{f}:1"),
                                                                 ("Hi.", {"answer": 1}, f"{g}:1")]
+
+
+def test_number_answers_and_every_row_are_checked_up_front():
+    """A float `answer` column compared as its decimal text: str(1e-05) is "1e-05", whose last number
+    is 05, so "0.00001" scored 0 and "-5" scored 1. And step 3 tries every prompt row, not only the first:
+    a row without an answer stopped the run mid-rollout."""
+    from step3_ppo.main import check_reward_funcs
+    from step3_ppo.rollout import PromptItem
+
+    assert exact_match(["q"] * 3, ["The answer is 0.00001.", "The answer is -5.", "It is 16."],
+                       [1e-05, 1e-05, 1e16]) == [1.0, 0.0, 0.0]
+    f = RewardFunc("utils.reward_funcs:exact_match", "exact_match", exact_match, 1.0)
+    items = [PromptItem([1], f"Q{i}", {"answer": "7"}, f"p.jsonl:{i + 1}") for i in range(700)]
+    items[650] = PromptItem([1], "Q", {"answer": "seven"}, "p.jsonl:651")
+    with pytest.raises(UserError, match=r"exact_match raised ValueError: answer 'seven' has no number \(prompt "
+                                        r"p.jsonl:651"):
+        check_reward_funcs([f], items, 16)

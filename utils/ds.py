@@ -183,6 +183,8 @@ def ds_config(*, stage: int, offload: bool, dtype: str, micro_batch: int, grad_a
         raise UserError("batch size and gradient accumulation steps must be >= 1")
     if offload_params and stage != 3:
         raise UserError("parameter offload needs ZeRO stage 3")
+    if offload and stage == 0:  # it was silently ignored (args.json said offload: true)
+        raise UserError("--offload moves the optimizer states to the CPU, which needs --zero_stage >= 1")
     train_batch = micro_batch * grad_accum * world
     zero = {"stage": stage, "overlap_comm": torch.cuda.is_available()}
     if stage >= 1 and offload:
@@ -210,6 +212,18 @@ def ds_config(*, stage: int, offload: bool, dtype: str, micro_batch: int, grad_a
     assert cfg["train_batch_size"] == (cfg["train_micro_batch_size_per_gpu"]
                                        * cfg["gradient_accumulation_steps"] * world)
     return cfg
+
+
+def check_dtype(dtype: str) -> None:
+    """A precision this machine's accelerator cannot train in, refused before any model loads (DeepSpeed
+    raised it as a traceback once the model was loaded: fp16 on a CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(dtype)
+    if supported is not None and not supported():
+        raise UserError(f"--dtype {dtype} is not supported on this machine's accelerator ({acc.device_name()}); "
+                        f"use {'bf16 or ' if dtype == 'fp16' and acc.is_bf16_supported() else ''}fp32")
 
 
 def ds_eval_config(*, stage: int, dtype: str, micro_batch: int, world: int, offload_params: bool = False) -> dict:
@@ -254,8 +268,16 @@ def build_optimizer(model, lr: float, weight_decay: float, betas, offload: bool)
 
 
 def build_scheduler(optimizer, kind: str, warmup: int, total_steps: int):
+    """transformers' schedule `kind` after `warmup` linear steps. `constant` warms up too (transformers'
+    own ignores the warm-up, so PPO's --num_warmup_steps did nothing); a warm-up as long as the run
+    never reaches the learning rate the log announces, and is refused."""
     from transformers import get_scheduler
 
+    if warmup and warmup >= total_steps:
+        raise UserError(f"--num_warmup_steps {warmup} is not shorter than the run's {total_steps} optimizer steps: "
+                        "the learning rate would never reach its peak")
+    if kind == "constant" and warmup:
+        kind = "constant_with_warmup"
     return get_scheduler(kind, optimizer=optimizer, num_warmup_steps=warmup,
                          num_training_steps=max(total_steps, 1))
 

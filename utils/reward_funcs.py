@@ -53,7 +53,9 @@ def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
     is a data error (raises ValueError)."""
     out = []
     for completion, truth in zip(completions, answer, strict=True):
-        want = final_number(truth)
+        # A number column is its own value: str(1e-05) is "1e-05", whose last number written is 05.
+        want = Decimal(str(truth)) if isinstance(truth, (int, float)) and not isinstance(truth, bool) and \
+            math.isfinite(truth) else final_number(truth)
         if want is None:
             raise ValueError(f"answer {truth!r} has no number")
         got = final_number(completion)

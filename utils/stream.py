@@ -28,6 +28,10 @@ class StepStream:
         self.world, self.rank = ds.world_size(), ds.rank()
         self.span = batch_size * self.world  # samples per micro-batch over all ranks
         self.global_batch = self.span * grad_accum
+        if self.global_batch > len(items):  # an "epoch" of one step repeating each sample many times
+            raise UserError(f"the global batch (--per_device_train_batch_size {batch_size} x "
+                            f"--gradient_accumulation_steps {grad_accum} x {self.world} rank(s) = {self.global_batch}) "
+                            f"is larger than the {len(items)} training samples; every step would repeat samples")
         self.steps_per_epoch = math.ceil(len(items) / self.global_batch)
         self.epoch, self.step_in_epoch = 0, 0
         self._perm_epoch, self._perm = None, None

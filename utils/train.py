@@ -35,6 +35,7 @@ def load_step_data(args, kind: str):
 
 def ds_config_from_args(args, world: int) -> dict:
     """The DeepSpeed config of a one-model step, from the shared flags."""
+    ds.check_dtype(args.dtype)
     return ds.ds_config(stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
                         micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
                         world=world, grad_clip=args.max_grad_norm)
