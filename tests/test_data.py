@@ -297,7 +297,7 @@ def test_dataset_directories_load_with_splits(dataset_dirs):
 @pytest.mark.parametrize("spec,message", [
     ("dict:dev", "data path '{root}/dict' has no split 'dev' (splits: train, test); pick one as '{root}/dict:SPLIT'"),
     ("disk:test", "data path '{root}/disk:test': '{root}/disk' holds one saved dataset without splits"),
-    ("hub:dev", "data path '{root}/hub': Unknown split \"dev\""),
+    ("hub:dev", "data path '{root}/hub' has no split 'dev' (splits: test, train); pick one as '{root}/hub:SPLIT'"),
     ("empty", "data path '{root}/empty' is a directory without dataset files"),
     ("nope/x.jsonl", "data file '{root}/nope/x.jsonl' does not exist"),
 ])
@@ -443,3 +443,20 @@ def test_user_data_mistakes_found_by_an_audit(tmp_path):
 
     # --template alpaca dropped system turns.
     assert render_text(s.prompt + s.chosen, "alpaca", None, False).startswith("Be warm.\n\nBelow is an instruction")
+
+
+def test_a_hub_style_split_loads_when_another_split_has_other_columns(tmp_path):
+    """UltraFeedback's layout: train_prefs (chosen/rejected) beside train_gen (other columns) and a damaged
+    file in a third split. load_dataset(dir) reads every split, so the one asked for failed too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "uf" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "P", "chosen": "C", "rejected": "R"}] * 3),
+                   data / "train_prefs-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "P", "completions": [1, 2]}]), data / "train_gen-00000-of-00001.parquet")
+    (data / "test_prefs-00000-of-00001.parquet").write_bytes(b"not parquet")
+    assert len(load_file(f"{tmp_path / 'uf'}:train_prefs", "pairs")) == 3
+    with pytest.raises(UserError, match="has no split 'dev' \\(splits: test_prefs, train_gen, train_prefs\\)"):
+        load_file(f"{tmp_path / 'uf'}:dev", "pairs")

@@ -173,8 +173,9 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
 
     split = split or "train"
     what = f"data path '{path}'" if local else f"data path '{path}' is not a local file and"
+    only = _split_files(path, split) if local else {}
     try:
-        ds = datasets.load_dataset(path, split=split)
+        ds = datasets.load_dataset(path, split=split, **only)
     except FileNotFoundError as e:  # also datasets' EmptyDatasetError
         if local:
             raise UserError(f"{what} is a directory without dataset files: expected a datasets.save_to_disk "
@@ -189,6 +190,23 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
                             "of different formats can be given as separate --data_path sources") from None
         raise UserError(f"{what} could not be loaded as a hub dataset: {_one_line(e)}") from None
     return _rows(f"{path}:{split}", ds)
+
+
+def _split_files(path: str, split: str) -> dict:
+    """Only the requested split's files of a hub-style directory: load_dataset(dir) reads every split,
+    so a split with other columns (UltraFeedback's train_gen beside train_prefs) or a damaged file in
+    another split failed the one asked for. {} where datasets finds no split layout (its error then)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(path)
+    except Exception:  # no files datasets recognises: load_dataset reports it in its own words
+        return {}
+    if split not in patterns:
+        raise UserError(f"data path '{path}' has no split '{split}' (splits: {', '.join(sorted(patterns))}); "
+                        f"pick one as '{path}:SPLIT'")
+    files = DataFilesDict.from_patterns({split: patterns[split]}, base_path=path)
+    return {"data_files": {split: list(files[split])}}
 
 
 def _quiet_datasets() -> None:
