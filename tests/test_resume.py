@@ -183,3 +183,24 @@ def test_pairs_programs_stop_and_resume(tiny_dir, tmp_path, script, extra, targe
     later = [s for s in a if s > stop["step"]]
     assert len(later) >= 10, (stop["step"], sorted(a))
     assert_same_losses(a, b, later, 1e-5)
+
+
+@pytest.mark.parametrize("first,then", [([], ["--offload"]), pytest.param(["--offload"], [], marks=pytest.mark.slow)])
+def test_resume_with_optimizer_offload_switched(tiny_dir, tmp_path, first, then):
+    """A run checkpointed without --offload (torch's AdamW) and resumed with it (DeepSpeedCPUAdam), as on a
+    machine with less GPU memory, failed at its first step with KeyError 'bias_correction'; the other way
+    round too the optimizer classes differ. Both now continue with the uninterrupted run's losses."""
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
+              "--max_steps", "8", "--save_interval", "4", "--save_total_limit", "0", "--zero_stage", "2",
+              "--log_interval", "1"]
+    whole = tmp_path / "whole"
+    p = run_python("step1_sft/main.py", common + ["--output_dir", whole] + first)
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    os.makedirs(partial(str(resumed)) + "/checkpoints")
+    shutil.copytree(whole / "checkpoints" / "step-4", partial(str(resumed)) + "/checkpoints/step-4")
+    p = run_python("step1_sft/main.py", common + ["--output_dir", resumed, "--resume"] + then)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    assert_same_losses(last_by_step(read_metrics(str(whole))), last_by_step(read_metrics(str(resumed))),
+                       range(5, 9), 1e-4)

@@ -201,11 +201,31 @@ def load_checkpoint(path: str, engines: dict) -> dict:
                     st["step"] = st["step"].clone()
         if loaded is None:
             raise UserError(f"--resume: checkpoint '{path}' has no state for '{name}'")
+        _complete_param_groups(engine)
         state = loaded  # the last engine's: under ZeRO-3 each rank's own (PPO keeps EMA shards there)
     # A rank beyond the saved world size continues the stream of rank (r mod saved world size):
     # sampling and dropout draws then differ from any uninterrupted run, which has other shards anyway.
     _set_rng_state(state["rng"][ds.rank() % len(state["rng"])])
     return dict(state, saved_world_size=saved_world, saved_zero_stage=saved_stage)
+
+
+def _complete_param_groups(engine) -> None:
+    """A checkpoint written with another optimizer class (torch's AdamW without --offload, DeepSpeedCPUAdam
+    with it) restores param groups without the keys this one reads (CPUAdam's `bias_correction`: a
+    KeyError at the first step); they get this optimizer's defaults, which are the run's settings. Adam's
+    step count also goes back to the type this optimizer keeps it in."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    defaults = getattr(base, "defaults", {})
+    for group in getattr(base, "param_groups", []):
+        for key, value in defaults.items():
+            group.setdefault(key, value)
+    cpu_adam = type(base).__name__ == "DeepSpeedCPUAdam"
+    for st in getattr(base, "state", {}).values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if cpu_adam and torch.is_tensor(step):
+            st["step"] = int(step.item())
+        elif not cpu_adam and isinstance(step, (int, float)) and not isinstance(step, bool):
+            st["step"] = torch.tensor(float(step))
 
 
 def _universal(path: str, name: str) -> str:
