@@ -209,9 +209,11 @@ class _ListOnce(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         seen = getattr(namespace, "_lists_given", set())
-        if self.dest in seen:
+        if self.dest in seen and not os.environ.get("RLHF_CALLER_CWD"):
             raise UserError(f"{option_string} is given twice; give every value after one {option_string} "
                             f"({option_string} A B)")
+        # Under launch/run.sh a flag after STEP replaces the one the launcher built from DATA, REWARD_FUNCS...
+        # (documented: the user's flags win), so there the last one is kept.
         namespace._lists_given = seen | {self.dest}
         setattr(namespace, self.dest, values)
 
