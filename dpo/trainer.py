@@ -155,11 +155,18 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
     """Run optimizer steps up to `total_steps`; `ref` is None when the items carry precomputed
     reference log-probs. Returns the last eval metrics."""
     world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
-    ckpt = Checkpointer(args, {"model": engine}, logger, lambda: {"stream": stream.state_dict()},
-                        lambda st: stream.load_state_dict(st["stream"]))
+    # Every line gets logps/chosen_shift, and a warning goes out once in the run (resumes included) if it
+    # falls too far.
+    monitor = DisplacementMonitor(args.displacement_warn_nats, args.beta, args.rpo_alpha, logger)
+    log = monitor.log
+
+    def restore(st: dict) -> None:
+        stream.load_state_dict(st["stream"])
+        monitor.load_state_dict(st.get("displacement"))
+
+    ckpt = Checkpointer(args, {"model": engine}, logger,
+                        lambda: {"stream": stream.state_dict(), "displacement": monitor.state_dict()}, restore)
     step = ckpt.resume()
-    # Every line gets logps/chosen_shift, and a warning goes out once if it falls too far.
-    log = DisplacementMonitor(args.displacement_warn_nats, args.beta, args.rpo_alpha, logger).log
     if step == 0:
         log({"step": 0, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})
     speed, window = Throughput(), PairStats()

@@ -75,13 +75,20 @@ run_step() {  # run_step NAME STEP_KIND EXTRA_ARGS; environment set by the calle
        fi
        flags=(--overwrite_output_dir)
        echo "[pipeline] $name: $status; FORCE=1: running it again (log: $log)" ;;
+    4) if [ "${FORCE:-0}" != "1" ]; then  # a stopped FORCE=1 rerun: continue it, not start over
+         echo "[pipeline] error: $name: $status; set FORCE=1 to continue it" >&2
+         exit 2
+       fi
+       flags=(--resume --overwrite_output_dir)
+       echo "[pipeline] $name: $status; FORCE=1: continuing it (log: $log)" ;;
     *) echo "[pipeline] error: $name: $status" >&2
        exit 2 ;;
   esac
   rc=0
   local t0; t0=$(date +%s)
   # shellcheck disable=SC2086
-  bash "$HERE/run.sh" "$kind" $extra "${flags[@]}" >"$log" 2>&1 &
+  echo "[pipeline] $(date '+%Y-%m-%d %H:%M:%S') $name: run.sh $kind ${flags[*]}" >>"$log"
+  bash "$HERE/run.sh" "$kind" $extra "${flags[@]}" >>"$log" 2>&1 &  # appended: a rerun keeps the earlier attempt
   STEP_PID=$!
   while kill -0 "$STEP_PID" 2>/dev/null; do
     wait "$STEP_PID" && rc=0 || rc=$?  # a trapped signal ends `wait` early: wait again

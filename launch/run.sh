@@ -21,7 +21,8 @@
 #   MASTER_PORT  rendezvous port (deepspeed's default 29500 when unset)
 #   DRY_RUN=1    print the exact command instead of running it
 #   STATUS=1     print whether OUTPUT_DIR holds a finished run of these inputs (exit 0), none (1) or one
-#                made from other inputs (3, naming the input), without running (utils/output.py)
+#                made from other inputs (3, naming the input; 4 when a stopped run of these inputs waits in
+#                OUTPUT_DIR.partial), without running (utils/output.py)
 #   STOP_TIMEOUT seconds a stopping job may take before it is killed (default 600)
 # Flags after STEP are passed through unchanged and win over the preset (argparse keeps the last).
 #

@@ -363,14 +363,15 @@ def peak_rss_mb() -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
-def client_state(models, stream, unsup, kl_ctl, reward_norm) -> dict:
+def client_state(models, stream, unsup, kl_ctl, reward_norm, health) -> dict:
     return {"prompts": stream.state_dict(), "unsup": unsup.state_dict() if unsup is not None else None,
             "kl_ctl": kl_ctl.state_dict(), "reward_norm": reward_norm.state_dict(),
-            "ema": ema_state(models.ema) if models.ema is not None else None}
+            "ema": ema_state(models.ema) if models.ema is not None else None, "health": health.state_dict()}
 
 
-def restore_client_state(state: dict, models, stream, unsup, kl_ctl, reward_norm) -> None:
+def restore_client_state(state: dict, models, stream, unsup, kl_ctl, reward_norm, health) -> None:
     stream.load_state_dict(state["prompts"])
+    health.load_state_dict(state.get("health"))
     if unsup is not None:
         unsup.load_state_dict(state["unsup"])
     kl_ctl.load_state_dict(state["kl_ctl"])
@@ -402,8 +403,9 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
     if fused_actor:
         ds.print0("actor: one PPO epoch over one mini-batch per rank, so the rollout log-probabilities come from the "
                   "actor's training forward (no experience forward for it; --no-fuse_actor_forward turns this off)")
-    ckpt = Checkpointer(args, engines, logger, lambda: client_state(models, stream, unsup, kl_ctl, reward_norm),
-                        lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm))
+    ckpt = Checkpointer(args, engines, logger,
+                        lambda: client_state(models, stream, unsup, kl_ctl, reward_norm, health),
+                        lambda st: restore_client_state(st, models, stream, unsup, kl_ctl, reward_norm, health))
     step = ckpt.resume()
     if step == 0 and eval_items:
         logger.log({"step": 0, "split": "eval", **evaluate(args, models, encoder, eval_items, funcs)})

@@ -260,3 +260,19 @@ def test_schedules_warm_up_and_precision_and_batch_mistakes_are_refused():
                                         r"--gradient_accumulation_steps 4 x 1 rank\(s\) = 32\) is larger than the 20 "
                                         "training samples"):
         StepStream(list(range(20)), 8, 4, list, 0)
+
+
+def test_the_output_dir_may_not_hold_an_input_or_be_another_runs_partial(tmp_path):
+    """--overwrite_output_dir replaced an output directory together with the model and data inside it, and a
+    run given another run's OUTPUT_DIR.partial replaced that run's working directory under it."""
+    work = tmp_path / "wk"
+    (work / "m").mkdir(parents=True)
+    (work / "d.jsonl").write_text("{}")
+    for flags, message in (
+            (["--model_name_or_path", str(work / "m"), "--data_path", "x.jsonl"], "holds '.*/wk/m', given as --model_name_or_path"),
+            (["--model_name_or_path", "m", "--data_path", str(work / "d.jsonl")], "holds '.*/wk/d.jsonl', given as --data_path")):
+        with pytest.raises(UserError, match=f"--output_dir '{work}' {message}, an input of this run"):
+            parse(SHARED_GROUPS, "t", flags + ["--output_dir", str(work)])
+    with pytest.raises(UserError, match="is the working directory of a run of '.*/jobA'"):
+        parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "x.jsonl", "--output_dir",
+                                   str(tmp_path / "jobA.partial")])

@@ -48,8 +48,7 @@ ERRORS = {
     "sft/not_a_list.json": "{path}: a .json file must hold a list of records (or use .jsonl)",
     "sft/missing.jsonl": "data file '{path}' does not exist",
     "sft/utf16.jsonl": "{path}:1: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8",
-    "sft/hub_layout:test": "data path '{source}': Unknown split \"test\". Should be one of ['train']. (pick one as "
-                           "'{source}:SPLIT')",
+    "sft/hub_layout:test": "data path '{source}' has no split 'test' (splits: train); pick one as '{source}:SPLIT'",
     "sft/saved_dataset:test": "data path '{path}': '{source}' holds one saved dataset without splits; give it "
                               "without ':test'",
     "sft/not_a_dataset": "data path '{path}' is a directory without dataset files: expected a datasets.save_to_disk "

@@ -163,3 +163,23 @@ def test_report_draws_health_panels_and_warnings(tmp_path):
     series, warnings = got["logps/chosen_shift"]
     assert series == {"eval": [(0, 0.0)], "train": [(10, -2.5), (20, -3.0)]}
     assert warnings == [(10, "likelihood_displacement")]
+
+
+def test_monitors_carry_their_state_across_a_resume():
+    """The warnings' baseline and what already fired travel in the checkpoint's client state: a resumed
+    PPO run compared with its own first step (so drift before the stop went unseen) and warned again."""
+    from utils.health import AnswerHealthMonitor, DisplacementMonitor
+
+    m = AnswerHealthMonitor()
+    assert m.check(1, {"eos_rate": 1.0, "distinct_ratio": 0.9, "finished_length": 10.0}) == []
+    assert [w["warning"] for w in m.check(2, {"eos_rate": 0.5, "distinct_ratio": 0.9, "finished_length": 10.0})] == [
+        "answers_without_eos"]
+    resumed = AnswerHealthMonitor()
+    resumed.load_state_dict(m.state_dict())
+    drifted = {"eos_rate": 0.4, "distinct_ratio": 0.5, "finished_length": 10.0}
+    assert [w["warning"] for w in resumed.check(3, drifted)] == ["repeating_answers"]  # not its first step; no repeat
+    d = DisplacementMonitor(nats=1.0, beta=0.1, rpo_alpha=0.0)
+    assert d.check(1, {"rewards/chosen": -0.5}) is not None
+    again = DisplacementMonitor(nats=1.0, beta=0.1, rpo_alpha=0.0)
+    again.load_state_dict(d.state_dict())
+    assert again.check(2, {"rewards/chosen": -0.5}) is None

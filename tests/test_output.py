@@ -175,6 +175,21 @@ def test_status_for_launch_scripts(tmp_path):
     assert code == 3 and "--learning_rate 0.001 -> 0.5" in msg
 
 
+def test_status_continues_a_stopped_rerun_of_changed_inputs(tmp_path):
+    """FORCE=1 reran a step whose inputs changed and was stopped; the next FORCE=1 run started it over
+    (status said 'changed' from the finished run's done.json before looking at the stopped one)."""
+    args = run_args(tmp_path)
+    finished_run(args)
+    new = run_args(tmp_path, learning_rate=0.5, resume=True, overwrite_output_dir=True)
+    os.makedirs(os.path.join(partial_dir(new.output_dir), "checkpoints", "step-7"))
+    with open(os.path.join(partial_dir(new.output_dir), "checkpoints", "step-7", "meta.json"), "w") as f:
+        json.dump({"step": 7, "inputs": fingerprint(new)}, f)
+    code, msg = status(run_args(tmp_path, learning_rate=0.5))
+    assert code == 4 and "unfinished run of these inputs at step 7" in msg, msg
+    assert status(run_args(tmp_path, learning_rate=0.7))[0] == 3  # neither the finished nor the stopped run
+    check_output_dir(new)  # --resume --overwrite_output_dir: what pipeline.sh passes for 4
+
+
 def test_step_stream_position_is_world_size_independent(monkeypatch):
     """A position saved under 2 ranks x 4 x 2 accumulation resumes at the same next samples under
     1 rank x 16 and 4 ranks x 2 x 2 (global batch 16), also across an epoch boundary; another global

@@ -335,17 +335,28 @@ def expand_paths(ns) -> None:
 
 
 def check_not_an_input(ns) -> None:
-    """--output_dir must not be a model the run reads: with --overwrite_output_dir the finished output
-    replaces that directory, the input model with it."""
+    """--output_dir must not be, or hold, a model or data the run reads: with --overwrite_output_dir the
+    finished output replaces that directory and everything in it. Nor may it be another run's working
+    directory (OUTPUT_DIR.partial), which a second run would replace under the first."""
     out = getattr(ns, "output_dir", None)
     if not out:
         return
-    out = os.path.realpath(out)
+    if os.path.normpath(out).endswith(".partial"):
+        raise UserError(f"--output_dir '{out}' is the working directory of a run of "
+                        f"'{os.path.normpath(out)[:-len('.partial')]}' (utils/output.py); choose another directory")
+    real = os.path.realpath(out)
     for name, value in sorted(vars(ns).items()):
-        if name.endswith("model_name_or_path") and isinstance(value, str) and os.path.exists(value) and \
-                os.path.realpath(value) == out:
-            raise UserError(f"--output_dir '{ns.output_dir}' is --{name}, an input of this run; write the "
-                            "output to another directory")
+        if not (name.endswith(("model_name_or_path", "data_path")) and value):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            path = v.rpartition(":")[0] if isinstance(v, str) and not os.path.exists(v) and ":" in v else v
+            if not (isinstance(path, str) and path and os.path.exists(path)):
+                continue
+            inside = os.path.realpath(path)
+            if inside == real or inside.startswith(real + os.sep):
+                what = "is" if inside == real else f"holds '{v}', given as"
+                raise UserError(f"--output_dir '{out}' {what} --{name}, an input of this run; write the output to "
+                                "another directory")
 
 
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,

@@ -347,6 +347,16 @@ def resume_command() -> str:
     argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     if "--resume" not in argv:
         argv.append("--resume")
+    main = getattr(sys.modules.get("__main__"), "__file__", None)  # absolute since Python 3.9, before any chdir
+    argv[0] = main if main and os.path.basename(main) == os.path.basename(argv[0]) else os.path.abspath(argv[0])
+    if os.environ.get("RLHF_CALLER_CWD"):  # started by launch/run.sh: paths are relative to the caller's directory
+        return f"cd {shlex.quote(os.getcwd())} && " + _launcher_command(argv)
+    return _launcher_command(argv)
+
+
+def _launcher_command(argv: list) -> str:
+    import shlex
+
     if "LOCAL_SIZE" in os.environ:  # started by DeepSpeed's launcher
         one_node = os.environ.get("CROSS_SIZE", "1") == "1"
         launcher = f"deepspeed --num_gpus {os.environ['LOCAL_SIZE']}" if one_node else "deepspeed [the same launcher flags]"

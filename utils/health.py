@@ -36,6 +36,12 @@ class DisplacementMonitor:
     def __init__(self, nats: float, beta: float, rpo_alpha: float, logger=None):
         self.nats, self.beta, self.rpo_alpha, self.fired, self.logger = nats, beta, rpo_alpha, False, logger
 
+    def state_dict(self) -> dict:  # kept in checkpoints: a resumed run does not warn again
+        return {"fired": self.fired}
+
+    def load_state_dict(self, st: dict | None) -> None:
+        self.fired = bool((st or {}).get("fired", self.fired))
+
     def log(self, line: dict) -> None:
         """Log a DPO metrics line (with logps/chosen_shift added) and, the first time, the warning."""
         warning = self.check(line["step"], line)
@@ -92,6 +98,15 @@ class AnswerHealthMonitor:
          "step2_reward/rw_eval.py (a good answer with a clause repeated); retrain it with repeat_span among "
          "--synthetic_negative_kinds (a default kind) and more --synthetic_negatives, or raise --kl_coef"),
     )
+
+    def state_dict(self) -> dict:
+        """Kept in checkpoints: a resumed run compares with the first step of the whole run (not its own
+        first step, which drifted answers would pass) and does not repeat a warning."""
+        return {"start": self.start, "fired": sorted(self.fired)}
+
+    def load_state_dict(self, st: dict | None) -> None:
+        if st:
+            self.start, self.fired = st.get("start"), set(st.get("fired", []))
 
     def check(self, step: int, stats: dict) -> list[dict]:
         """`stats`: a PPO step's metrics (eos_rate, distinct_ratio, finished_length). Returns new warning

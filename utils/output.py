@@ -239,7 +239,9 @@ def lock_output_dir(output_dir: str) -> None:
     import tempfile
 
     out = os.path.realpath(os.path.abspath(output_dir))
-    locks = os.path.join(tempfile.gettempdir(), "ds-rlhf-locks")
+    # One place per machine, not the job's TMPDIR (a scheduler often gives every job its own): two jobs
+    # with different TMPDIRs both took "the" lock and wrote one run directory.
+    locks = os.path.join("/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir(), "ds-rlhf-locks")
     os.makedirs(locks, exist_ok=True)
     path = os.path.join(locks, hashlib.sha1(out.encode()).hexdigest()[:16] + ".lock")
     f = open(path, "a+")
@@ -338,23 +340,28 @@ def _read(path: str) -> str:
 
 # ----------------------------------------------------------------------------- status (for launch/run.sh)
 
-STATUS_DONE, STATUS_RUN, STATUS_CHANGED = 0, 1, 3
+STATUS_DONE, STATUS_RUN, STATUS_CHANGED, STATUS_RESUME_CHANGED = 0, 1, 3, 4
 
 
 def status(args) -> tuple[int, str]:
     """(code, message): STATUS_DONE when OUTPUT_DIR holds a finished run of exactly these inputs,
     STATUS_CHANGED (naming the input) when it, or a partial run to resume, was made from other inputs,
-    else STATUS_RUN."""
+    STATUS_RESUME_CHANGED when the finished run is of other inputs and a stopped run of these inputs
+    waits to be continued (it then replaces the finished one), else STATUS_RUN."""
     from .checkpoint import latest_meta
 
     out, now = os.path.normpath(args.output_dir), fingerprint(args)
+    meta = latest_meta(partial_dir(out))
     if is_finished(out):
         with open(os.path.join(out, DONE)) as f:
             done = json.load(f)
         diff = first_difference(done.get("inputs", {"models": {}, "data": {}, "flags": {}}), now)
+        if diff and meta is not None and first_difference(meta["inputs"], now, ignore=SPLIT) is None:
+            # A rerun of changed inputs (FORCE=1) that was stopped: continue it, rather than start over.
+            return STATUS_RESUME_CHANGED, (f"{out} was made from other inputs ({diff}); {partial_dir(out)} holds "
+                                           f"an unfinished run of these inputs at step {meta['step']}")
         return (STATUS_CHANGED, f"{out} was made from other inputs: {diff}") if diff else (
             STATUS_DONE, f"{out} is complete for these inputs")
-    meta = latest_meta(partial_dir(out))
     if meta is not None:
         diff = first_difference(meta["inputs"], now, ignore=SPLIT)
         if diff:
