@@ -80,3 +80,21 @@ def test_deepspeeds_own_torch_load_calls_are_made_safe_too(tmp_path):
             torch.load(path, weights_only=False)
     assert not os.path.exists(marker)
     assert torch.load is _TORCH_LOAD  # restored afterwards
+
+
+def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path):
+    """A disk that fills during a periodic save left `tmp-step-N/` behind, beside the complete checkpoints;
+    it is removed, the earlier checkpoint stays, and the error still stops the run."""
+    from utils.checkpoint import save_checkpoint
+
+    class FullDisk:
+        def save_checkpoint(self, path, tag, client_state, save_latest):
+            os.makedirs(os.path.join(path, tag))
+            with open(os.path.join(path, tag, "part.pt"), "wb") as f:
+                f.write(b"x" * 100)
+            raise OSError(28, "No space left on device")
+
+    (tmp_path / "step-5").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(str(tmp_path), 10, {"model": FullDisk()}, {}, keep=2, meta={})
+    assert sorted(os.listdir(tmp_path)) == ["step-5"]

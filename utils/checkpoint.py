@@ -147,8 +147,14 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
     Returns the checkpoint's path."""
     tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
     state = dict(client_state, step=step, rng=ds.all_gather_objects(_rng_state()))
-    for name, engine in engines.items():
-        engine.save_checkpoint(tmp, tag=name, client_state=state, save_latest=False)
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(tmp, tag=name, client_state=state, save_latest=False)
+    except BaseException:
+        # A write that failed (a full disk, a file-size limit) leaves no half checkpoint to fill the disk
+        # further; the complete earlier ones stay.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ds.barrier()
     if ds.is_rank0():
         with open(os.path.join(tmp, META), "w") as f:
