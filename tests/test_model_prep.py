@@ -166,3 +166,24 @@ def test_a_config_asking_for_flash_attention_loads_with_sdpa_where_it_cannot_run
     model = load_model(AutoModelForCausalLM, str(d))
     assert model.config._attn_implementation == "sdpa"
     assert "asks for flash_attention_2, which this machine cannot run" in capsys.readouterr().out
+
+
+def test_a_failed_model_write_is_one_line_and_leaves_no_half_model(tiny_dir, tmp_path, monkeypatch):
+    """A disk that filled during the final save was a raw SafetensorError traceback and left `.tmp` files."""
+    import os
+
+    from utils.errors import UserError
+    from utils.model import load_tokenizer, save_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+
+    def full_disk(path, **kw):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "model.safetensors"), "wb").write(b"x" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"could not write the model to '{out}': .*No space left on device"):
+        save_hf(model, load_tokenizer(tiny_dir("llama")), str(out), {"step": "test"})
+    assert sorted(os.listdir(tmp_path)) == []

@@ -340,17 +340,26 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
                 gen.eos_token_id = [end_id] + ends if ends else end_id
         training_use_cache = base.config.use_cache
         base.config.use_cache = getattr(base, "_saved_use_cache", training_use_cache)
+        from safetensors import SafetensorError
+
         try:
             if isinstance(module, PeftModel):
                 base.save_pretrained(tmp, state_dict=merge_lora_state_dict(sd, module.peft_config["default"]))
             else:
                 module.save_pretrained(tmp, state_dict=sd)
+            tokenizer.save_pretrained(tmp)
+            if args_dict is not None:
+                with open(os.path.join(tmp, "args.json"), "w") as f:
+                    json.dump(args_dict, f, indent=2, sort_keys=True)
+        except (OSError, SafetensorError) as e:  # a full disk, a file-size limit: one line, no half model left
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not write the model to '{out_dir}': {_first_line(e)}; free space and rerun "
+                            "with --resume (it continues from the last checkpoint that --save_interval wrote, or "
+                            "starts over without one)") from None
         finally:
             base.config.use_cache = training_use_cache
-        tokenizer.save_pretrained(tmp)
-        if args_dict is not None:
-            with open(os.path.join(tmp, "args.json"), "w") as f:
-                json.dump(args_dict, f, indent=2, sort_keys=True)
         _replace_dir(tmp, out_dir)
     ds.barrier()
 
