@@ -98,3 +98,24 @@ def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(str(tmp_path), 10, {"model": FullDisk()}, {}, keep=2, meta={})
     assert sorted(os.listdir(tmp_path)) == ["step-5"]
+
+
+def test_the_printed_resume_command_works_from_anywhere(tmp_path, monkeypatch):
+    """Under launch/run.sh the ranks start from the checkout with paths relative to the user's directory:
+    the printed command named `step1_sft/main.py` relative to the checkout and the data relative to the
+    user, so it ran from neither. It now names the script absolutely and changes to the user's directory."""
+    import sys
+
+    from utils.checkpoint import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["step1_sft/main.py", "--local_rank=0", "--data_path", "d.jsonl"])
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/repo/step1_sft/main.py", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    monkeypatch.setenv("CROSS_SIZE", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_CALLER_CWD", str(tmp_path))
+    assert resume_command() == (f"cd {tmp_path} && deepspeed --num_gpus 2 /repo/step1_sft/main.py --data_path d.jsonl "
+                                "--resume")
+    monkeypatch.delenv("RLHF_CALLER_CWD")
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert resume_command() == "python /repo/step1_sft/main.py --data_path d.jsonl --resume"
