@@ -84,13 +84,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "--mo
 def _check_vocabulary(path: str, tokenizer, what: str, trust_remote_code: bool) -> None:
     """A tokenizer with more tokens than the model has embedding rows (tokens added without
     `resize_token_embeddings`) fails mid-run with an IndexError at the first added token, often the pad."""
-    from transformers import AutoConfig
-
-    try:
-        rows = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config(),
-                       "vocab_size", None)
-    except (OSError, ValueError):
+    config = read_config(path, trust_remote_code)
+    if config is None:
         return
+    rows = getattr(config.get_text_config(), "vocab_size", None)
     if isinstance(rows, int) and rows > 0 and len(tokenizer) > rows:
         added = [t for i, t in sorted(tokenizer.added_tokens_decoder.items()) if i >= rows][:3]
         raise UserError(f"the tokenizer of {what} '{path}' has {len(tokenizer)} tokens but the model's config.json "
@@ -103,12 +100,10 @@ def check_positions(path: str, length: int, flag: str, what: str = "--model_name
     """Refuse a sequence length beyond the model's positions (config max_position_embeddings, GPT-2's
     n_positions) before anything runs: a learned position table fails mid-run with an IndexError at the
     first longer batch."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
-    except (OSError, ValueError):
+    config = read_config(path, trust_remote_code)
+    if config is None:
         return  # the loaders report an unreadable config with their own message
+    config = config.get_text_config()
     for name in ("max_position_embeddings", "n_positions"):
         limit = getattr(config, name, None)
         if isinstance(limit, int) and limit > 0:
@@ -121,15 +116,29 @@ def check_positions(path: str, length: int, flag: str, what: str = "--model_name
 def _refuse_a_classifier(path: str, what: str, trust_remote_code: bool) -> None:
     """A reward model (a sequence classifier) where a causal LM is expected: say so, rather than list the
     score head as an unexpected weight."""
-    from transformers import AutoConfig
-
-    try:
-        archs = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
-    except (OSError, ValueError):
-        return
+    config = read_config(path, trust_remote_code)
+    archs = (config.architectures or []) if config is not None else []
     if archs and all(a.endswith("ForSequenceClassification") for a in archs):
         raise UserError(f"{what} '{path}' is a reward model ({', '.join(archs)}), not a causal LM: give a step-1 "
                         "(SFT) output or another causal LM")
+
+
+_CONFIGS: dict = {}
+
+
+def read_config(path: str, trust_remote_code: bool = False):
+    """The model's config, or None where transformers cannot read it (the loaders then say why). The
+    start-up checks (positions, vocabulary, classifier, attention kernel) share one read per file version."""
+    from transformers import AutoConfig
+
+    file = os.path.join(path, "config.json")
+    key = (path, trust_remote_code, os.stat(file).st_mtime_ns if os.path.isfile(file) else None)
+    if key not in _CONFIGS:
+        try:
+            _CONFIGS[key] = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            _CONFIGS[key] = None
+    return _CONFIGS[key]
 
 
 def _first_line(e: Exception) -> str:
@@ -141,12 +150,10 @@ def _attention(path: str, trust_remote_code: bool, what: str) -> str | None:
     """The attention kernel to ask for when the model's config names one this machine cannot run (a
     checkpoint saved with flash_attention_2, loaded without the flash-attn package or a GPU): sdpa,
     said once. None keeps the config's choice."""
-    from transformers import AutoConfig
     from transformers.utils import is_flash_attn_2_available
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    config = read_config(path, trust_remote_code)
+    if config is None:
         return None
     named = getattr(config, "_attn_implementation_internal", None) or getattr(config, "attn_implementation", None)
     if isinstance(named, str) and named.startswith("flash_attention") and not (
