@@ -338,6 +338,8 @@ def check_not_an_input(ns) -> None:
     """--output_dir must not be, or hold, a model or data the run reads: with --overwrite_output_dir the
     finished output replaces that directory and everything in it. Nor may it be another run's working
     directory (OUTPUT_DIR.partial), which a second run would replace under the first."""
+    from .data import split_source
+
     out = getattr(ns, "output_dir", None)
     if not out:
         return
@@ -349,8 +351,8 @@ def check_not_an_input(ns) -> None:
         if not (name.endswith(("model_name_or_path", "data_path")) and value):
             continue
         for v in value if isinstance(value, list) else [value]:
-            path = v.rpartition(":")[0] if isinstance(v, str) and not os.path.exists(v) and ":" in v else v
-            if not (isinstance(path, str) and path and os.path.exists(path)):
+            path = split_source(v)[0] if isinstance(v, str) else None  # SOURCE:SPLIT -> SOURCE
+            if not (path and os.path.exists(path)):
                 continue
             inside = os.path.realpath(path)
             if inside == real or inside.startswith(real + os.sep):
