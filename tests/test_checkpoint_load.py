@@ -84,7 +84,8 @@ def test_deepspeeds_own_torch_load_calls_are_made_safe_too(tmp_path):
 
 def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path):
     """A disk that fills during a periodic save left `tmp-step-N/` behind, beside the complete checkpoints;
-    it is removed, the earlier checkpoint stays, and the error still stops the run."""
+    it is removed, the earlier checkpoint stays, and the run stops with one line that names the checkpoint
+    to resume from."""
     from utils.checkpoint import save_checkpoint
 
     class FullDisk:
@@ -94,10 +95,21 @@ def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path):
                 f.write(b"x" * 100)
             raise OSError(28, "No space left on device")
 
+    from utils.errors import UserError
+
     (tmp_path / "step-5").mkdir()
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match=rf"could not write checkpoint '{tmp_path}/step-10': \[Errno 28\] No space "
+                                        rf"left on device; free space and rerun with --resume \(it continues from "
+                                        rf"'{tmp_path}/step-5'\)"):
         save_checkpoint(str(tmp_path), 10, {"model": FullDisk()}, {}, keep=2, meta={})
     assert sorted(os.listdir(tmp_path)) == ["step-5"]
+
+    class Bug:
+        def save_checkpoint(self, path, tag, client_state, save_latest):
+            raise RuntimeError("a bug, not the disk")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        save_checkpoint(str(tmp_path), 10, {"model": Bug()}, {}, keep=2, meta={})
 
 
 def test_the_printed_resume_command_works_from_anywhere(tmp_path, monkeypatch):

@@ -129,7 +129,8 @@ def test_resume_on_another_world_size_and_zero_stage(tiny_dir, tmp_path):
     assert "universal checkpoint" in p.stdout and "at step 8" in p.stdout
     assert_same_losses(ref, last_by_step(read_metrics(three)), range(9, 13), 1e-4)
 
-    # Another global batch, or other inputs, is refused before args.json is rewritten.
+    # Another global batch, or other inputs, is refused before args.json is rewritten, and before the
+    # 2-rank checkpoint is converted for 1 rank.
     shutil.copytree(os.path.join(full, "checkpoints", "step-4"), os.path.join(partial(str(tmp_path / "x")),
                                                                              "checkpoints", "step-4"))
     sentinel = os.path.join(partial(str(tmp_path / "x")), "args.json")
@@ -137,6 +138,8 @@ def test_resume_on_another_world_size_and_zero_stage(tiny_dir, tmp_path):
     bad = common + ["--output_dir", str(tmp_path / "x"), "--resume", "--zero_stage", "2"]
     p = run_python("step1_sft/main.py", bad + ["--per_device_train_batch_size", "8"])
     assert_user_error(p, "global batch of 16 samples, now it is 8")
+    ckpt_x = os.path.join(partial(str(tmp_path / "x")), "checkpoints", "step-4")
+    assert "converted" not in p.stdout and not [d for d in os.listdir(ckpt_x) if "universal" in d]  # refused first
     p = run_python("step1_sft/main.py", bad + ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3"])
     assert_user_error(p, r"inputs changed since checkpoint .*--learning_rate 0.003 -> 0.001")
     assert open(sentinel).read() == "{}"

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from . import ds, signals
-from .errors import UserError
+from .errors import UserError, lost_peer
 from .output import SPLIT, first_difference, fingerprint, partial_dir
+from .stream import check_resumable
 
 META = "meta.json"
 
@@ -150,10 +151,18 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
     try:
         for name, engine in engines.items():
             engine.save_checkpoint(tmp, tag=name, client_state=state, save_latest=False)
-    except BaseException:
+    except BaseException as e:
         # A write that failed (a full disk, a file-size limit) leaves no half checkpoint to fill the disk
         # further; the complete earlier ones stay.
         shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failed(e):
+            earlier, why = _steps(root), str(e).strip().splitlines()[0]
+            if not isinstance(e, OSError):  # torch's stream writer says only that the file came out short
+                why = f"the file came out short, as on a full disk or over a file-size limit ({why})"
+            raise UserError(f"could not write checkpoint '{final}': {why}; free space "
+                            "and rerun with --resume (it continues from "
+                            + (f"'{os.path.join(root, earlier[-1])}')" if earlier else "step 0: no earlier checkpoint)")
+                            ) from None
         raise
     ds.barrier()
     if ds.is_rank0():
@@ -168,6 +177,16 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
             shutil.rmtree(os.path.join(root, old))
     ds.barrier()
     return final
+
+
+def _write_failed(e: BaseException) -> bool:
+    """A checkpoint write that the file system refused: OSError (no space, a file-size limit, a read-only
+    disk), or torch.save's RuntimeError for the same (its stream writer's position or write check)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and not lost_peer(e) and any(
+        m in text for m in ("inline_container", "PytorchStreamWriter", "file write failed"))
 
 
 def load_checkpoint(path: str, engines: dict) -> dict:
@@ -322,18 +341,30 @@ class Checkpointer:
             self._exit(step, path)
 
     def save(self, step: int) -> str:
-        meta = {"inputs": fingerprint(self.args)}
-        return save_checkpoint(self.root, step, self.engines, self.state(), self.args.save_total_limit, meta)
+        state = self.state()
+        meta = {"inputs": fingerprint(self.args), "positions": _positions(state)}
+        return save_checkpoint(self.root, step, self.engines, state, self.args.save_total_limit, meta)
 
     def _check_inputs(self, ckpt: str) -> None:
+        """Refuse changed inputs or data positions this run cannot continue, before any model state is
+        loaded or converted to the universal layout for another world size."""
         if not os.path.isfile(os.path.join(ckpt, META)):
             return
         with open(os.path.join(ckpt, META)) as f:
-            saved = json.load(f)["inputs"]
-        diff = first_difference(saved, fingerprint(self.args), ignore=SPLIT)
+            meta = json.load(f)
+        diff = first_difference(meta["inputs"], fingerprint(self.args), ignore=SPLIT)
         if diff:
             raise UserError(f"--resume: the inputs changed since checkpoint '{ckpt}': {diff}; resume with the "
                             "original inputs, or start over with --overwrite_output_dir (without --resume)")
+        now = _positions(self.state())
+        for name, saved in meta.get("positions", {}).items():
+            if name in now:
+                check_resumable(saved, now[name])
+
+
+def _positions(client_state: dict) -> dict:
+    """The data streams' positions in a loop's client state (utils.stream.StepStream.state_dict)."""
+    return {k: v for k, v in client_state.items() if isinstance(v, dict) and "global_batch" in v}
 
     def _exit(self, step: int, path: str | None) -> None:
         """Every rank agreed to stop: say why and how to go on, then end with STOP_EXIT_CODE."""

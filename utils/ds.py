@@ -96,9 +96,9 @@ def leave(code: int) -> None:
 
 
 def _remove_shm_buffers() -> None:
-    """This rank's buffers, at exit (see remove_shm_buffers)."""
-    remove_shm_buffers(os.environ.get("MASTER_PORT", ""), os.environ.get("MASTER_ADDR", ""),
-                       os.environ.get("LOCAL_RANK", "0"))
+    """The buffers of every rank of this job on this machine, at exit (see remove_shm_buffers): by then
+    all of them are mapped, and a rank that was killed (`kill -9`, an OOM kill) cannot remove its own."""
+    remove_shm_buffers(os.environ.get("MASTER_PORT", ""), os.environ.get("MASTER_ADDR", ""))
 
 
 def remove_shm_buffers(port, addr: str = "*", rank: str = "*") -> list[str]:

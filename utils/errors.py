@@ -51,12 +51,24 @@ def exit_on_user_error(fn):
     Once a multi-rank process group exists the rank leaves with `os._exit(2)` after flushing its streams
     and removing its shared-memory buffers: interpreter teardown of a gloo group whose peer is exiting
     too can abort the rank ("terminate called without an active exception", SIGABRT), and the launcher
-    then reports that signal instead of the user's error (see utils.ds.finish)."""
+    then reports that signal instead of the user's error (see utils.ds.finish).
+
+    A rank whose peer ended first (its own error, an OOM kill, `kill -9`) fails in its next collective
+    with a gloo or NCCL error that says only where this rank was waiting; it prints that in one line
+    (`lost_peer_line`) and leaves with status 1, so the peer's own message is the one the user reads."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except RuntimeError as e:
+            group = _process_group()
+            if group is None or group[1] == 1 or not lost_peer(e):
+                raise
+            print(lost_peer_line(group[0], e), file=sys.stderr, flush=True)
+            from . import ds
+
+            ds.leave(1)
         except UserError as e:
             group = _process_group()
             if not (e.every_rank and group is not None and group[0] != 0):
@@ -68,6 +80,32 @@ def exit_on_user_error(fn):
             sys.exit(2)
 
     return wrapper
+
+
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited or there was a network error")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank went away (gloo's and NCCL's wording)."""
+    text = str(e)
+    return any(m in text for m in _LOST_PEER)
+
+
+def lost_peer_line(rank: int, e: BaseException) -> str:
+    """One line for a rank that lost its peers: where this rank was (the innermost frame of the project)."""
+    import os
+    import traceback
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = ""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if frame.filename.startswith(root + os.sep) and not frame.filename.endswith(
+                (os.path.join("utils", "ds.py"), os.path.join("utils", "errors.py"))):
+            where = f" in {frame.name} ({os.path.relpath(frame.filename, root)}:{frame.lineno})"
+            break
+    return (f"error: rank {rank} stopped{where}: another rank of this job ended first (failed or was killed); "
+            "its own message, above or in its log, says why")
 
 
 def _process_group() -> tuple[int, int] | None:

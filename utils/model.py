@@ -331,13 +331,13 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
     from peft import PeftModel
 
     sd = ds.gather_state_dict(module)
+    failed = None
     if ds.is_rank0():
         tmp = out_dir.rstrip("/") + ".tmp"
         if os.path.isdir(tmp):
             import shutil
 
             shutil.rmtree(tmp)
-        os.makedirs(tmp)
         base = module.get_base_model() if isinstance(module, PeftModel) else module
         gen = getattr(base, "generation_config", None)
         if end_id is not None and gen is not None:
@@ -350,6 +350,7 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
         from safetensors import SafetensorError
 
         try:
+            os.makedirs(tmp)
             if isinstance(module, PeftModel):
                 base.save_pretrained(tmp, state_dict=merge_lora_state_dict(sd, module.peft_config["default"]))
             else:
@@ -362,13 +363,15 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not write the model to '{out_dir}': {_first_line(e)}; free space and rerun "
-                            "with --resume (it continues from the last checkpoint that --save_interval wrote, or "
-                            "starts over without one)") from None
+            failed = (f"could not write the model to '{out_dir}': {_first_line(e)}; free space and rerun with "
+                      "--resume (it continues from the last checkpoint that --save_interval wrote, or starts over "
+                      "without one)")
         finally:
             base.config.use_cache = training_use_cache
-        _replace_dir(tmp, out_dir)
-    ds.barrier()
+        if failed is None:
+            _replace_dir(tmp, out_dir)
+    if ds.any_rank(failed is not None):  # every rank leaves with the one message (rank 0 prints it)
+        raise UserError(failed or "rank 0 could not write the model", every_rank=True)
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

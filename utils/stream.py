@@ -60,23 +60,30 @@ class StepStream:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "sample": self.step_in_epoch * self.global_batch, "n": len(self.items),
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "split": f"{self.bs} x {self.ga} x {self.world}"}
 
     def load_state_dict(self, st: dict) -> None:
-        if "sample" not in st:
-            raise UserError("--resume: the checkpoint's data position is in an older format (per world size); "
-                            "start a new run with --overwrite_output_dir")
-        if st["n"] != len(self.items):
-            raise UserError(f"--resume: the checkpoint was written with {st['n']} training samples, now there are "
-                            f"{len(self.items)}; resuming would not continue the same run. Use the original data "
-                            "or --overwrite_output_dir")
-        if st["global_batch"] != self.global_batch:
-            raise UserError(
-                f"--resume: the checkpoint was written with a global batch of {st['global_batch']} samples, now it "
-                f"is {self.global_batch} (per-device batch {self.bs} x accumulation {self.ga} x {self.world} ranks); "
-                "a resumed run must keep the global batch (another world size is fine: adjust the per-device "
-                "batch size or --gradient_accumulation_steps)")
+        check_resumable(st, self.state_dict())
         self.epoch, self.step_in_epoch = st["epoch"], st["sample"] // self.global_batch
+
+
+def check_resumable(st: dict, now: dict) -> None:
+    """Refuse a saved stream position `st` that the stream whose position is `now` cannot continue (other
+    data, another global batch). The Checkpointer calls it first with the positions kept in the
+    checkpoint's meta.json, before it loads (or converts) any model state."""
+    if "sample" not in st:
+        raise UserError("--resume: the checkpoint's data position is in an older format (per world size); "
+                        "start a new run with --overwrite_output_dir")
+    if st["n"] != now["n"]:
+        raise UserError(f"--resume: the checkpoint was written with {st['n']} training samples, now there are "
+                        f"{now['n']}; resuming would not continue the same run. Use the original data or "
+                        "--overwrite_output_dir")
+    if st["global_batch"] != now["global_batch"]:
+        raise UserError(
+            f"--resume: the checkpoint was written with a global batch of {st['global_batch']} samples, now it "
+            f"is {now['global_batch']} (per-device batch x accumulation x ranks: {now.get('split', '?')}); "
+            "a resumed run must keep the global batch (another world size is fine: adjust the per-device "
+            "batch size or --gradient_accumulation_steps)")
 
 
 def eval_batches(items: list, batch_size: int, collate):

@@ -1,0 +1,73 @@
+"""A rank that fails or is killed under 2 ranks: the job ends in one line per cause, with no traceback from
+the ranks that were only waiting for it, and no rank's /dev/shm buffer left behind."""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+
+import pytest
+
+from conftest import DATA, REPO, clean_shm, free_port, partial, run_stopped
+
+pytestmark = pytest.mark.e2e
+LOST_PEER = "another rank of this job ended first"
+
+
+def test_a_killed_rank_ends_the_job_in_one_line_and_leaves_no_buffer(tiny_dir, tmp_path):
+    """`kill -9` of rank 1 (an OOM kill): rank 0 used to end in a gloo traceback, and rank 1's shared-memory
+    buffer stayed in /dev/shm. run_stopped asserts that the job ends within 60 s and leaves no buffer."""
+    out = str(tmp_path / "out")
+    stop = run_stopped("step1_sft/main.py", ["--model_name_or_path", tiny_dir("llama"), "--data_path",
+                                             os.path.join(DATA, "sft.jsonl"), "--output_dir", out, "--max_steps",
+                                             "5000", "--log_interval", "1"],
+                       out, after=5, sig=signal.SIGKILL, target="rank1")
+    assert stop["rc"] != 0
+    assert "Traceback" not in stop["output"], stop["output"][-3000:]
+    lines = [line for line in stop["output"].splitlines() if LOST_PEER in line]
+    assert len(lines) == 1 and re.search(r"error: rank 0 stopped in \w+ \(\S+\.py:\d+\)", lines[0]), lines
+
+
+def _run_under_file_size_limit(args: list, limit: int) -> subprocess.CompletedProcess:
+    """A 2-rank SFT run whose processes cannot write a file larger than `limit` bytes (as on a full disk)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from utils.ds import extensions_dir
+
+    extensions_dir()
+    build_shm_op()  # the launched ranks load the op: it must not be built under the limit
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), os.path.join(REPO, "step1_sft/main.py"),
+           *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    finally:
+        assert not clean_shm(port)
+
+
+@pytest.mark.parametrize("save_interval,expected,lines", [
+    (0, r"error: could not write the model to '.*\.partial': .*File too large", 1),
+    (2, r"error: could not write checkpoint '.*step-2': the file came out short", 2),  # each rank's own shard
+])
+def test_a_failed_write_under_two_ranks_is_one_line(tiny_dir, tmp_path, save_interval, expected, lines):
+    """A file-size limit below the model's size: the final save (rank 0 writes, rank 1 waits) and a periodic
+    checkpoint (every rank writes its shard) end with exit 2 and the write's own message; rank 1 used to
+    end the final save in a gloo traceback, and a failed checkpoint was a torch traceback. Nothing
+    half-written is left."""
+    out = tmp_path / "out"
+    p = _run_under_file_size_limit(["--model_name_or_path", tiny_dir("llama"), "--data_path",
+                                    os.path.join(DATA, "sft.jsonl"), "--output_dir", out, "--max_steps", "3",
+                                    "--save_interval", save_interval], limit=300_000)
+    output = p.stdout + p.stderr
+    assert p.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and LOST_PEER not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert len(errors) == lines and all(re.search(expected, e) for e in errors), errors
+    left = sorted(os.listdir(tmp_path))
+    assert left == ["out.partial"], left  # no OUT.partial.tmp
+    ckpts = os.path.join(partial(str(out)), "checkpoints")
+    assert not os.path.isdir(ckpts) or os.listdir(ckpts) == [], os.listdir(ckpts)
