@@ -126,7 +126,8 @@ def test_pipeline_stops_on_sigterm_then_continues_skips_and_names_changed_inputs
     p = pipeline()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"unfinished run at step {stop['step']}" in p.stdout
-    assert f"at step {stop['step']}" in open(work / "logs" / "sft.log").read()
+    rerun_log = open(work / "logs" / "sft.log").read()
+    assert rerun_log.startswith(log) and f"at step {stop['step']}" in rerun_log[len(log):]  # appended, not replaced
     assert sorted(last_by_step(read_metrics(str(work / "sft")))) == list(range(1, 31))
     p = pipeline()
     assert p.returncode == 0 and "complete for these inputs; skipping" in p.stdout, p.stdout + p.stderr

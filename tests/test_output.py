@@ -260,13 +260,22 @@ def test_a_directory_another_run_is_writing_is_refused(tmp_path, monkeypatch):
     for the directory until it exits; the lock goes with the process, even killed."""
     from utils import output
 
+    import tempfile
+
     out = str(tmp_path / "out")
+    # Each job its own TMPDIR, as schedulers set it: the lock is per machine all the same (two jobs with
+    # different TMPDIRs each took "the" lock when it lived there).
+    for job in ("tmp1", "tmp2"):
+        (tmp_path / job).mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.output import lock_output_dir; "
                                f"lock_output_dir({out!r}); print('locked', flush=True); time.sleep(60)"],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+                              cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TMPDIR=str(tmp_path / "tmp1")))
     try:
         assert holder.stdout.readline().strip() == "locked"
         monkeypatch.setattr(output, "_LOCK", None)
+        monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp2"))
+        monkeypatch.setattr(tempfile, "tempdir", None)
         with pytest.raises(UserError, match=rf"--output_dir '.*out' is being written by another run \(pid {holder.pid} "):
             check_output_dir(run_args(tmp_path))
         monkeypatch.setenv("RANK", "1")
