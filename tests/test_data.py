@@ -428,6 +428,13 @@ def test_user_data_mistakes_found_by_an_audit(tmp_path):
     with gzip.open(tmp_path / "hh.jsonl.gz", "wt") as f:
         f.write(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}))
     assert load_file(str(tmp_path / "hh.jsonl.gz"), "pairs")[0].rejected == ({"role": "assistant", "content": "Go"},)
+    # A gzip'd .json list (it was read as JSON Lines: "malformed JSON" at line 2 of the pretty-printed list).
+    with gzip.open(tmp_path / "list.json.gz", "wt") as f:
+        json.dump([{"prompt": "Hi", "response": "Yo"}, {"prompt": "Hey", "response": "Ho"}], f, indent=2)
+    assert [r.chosen[0]["content"] for r in load_file(str(tmp_path / "list.json.gz"), "sft")] == ["Yo", "Ho"]
+    (tmp_path / "cut.json.gz").write_bytes(gzip.compress(b'[{"prompt": "Hi", "response": "Yo"}]')[:-9])
+    with pytest.raises(UserError, match="cut.json.gz: cannot read the gzip file"):
+        load_file(str(tmp_path / "cut.json.gz"), "sft")
     # DeepSpeed-Chat's Dahoas layout: the prompt is itself an HH transcript ending with "Assistant:".
     row = {"prompt": "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: More?\n\nAssistant:", "chosen": " Yes.",
            "rejected": " No."}

@@ -71,13 +71,20 @@ def _decode_error(path: str, line: int | None, raw: bytes, e: UnicodeDecodeError
     return DataError(path, line, None, f"undecodable bytes (not UTF-8) at byte {e.start}")
 
 
-def _read_jsonl(path: str):
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes, gunzipped when it ends in .gz."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
+            return f.read()
     except (OSError, EOFError) as e:  # gzip: not a gzip file, or one cut short
+        if not path.endswith(".gz"):
+            raise
         raise DataError(path, None, None, f"cannot read the gzip file: {e}") from None
+
+
+def _read_jsonl(path: str):
+    raw_lines = _read_bytes(path).split(b"\n")
     # A UTF-8 byte-order mark (what many Windows editors write) is not part of the first record.
     if raw_lines[0].startswith(codecs.BOM_UTF8):
         raw_lines[0] = raw_lines[0][len(codecs.BOM_UTF8):]
@@ -101,8 +108,7 @@ def _json_problem(e: json.JSONDecodeError) -> str:
 
 
 def _read_json(path: str):
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8-sig")  # -sig: a leading UTF-8 byte-order mark is dropped
     except UnicodeDecodeError as e:
@@ -253,7 +259,7 @@ def read_records(path: str):
                         "datasets.load_dataset('csv', data_files=FILE)['train'].to_json('data.jsonl')")
     if source.endswith(".parquet"):
         reader = _read_parquet
-    elif source.endswith(".json"):
+    elif source.endswith((".json", ".json.gz")):
         reader = _read_json
     else:
         reader = _read_jsonl  # .jsonl, .jsonl.gz (as Anthropic's HH files ship), and any other text file
