@@ -362,10 +362,6 @@ class Checkpointer:
                 check_resumable(saved, now[name])
 
 
-def _positions(client_state: dict) -> dict:
-    """The data streams' positions in a loop's client state (utils.stream.StepStream.state_dict)."""
-    return {k: v for k, v in client_state.items() if isinstance(v, dict) and "global_batch" in v}
-
     def _exit(self, step: int, path: str | None) -> None:
         """Every rank agreed to stop: say why and how to go on, then end with STOP_EXIT_CODE."""
         reasons = ds.all_gather_objects(signals.request())
@@ -375,6 +371,11 @@ def _positions(client_state: dict) -> dict:
         self.logger.write(f"resume with: {resume_command()}")
         self.logger.close()
         ds.finish(signals.STOP_EXIT_CODE)
+
+
+def _positions(client_state: dict) -> dict:
+    """The data streams' positions in a loop's client state (utils.stream.StepStream.state_dict)."""
+    return {k: v for k, v in client_state.items() if isinstance(v, dict) and "global_batch" in v}
 
 
 def resume_command() -> str:
