@@ -441,7 +441,8 @@ def test_user_data_mistakes_found_by_an_audit(tmp_path):
     s = load_file(write_jsonl(tmp_path / "dahoas.jsonl", [row]), "pairs", log=lambda m: None)[0]
     assert s.prompt == ({"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "More?"})
-    assert s.chosen == ({"role": "assistant", "content": " Yes."},)
+    assert s.chosen == ({"role": "assistant", "content": "Yes."},)  # the separating space is not the reply's
+    assert s.rejected == ({"role": "assistant", "content": "No."},)
     # A ShareGPT dump's top-level system prompt was dropped.
     row = {"system": "Be warm.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
     s = load_file(write_jsonl(tmp_path / "sg.jsonl", [row]), "sft")[0]

@@ -275,3 +275,65 @@ def test_a_chat_templates_turn_end_ends_the_reply_when_the_eos_is_another_token(
     model.generation_config.eos_token_id = tok.eos_token_id
     save_hf(model, tok, str(tmp_path / "out"), {"step": "test"}, end_id=enc.eos_id)
     assert json.load(open(tmp_path / "out" / "generation_config.json"))["eos_token_id"] == [end, tok.eos_token_id]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_special_tokens_text_in_a_message_skips_the_sample_and_says_so(tokenizer_of, family):
+    """A reply holding its model's end-token text (an HTML `<s>old</s>` for Llama or OPT, `<|im_end|>` for
+    Qwen) was silently cut there, and two different replies could encode to the same ids. Such samples
+    are left out with one log line; plain text keeps its `<|endoftext|>` document separators."""
+    tok = tokenizer_of(family)
+    enc = Encoder(tok, "auto", 128)
+    end = tok.convert_ids_to_tokens(enc.eos_id)
+    bad = Sample(prompt=(USER,), chosen=({"role": "assistant", "content": f"Use {end} here, then go on."},),
+                 where="f.jsonl:2")
+    good = Sample(prompt=(USER,), chosen=(REPLY,), where="f.jsonl:1")
+    logs = []
+    out = encode_all([good, bad], lambda s: (enc.encode_sft(s),), enc, "train", logs.append)
+    assert len(out.items) == 1 and out.kept == [0], out.kept
+    assert logs == [f"train: skipped 1 of 2 samples whose text contains {end!r} (first: f.jsonl:2), the text of a "
+                    "special token, which the tokenizer would read as that token; remove or escape it in the data "
+                    "to keep them"]
+    with pytest.raises(UserError, match=f"train: every sample contains a special token's text .*f.jsonl:2"):
+        encode_all([bad], lambda s: (enc.encode_sft(s),), enc, "train", logs.append)
+    assert enc.special_text(Sample(prompt=(USER,), chosen=bad.chosen), prompt_only=True) is None  # PPO: prompts only
+    text = Sample(text=f"One document.{tok.eos_token}Another one.")
+    assert enc.special_text(text) is None and tok.eos_token_id in enc.encode_sft(text)[0][:-1]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_an_opening_greeting_and_weight_0_turns_are_context(tokenizer_of, family):
+    """A conversation that opens with the assistant's greeting crashed every step under a chat template
+    (the empty conversation before it cannot be rendered); OpenAI's `"weight": 0` was ignored. Both turns
+    are now rendered as context, not trained; a conversation with nothing left to train is refused."""
+    tok = tokenizer_of(family)
+    enc = Encoder(tok, "auto", 256)
+    hello = {"role": "assistant", "content": "Hello, how can I help?"}
+    skip = {"role": "assistant", "content": "The cat is good.", "weight": 0}
+    more = {"role": "user", "content": "And the dog?"}
+    last = {"role": "assistant", "content": "The dog is fine."}
+    ids, labels = enc.encode_conversation((hello, USER, skip, more, last))
+    assert tok.decode(ids).count("Hello, how can I help?") == 1 and "The cat is good." in tok.decode(ids)
+    assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE], skip_special_tokens=True).strip() == \
+        "The dog is fine."
+    prompt = enc.encode_prompt((hello, USER))
+    assert ids[: len(prompt)] == prompt
+    with pytest.raises(UserError, match="nothing to train"):
+        enc.encode_conversation((hello, USER, skip))
+
+
+def test_message_weights_are_read_as_openai_defines_them(tmp_path):
+    from conftest import write_jsonl
+    from utils.data import load_file
+
+    def conv(weight, role="assistant"):
+        msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+        msgs[1 if role == "assistant" else 0]["weight"] = weight
+        return {"messages": msgs + [{"role": "user", "content": "More"}, {"role": "assistant", "content": "Ho"}]}
+
+    s = load_file(write_jsonl(tmp_path / "w.jsonl", [conv(0), conv(1)]), "sft")
+    assert s[0].prompt[1] == {"role": "assistant", "content": "Yo", "weight": 0} and "weight" not in s[1].prompt[1]
+    for bad, problem in [(conv(0.5), "expected 0 or 1, got 0.5"), (conv(True), "expected 0 or 1, got True"),
+                         (conv(0, "user"), "only assistant turns take a weight")]:
+        with pytest.raises(UserError, match=rf"w.jsonl:1: field 'messages\[\d\].weight': {problem}"):
+            load_file(write_jsonl(tmp_path / "w.jsonl", [bad]), "sft")

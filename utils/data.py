@@ -355,7 +355,16 @@ class _Row:
                 raise self.err(f"{fld}[{j}].content", "missing or not a string")
             if not content.strip():
                 raise self.err(f"{fld}[{j}].content", "field is empty")
-            out.append({"role": role, "content": self.text(f"{fld}[{j}].content", content)})
+            msg = {"role": role, "content": self.text(f"{fld}[{j}].content", content)}
+            weight = m.get("weight")
+            if weight is not None:  # OpenAI's fine-tuning format: weight 0 leaves an assistant turn untrained
+                if role != "assistant":
+                    raise self.err(f"{fld}[{j}].weight", "only assistant turns take a weight")
+                if isinstance(weight, bool) or weight not in (0, 1):
+                    raise self.err(f"{fld}[{j}].weight", f"expected 0 or 1, got {weight!r}")
+                if weight == 0:
+                    msg["weight"] = 0
+            out.append(msg)
         return tuple(out)
 
     def _text_parts(self, fld, parts: list) -> str:
@@ -366,12 +375,6 @@ class _Row:
                 raise self.err(f"{fld}[{k}]", f"only text parts are supported, got {kind!r}")
             texts.append(part["text"])
         return "".join(texts)
-
-    def text_or_messages(self, fld, role="assistant"):
-        v = self.row.get(fld)
-        if isinstance(v, list):
-            return self.messages(fld)
-        return ({"role": role, "content": self.string(fld)},)
 
     def margin(self):
         v = self.row.get("margin")
@@ -520,9 +523,20 @@ def _reply_side(r: _Row, fld: str, has_prompt: bool):
             raise r.err(fld, "conversation does not end with an assistant reply")
         return prompt, reply
     if has_prompt:
-        return None, ({"role": "assistant", "content": r.string(fld)},)
+        return None, _reply_text(r, fld)
     msgs = parse_hh(r, fld)
     return msgs[:-1], msgs[-1:]
+
+
+def _reply_text(r: _Row, fld: str) -> tuple:
+    """A reply given as a string, beside a `prompt`. After an HH-transcript prompt (the Dahoas layout:
+    prompt "...\n\nAssistant:", reply " Yes.") the space that separated them is not part of the reply:
+    stripped, as each turn of a whole transcript is (`parse_hh`)."""
+    text = r.string(fld)
+    prompt = r.row.get("prompt")
+    if isinstance(prompt, str) and _hh_prompt(prompt) is not None:
+        text = text.strip()
+    return ({"role": "assistant", "content": text},)
 
 
 def _same_turns(a: tuple, b: tuple) -> bool:
@@ -564,14 +578,15 @@ def parse_record(fmt: str, r: _Row) -> Sample:
         prompt, reply = _split_last_reply(r, fld, msgs)
         return Sample(prompt=prompt, chosen=reply, where=where)
     if fmt == "prompt_response":
-        return Sample(prompt=_prompt_messages(r), chosen=r.text_or_messages("response"), where=where)
+        reply = r.messages("response") if isinstance(r.row.get("response"), list) else _reply_text(r, "response")
+        return Sample(prompt=_prompt_messages(r), chosen=reply, where=where)
     if fmt == "prompt_completion":
         if "label" in r.row:  # TRL's unpaired preference (KTO) rows: a completion labelled bad is no SFT target
             raise r.err("label", "unpaired preference rows (prompt, completion, label) are not supported: SFT would "
                                  "also train on the completions labelled false, and reward/DPO need chosen and "
                                  "rejected; give chosen/rejected pairs, or for SFT the rows labelled true without "
                                  "the label column")
-        reply = r.text_or_messages("completion")
+        reply = r.messages("completion") if isinstance(r.row.get("completion"), list) else _reply_text(r, "completion")
         if any(m["role"] != "assistant" for m in reply):
             raise r.err("completion", "expected assistant turns only (the conversation before them goes in 'prompt')")
         return Sample(prompt=_prompt_messages(r), chosen=reply, where=where)

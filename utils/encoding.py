@@ -7,6 +7,7 @@ token is predicted from the last prompt token and is in the loss.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,24 @@ class Encoder:
         self.bos_id = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
         # Padding id for batches only; the tokenizer itself is never changed (pitfall 5).
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        specials = set(tokenizer.all_special_tokens) | {
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        specials = sorted((t for t in specials if t), key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def special_text(self, s: Sample, prompt_only: bool = False) -> str | None:
+        """The first special token's text (`</s>`, `<|im_end|>`, `<|endoftext|>`) in the sample's messages,
+        or None. The tokenizer reads such text as the token itself: a reply was cut at an EOS written in
+        it (an HTML `<s>...</s>` for Llama), and two different replies could encode identically."""
+        if self._special_text is None or s.text is not None:  # plain text: `<|endoftext|>` between documents is
+            return None                                         # what GPT-2-style corpora mean by it
+        parts = (s.prompt,) if prompt_only else (s.prompt, s.chosen, s.rejected)
+        texts = [m["content"] for part in parts if part for m in part]
+        for t in texts:
+            found = self._special_text.search(t)
+            if found:
+                return found.group(0)
+        return None
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -116,6 +135,9 @@ class Encoder:
     def encode_conversation(self, messages) -> tuple[list[int], list[int]]:
         """Every assistant turn trained; text after the last trained token is dropped."""
         ids, labels = self.encode_segments(render_segments(messages, self.template, self.tokenizer, False))
+        if all(l == IGNORE for l in labels):
+            raise UserError("nothing to train: every assistant turn has \"weight\": 0 or comes before the first "
+                            "user turn")
         last = max(i for i, l in enumerate(labels) if l != IGNORE) + 1
         return ids[:last], labels[:last]
 
@@ -156,10 +178,23 @@ class EncodedSet:
     kept: list = field(default_factory=list)  # index in `samples` of each item (to carry per-row fields)
 
 
+def log_special_text_skips(skips: list, total: int, what: str, log) -> None:
+    """One line for the samples left out because their text holds a special token's text."""
+    if skips:
+        log(f"{what}: skipped {len(skips)} of {total} samples whose text contains {skips[0][1]!r} (first: "
+            f"{skips[0][0]}), the text of a special token, which the tokenizer would read as that token; "
+            "remove or escape it in the data to keep them")
+
+
 def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print) -> EncodedSet:
-    """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong."""
-    items, skipped, first, kept = [], 0, None, []
+    """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong,
+    ones whose text holds a special token's text are skipped (both counted in the log)."""
+    items, skipped, first, kept, special = [], 0, None, [], []
     for i, s in enumerate(samples):
+        found = encoder.special_text(s)
+        if found is not None:
+            special.append((s.where, found))
+            continue
         try:
             pairs = fn(s)
         except UserError as e:  # a template that refuses the record: name the record
@@ -178,8 +213,11 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
     if skipped:
         log(f"{what}: skipped {skipped} of {len(samples)} samples longer than --max_seq_len "
             f"{encoder.max_seq_len} (--overlong {encoder.overlong}; first: {first})")
+    log_special_text_skips(special, len(samples), what, log)
     if not items:
-        raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}")
+        raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}" if skipped or not special
+                        else f"{what}: every sample contains a special token's text ({special[0][1]!r}, first: "
+                             f"{special[0][0]}); remove or escape it in the data")
     return EncodedSet(items, skipped, first, kept)
 
 

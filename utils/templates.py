@@ -96,7 +96,8 @@ def render_text(messages, template: str, tokenizer, add_generation_prompt: bool)
         try:
             return tokenizer.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-        except TemplateError as e:  # raise_exception() in the template (role order, system turns), or a broken template
+        except (TemplateError, ValueError) as e:  # raise_exception() in the template (role order, system turns),
+            # a broken template, or transformers' own checks
             raise UserError(f"the tokenizer's chat template refused this conversation: {e} (--template chat; "
                             "fix the record or pick --template hh, alpaca or raw)") from None
     fn = {"hh": _hh, "alpaca": _alpaca, "raw": _raw}[template]
@@ -110,17 +111,26 @@ def _prefix_ok(text: str, prefix: str, what: str) -> None:
             "loss masks would be wrong with it (pick --template hh, alpaca or raw)")
 
 
+def trained(messages, i: int) -> bool:
+    """Whether message i is a reply the loss covers: an assistant turn after the first user turn (a greeting
+    that opens the conversation answers nothing, and a chat template cannot render the empty prompt before
+    it) and not marked `"weight": 0` (OpenAI's fine-tuning format)."""
+    m = messages[i]
+    return (m["role"] == "assistant" and m.get("weight", 1) != 0
+            and any(p["role"] == "user" for p in messages[:i]))
+
+
 def render_segments(messages, template: str, tokenizer, add_generation_prompt: bool = False) -> list[Segment]:
     """Split a rendered conversation into non-trainable and trainable (assistant) segments.
 
-    Each assistant reply is the difference between the conversation rendered up to and including it
-    and the conversation before it rendered with a generation prompt. Concatenating the segments gives
-    `render_text(messages, ...)` exactly.
+    Each trained reply (`trained`) is the difference between the conversation rendered up to and
+    including it and the conversation before it rendered with a generation prompt. Concatenating the
+    segments gives `render_text(messages, ...)` exactly, up to the last trained reply at least.
     """
     segments: list[Segment] = []
     done = ""  # text rendered so far
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if not trained(messages, i):
             continue
         before = render_text(messages[:i], template, tokenizer, add_generation_prompt=True)
         upto = render_text(messages[: i + 1], template, tokenizer, add_generation_prompt=False)
@@ -130,7 +140,7 @@ def render_segments(messages, template: str, tokenizer, add_generation_prompt: b
             segments.append(Segment(before[len(done):], False))
         segments.append(Segment(upto[len(before):], True))
         done = upto
-    if not messages or messages[-1]["role"] != "assistant":
+    if not messages or not trained(messages, len(messages) - 1):
         rest = render_text(messages, template, tokenizer, add_generation_prompt=add_generation_prompt)
         _prefix_ok(rest, done, "earlier turns")
         if len(rest) > len(done):
