@@ -84,16 +84,27 @@ run_step() {  # run_step NAME STEP_KIND EXTRA_ARGS; environment set by the calle
     *) echo "[pipeline] error: $name: $status" >&2
        exit 2 ;;
   esac
+  if [ -n "$STOPPED" ]; then  # the signal came while the status check ran: bash ran the trap only after it
+    echo "[pipeline] stopped by SIG$STOPPED before step '$name' started" >&2
+    echo "[pipeline] run the same command again to continue" >&2
+    exit 143
+  fi
   rc=0
   local t0; t0=$(date +%s)
   # shellcheck disable=SC2086
   echo "[pipeline] $(date '+%Y-%m-%d %H:%M:%S') $name: run.sh $kind ${flags[*]}" >>"$log"
   bash "$HERE/run.sh" "$kind" $extra "${flags[@]}" >>"$log" 2>&1 &  # appended: a rerun keeps the earlier attempt
   STEP_PID=$!
+  if [ -n "$STOPPED" ]; then kill -TERM "$STEP_PID" 2>/dev/null || true; fi  # a signal between `&` and here
   while kill -0 "$STEP_PID" 2>/dev/null; do
     wait "$STEP_PID" && rc=0 || rc=$?  # a trapped signal ends `wait` early: wait again
   done
   STEP_PID=""
+  if [ -n "$STOPPED" ] && [ "$rc" -eq 0 ]; then
+    echo "[pipeline] $name: done -> $WORK_DIR/$name (it had finished when SIG$STOPPED reached it)"
+    echo "[pipeline] stopped by SIG$STOPPED before the next step; run the same command again to continue" >&2
+    exit 143
+  fi
   if [ -n "$STOPPED" ]; then
     echo "[pipeline] stopped by SIG$STOPPED during step '$name' (exit $rc); last lines of $log:" >&2
     tail -n 3 "$log" >&2

@@ -141,6 +141,11 @@ fi
 
 # The ranks stop when this script goes away too, even by SIGKILL (utils/signals.py watches these pids).
 export RLHF_WATCH_PIDS="${RLHF_WATCH_PIDS:+$RLHF_WATCH_PIDS }$(hostname):$$"
+# Rank 0 writes its exit code here (utils/ds.py: leave): a run that finished while a stop was on its way
+# ends 0, not 143.
+RLHF_RESULT_FILE="$(mktemp 2>/dev/null || mktemp /tmp/ds-rlhf-result.XXXXXX)"
+export RLHF_RESULT_FILE
+trap 'rm -f "$RLHF_RESULT_FILE"' EXIT
 STOPPING=""
 group_alive() {  # a process of the job's group is still running (zombies awaiting their reaper do not count)
   ps -e -o pgid=,stat= | awk -v g="$JOB" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
@@ -174,9 +179,13 @@ while group_alive; do
     echo "[run.sh] the job did not stop within ${STOP_TIMEOUT:-600} s: killing it" >&2
     kill -KILL -- "-$JOB" 2>/dev/null || true
   fi
-  sleep 0.5
+  sleep 0.5 || true  # Ctrl-C reaches this sleep too: it must not end the wait (set -e)
 done
 if [ -n "$STOPPING" ]; then
+  if [ "$(cat "$RLHF_RESULT_FILE" 2>/dev/null)" = "0" ]; then
+    echo "[run.sh] the run had finished when the stop reached it: its output is complete" >&2
+    exit 0
+  fi
   exit 143
 fi
 exit "$rc"

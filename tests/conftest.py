@@ -222,12 +222,14 @@ def train_lines(out: str) -> int:
 
 
 def run_stopped(script: str, args: list[str], out: str, after: int, sig=signal.SIGTERM, target: str = "launcher",
-                env: dict | None = None, timeout: float = 300) -> dict:
+                env: dict | None = None, timeout: float = 300, ignore_hangup: bool = False) -> dict:
     """Start a 2-rank run in a session of its own, send `sig` to `target` once OUT.partial/metrics.jsonl
     has `after` train lines, and wait until every process of the session has ended; that must take under
     60 s and leave no /dev/shm buffer. `script` is a program (started with `deepspeed`) or a launch script
     (`launch/run.sh STEP`, `launch/pipeline.sh`: started with bash, `env` sets it up). `target`:
-    "launcher" (the process started: `deepspeed` or the script) or "rank1" (that rank's process alone).
+    "launcher" (the process started: `deepspeed` or the script), "rank1" (that rank's process alone) or
+    "group" (every process of the job, as a closed terminal sends SIGHUP); `ignore_hangup` starts the job
+    as `nohup` does.
     Returns rc, seconds (signal to last exit), output, and the stop checkpoint's step."""
     import psutil
 
@@ -239,7 +241,8 @@ def run_stopped(script: str, args: list[str], out: str, after: int, sig=signal.S
     full_env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(port), **(env or {}))
     os.makedirs(os.path.dirname(os.path.normpath(out)), exist_ok=True)
     log = open(os.path.normpath(out) + ".stop.log", "w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hangup else None)
     deadline = time.time() + timeout
     try:
         while train_lines(out) < after:
@@ -247,14 +250,17 @@ def run_stopped(script: str, args: list[str], out: str, after: int, sig=signal.S
                 log.seek(0)
                 raise AssertionError(f"run ended or stalled before step {after} (rc {proc.poll()}):\n{log.read()[-4000:]}")
             time.sleep(0.05)
-        if target == "launcher":
+        if target in ("launcher", "group"):
             victim = proc.pid
         else:
             ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
                      if "--local_rank=1" in " ".join(p.cmdline())]
             victim = ranks[0].pid
         t0 = time.time()
-        os.kill(victim, sig)
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(victim, sig)
         while _session_alive(proc.pid) and time.time() - t0 < 120:
             time.sleep(0.1)
         seconds = time.time() - t0

@@ -71,3 +71,33 @@ def test_a_failed_write_under_two_ranks_is_one_line(tiny_dir, tmp_path, save_int
     assert left == ["out.partial"], left  # no OUT.partial.tmp
     ckpts = os.path.join(partial(str(out)), "checkpoints")
     assert not os.path.isdir(ckpts) or os.listdir(ckpts) == [], os.listdir(ckpts)
+
+
+def test_a_hangup_stops_the_job_with_a_checkpoint_unless_started_under_nohup(tiny_dir, tmp_path):
+    """SIGHUP to the whole job (a closed terminal, a dropped ssh session) killed every process at once with
+    no checkpoint and left the /dev/shm buffers; it is now a stop request like SIGTERM. A job started
+    under `nohup` ignores it and trains to the end."""
+    common = ["--model_name_or_path", tiny_dir("llama"), "--data_path", os.path.join(DATA, "sft.jsonl"),
+              "--log_interval", "1"]
+    out = str(tmp_path / "hup")
+    stop = run_stopped("step1_sft/main.py", common + ["--output_dir", out, "--max_steps", "5000"], out, after=5,
+                       sig=signal.SIGHUP, target="group")
+    assert stop["step"] is not None and os.path.isfile(
+        os.path.join(partial(out), "checkpoints", f"step-{stop['step']}", "meta.json")), stop["output"][-3000:]
+    assert "received SIGHUP" in stop["output"] and "resume with: " in stop["output"], stop["output"][-3000:]
+    out = str(tmp_path / "nohup")
+    done = run_stopped("step1_sft/main.py", common + ["--output_dir", out, "--max_steps", "40"], out, after=5,
+                       sig=signal.SIGHUP, target="group", ignore_hangup=True)
+    assert done["rc"] == 0 and os.path.isfile(os.path.join(out, "done.json")), done["output"][-3000:]
+
+
+def test_a_start_up_refusal_is_printed_once_under_two_ranks(tiny_dir, tmp_path):
+    """Before the process group exists every rank checked the same flags and printed the same error."""
+    from conftest import run_deepspeed
+
+    out = tmp_path / "out"
+    os.makedirs(partial(str(out)))
+    p = run_deepspeed("step1_sft/main.py", ["--model_name_or_path", tiny_dir("llama"), "--data_path",
+                                            os.path.join(DATA, "sft.jsonl"), "--output_dir", out], check=False)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1 and "holds an unfinished run" in errors[0], errors

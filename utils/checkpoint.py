@@ -317,9 +317,12 @@ class Checkpointer:
             if ckpt is None:
                 self.logger.write(f"--resume: no checkpoint in {self.root}; starting from step 0")
             else:
-                self._check_inputs(ckpt)
-                state = load_checkpoint(ckpt, self.engines)
-                self.restore(state)
+                try:
+                    self._check_inputs(ckpt)
+                    state = load_checkpoint(ckpt, self.engines)
+                    self.restore(state)
+                except UserError as e:  # the same refusal on every rank (one shared checkpoint): printed once
+                    raise UserError(str(e), every_rank=True) from None
                 step = state["step"]
                 self.logger.write(f"resumed from {ckpt} at step {step}")
                 self.logger.advance(step)

@@ -87,7 +87,16 @@ def finish(code: int = 0) -> None:
 
 def leave(code: int) -> None:
     """End this rank now, without interpreter teardown (see `finish`): flush the streams and the log
-    handlers, remove the shared-memory buffers, `os._exit(code)`."""
+    handlers, remove the shared-memory buffers, `os._exit(code)`. Rank 0 also writes `code` to the file
+    named by RLHF_RESULT_FILE (launch/run.sh reads it to tell a run that finished as a stop request
+    arrived from one that stopped: the `deepspeed` command it signalled has no such code)."""
+    result = os.environ.get("RLHF_RESULT_FILE")
+    if result and rank() == 0:
+        try:
+            with open(result, "w") as f:
+                f.write(str(code))
+        except OSError:
+            pass
     _remove_shm_buffers()
     logging.shutdown()
     sys.stdout.flush()

@@ -6,6 +6,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -71,7 +72,11 @@ def exit_on_user_error(fn):
             ds.leave(1)
         except UserError as e:
             group = _process_group()
-            if not (e.every_rank and group is not None and group[0] != 0):
+            if group is None:  # before the group exists every rank of a machine checks the same flags and
+                quiet = os.environ.get("LOCAL_RANK", "0") != "0"  # files: its local rank 0 speaks for them
+            else:
+                quiet = e.every_rank and group[0] != 0
+            if not quiet:
                 print(f"error: {e}", file=sys.stderr, flush=True)
             if group is not None and group[1] > 1:
                 from . import ds
@@ -94,7 +99,6 @@ def lost_peer(e: BaseException) -> bool:
 
 def lost_peer_line(rank: int, e: BaseException) -> str:
     """One line for a rank that lost its peers: where this rank was (the innermost frame of the project)."""
-    import os
     import traceback
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

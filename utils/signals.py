@@ -1,4 +1,4 @@
-"""Stop requests: SIGTERM, SIGINT and SIGUSR1, and the death of the processes that launched a rank.
+"""Stop requests: SIGTERM, SIGINT, SIGUSR1 and SIGHUP, and the death of the processes that launched a rank.
 
 DeepSpeed's `deepspeed` command (launcher/runner.py) installs no signal handler on a single node (nor
 with --no_ssh), so `kill <its pid>` ends it alone while its per-node launcher (launcher/launch.py) and
@@ -39,11 +39,15 @@ _STATE = _State()
 
 
 def install(on_exit=None) -> None:
-    """Handle the stop signals and start watching this rank's launchers; called once per process."""
+    """Handle the stop signals and start watching this rank's launchers; called once per process.
+    SIGHUP (a closed terminal, a dropped ssh session) stops the run the same way, unless the job was
+    started to ignore it (`nohup`)."""
     _STATE.on_exit = on_exit
     _STATE.watched = _launchers()
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _handler)
 
 
 def defer() -> None:
@@ -63,6 +67,8 @@ def request() -> str | None:
 
 def _handler(signum, frame) -> None:
     name = signal.Signals(signum).name
+    if signum == signal.SIGHUP:
+        _detach_terminal()
     if _STATE.deferred:
         _STATE.request = _STATE.request or f"received {name}"
         return
@@ -70,6 +76,20 @@ def _handler(signum, frame) -> None:
     if _STATE.on_exit is not None:
         _STATE.on_exit()
     os._exit(STOP_EXIT_CODE)
+
+
+def _detach_terminal() -> None:
+    """After a hang-up, writing to the terminal fails (EIO) and would end the rank in the middle of its
+    checkpoint: stdout and stderr that are a terminal now go to /dev/null (log files stay as they are;
+    the run's own log lines are in OUTPUT_DIR.partial)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
 
 
 def _gone(p) -> bool:
