@@ -90,14 +90,3 @@ def test_a_hangup_stops_the_job_with_a_checkpoint_unless_started_under_nohup(tin
                        sig=signal.SIGHUP, target="group", ignore_hangup=True)
     assert done["rc"] == 0 and os.path.isfile(os.path.join(out, "done.json")), done["output"][-3000:]
 
-
-def test_a_start_up_refusal_is_printed_once_under_two_ranks(tiny_dir, tmp_path):
-    """Before the process group exists every rank checked the same flags and printed the same error."""
-    from conftest import run_deepspeed
-
-    out = tmp_path / "out"
-    os.makedirs(partial(str(out)))
-    p = run_deepspeed("step1_sft/main.py", ["--model_name_or_path", tiny_dir("llama"), "--data_path",
-                                            os.path.join(DATA, "sft.jsonl"), "--output_dir", out], check=False)
-    errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
-    assert p.returncode == 2 and len(errors) == 1 and "holds an unfinished run" in errors[0], errors
