@@ -468,3 +468,15 @@ def test_a_hub_style_split_loads_when_another_split_has_other_columns(tmp_path):
     assert len(load_file(f"{tmp_path / 'uf'}:train_prefs", "pairs")) == 3
     with pytest.raises(UserError, match="has no split 'dev' \\(splits: test_prefs, train_gen, train_prefs\\)"):
         load_file(f"{tmp_path / 'uf'}:dev", "pairs")
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.txt", "data/train-00000-of-00001.tsv"])
+def test_a_directory_of_untyped_files_is_refused_by_name(tmp_path, name):
+    """A local directory is read with datasets.load_dataset(dir), which took a .txt file as one `text` row
+    per line (and trained on it) and a .csv file with guessed column types; given by name, such files
+    are refused. Now they are refused inside a directory too, naming the file."""
+    path = tmp_path / "d" / name
+    path.parent.mkdir(parents=True)
+    path.write_text("prompt,response\nHi,Yo\n")
+    with pytest.raises(UserError, match=f"data path '.*d': '{name}' is not read"):
+        load_file(str(tmp_path / "d"), "sft")

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from .errors import DataError, UserError, location
 
+UNTYPED_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".csv", ".tsv")
 FORMATS = ("messages", "sharegpt", "prompt_response", "prompt_completion", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
@@ -180,6 +181,11 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
     split = split or "train"
     what = f"data path '{path}'" if local else f"data path '{path}' is not a local file and"
     only = _split_files(path, split) if local else {}
+    untyped = [f for f in only.get("data_files", {}).get(split, []) if f.endswith(UNTYPED_SUFFIXES)]
+    if untyped:  # datasets reads them (a .txt file as one `text` row per line), unlike a file given by name
+        raise UserError(f"data path '{path}': '{os.path.relpath(untyped[0], path)}' is not read (.csv, .tsv and .txt "
+                        "files have no typed columns); keep only .parquet, .json, .jsonl or .arrow files there, or "
+                        "convert it, e.g. datasets.load_dataset('csv', data_files=FILE)['train'].to_json('data.jsonl')")
     try:
         ds = datasets.load_dataset(path, split=split, **only)
     except FileNotFoundError as e:  # also datasets' EmptyDatasetError
