@@ -26,7 +26,7 @@ from step3_ppo.trainer import train
 from utils import ds
 from utils.args import args_record, inherited, parse, resolve_data_settings
 from utils.data import load_samples
-from utils.encoding import Encoder, encode_all, log_special_text_skips
+from utils.encoding import Encoder, encode_all, without_special_text
 from utils.errors import UserError, at_record, exit_on_user_error
 from utils.model import check_positions, load_tokenizer, save_hf
 from utils.output import check_output_dir, partial_dir
@@ -50,12 +50,8 @@ def prompt_items(samples, encoder: Encoder, max_len: int, what: str) -> list[Pro
 
 
 def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[tuple]:
-    out, skipped, first, special = [], 0, None, []
-    for s in samples:
-        found = encoder.special_text(s, prompt_only=True)
-        if found is not None:
-            special.append((s.where, found))
-            continue
+    out, skipped, first = [], 0, None
+    for _, s in without_special_text(samples, encoder, what, ds.print0, prompt_only=True):
         try:
             ids = encoder.encode_prompt(s.prompt)
         except UserError as e:  # a chat template that refuses the record: name the record
@@ -73,11 +69,8 @@ def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list
     if skipped:
         ds.print0(f"{what}: skipped {skipped} of {len(samples)} prompts longer than --max_prompt_seq_len "
                   f"{max_len} (--overlong skip; first: {first})")
-    log_special_text_skips(special, len(samples), what, ds.print0)
     if not out:
-        raise UserError(f"{what}: no prompt fits in --max_prompt_seq_len {max_len}" if skipped or not special
-                        else f"{what}: every prompt contains a special token's text ({special[0][1]!r}, first: "
-                             f"{special[0][0]}); remove or escape it in the data")
+        raise UserError(f"{what}: no prompt fits in --max_prompt_seq_len {max_len}")
     return out
 
 

@@ -535,9 +535,11 @@ def _reply_side(r: _Row, fld: str, has_prompt: bool):
 
 
 def _reply_text(r: _Row, fld: str) -> tuple:
-    """A reply given as a string, beside a `prompt`. After an HH-transcript prompt (the Dahoas layout:
-    prompt "...\n\nAssistant:", reply " Yes.") the space that separated them is not part of the reply:
-    stripped, as each turn of a whole transcript is (`parse_hh`)."""
+    """A reply beside a `prompt`: a list of messages, or a string. After an HH-transcript prompt (the
+    Dahoas layout: prompt "...\n\nAssistant:", reply " Yes.") the space that separated them is not part
+    of a string reply: stripped, as each turn of a whole transcript is (`parse_hh`)."""
+    if isinstance(r.row.get(fld), list):
+        return r.messages(fld)
     text = r.string(fld)
     prompt = r.row.get("prompt")
     if isinstance(prompt, str) and _hh_prompt(prompt) is not None:
@@ -584,7 +586,7 @@ def parse_record(fmt: str, r: _Row) -> Sample:
         prompt, reply = _split_last_reply(r, fld, msgs)
         return Sample(prompt=prompt, chosen=reply, where=where)
     if fmt == "prompt_response":
-        reply = r.messages("response") if isinstance(r.row.get("response"), list) else _reply_text(r, "response")
+        reply = _reply_text(r, "response")
         return Sample(prompt=_prompt_messages(r), chosen=reply, where=where)
     if fmt == "prompt_completion":
         if "label" in r.row:  # TRL's unpaired preference (KTO) rows: a completion labelled bad is no SFT target
@@ -592,7 +594,7 @@ def parse_record(fmt: str, r: _Row) -> Sample:
                                  "also train on the completions labelled false, and reward/DPO need chosen and "
                                  "rejected; give chosen/rejected pairs, or for SFT the rows labelled true without "
                                  "the label column")
-        reply = r.messages("completion") if isinstance(r.row.get("completion"), list) else _reply_text(r, "completion")
+        reply = _reply_text(r, "completion")
         if any(m["role"] != "assistant" for m in reply):
             raise r.err("completion", "expected assistant turns only (the conversation before them goes in 'prompt')")
         return Sample(prompt=_prompt_messages(r), chosen=reply, where=where)

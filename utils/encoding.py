@@ -178,23 +178,30 @@ class EncodedSet:
     kept: list = field(default_factory=list)  # index in `samples` of each item (to carry per-row fields)
 
 
-def log_special_text_skips(skips: list, total: int, what: str, log) -> None:
-    """One line for the samples left out because their text holds a special token's text."""
-    if skips:
-        log(f"{what}: skipped {len(skips)} of {total} samples whose text contains {skips[0][1]!r} (first: "
-            f"{skips[0][0]}), the text of a special token, which the tokenizer would read as that token; "
-            "remove or escape it in the data to keep them")
+def without_special_text(samples: list[Sample], encoder: Encoder, what: str, log, prompt_only: bool = False):
+    """(index, sample) for every sample whose messages hold no special token's text (`Encoder.special_text`);
+    the others are counted in one log line once the samples are exhausted, and none left is an error."""
+    special = []
+    for i, s in enumerate(samples):
+        found = encoder.special_text(s, prompt_only)
+        if found is None:
+            yield i, s
+        else:
+            special.append((s.where, found))
+    if special:
+        log(f"{what}: skipped {len(special)} of {len(samples)} samples whose text contains {special[0][1]!r} "
+            f"(first: {special[0][0]}), the text of a special token, which the tokenizer would read as that "
+            "token; remove or escape it in the data to keep them")
+        if len(special) == len(samples):
+            raise UserError(f"{what}: every sample contains a special token's text ({special[0][1]!r}, first: "
+                            f"{special[0][0]}); remove or escape it in the data")
 
 
 def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print) -> EncodedSet:
     """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong,
     ones whose text holds a special token's text are skipped (both counted in the log)."""
-    items, skipped, first, kept, special = [], 0, None, [], []
-    for i, s in enumerate(samples):
-        found = encoder.special_text(s)
-        if found is not None:
-            special.append((s.where, found))
-            continue
+    items, skipped, first, kept = [], 0, None, []
+    for i, s in without_special_text(samples, encoder, what, log):
         try:
             pairs = fn(s)
         except UserError as e:  # a template that refuses the record: name the record
@@ -213,11 +220,8 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
     if skipped:
         log(f"{what}: skipped {skipped} of {len(samples)} samples longer than --max_seq_len "
             f"{encoder.max_seq_len} (--overlong {encoder.overlong}; first: {first})")
-    log_special_text_skips(special, len(samples), what, log)
     if not items:
-        raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}" if skipped or not special
-                        else f"{what}: every sample contains a special token's text ({special[0][1]!r}, first: "
-                             f"{special[0][0]}); remove or escape it in the data")
+        raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}")
     return EncodedSet(items, skipped, first, kept)
 
 
