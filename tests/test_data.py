@@ -308,6 +308,22 @@ def test_dataset_directory_errors(dataset_dirs, spec, message):
     assert str(e.value).startswith(message.format(root=root)), str(e.value)
 
 
+def test_a_missing_path_under_a_local_directory_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    """'data/sft_trian' (a typo, no suffix, 'data/' here) is a missing local path, not a hub dataset
+    name that would reach for the network; 'a/b/c' cannot be a hub id either."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("tried as a hub dataset"))
+    with pytest.raises(UserError) as e:
+        load_file("data/sft_trian", "sft")
+    assert str(e.value) == "data file 'data/sft_trian' does not exist (not tried as a hub dataset: 'data/' is a " \
+                           "directory here)"
+    with pytest.raises(UserError, match="^data file 'x/y/z' does not exist$"):
+        load_file("x/y/z", "sft")
+
+
 def test_dataset_rows_are_named_by_row_index(tmp_path):
     import datasets
 

@@ -229,8 +229,21 @@ def _quiet_datasets() -> None:
     datasets.logging.set_verbosity_error()
 
 
+def looks_local(path: str, suffixes: tuple = ()) -> bool:
+    """Whether `path`, which does not exist, can only be meant as a local path and never as a hub id
+    ("name" or "owner/name"): one of `suffixes`, a leading ".", "/" or "~", or more than one "/"."""
+    p = path.rstrip("/")
+    return p.endswith(suffixes) or p.startswith((".", "/", "~")) or p.count("/") > 1
+
+
+def _local_parent(path: str) -> str | None:
+    """The first component of an 'A/B' path when it is a local directory ('data/sft.jsonll' -> 'data')."""
+    head, sep, _ = path.rstrip("/").partition("/")
+    return head if sep and os.path.isdir(head) else None
+
+
 def _looks_local(path: str) -> bool:
-    return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
+    return looks_local(path, LOCAL_SUFFIXES) or _local_parent(path) is not None
 
 
 def split_source(path: str) -> tuple[str, str | None]:
@@ -255,7 +268,9 @@ def read_records(path: str):
         return
     if not os.path.exists(source):
         if _looks_local(source):
-            raise UserError(f"data file '{path}' does not exist")
+            parent = _local_parent(source) if not looks_local(source, LOCAL_SUFFIXES) else None
+            why = f" (not tried as a hub dataset: '{parent}/' is a directory here)" if parent else ""
+            raise UserError(f"data file '{path}' does not exist{why}")
         _quiet_datasets()
         yield from _read_dataset_repo(source, split, local=False)
         return

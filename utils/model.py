@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from . import ds
+from . import data, ds
 from .errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -16,7 +16,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def _check_source(path: str, what: str) -> None:
     if path is None:
         raise UserError(f"{what} is required")
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split(os.sep, 1)[-1]
+    looks_local = data.looks_local(path)
     if os.path.exists(path):
         if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
                 os.path.join(path, "config.json")):
