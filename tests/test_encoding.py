@@ -92,6 +92,10 @@ def test_render_forms():
     msgs = (USER, REPLY)
     assert render_text(msgs, "hh", None, False) == "Human: Tell me about the apple.\n\nAssistant: The apple is great."
     assert render_text((USER,), "hh", None, True) == "Human: Tell me about the apple.\n\nAssistant:"
+    # A system message is its own paragraph: one blank line before the first turn (it was three).
+    sys_msg = {"role": "system", "content": "Be brief."}
+    assert render_text((sys_msg, USER), "hh", None, True) == \
+        "Be brief.\n\nHuman: Tell me about the apple.\n\nAssistant:"
     alp = render_text(({"role": "user", "content": "I\n\nX", "instruction": "I", "input": "X"},), "alpaca", None, True)
     assert "### Instruction:\nI\n\n### Input:\nX\n\n### Response:\n" in alp
     assert render_text(msgs, "raw", None, False) == USER["content"] + REPLY["content"]

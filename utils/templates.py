@@ -52,8 +52,8 @@ def _hh(messages, add_generation_prompt: bool) -> str:
     out = []
     for m in messages:
         role, content = m["role"], m["content"]
-        if role == "system":
-            out.append(f"{content}\n\n")
+        if role == "system":  # its own paragraph before the first turn, one blank line after it
+            out.append(("" if not out else "\n\n") + content)
         elif role == "user":
             # The first turn starts without the blank line the HH transcripts begin with.
             out.append(("" if not out else "\n\n") + f"Human: {content}")

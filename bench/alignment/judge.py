@@ -43,7 +43,7 @@ def _pieces(messages: list[dict], template: str, tok) -> list[tuple[str, bool]]:
     out, text = [], ""
     for m in messages:
         if m["role"] == "system":
-            text += f"{m['content']}\n\n"
+            text += ("\n\n" if text or out else "") + m["content"]
         elif m["role"] == "user":
             text += ("\n\n" if text or out else "") + f"Human: {m['content']}"
         else:
