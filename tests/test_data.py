@@ -294,6 +294,23 @@ def test_dataset_directories_load_with_splits(dataset_dirs):
     assert len(load_samples([str(root / "disk"), str(root / "hub")], "sft")) == 8
 
 
+def test_a_split_can_be_sliced_as_datasets_slices_it(dataset_dirs):
+    """'SOURCE:train[:2]' (datasets' split syntax, the usual way to take a part of UltraFeedback) works on
+    saved and hub-style directories; rows keep their numbers in the whole split."""
+    root, rows = dataset_dirs
+    want = load_file(write_jsonl(root / "rows2.jsonl", rows), "pairs")
+    for src in ("dict", "hub"):
+        assert load_file(f"{root / src}:train[:2]", "pairs") == want[:2]
+        got = load_file(f"{root / src}:train[-2:]", "pairs")
+        assert got == want[2:] and [g.where for g in got] == [f"{root / src}:train row 2", f"{root / src}:train row 3"]
+        assert load_file(f"{root / src}:train[:25%]+train[-1:]", "pairs") == [want[0], want[3]]
+    with pytest.raises(UserError) as e:
+        load_file(f"{root / 'dict'}:train[:x]", "pairs")
+    assert str(e.value).startswith(f"data path '{root / 'dict'}:train[:x]': not a split slice that datasets reads")
+    with pytest.raises(UserError, match=r"has no split 'dev' \(splits: train, test\)"):
+        load_file(f"{root / 'dict'}:dev[:2]", "pairs")
+
+
 @pytest.mark.parametrize("spec,message", [
     ("dict:dev", "data path '{root}/dict' has no split 'dev' (splits: train, test); pick one as '{root}/dict:SPLIT'"),
     ("disk:test", "data path '{root}/disk:test': '{root}/disk' holds one saved dataset without splits"),

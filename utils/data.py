@@ -148,9 +148,33 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def _rows(label: str, dataset):
+def _rows(label: str, dataset, index: list[int] | None = None):
+    """(label, None, row, record) per row; `index`: the rows' numbers in the whole split (a slice of it)."""
     for i, row in enumerate(dataset):
-        yield label, None, i, row
+        yield label, None, i if index is None else index[i], row
+
+
+def _split_name(split: str) -> str:
+    """'train_prefs[:1000]' -> 'train_prefs'."""
+    return split.split("[", 1)[0]
+
+
+def _split_rows(dataset, path: str, split: str):
+    """The rows of `dataset` (split `_split_name(split)`) that SPLIT's slice picks, in the `datasets` syntax
+    ('train[:100]', 'train[-50:]', 'train[:10%]', 'train[:5]+train[-5:]'), labelled `path:split` and
+    numbered as in the whole split; no slice: every row."""
+    name = _split_name(split)
+    if "[" not in split:
+        return _rows(f"{path}:{name}", dataset)
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(dataset)})
+    except (ValueError, KeyError, AssertionError) as e:  # datasets' own words for a malformed slice
+        raise UserError(f"data path '{path}:{split}': not a split slice that datasets reads "
+                        f"({_one_line(e)}); e.g. '{path}:{name}[:1000]' or '{path}:{name}[:10%]'") from None
+    index = [i for p in parts for i in range(p.from_, p.to)]
+    return _rows(f"{path}:{name}", dataset.select(index), index)
 
 
 def _read_saved_dataset(path: str, split: str | None):
@@ -163,10 +187,10 @@ def _read_saved_dataset(path: str, split: str | None):
         raise UserError(f"data path '{path}': cannot read the saved dataset ({_one_line(e)})") from None
     if isinstance(obj, datasets.DatasetDict):
         split = split or "train"
-        if split not in obj:
-            raise UserError(f"data path '{path}' has no split '{split}' (splits: {', '.join(obj)}); "
+        if _split_name(split) not in obj:
+            raise UserError(f"data path '{path}' has no split '{_split_name(split)}' (splits: {', '.join(obj)}); "
                             f"pick one as '{path}:SPLIT'")
-        return _rows(f"{path}:{split}", obj[split])
+        return _split_rows(obj[_split_name(split)], path, split)
     if split is not None:
         raise UserError(f"data path '{path}:{split}': '{path}' holds one saved dataset without splits; "
                         f"give it without ':{split}'")
@@ -179,15 +203,16 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
     import datasets
 
     split = split or "train"
+    name = _split_name(split)
     what = f"data path '{path}'" if local else f"data path '{path}' is not a local file and"
-    only = _split_files(path, split) if local else {}
-    untyped = [f for f in only.get("data_files", {}).get(split, []) if f.endswith(UNTYPED_SUFFIXES)]
+    only = _split_files(path, name) if local else {}
+    untyped = [f for f in only.get("data_files", {}).get(name, []) if f.endswith(UNTYPED_SUFFIXES)]
     if untyped:  # datasets reads them (a .txt file as one `text` row per line), unlike a file given by name
         raise UserError(f"data path '{path}': '{os.path.relpath(untyped[0], path)}' is not read (.csv, .tsv and .txt "
                         "files have no typed columns); keep only .parquet, .json, .jsonl or .arrow files there, or "
                         "convert it, e.g. datasets.load_dataset('csv', data_files=FILE)['train'].to_json('data.jsonl')")
     try:
-        ds = datasets.load_dataset(path, split=split, **only)
+        ds = datasets.load_dataset(path, split=name, **only)
     except FileNotFoundError as e:  # also datasets' EmptyDatasetError
         if local:
             raise UserError(f"{what} is a directory without dataset files: expected a datasets.save_to_disk "
@@ -201,7 +226,7 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
             raise UserError(f"{what} could not be loaded with datasets.load_dataset: {_one_line(e)}{cause}; files "
                             "of different formats can be given as separate --data_path sources") from None
         raise UserError(f"{what} could not be loaded as a hub dataset: {_one_line(e)}") from None
-    return _rows(f"{path}:{split}", ds)
+    return _split_rows(ds, path, split)
 
 
 def _split_files(path: str, split: str) -> dict:
@@ -247,10 +272,16 @@ def _looks_local(path: str) -> bool:
 
 
 def split_source(path: str) -> tuple[str, str | None]:
-    """'SOURCE:SPLIT' -> (SOURCE, SPLIT) for a directory or hub name; anything else -> (path, None)."""
+    """'SOURCE:SPLIT' -> (SOURCE, SPLIT) for a directory or hub name; anything else -> (path, None). SPLIT may
+    end with a slice in the `datasets` syntax: 'train[:1000]', 'train[10%:20%]'."""
     if os.path.exists(path):
         return path, None
-    head, sep, tail = path.rpartition(":")
+    cut, depth = -1, 0  # the last ':' outside brackets: a slice ('train[:100]') has colons of its own
+    for i, ch in enumerate(path):
+        depth += (ch == "[") - (ch == "]")
+        if ch == ":" and depth == 0:
+            cut = i
+    head, sep, tail = (path[:cut], ":", path[cut + 1:]) if cut >= 0 else (path, "", "")
     if sep and head and tail and "/" not in tail and (os.path.isdir(head) or not _looks_local(head)):
         return head, tail
     return path, None
