@@ -23,12 +23,13 @@ from utils.losses import DPO_LOSS_TYPES
 from utils.lr import lr_help
 from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
+from utils.negatives import NegativeArgs, with_synthetic_negatives
 from utils.pairs import collate_pairs, encode_pairs
 from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
 
 
 @dataclass
-class DPOArgs:
+class DPOArgs(NegativeArgs):
     ref_model_name_or_path: str = arg(None, "frozen reference model (same tokenizer); default: --model_name_or_path")
     loss_type: str = arg("sigmoid", "sigmoid: DPO paper; ipo: squared loss on per-token-average log-ratios; "
                          "hinge: SLiC", choices=list(DPO_LOSS_TYPES))
@@ -49,6 +50,11 @@ FREEZE_HELP = ("token embeddings kept fixed: input, output (the LM head), both, 
                "matrix). DPO's default keeps both: "
                "raising a preferred word's pieces then stays in the contexts that were trained instead of "
                "leaking into every position (bench/alignment, README)")
+
+
+DPO_NEGATIVES_HELP = ("extra training pairs per pair whose rejected answer is a corrupted copy of the chosen one "
+                      "(see --synthetic_negative_kinds; utils/negatives.py): DPO then also pushes down broken "
+                      "forms of the answers it raises (a word repeated or dropped); 0 disables")
 
 
 def check_args(args) -> None:
@@ -79,8 +85,9 @@ def load_reference(args, tokenizer, world: int):
 def parse_args(argv=None):
     return parse((*SHARED_GROUPS, DPOArgs), "DPO: preference optimisation against a frozen reference", argv,
                  required=("model_name_or_path", "data_path", "output_dir"),
-                 defaults={"learning_rate": 0.0, "freeze_embeddings": "both"},
-                 helps={"learning_rate": lr_help("dpo"), "freeze_embeddings": FREEZE_HELP})
+                 defaults={"learning_rate": 0.0, "freeze_embeddings": "both", "synthetic_negatives": 0.0},
+                 helps={"learning_rate": lr_help("dpo"), "freeze_embeddings": FREEZE_HELP,
+                        "synthetic_negatives": DPO_NEGATIVES_HELP})
 
 
 @exit_on_user_error
@@ -97,6 +104,8 @@ def main(argv=None) -> None:
         packing.check_supported(args.model_name_or_path, args.trust_remote_code)
     train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
     eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
+    train_items = with_synthetic_negatives(train_items, args.synthetic_negatives, args.synthetic_negative_kinds,
+                                           encoder.eos_id, encoder.max_seq_len, args.seed, ds.print0)
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world} loss={args.loss_type} beta={args.beta}")
 

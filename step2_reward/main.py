@@ -17,7 +17,7 @@ from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.lr import lr_help
 from utils.model import prepare_model, save_hf
-from utils.negatives import DEFAULT_KINDS, KINDS, synthetic_pairs
+from utils.negatives import NegativeArgs, with_synthetic_negatives
 from utils.output import check_output_dir, partial_dir
 from utils.pairs import collate_pairs, encode_pairs
 from utils.reward import export_pad_token_id, load_reward_model
@@ -25,27 +25,23 @@ from utils.train import ds_config_from_args, finish_run, init_engine_from_args, 
 
 
 @dataclass
-class RewardArgs:
+class RewardArgs(NegativeArgs):
     center_rewards_coefficient: float = arg(0.0, "weight of the reward-centering term coef * (r_chosen + "
                                             "r_rejected)^2 (Eisenstein et al. 2023); 0 disables it", ge=0)
     shared_prompt_forward: bool = arg(False, "run each pair's prompt once and both replies on its cached keys/"
                                       "values (prompt + 2 replies tokens instead of 2 x (prompt + reply)); the same "
                                       "rewards to float rounding; not with --gradient_checkpointing")
-    synthetic_negatives: float = arg(1.0, "extra training pairs per pair whose rejected answer is a corrupted copy "
-                                     "of the chosen one (see --synthetic_negative_kinds; utils/negatives.py), so "
-                                     "broken answers score below well-formed ones and PPO cannot exploit them; 0 "
-                                     "disables", ge=0)
-    synthetic_negative_kinds: list = arg(list(DEFAULT_KINDS), "the corruptions --synthetic_negatives takes in "
-                                         "turn: drop, drop_span, repeat, repeat_span, truncate, empty, and also "
-                                         "replace (a token swapped for another reply token: misspelt words) and "
-                                         "swap (two neighbouring tokens exchanged)",
-                                         choices=list(KINDS), nargs="+")
+
+
+REWARD_NEGATIVES_HELP = ("extra training pairs per pair whose rejected answer is a corrupted copy of the chosen one "
+                         "(see --synthetic_negative_kinds; utils/negatives.py), so broken answers score below "
+                         "well-formed ones and PPO cannot exploit them; 0 disables")
 
 
 def parse_args(argv=None):
     return parse((*SHARED_GROUPS, RewardArgs), "Step 2: reward model (pairwise loss on the last-token score)",
                  argv, required=("model_name_or_path", "data_path", "output_dir"),
-                 helps={"learning_rate": lr_help("reward")})
+                 helps={"learning_rate": lr_help("reward"), "synthetic_negatives": REWARD_NEGATIVES_HELP})
 
 
 @exit_on_user_error
@@ -65,12 +61,8 @@ def main(argv=None) -> None:
         packing.check_supported(args.model_name_or_path, args.trust_remote_code)
     train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
     eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
-    if args.synthetic_negatives > 0:
-        extra = [p for p in synthetic_pairs(train_items, args.synthetic_negatives, encoder.eos_id, args.seed,
-                                            tuple(args.synthetic_negative_kinds))
-                 if len(p.rejected) <= encoder.max_seq_len]
-        ds.print0(f"synthetic negatives: {len(extra)} pairs of a chosen answer and a corrupted copy of it")
-        train_items = train_items + extra
+    train_items = with_synthetic_negatives(train_items, args.synthetic_negatives, args.synthetic_negative_kinds,
+                                           encoder.eos_id, encoder.max_seq_len, args.seed, ds.print0)
     ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
               f"eval_pairs={len(eval_items)} world={world}")
 

@@ -43,6 +43,10 @@ def test_alignment_defaults_are_what_the_suite_measured():
     assert sft_args(flags + ["--disable_dropout"]).disable_dropout
     assert DPOArgs().rpo_alpha == 1.0 and DPOArgs().beta == 0.1 and DPOArgs().displacement_warn_nats == 2.0
     assert RewardArgs().synthetic_negatives == 1.0
+    # One definition of the negatives' flags (utils/negatives.NegativeArgs); DPO's are off by default.
+    from step2_reward.main import parse_args as reward_args
+    assert reward_args(flags).synthetic_negatives == 1.0 and dpo_args(flags).synthetic_negatives == 0.0
+    assert dpo_args(flags).synthetic_negative_kinds == reward_args(flags).synthetic_negative_kinds
     assert tuple(RewardArgs().synthetic_negative_kinds) == ("drop", "drop_span", "repeat", "repeat_span", "truncate",
                                                                "empty")
     assert PPOArgs().actor_learning_rate == 0.0 and PPOArgs().critic_learning_rate == 0.0

@@ -146,6 +146,25 @@ def test_synthetic_pairs_keep_prompt_and_chosen_and_take_kinds_in_turn():
     assert synthetic_pairs(items, 1.0, EOS, seed=0) == extra  # seeded
 
 
+def test_with_synthetic_negatives_adds_the_pairs_that_fit_and_says_how_many():
+    """The one helper step 2 and DPO call: rate 0 leaves the items as they are; otherwise the extra
+    pairs follow the items, those longer than max_seq_len (a repeated span can lengthen a reply) left out."""
+    from utils.encoding import IGNORE
+    from utils.negatives import with_synthetic_negatives
+    from utils.pairs import Pair
+
+    items = [Pair([1, 7, 8, 20 + i, 30, EOS], [IGNORE] * 3 + [20 + i, 30, EOS], [1, 7, 8, 40, EOS],
+                  [IGNORE] * 3 + [40, EOS], 3, 0.0, f"f:{i}") for i in range(6)]
+    said = []
+    assert with_synthetic_negatives(items, 0.0, DEFAULT_KINDS, EOS, 6, 0, said.append) is items and not said
+    out = with_synthetic_negatives(items, 1.0, ("repeat_span",), EOS, 6, 0, said.append)
+    assert out[:6] == items and len(out) == 6 and said == ["synthetic negatives: 0 pairs of a chosen answer and a "
+                                                           "corrupted copy of it"]  # every repeat is too long
+    out = with_synthetic_negatives(items, 1.0, ("drop", "repeat_span"), EOS, 6, 0, said.append)
+    assert len(out) == 9 and all("synthetic drop" in p.where for p in out[6:]) and said[-1].startswith(
+        "synthetic negatives: 3 pairs")
+
+
 def test_report_draws_health_panels_and_warnings(tmp_path):
     import json
 

@@ -1,4 +1,4 @@
-"""Synthetic malformed negatives for reward-model training.
+"""Synthetic malformed negatives for reward-model and DPO training.
 
 A reward model trained only on (chosen, rejected) pairs that are both well-formed has never seen a
 broken answer, so its score for one is arbitrary, and PPO finds the broken answers it over-scores
@@ -20,11 +20,17 @@ token ids, the space PPO's actor generates in, and every one still ends with EOS
   replace   one reply token replaced by another token that occurs in the training replies
             ("The movie is sup lendid." for "splendid": the misspelt words PPO finds otherwise)
   swap      two neighbouring reply tokens exchanged ("The movie lovely is.")
+
+Step 2 trains on them by default. DPO takes the same pairs with its own --synthetic_negatives, off by
+default: on the alignment suite they stopped DPO's repeated words and clauses and broke a task whose
+preferred answer is the shorter one (bench/alignment/EXPERIMENTS.md).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+from .args import arg
 from .encoding import IGNORE
 
 KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empty", "replace", "swap")
@@ -33,6 +39,20 @@ KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empty", "rep
 # is better" by saying a clause again and again. replace and swap are offered but not on by default: on
 # the cold_start task they moved PPO's outcome less than the PPO seed did (README).
 DEFAULT_KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empty")
+
+
+@dataclass
+class NegativeArgs:
+    """The flags of the steps that train on preference pairs (step 2 and DPO; each step's `parse` call
+    may give --synthetic_negatives its own default and help)."""
+    synthetic_negatives: float = arg(1.0, "extra training pairs per pair whose rejected answer is a corrupted copy "
+                                     "of the chosen one (see --synthetic_negative_kinds; utils/negatives.py); 0 "
+                                     "disables", ge=0)
+    synthetic_negative_kinds: list = arg(list(DEFAULT_KINDS), "the corruptions --synthetic_negatives takes in "
+                                         "turn: drop, drop_span, repeat, repeat_span, truncate, empty, and also "
+                                         "replace (a token swapped for another reply token: misspelt words) and "
+                                         "swap (two neighbouring tokens exchanged)",
+                                         choices=list(KINDS), nargs="+")
 
 
 def corrupt_reply(reply: list[int], kind: str, eos_id: int, rng: random.Random,
@@ -113,3 +133,13 @@ def synthetic_pairs(items: list, rate: float, eos_id: int, seed: int, kinds=DEFA
             out.append(it._replace(rejected=bad, rejected_labels=labels, margin=0.0,
                                    where=f"{it.where} (synthetic {kind})"))
     return out
+
+
+def with_synthetic_negatives(items: list, rate: float, kinds, eos_id: int, max_seq_len: int, seed: int,
+                             print0=print) -> list:
+    """`items` plus `synthetic_pairs` of them (those that fit `max_seq_len`), with one log line."""
+    if rate <= 0:
+        return items
+    extra = [p for p in synthetic_pairs(items, rate, eos_id, seed, tuple(kinds)) if len(p.rejected) <= max_seq_len]
+    print0(f"synthetic negatives: {len(extra)} pairs of a chosen answer and a corrupted copy of it")
+    return items + extra
