@@ -14,7 +14,8 @@ import run as suite  # noqa: E402
 def _judge(path, preferred, well_formed):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"preferred": preferred, "well_formed": well_formed, "eos": 1.0, "answers": ["x"] * 8}, f)
+        json.dump({"preferred": preferred, "well_formed": well_formed, "eos": 1.0, "length": 9.0, "distinct": 1.0,
+                   "answers": ["x"] * 8}, f)
 
 
 def test_seed_section_lists_every_seed_and_passes_a_cell_only_when_all_do(tmp_path):
@@ -115,3 +116,39 @@ def test_the_judge_renders_prompts_as_training_does(tokenizer_of):
         tok = tokenizer_of(family)
         enc = Encoder(tok, template, max_seq_len=256)
         assert judge.prompt_ids(convo, template, tok) == enc.encode_prompt(convo), (family, template)
+
+
+def test_a_rerun_of_some_cells_keeps_the_other_rows_of_an_earlier_results_file(tmp_path):
+    """--table_only --keep results.json: a cell and method rerun in this work directory replaces its row
+    and all its seeds; every other row and seed run comes from the earlier file, naming its commit."""
+    work = str(tmp_path / "work")
+    _judge(os.path.join(work, "chat", "gpt2-0.5m", "dpo", "judge.json"), 0.94, 0.94)
+    _judge(os.path.join(work, "chat", "gpt2-0.5m", "seed1", "dpo", "judge.json"), 0.92, 0.92)
+    old = {"preferred": 0.88, "well_formed": 0.88, "eos": 1.0, "length": 9.0, "distinct": 1.0, "samples": ["old"]}
+    prev = {"commit": "abc1234", "rows": [
+        {"task": "chat", "family": "gpt2", "size": "0.5m", "method": "dpo", **old},
+        {"task": "chat", "family": "gpt2", "size": "0.5m", "method": "sft", **old},
+        {"task": "two_slot", "family": "gpt2", "size": "0.5m", "method": "dpo", **old, "commit": "def5678"}],
+        "dpo_seeds": [{"task": t, "family": "gpt2", "size": "0.5m", "seed": s, **old}
+                      for t in ("chat", "two_slot") for s in (1234, 1, 2)]}
+    with open(tmp_path / "prev.json", "w") as f:
+        json.dump(prev, f)
+    out = str(tmp_path / "results")
+    suite.write_results(work, out, str(tmp_path / "prev.json"))
+    with open(out + ".json") as f:
+        got = json.load(f)
+    rows = {(r["task"], r["method"]): r for r in got["rows"]}
+    assert [(r["task"], r["method"]) for r in got["rows"]] == [("two_slot", "dpo"), ("chat", "sft"), ("chat", "dpo")]
+    assert rows[("chat", "dpo")]["preferred"] == 0.94 and rows[("chat", "dpo")]["commit"] != "abc1234"
+    assert rows[("chat", "sft")]["commit"] == "abc1234" and rows[("two_slot", "dpo")]["commit"] == "def5678"
+    assert rows[("two_slot", "dpo")]["samples"] == ["old"]
+    seeds = {(r["task"], r["seed"]): r["preferred"] for r in got["dpo_seeds"]}
+    assert seeds == {("two_slot", 1234): 0.88, ("two_slot", 1): 0.88, ("two_slot", 2): 0.88,
+                     ("chat", 1234): 0.94, ("chat", 1): 0.92}  # the chat cell's old seeds are not mixed in
+    with open(out + ".md") as f:
+        md = f.read()
+    assert "kept from an earlier results file (commits abc1234, def5678;" in md
+    # Without --keep, only the work directory's rows.
+    suite.write_results(work, out)
+    with open(out + ".json") as f:
+        assert {(r["task"], r["method"]) for r in json.load(f)["rows"]} == {("chat", "dpo")}
