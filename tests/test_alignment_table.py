@@ -147,7 +147,7 @@ def test_a_rerun_of_some_cells_keeps_the_other_rows_of_an_earlier_results_file(t
                      ("chat", 1234): 0.94, ("chat", 1): 0.92}  # the chat cell's old seeds are not mixed in
     with open(out + ".md") as f:
         md = f.read()
-    assert "kept from an earlier results file (commits abc1234, def5678;" in md
+    assert "kept from an earlier results file generated at commit abc1234, def5678 (each row" in md
     # Without --keep, only the work directory's rows.
     suite.write_results(work, out)
     with open(out + ".json") as f:
