@@ -33,15 +33,10 @@ class RewardArgs(NegativeArgs):
                                       "rewards to float rounding; not with --gradient_checkpointing")
 
 
-REWARD_NEGATIVES_HELP = ("extra training pairs per pair whose rejected answer is a corrupted copy of the chosen one "
-                         "(see --synthetic_negative_kinds; utils/negatives.py), so broken answers score below "
-                         "well-formed ones and PPO cannot exploit them; 0 disables")
-
-
 def parse_args(argv=None):
     return parse((*SHARED_GROUPS, RewardArgs), "Step 2: reward model (pairwise loss on the last-token score)",
                  argv, required=("model_name_or_path", "data_path", "output_dir"),
-                 helps={"learning_rate": lr_help("reward"), "synthetic_negatives": REWARD_NEGATIVES_HELP})
+                 helps={"learning_rate": lr_help("reward")})
 
 
 @exit_on_user_error

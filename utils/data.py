@@ -298,10 +298,11 @@ def read_records(path: str):
             yield from _read_dataset_repo(source, split, local=True)
         return
     if not os.path.exists(source):
-        if _looks_local(source):
-            parent = _local_parent(source) if not looks_local(source, LOCAL_SUFFIXES) else None
-            why = f" (not tried as a hub dataset: '{parent}/' is a directory here)" if parent else ""
-            raise UserError(f"data file '{path}' does not exist{why}")
+        if looks_local(source, LOCAL_SUFFIXES):
+            raise UserError(f"data file '{path}' does not exist")
+        if _local_parent(source):
+            raise UserError(f"data file '{path}' does not exist (not tried as a hub dataset: "
+                            f"'{_local_parent(source)}/' is a directory here)")
         _quiet_datasets()
         yield from _read_dataset_repo(source, split, local=False)
         return

@@ -43,10 +43,11 @@ DEFAULT_KINDS = ("drop", "drop_span", "repeat", "repeat_span", "truncate", "empt
 
 @dataclass
 class NegativeArgs:
-    """The flags of the steps that train on preference pairs (step 2 and DPO; each step's `parse` call
-    may give --synthetic_negatives its own default and help)."""
+    """The flags of the steps that train on preference pairs: step 2 as written here; DPO's `parse` call
+    gives --synthetic_negatives its own default (0) and help."""
     synthetic_negatives: float = arg(1.0, "extra training pairs per pair whose rejected answer is a corrupted copy "
-                                     "of the chosen one (see --synthetic_negative_kinds; utils/negatives.py); 0 "
+                                     "of the chosen one (see --synthetic_negative_kinds; utils/negatives.py), so "
+                                     "broken answers score below well-formed ones and PPO cannot exploit them; 0 "
                                      "disables", ge=0)
     synthetic_negative_kinds: list = arg(list(DEFAULT_KINDS), "the corruptions --synthetic_negatives takes in "
                                          "turn: drop, drop_span, repeat, repeat_span, truncate, empty, and also "

@@ -438,6 +438,8 @@ def main(argv=None) -> None:
     extra = dict(e.split("=", 1) for e in a.extra)
     if extra and not a.variant:
         ap.error("--extra needs --variant (the defaults' rows are never run with extra flags)")
+    if a.keep and not os.path.isfile(a.keep):
+        ap.error(f"--keep {a.keep}: no such results file (bench/alignment/results.json is the committed one)")
     import torch
 
     torch.set_num_threads(1)  # judging tiny models: threads cost more than they bring on a shared CPU
