@@ -112,6 +112,46 @@ def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path):
         save_checkpoint(str(tmp_path), 10, {"model": Bug()}, {}, keep=2, meta={})
 
 
+def test_a_refused_checkpoint_file_lets_the_rank_finish_the_save_then_every_rank_raises(tmp_path):
+    """A refused write inside DeepSpeed's save (its checkpoint engine's `save`, as torch.save's short
+    file): the rank used to raise there and exit while its peers were still writing, and the launcher
+    killed them, sometimes before they printed. Now the rank writes nothing more, goes on to the save's
+    collectives (here: the stub's second file and its end), and raises one every-rank error after them;
+    the engine's own `save` is put back."""
+    import types
+
+    from utils.checkpoint import save_checkpoint
+    from utils.errors import UserError
+
+    class ShortFile:
+        def __init__(self):
+            self.checkpoint_engine = types.SimpleNamespace(save=self.write)
+            self.writes, self.finished = [], False
+
+        def write(self, state_dict, path):
+            self.writes.append(os.path.basename(path))
+            if path.endswith("optim.pt"):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                                   "writing file data/3: file write failed")
+            torch.save(state_dict, path)
+
+        def save_checkpoint(self, path, tag, client_state, save_latest):
+            os.makedirs(os.path.join(path, tag))
+            for name in ("optim.pt", "model.pt"):
+                self.checkpoint_engine.save(state_dict={}, path=os.path.join(path, tag, name))
+            self.finished = True  # DeepSpeed's closing barrier
+
+    engine, original = ShortFile(), None
+    original = engine.checkpoint_engine.save
+    with pytest.raises(UserError, match=r"could not write checkpoint '.*step-4': the file came out short, as on a "
+                                        r"full disk or over a file-size limit \(.*file write failed\).*no earlier") as e:
+        save_checkpoint(str(tmp_path), 4, {"model": engine}, {}, keep=2, meta={})
+    assert e.value.every_rank
+    assert engine.finished and engine.writes == ["optim.pt"], engine.writes  # nothing written after the refusal
+    assert engine.checkpoint_engine.save == original
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_printed_resume_command_works_from_anywhere(tmp_path, monkeypatch):
     """Under launch/run.sh the ranks start from the checkout with paths relative to the user's directory:
     the printed command named `step1_sft/main.py` relative to the checkout and the data relative to the

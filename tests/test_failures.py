@@ -49,15 +49,17 @@ def _run_under_file_size_limit(args: list, limit: int) -> subprocess.CompletedPr
         assert not clean_shm(port)
 
 
-@pytest.mark.parametrize("save_interval,expected,lines", [
-    (0, r"error: could not write the model to '.*\.partial': .*File too large", 1),
-    (2, r"error: could not write checkpoint '.*step-2': the file came out short", 2),  # each rank's own shard
+@pytest.mark.parametrize("save_interval,expected", [
+    (0, r"error: could not write the model to '.*\.partial': .*File too large"),
+    (2, r"error: could not write checkpoint '.*step-2': the file came out short"),
 ])
-def test_a_failed_write_under_two_ranks_is_one_line(tiny_dir, tmp_path, save_interval, expected, lines):
+def test_a_failed_write_under_two_ranks_is_one_line(tiny_dir, tmp_path, save_interval, expected):
     """A file-size limit below the model's size: the final save (rank 0 writes, rank 1 waits) and a periodic
     checkpoint (every rank writes its shard) end with exit 2 and the write's own message; rank 1 used to
     end the final save in a gloo traceback, and a failed checkpoint was a torch traceback. Nothing
-    half-written is left."""
+    half-written is left. In a checkpoint both ranks' shards are refused: each rank used to print its own
+    line and exit, and the launcher sometimes killed the slower rank before it had (CI saw one line
+    instead of two); the ranks now agree and rank 0 prints the first refusal."""
     out = tmp_path / "out"
     p = _run_under_file_size_limit(["--model_name_or_path", tiny_dir("llama"), "--data_path",
                                     os.path.join(DATA, "sft.jsonl"), "--output_dir", out, "--max_steps", "3",
@@ -66,7 +68,7 @@ def test_a_failed_write_under_two_ranks_is_one_line(tiny_dir, tmp_path, save_int
     assert p.returncode == 2, output[-3000:]
     assert "Traceback" not in output and LOST_PEER not in output, output[-3000:]
     errors = [line for line in output.splitlines() if "error: " in line]
-    assert len(errors) == lines and all(re.search(expected, e) for e in errors), errors
+    assert len(errors) == 1 and re.search(expected, errors[0]), errors
     left = sorted(os.listdir(tmp_path))
     assert left == ["out.partial"], left  # no OUT.partial.tmp
     ckpts = os.path.join(partial(str(out)), "checkpoints")

@@ -145,25 +145,30 @@ def _stages(engines: dict) -> dict:
 def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, keep: int, meta: dict) -> str:
     """Engines' model/optimizer/scheduler states + client state + meta.json, written under a temporary
     name and renamed once every rank has finished, so a kill never leaves a half checkpoint (pitfall 19).
-    Returns the checkpoint's path."""
+    Returns the checkpoint's path.
+
+    A write that the file system refuses (a full disk, a file-size limit) does not end the rank inside
+    DeepSpeed's save: the rank writes nothing more and goes on through the save's collectives, then the
+    ranks agree, and every rank raises the first refusal's message (printed once, by rank 0). A rank that
+    ended at once used to race its peers: the launcher killed them, with or without their own line."""
     tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
     state = dict(client_state, step=step, rng=ds.all_gather_objects(_rng_state()))
+    refused = []
     try:
-        for name, engine in engines.items():
-            engine.save_checkpoint(tmp, tag=name, client_state=state, save_latest=False)
+        with _refusals_recorded(engines, refused):
+            for name, engine in engines.items():
+                engine.save_checkpoint(tmp, tag=name, client_state=state, save_latest=False)
     except BaseException as e:
-        # A write that failed (a full disk, a file-size limit) leaves no half checkpoint to fill the disk
-        # further; the complete earlier ones stay.
+        # Raised outside a checkpoint file's write: this rank left the save's collectives, so it ends now.
+        # A refused write leaves no half checkpoint to fill the disk further; the complete earlier ones stay.
         shutil.rmtree(tmp, ignore_errors=True)
         if _write_failed(e):
-            earlier, why = _steps(root), str(e).strip().splitlines()[0]
-            if not isinstance(e, OSError):  # torch's stream writer says only that the file came out short
-                why = f"the file came out short, as on a full disk or over a file-size limit ({why})"
-            raise UserError(f"could not write checkpoint '{final}': {why}; free space "
-                            "and rerun with --resume (it continues from "
-                            + (f"'{os.path.join(root, earlier[-1])}')" if earlier else "step 0: no earlier checkpoint)")
-                            ) from None
+            raise _write_error(root, final, e) from None
         raise
+    why = [w for w in ds.all_gather_objects(_reason(refused[0]) if refused else None) if w]
+    if why:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root, final, why[0], every_rank=True)
     ds.barrier()
     if ds.is_rank0():
         with open(os.path.join(tmp, META), "w") as f:
@@ -177,6 +182,54 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
             shutil.rmtree(os.path.join(root, old))
     ds.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _refusals_recorded(engines: dict, refused: list):
+    """Each engine's checkpoint-file writes record a refused write in `refused` instead of raising it;
+    after one, this rank's later writes are skipped."""
+    saved = {}
+    for name, engine in engines.items():
+        ce = getattr(engine, "checkpoint_engine", None)
+        if ce is None or not callable(getattr(ce, "save", None)):
+            continue
+        saved[name] = vars(ce).get("save")
+
+        def save(state_dict, path, _save=ce.save):
+            if refused:
+                return
+            try:
+                _save(state_dict, path)
+            except BaseException as e:
+                if not _write_failed(e):
+                    raise
+                refused.append(e)
+
+        ce.save = save
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            ce = engines[name].checkpoint_engine
+            if fn is None:
+                del ce.save  # the class's method again
+            else:
+                ce.save = fn
+
+
+def _reason(e: BaseException) -> str:
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not isinstance(e, OSError):  # torch's stream writer says only that the file came out short
+        why = f"the file came out short, as on a full disk or over a file-size limit ({why})"
+    return why
+
+
+def _write_error(root: str, final: str, e: BaseException | str, every_rank: bool = False) -> UserError:
+    earlier = _steps(root)
+    return UserError(f"could not write checkpoint '{final}': {e if isinstance(e, str) else _reason(e)}; free space "
+                     "and rerun with --resume (it continues from "
+                     + (f"'{os.path.join(root, earlier[-1])}')" if earlier else "step 0: no earlier checkpoint)"),
+                     every_rank=every_rank)
 
 
 def _write_failed(e: BaseException) -> bool:

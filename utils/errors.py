@@ -14,7 +14,7 @@ class UserError(Exception):
     """An error caused by the user's input; its message names the file, line and field where known.
 
     `every_rank`: every rank raises this same error at the same point (they agreed on it through a
-    collective), so rank 0 alone prints it."""
+    collective), so rank 0 alone prints it; the others leave after it has."""
 
     def __init__(self, message: str = "", every_rank: bool = False):
         super().__init__(message)
@@ -81,6 +81,11 @@ def exit_on_user_error(fn):
             if group is not None and group[1] > 1:
                 from . import ds
 
+                if e.every_rank:  # the quiet ranks wait for rank 0's line: the launcher kills the others
+                    try:          # (within a second) once one rank has exited with an error
+                        ds.barrier()
+                    except RuntimeError:
+                        pass
                 ds.leave(2)
             sys.exit(2)
 
