@@ -57,7 +57,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
             str(a.batch // ranks), "--max_steps", str(a.window * (a.windows + 1)), "--log_interval", str(a.window),
             "--zero_stage", "2" if ranks > 1 else "0", "--learning_rate", str(LR), "--lr_scheduler_type", "constant",
             "--beta", str(BETA), "--max_seq_len", str(a.max_seq_len), "--eval_fraction", "0.02",
-            "--per_device_eval_batch_size", str(a.batch), *extra]
+            "--per_device_eval_batch_size", str(a.batch), "--anchor_coef", "0", *extra]  # TRL's objective, no anchor
     return common.run_program("dpo/main.py", args, out, ranks, "pairs_per_sec", a.threads)
 
 

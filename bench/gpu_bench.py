@@ -160,7 +160,8 @@ def main() -> None:
               f"peak{datasheet}, CUDA max allocated {mem:.0f} MB", flush=True)
 
     rows = run("dpo/main.py", ["--model_name_or_path", actor, "--data_path", pair_data, "--dtype", dtype,
-                               "--precompute_ref_logprobs", "--packing", "--max_seq_len", str(dims["max_len"]),
+                               "--precompute_ref_logprobs", "--anchor_coef", "0", "--packing",
+                               "--max_seq_len", str(dims["max_len"]),
                                "--per_device_train_batch_size", str(max(1, batch // 2)), "--max_steps", str(steps),
                                "--log_interval", str(max(1, steps // 5)), "--learning_rate", "1e-6",
                                "--zero_stage", "0", "--eval_fraction", "0.02", "--per_device_eval_batch_size", "4"],

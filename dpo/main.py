@@ -39,6 +39,11 @@ class DPOArgs(NegativeArgs):
                                  "(sigmoid only)", ge=0, lt=0.5)
     rpo_alpha: float = arg(1.0, "weight of the NLL of chosen responses per token (RPO), which keeps their "
                            "log-probabilities from falling (likelihood displacement); 0 disables", ge=0)
+    anchor_coef: float = arg(5.0, "weight of the anchor: the KL from the reference's next-token distribution to "
+                             "the policy's at every chosen-answer token but the one where it parts from the "
+                             "rejected answer, per chosen token; it holds what the preference does not speak "
+                             "about (a copied name, the answer's form); needs the live reference; 0 disables",
+                             ge=0)
     precompute_ref_logprobs: bool = arg(False, "compute the reference log-probs once before training and free "
                                         "the reference model (faster steps, less memory)")
     displacement_warn_nats: float = arg(2.0, "warn once (log and metrics.jsonl) when the chosen answers' "
@@ -61,6 +66,13 @@ def check_args(args) -> None:
     """Settings that cannot work together (each flag's own range is checked by `parse`)."""
     if args.label_smoothing and args.loss_type != "sigmoid":
         raise UserError(f"--label_smoothing applies to --loss_type sigmoid only, not {args.loss_type}")
+    if args.anchor_coef and args.precompute_ref_logprobs:
+        raise UserError(f"--precompute_ref_logprobs frees the reference model, whose next-token distributions the "
+                        f"anchor (--anchor_coef {args.anchor_coef:g}) reads at every step: add --anchor_coef 0 to "
+                        "precompute")
+    if args.anchor_coef and args.packing:
+        raise UserError(f"--packing: the anchor (--anchor_coef {args.anchor_coef:g}) is not computed on packed rows; "
+                        "add --anchor_coef 0 to pack")
 
 
 def load_reference(args, tokenizer, world: int):

@@ -9,7 +9,8 @@ import torch
 
 from utils import ds, packing
 from utils.encoding import IGNORE
-from utils.losses import chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale
+from utils.losses import (chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale,
+                          token_kl_sums)
 from utils.health import DisplacementMonitor
 from utils.metrics import Throughput
 from utils.checkpoint import Checkpointer
@@ -26,14 +27,16 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(m.forward).parameters
 
 
-def concatenated_logps(model, batch: dict, fp32: bool = True):
-    """One forward over the 2B rows: summed response log-probs [2B] and response token counts [2B].
+def concatenated_logps(model, batch: dict, fp32: bool = True, with_logits: bool = False):
+    """One forward over the 2B rows: summed response log-probs [2B] and response token counts [2B]
+    (and, `with_logits`, the logits and the labels they predict, aligned).
 
     Only the logits that predict response tokens are computed where the model supports it
     (`logits_to_keep`: the last K positions, from the one before the batch's first response token):
     with long prompts and large vocabularies the prompt positions' logits are most of the memory.
     """
     if packing.is_packed(batch):
+        assert not with_logits, "the token anchor is refused with --packing (dpo/main.py)"
         return packing.sequence_logps(model(**packing.forward_inputs(batch), use_cache=False).logits, batch, fp32)
     labels = batch["labels"]
     kwargs = {}
@@ -44,7 +47,8 @@ def concatenated_logps(model, batch: dict, fp32: bool = True):
         labels = labels[:, labels.size(1) - keep:]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                    **kwargs).logits
-    return sequence_logps(logits, labels, fp32)
+    logps, counts = sequence_logps(logits, labels, fp32)
+    return (logps, counts, logits, labels) if with_logits else (logps, counts)
 
 
 def pair_counts(batch: dict) -> tuple[int, int]:
@@ -64,8 +68,39 @@ def reference_logps(ref, batch: dict, fp32: bool = True) -> torch.Tensor:
         return concatenated_logps(ref, batch, fp32)[0]
 
 
-def pair_loss(logps, counts, ref_logps, args, num_pairs=None, num_chosen_tokens=None):
-    """DPO loss (+ rpo_alpha * chosen NLL per token) of one micro-batch from its [2B] log-probs and counts.
+def forward_pair(engine, ref, batch: dict, args):
+    """Policy [2B] log-probs and counts, the reference's log-probs, and (with --anchor_coef) the chosen
+    rows' summed token KL to the reference over `anchored_labels` [B] (else None)."""
+    fp32 = args.compute_fp32_loss
+    if not args.anchor_coef:
+        logps, counts = concatenated_logps(engine, batch, fp32)
+        return logps, counts, reference_logps(ref, batch, fp32), None
+    b = batch["input_ids"].size(0) // 2
+    with torch.no_grad():
+        ref_logps, _, ref_logits, _ = concatenated_logps(ref, batch, fp32, with_logits=True)
+        ref_logits = ref_logits[:b].clone()  # only the chosen rows' are kept through the policy's forward
+    logps, counts, logits, labels = concatenated_logps(engine, batch, fp32, with_logits=True)
+    return logps, counts, ref_logps, token_kl_sums(logits[:b], ref_logits, anchored_labels(batch, labels), fp32)
+
+
+def anchored_labels(batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The chosen rows' labels [B, K] (K = the last positions kept) that the anchor holds: every chosen
+    token but the one where the chosen answer first departs from its rejected answer, the choice DPO is
+    there to move. Rows [chosen; rejected] share their prompt and are right-padded alike."""
+    ids = batch["input_ids"]
+    b = ids.size(0) // 2
+    differs = ids[:b] != ids[b:]
+    col = differs.int().argmax(-1) - (ids.size(1) - labels.size(1))  # the first differing position, in labels
+    rows = torch.arange(b, device=ids.device)
+    part = differs.any(-1) & (col >= 0)  # identical answers (a pair of equals) keep every token
+    out = labels[:b].clone()
+    out[rows[part], col[part]] = IGNORE
+    return out
+
+
+def pair_loss(logps, counts, ref_logps, args, num_pairs=None, num_chosen_tokens=None, kl_sums=None):
+    """DPO loss (+ rpo_alpha * chosen NLL per token, + anchor_coef * chosen token KL per token) of one
+    micro-batch from its [2B] log-probs and counts.
 
     num_pairs / num_chosen_tokens normalise the sums (default: this micro-batch's); the trainer passes
     the totals of the whole optimizer step so the gradient does not depend on how it is split.
@@ -74,11 +109,15 @@ def pair_loss(logps, counts, ref_logps, args, num_pairs=None, num_chosen_tokens=
     b = logps.size(0) // 2
     loss, d = dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta, args.loss_type,
                        args.label_smoothing, counts[:b], counts[b:], num_pairs)
+    tokens = counts[:b].sum() if num_chosen_tokens is None else num_chosen_tokens
     if args.rpo_alpha:
-        nll, _ = chosen_nll_loss(logps[:b], counts[:b].sum() if num_chosen_tokens is None else num_chosen_tokens)
+        nll, _ = chosen_nll_loss(logps[:b], tokens)
         loss = loss + args.rpo_alpha * nll
+    if kl_sums is not None:
+        loss = loss + args.anchor_coef * kl_sums.sum() / tokens
     d.update({"logps/chosen": logps[:b].detach(), "logps/rejected": logps[b:].detach(),
-              "chosen_tokens": counts[:b].detach()})
+              "chosen_tokens": counts[:b].detach(),
+              "anchor_kl": torch.zeros_like(logps[:b]) if kl_sums is None else kl_sums.detach()})
     return loss, d
 
 
@@ -88,7 +127,7 @@ class PairStats:
 
     def __init__(self):
         self.sums = dict.fromkeys(PAIR_KEYS, 0.0)
-        self.pairs = self.nll = self.tokens = 0.0
+        self.pairs = self.nll = self.tokens = self.kl = 0.0
 
     def add(self, d: dict, weight: torch.Tensor | None = None) -> None:
         w = torch.ones_like(d["losses"]) if weight is None else weight.to(d["losses"])
@@ -97,14 +136,19 @@ class PairStats:
         self.pairs += float(w.sum())
         self.nll -= float((d["logps/chosen"] * w).sum())
         self.tokens += float((d["chosen_tokens"] * w).sum())
+        self.kl += float((d["anchor_kl"] * w).sum())
 
-    def reduce(self, rpo_alpha: float) -> dict:
-        *sums, pairs, nll, tokens = ds.all_reduce_sum([*self.sums.values(), self.pairs, self.nll, self.tokens]).tolist()
+    def reduce(self, rpo_alpha: float, anchor_coef: float = 0.0) -> dict:
+        *sums, pairs, nll, tokens, kl = ds.all_reduce_sum(
+            [*self.sums.values(), self.pairs, self.nll, self.tokens, self.kl]).tolist()
         out = {k: s / max(pairs, 1.0) for k, s in zip(PAIR_KEYS, sums)}
-        nll = nll / max(tokens, 1.0)
-        # The objective that was trained: mean pair loss plus the RPO term (chosen NLL per token).
-        out["loss"] = out.pop("losses") + rpo_alpha * nll
+        nll, kl = nll / max(tokens, 1.0), kl / max(tokens, 1.0)
+        # The objective that was trained: mean pair loss plus the RPO term (chosen NLL per token) plus the
+        # anchor (the chosen tokens' KL to the reference, per chosen token).
+        out["loss"] = out.pop("losses") + rpo_alpha * nll + anchor_coef * kl
         out["nll/chosen"] = nll
+        if anchor_coef:
+            out["kl/chosen"] = kl
         return out
 
 
@@ -143,18 +187,17 @@ def evaluate(engine, ref, items: list, args, pad_id: int) -> dict:
     stats = PairStats()
     for batch, valid in eval_batches(items, args.per_device_eval_batch_size, lambda b: collate_pairs(b, pad_id)):
         batch = to_device(batch)
-        ref_logps = reference_logps(ref, batch, args.compute_fp32_loss)
-        logps, counts = concatenated_logps(engine, batch, args.compute_fp32_loss)
-        _, d = pair_loss(logps, counts, ref_logps, args)
+        logps, counts, ref_logps, kl = forward_pair(engine, ref, batch, args)
+        _, d = pair_loss(logps, counts, ref_logps, args, kl_sums=kl)
         stats.add(d, valid)
     engine.train()
-    return stats.reduce(args.rpo_alpha)
+    return stats.reduce(args.rpo_alpha, args.anchor_coef)
 
 
 def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_steps: int) -> dict:
     """Run optimizer steps up to `total_steps`; `ref` is None when the items carry precomputed
     reference log-probs. Returns the last eval metrics."""
-    world, ga, fp32 = ds.world_size(), args.gradient_accumulation_steps, args.compute_fp32_loss
+    world, ga = ds.world_size(), args.gradient_accumulation_steps
     # Every line gets logps/chosen_shift, and a warning goes out once in the run (resumes included) if it
     # falls too far.
     monitor = DisplacementMonitor(args.displacement_warn_nats, args.beta, args.rpo_alpha, logger)
@@ -178,9 +221,8 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
         n_pairs, n_tokens = ds.all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)]).tolist()
         step_loss = 0.0
         for b in batches:
-            ref_logps = reference_logps(ref, b, fp32)
-            logps, counts = concatenated_logps(engine, b, fp32)
-            loss, d = pair_loss(logps, counts, ref_logps, args, n_pairs, n_tokens)
+            logps, counts, ref_logps, kl = forward_pair(engine, ref, b, args)
+            loss, d = pair_loss(logps, counts, ref_logps, args, n_pairs, n_tokens, kl)
             engine.backward(loss * step_loss_scale(world, ga))
             engine.step()
             step_loss += loss.item()
@@ -192,8 +234,9 @@ def train(args, engine, ref, stream, eval_items, logger, pad_id: int, total_step
         logger.advance(1, loss=step_loss)
         if step % args.log_interval == 0 or step == total_steps:
             rates = speed.rates()
-            log({"step": step, "split": "train", **window.reduce(args.rpo_alpha), "lr": engine.get_lr()[0],
-                 "pairs_per_sec": rates["samples_per_sec"], "tokens_per_sec": rates["tokens_per_sec"]})
+            log({"step": step, "split": "train", **window.reduce(args.rpo_alpha, args.anchor_coef),
+                 "lr": engine.get_lr()[0], "pairs_per_sec": rates["samples_per_sec"],
+                 "tokens_per_sec": rates["tokens_per_sec"]})
             window = PairStats()
         if args.eval_interval and step % args.eval_interval == 0 and step != total_steps:
             log({"step": step, "split": "eval", **evaluate(engine, ref, eval_items, args, pad_id)})

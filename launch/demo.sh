@@ -59,7 +59,7 @@ WORK_DIR="$DEMO_DIR" \
 SFT_ARGS="${SFT_ARGS:---num_train_epochs 30 --eval_interval 200 --log_interval 50}" \
 REWARD_ARGS="${REWARD_ARGS:---eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 12}" \
 PPO_ARGS="${PPO_ARGS:---max_steps 24 --eval_data_path data/heldout_prompts.jsonl}" \
-DPO_ARGS="${DPO_ARGS:---precompute_ref_logprobs --eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 18}" \
+DPO_ARGS="${DPO_ARGS:---eval_data_path data/heldout_preference.jsonl --log_interval 6 --eval_interval 18}" \
   bash launch/pipeline.sh
 phase "pipeline (SFT, reward model, PPO, DPO)"
 

@@ -167,7 +167,8 @@ def test_step_groups_carry_their_ranges(tmp_path):
                            (["--beta", "0"], "--beta must be > 0, got 0.0"),
                            (["--label_smoothing", "0.5"], "--label_smoothing must be in [0, 0.5), got 0.5"),
                            (["--rpo_alpha", "-1"], "--rpo_alpha must be >= 0, got -1.0"),
-                           (["--displacement_warn_nats", "-1"], "--displacement_warn_nats must be >= 0, got -1.0")):
+                           (["--displacement_warn_nats", "-1"], "--displacement_warn_nats must be >= 0, got -1.0"),
+                           (["--anchor_coef", "-1"], "--anchor_coef must be >= 0, got -1.0")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
             parse((*SHARED_GROUPS, DPOArgs), "t", BASE + flags, **dpo)
     with pytest.raises(UserError, match="^--center_rewards_coefficient must be >= 0"):
@@ -192,6 +193,23 @@ def test_step_groups_carry_their_ranges(tmp_path):
                            (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
             parse(GROUPS, "t", ppo + flags, required=REQUIRED)
+
+
+def test_dpo_refuses_the_anchor_without_a_live_reference():
+    """The anchor (on by default) reads the reference's next-token distributions at every step: a precomputed
+    reference or packed rows are one line that names the flag to add; with --anchor_coef 0 both are fine."""
+    from dpo.main import check_args, parse_args
+
+    base = ["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", "o"]
+    for flag, message in (("--precompute_ref_logprobs", "--precompute_ref_logprobs frees the reference model, "
+                           "whose next-token distributions the anchor (--anchor_coef 5) reads at every step: add "
+                           "--anchor_coef 0 to precompute"),
+                          ("--packing", "--packing: the anchor (--anchor_coef 5) is not computed on packed rows; "
+                           "add --anchor_coef 0 to pack")):
+        with pytest.raises(UserError) as e:
+            check_args(parse_args(base + [flag]))
+        assert str(e.value) == message
+        check_args(parse_args(base + [flag, "--anchor_coef", "0"]))
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path):

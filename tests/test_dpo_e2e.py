@@ -79,14 +79,13 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     warm_before = sum(adjective(a) in WARM for a, _ in before) / len(before)
     assert sum(adjective(a) in COLD for a, _ in before) >= 0.2 * len(before), before  # a real mix to start from
 
-    # Default beta, learning rate (scaled to the model size) and epochs (1).
-    # 285 pairs, 8 per rank x 2 ranks -> 18 steps per epoch; held-out nouns for evaluation. The
-    # precomputed reference is the path with DPO's own distributed code (sharded forwards, gather,
-    # freeing the engine); live and precomputed give the same loss (tests/test_dpo_loss.py).
+    # Every default: beta, learning rate (scaled to the model size), epochs (1), the live reference and the
+    # anchor. 285 pairs, 8 per rank x 2 ranks -> 18 steps per epoch; held-out nouns for evaluation. (The
+    # precomputed reference, DPO's own distributed code, runs under 2 ranks in tests/test_resume.py.)
     p = run_deepspeed("dpo/main.py", [
         "--model_name_or_path", sft, "--data_path", *dpo_data,
         "--eval_data_path", os.path.join(DATA, "heldout_preference.jsonl"), "--output_dir", dpo,
-        "--precompute_ref_logprobs", "--eval_interval", "9", "--log_interval", "6"])
+        "--eval_interval", "9", "--log_interval", "6"])
     assert "train_pairs=285 eval_pairs=54" in p.stdout, p.stdout[-3000:]
     after = greedy_answers(str(dpo))
     warm_after = sum(adjective(a) in WARM for a, _ in after) / len(after)
@@ -106,9 +105,10 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     evals = [e for e in m if e["split"] == "eval"]
     assert [e["step"] for e in evals] == [0, 9, 18]
     # Before training the policy is the reference: DPO loss log 2 (plus the default RPO term, rpo_alpha 1
-    # x the chosen NLL) and rewards exactly 0 on every pair, which holds only if each pair got its own
-    # reference log-probs back from the ranks.
+    # x the chosen NLL; the anchor's KL is 0) and rewards exactly 0 on every pair.
+    assert evals[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert evals[0]["loss"] == pytest.approx(math.log(2) + evals[0]["nll/chosen"], abs=1e-5)
+    assert all(e["kl/chosen"] > 0 for e in evals[1:]), evals  # the policy moved, the anchor saw it
     assert abs(evals[0]["rewards/chosen"]) < 1e-5 and abs(evals[0]["rewards/rejected"]) < 1e-5
     assert evals[0]["rewards/accuracies"] == 0.0
     margins = [e["rewards/margins"] for e in evals]
@@ -117,6 +117,6 @@ def test_dpo_prefers_warm_answers_and_stays_well_formed(tiny_dir, tmp_path):
     assert all(b >= a for a, b in zip(accuracies, accuracies[1:])) and accuracies[-1] >= 0.7, accuracies
     train = [e for e in m if e["split"] == "train"]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "pairs_per_sec"):
+                "logps/chosen", "logps/rejected", "kl/chosen", "pairs_per_sec"):
         assert all(key in e for e in train), key
     assert train[-1]["loss"] < train[0]["loss"] - 0.02

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import DATA
-from dpo.trainer import (PairStats, accepts_logits_to_keep, attach_reference, concatenated_logps,
+from dpo.trainer import (PairStats, accepts_logits_to_keep, anchored_labels, attach_reference, concatenated_logps,
                          local_reference_logps, pair_loss, precompute_reference, reference_logps)
 from utils import ds
 from utils.data import load_file
 from utils.encoding import IGNORE, Encoder
 from utils.model import disable_dropout
 from utils.pairs import collate_pairs, encode_pairs
-from utils.losses import chosen_nll_loss, dpo_loss
+from utils.losses import chosen_nll_loss, dpo_loss, token_kl_sums
 
 # Three pairs used by every hand-derived example:
 #   policy chosen / rejected  [-1, -2, -3] / [-2, -2, -1]
@@ -141,6 +141,54 @@ def test_pair_loss_adds_rpo_term():
     loss, d = pair_loss(logps, counts, ref, args)
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * 8 / 6, abs=1e-6)
     assert d["logps/chosen"].tolist() == [-3.0, -5.0] and d["chosen_tokens"].tolist() == [2, 4]
+
+
+def test_token_kl_hand_derived():
+    # Two-token vocabulary. Row 0: the reference gives (1/2, 1/2), the policy (3/4, 1/4) at the one labelled
+    # position: KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3). Row 1's labelled position has equal distributions
+    # (KL 0); the unlabelled positions of both rows differ a lot and count nothing. Labels are aligned with
+    # the inputs: the logits at t predict the label at t + 1.
+    ln = math.log
+    pol = torch.tensor([[[ln(3), 0.0], [0.0, 9.0]], [[5.0, 0.0], [0.0, 2.0]]])
+    ref = torch.tensor([[[0.0, 0.0], [9.0, 0.0]], [[0.0, 5.0], [1.0, 3.0]]])
+    labels = torch.tensor([[IGNORE, 1], [IGNORE, IGNORE]])
+    labels_1 = torch.tensor([[IGNORE, IGNORE], [IGNORE, 0]])
+    pol2 = pol.clone()
+    pol2[1, 0] = torch.tensor([0.0, 5.0])
+    assert token_kl_sums(pol, ref, labels).tolist() == pytest.approx([0.5 * ln(4 / 3), 0.0], abs=1e-6)
+    assert token_kl_sums(pol2, ref, labels_1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    kl = token_kl_sums(pol, ref, labels_1)  # row 1: ref (e^0, e^5)/Z against the policy (e^5, e^0)/Z
+    p = torch.softmax(torch.tensor([0.0, 5.0], dtype=torch.float64), 0)
+    q = torch.softmax(torch.tensor([5.0, 0.0], dtype=torch.float64), 0)
+    assert kl.tolist() == pytest.approx([0.0, float((p * (p / q).log()).sum())], abs=1e-6)
+
+
+def test_pair_loss_adds_the_anchor_per_chosen_token():
+    # The anchor's summed KL (0.3 + 0.9) over the chosen tokens (2 + 4), weighted by anchor_coef 2.
+    logps = torch.tensor([-3.0, -5.0, -1.0, -2.0])
+    counts = torch.tensor([2, 4, 3, 3])
+    args = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0, anchor_coef=2.0)
+    loss, _ = pair_loss(logps, counts, logps, args, kl_sums=torch.tensor([0.3, 0.9]))
+    assert loss.item() == pytest.approx(math.log(2) + 2.0 * 1.2 / 6, abs=1e-6)
+    # split-invariant: two micro-batches normalised by the step's pairs and tokens add up to the whole
+    halves = [pair_loss(logps[[i, i + 2]], counts[[i, i + 2]], logps[[i, i + 2]], args, 2, 6,
+                        kl_sums=torch.tensor([[0.3, 0.9][i]]))[0] for i in (0, 1)]
+    assert sum(h.item() for h in halves) == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_the_anchor_holds_every_chosen_token_but_the_choice():
+    # Rows [chosen; rejected], right-padded alike; labels are the last K = 5 positions. Pair 0 parts at
+    # position 3 (4 against 9): that chosen label is left out, the tokens before and after it stay. Pair 1's
+    # answers are the same (a pair of equals): every label stays.
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0], [7, 2, 3, 4, 5, 6], [1, 2, 3, 9, 5, 0], [7, 2, 3, 4, 5, 6]])
+    labels = torch.tensor([[IGNORE, 3, 4, 5, IGNORE], [IGNORE, 3, 4, 5, 6],
+                           [IGNORE, 3, 9, 5, IGNORE], [IGNORE, 3, 4, 5, 6]])
+    assert anchored_labels({"input_ids": ids}, labels).tolist() == [[IGNORE, 3, IGNORE, 5, IGNORE],
+                                                                     [IGNORE, 3, 4, 5, 6]]
+    # A chosen answer that ends where the rejected one goes on: its EOS is the choice.
+    ids = torch.tensor([[1, 2, 9, 0, 0], [1, 2, 4, 4, 9]])
+    labels = torch.tensor([[IGNORE, 2, 9, IGNORE, IGNORE], [IGNORE, 2, 4, 4, 9]])
+    assert anchored_labels({"input_ids": ids}, labels).tolist() == [[IGNORE, 2, IGNORE, IGNORE, IGNORE]]
 
 
 def test_pair_stats_cover_the_whole_window():

@@ -291,7 +291,7 @@ def test_rule21_dpo_evaluate_leaves_the_policy_in_train_mode(gpt2):
 
     engine = RecordingEngine(_dropout_model(gpt2))
     args = types.SimpleNamespace(per_device_eval_batch_size=2, compute_fp32_loss=True, beta=0.1, loss_type="sigmoid",
-                                 label_smoothing=0.0, rpo_alpha=0.0)
+                                 label_smoothing=0.0, rpo_alpha=0.0, anchor_coef=5.0)
     out = evaluate(engine, PlainEngine(gpt2.ref), _pairs(gpt2.tok), args, gpt2.tok.eos_token_id)
     assert math.isfinite(out["loss"])
     assert engine.seen and all(s == {False} for s in engine.seen)

@@ -166,8 +166,10 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tiny_dir, tmp_path):
 @pytest.mark.parametrize("script,extra,target,sig", [
     # Reward model under ZeRO-3: SIGTERM to the `deepspeed` command.
     ("step2_reward/main.py", ["--learning_rate", "1e-3", "--zero_stage", "3"], "launcher", signal.SIGTERM),
-    # DPO: SIGUSR1 to rank 1 only; rank 0 learns of it through the per-step agreement.
-    ("dpo/main.py", ["--learning_rate", "1e-4", "--zero_stage", "2"], "rank1", signal.SIGUSR1),
+    # DPO: SIGUSR1 to rank 1 only; rank 0 learns of it through the per-step agreement. With the reference's
+    # log-probs precomputed (sharded over the ranks and gathered; the resumed run computes them again).
+    ("dpo/main.py", ["--learning_rate", "1e-4", "--zero_stage", "2", "--precompute_ref_logprobs", "--anchor_coef", "0"],
+     "rank1", signal.SIGUSR1),
 ])
 def test_pairs_programs_stop_and_resume(tiny_dir, tmp_path, script, extra, target, sig):
     """Reward model and DPO on OPT (dropout 0.1 in its config; both programs turn it off by default, so this

@@ -204,37 +204,50 @@ def test_step2_train_gradient_and_loss_do_not_depend_on_the_micro_batch_split(ti
 # ----------------------------------------------------------------------------- DPO
 
 
-def _dpo_run(tiny_dir, monkeypatch, splits):
+def _dpo_run(tiny_dir, monkeypatch, splits, anchor: float = 0.0):
+    import copy
+
     import dpo.trainer as t
     from utils.pairs import collate_pairs
 
     model, tok = _load(tiny_dir, classifier=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    items = _pairs(tok, LENGTHS, ref=True)  # precomputed reference log-probs: no reference model
+    ref = None  # precomputed reference log-probs: no reference model
+    if anchor:  # the anchor reads a live reference's logits: a perturbed copy, so the KL and its gradient are not 0
+        ref = copy.deepcopy(model).eval()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    items = _pairs(tok, LENGTHS, ref=not anchor)
     batches = [collate_pairs([items[i] for i in part], pad) for part in splits]
     monkeypatch.setattr(t, "Checkpointer", NoCheckpointer)
     monkeypatch.setattr(t, "evaluate", lambda *a, **k: {"loss": 0.0, "rewards/chosen": 0.0})
-    # rpo_alpha > 0: the chosen-NLL term is normalised by the step's chosen tokens as well.
+    # rpo_alpha > 0: the chosen-NLL term is normalised by the step's chosen tokens as well (and the anchor).
     args = types.SimpleNamespace(gradient_accumulation_steps=len(splits), compute_fp32_loss=True,
                                  displacement_warn_nats=0.0, beta=0.1, rpo_alpha=0.5, loss_type="sigmoid",
-                                 label_smoothing=0.0, log_interval=1, eval_interval=0, output_dir="unused")
+                                 label_smoothing=0.0, log_interval=1, eval_interval=0, output_dir="unused",
+                                 anchor_coef=anchor)
     engine = AccumulatingEngine(model, len(splits))
     model.zero_grad(set_to_none=True)
     logger = FakeLogger()
-    t.train(args, engine, None, FakeStream(batches), [], logger, pad, total_steps=1)
+    t.train(args, engine, ref, FakeStream(batches), [], logger, pad, total_steps=1)
     train_lines = [line for line in logger.lines if line.get("split") == "train"]
+    assert (train_lines[0].get("kl/chosen", 0.0) > 0) == bool(anchor), train_lines[0]
     return engine.grads(), logger.advanced[0]["loss"], train_lines[0]["loss"]
 
 
-def test_dpo_train_gradient_and_loss_do_not_depend_on_the_micro_batch_split(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("anchor", [0.0, 5.0])
+def test_dpo_train_gradient_and_loss_do_not_depend_on_the_micro_batch_split(tiny_dir, monkeypatch, anchor):
     """Rule 16, DPO's train(): 4 pairs as one micro-batch vs 1 short + 3 long pairs as two micro-batches give
     the same accumulated gradient and the same reported step loss (the sum of the micro-batch losses), with
-    the DPO term normalised by the step's pairs and the RPO term by its chosen tokens."""
-    g1, adv1, log1 = _dpo_run(tiny_dir, monkeypatch, [[0, 1, 2, 3]])
-    g2, adv2, log2 = _dpo_run(tiny_dir, monkeypatch, [[0], [1, 2, 3]])
+    the DPO term normalised by the step's pairs and the RPO term and the anchor by its chosen tokens."""
+    g1, adv1, log1 = _dpo_run(tiny_dir, monkeypatch, [[0, 1, 2, 3]], anchor)
+    g2, adv2, log2 = _dpo_run(tiny_dir, monkeypatch, [[0], [1, 2, 3]], anchor)
     _assert_same_grads(g1, g2, "DPO policy gradient")
     assert adv2 == pytest.approx(adv1, rel=1e-5)
     assert log2 == pytest.approx(log1, rel=1e-5)
+    assert adv1 == pytest.approx(log1, rel=1e-5)  # the logged objective is the one trained, anchor included
 
 
 # ----------------------------------------------------------------------------- step 3 (PPO update)

@@ -124,6 +124,23 @@ def chosen_nll_loss(policy_chosen_logps: torch.Tensor, num_tokens: float | torch
     return nll_sum / num_tokens, {"nll_sum": nll_sum.item()}
 
 
+def token_kl_sums(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, fp32: bool = True):
+    """Per-row sums over labelled positions of the full-vocabulary KL(ref || policy) of the next token:
+    logits, ref_logits [B, T, V], labels [B, T] -> [B].
+
+        KL_t = sum_v ref(v | x_<=t) * (log ref(v | x_<=t) - log pi(v | x_<=t))
+
+    Unlike the log-probability of the labelled token, it also sees probability moved among the other
+    tokens (a preferred word's pieces gaining where the label is a copied noun)."""
+    shift, ref_shift = logits[:, :-1, :], ref_logits[:, :-1, :]
+    if fp32:
+        shift, ref_shift = shift.float(), ref_shift.float()
+    mask = labels[:, 1:] != IGNORE
+    ref_logp = torch.log_softmax(ref_shift, dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(shift, dim=-1))).sum(-1)
+    return (kl * mask).sum(-1)
+
+
 # ----------------------------------------------------------------------------- reward model
 
 def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
