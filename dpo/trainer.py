@@ -27,17 +27,13 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(m.forward).parameters
 
 
-def concatenated_logps(model, batch: dict, fp32: bool = True, with_logits: bool = False):
-    """One forward over the 2B rows: summed response log-probs [2B] and response token counts [2B]
-    (and, `with_logits`, the logits and the labels they predict, aligned).
+def concatenated_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the 2B padded rows: the logits and the labels they predict, aligned.
 
     Only the logits that predict response tokens are computed where the model supports it
     (`logits_to_keep`: the last K positions, from the one before the batch's first response token):
     with long prompts and large vocabularies the prompt positions' logits are most of the memory.
     """
-    if packing.is_packed(batch):
-        assert not with_logits, "the token anchor is refused with --packing (dpo/main.py)"
-        return packing.sequence_logps(model(**packing.forward_inputs(batch), use_cache=False).logits, batch, fp32)
     labels = batch["labels"]
     kwargs = {}
     if accepts_logits_to_keep(model):
@@ -47,8 +43,14 @@ def concatenated_logps(model, batch: dict, fp32: bool = True, with_logits: bool 
         labels = labels[:, labels.size(1) - keep:]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                    **kwargs).logits
-    logps, counts = sequence_logps(logits, labels, fp32)
-    return (logps, counts, logits, labels) if with_logits else (logps, counts)
+    return logits, labels
+
+
+def concatenated_logps(model, batch: dict, fp32: bool = True):
+    """Summed response log-probs [2B] and response token counts [2B] of a padded or packed batch."""
+    if packing.is_packed(batch):
+        return packing.sequence_logps(model(**packing.forward_inputs(batch), use_cache=False).logits, batch, fp32)
+    return sequence_logps(*concatenated_logits(model, batch), fp32)
 
 
 def pair_counts(batch: dict) -> tuple[int, int]:
@@ -77,9 +79,11 @@ def forward_pair(engine, ref, batch: dict, args):
         return logps, counts, reference_logps(ref, batch, fp32), None
     b = batch["input_ids"].size(0) // 2
     with torch.no_grad():
-        ref_logps, _, ref_logits, _ = concatenated_logps(ref, batch, fp32, with_logits=True)
+        ref_logits, labels = concatenated_logits(ref, batch)
+        ref_logps = sequence_logps(ref_logits, labels, fp32)[0]
         ref_logits = ref_logits[:b].clone()  # only the chosen rows' are kept through the policy's forward
-    logps, counts, logits, labels = concatenated_logps(engine, batch, fp32, with_logits=True)
+    logits, labels = concatenated_logits(engine, batch)
+    logps, counts = sequence_logps(logits, labels, fp32)
     return logps, counts, ref_logps, token_kl_sums(logits[:b], ref_logits, anchored_labels(batch, labels), fp32)
 
 

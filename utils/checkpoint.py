@@ -163,7 +163,7 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
         # A refused write leaves no half checkpoint to fill the disk further; the complete earlier ones stay.
         shutil.rmtree(tmp, ignore_errors=True)
         if _write_failed(e):
-            raise _write_error(root, final, e) from None
+            raise _write_error(root, final, _reason(e)) from None
         raise
     why = [w for w in ds.all_gather_objects(_reason(refused[0]) if refused else None) if w]
     if why:
@@ -224,9 +224,9 @@ def _reason(e: BaseException) -> str:
     return why
 
 
-def _write_error(root: str, final: str, e: BaseException | str, every_rank: bool = False) -> UserError:
+def _write_error(root: str, final: str, why: str, every_rank: bool = False) -> UserError:
     earlier = _steps(root)
-    return UserError(f"could not write checkpoint '{final}': {e if isinstance(e, str) else _reason(e)}; free space "
+    return UserError(f"could not write checkpoint '{final}': {why}; free space "
                      "and rerun with --resume (it continues from "
                      + (f"'{os.path.join(root, earlier[-1])}')" if earlier else "step 0: no earlier checkpoint)"),
                      every_rank=every_rank)
