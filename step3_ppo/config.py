@@ -138,6 +138,16 @@ class PPOArgs:
     kl_coef: float = arg(0.1, "initial coefficient of the per-token KL penalty against the reference model", ge=0)
     kl_estimator: str = arg("k1", "per-token KL estimator (k1 = log ratio, k2 = half its square, k3 = "
                                   "exp(-r) - 1 + r)", choices=["k1", "k2", "k3"])
+    anchor_coef: float = arg(0.0, "weight of the anchor in the actor loss: the full next-token KL(reference || "
+                                  "actor) over the vocabulary at the answer tokens the reference is sure of "
+                                  "(--anchor_confidence), aggregated as the policy loss; it sees probability "
+                                  "moved among the tokens not sampled, which the per-token KL penalty does not. "
+                                  "Keeps the reference's answer logits of a rollout in memory (0: none)", ge=0)
+    anchor_confidence: float = arg(0.9, "the anchor holds only the answer positions where the reference's most "
+                                        "likely next token (at the sampling temperature) has at least this "
+                                        "probability: the tokens it is sure of (a copied name, the answer's fixed "
+                                        "words), not those where it spreads over several (a choice the reward "
+                                        "speaks about) (0: every position)", ge=0, le=1)
     target_kl: float = arg(0.0, "per-sequence KL the adaptive controller steers to (0: fixed --kl_coef)", ge=0)
     kl_horizon: float = arg(10000.0, "adaptive KL controller horizon in samples", gt=0)
     early_stop_kl: float = arg(0.0, "stop the remaining PPO epochs of a step when the approximate KL between "
@@ -214,7 +224,7 @@ class Algorithm:
     loss_agg: str
     kl_in: str
     critic: bool         # a critic is loaded and trained
-    reference: bool      # a reference model is loaded (kl_coef > 0)
+    reference: bool      # a reference model is loaded (kl_coef > 0 or anchor_coef > 0)
     reward_model: str | None  # frozen reward model directory, or None (rule-based rewards only)
     cut_score: str = "scored"  # lowest: an answer cut at --max_answer_seq_len scores -clip_reward_value
     temperature: float = 1.0   # rollout sampling temperature (--temperature, or the estimator's default)
@@ -273,7 +283,7 @@ def resolve_algorithm(args) -> Algorithm:
         raise UserError("--target_kl adapts --kl_coef multiplicatively, which cannot start from 0; give --kl_coef > 0")
     loss_agg = AUTO_LOSS_AGG[est] if args.loss_agg == "auto" else args.loss_agg
     return Algorithm(estimator=est, k=k, scale=scale, loss_agg=loss_agg, kl_in=args.kl_in, critic=critic,
-                     reference=args.kl_coef > 0, reward_model=reward_model,
+                     reference=args.kl_coef > 0 or args.anchor_coef > 0, reward_model=reward_model,
                      cut_score=resolve_cut_score(args, reward_model),
                      temperature=AUTO_TEMPERATURE[est] if args.temperature is None else args.temperature)
 

@@ -2,7 +2,7 @@
 
 actor      AutoModelForCausalLM from the step-1 model, trained (ZeRO --actor_zero_stage)
 reference  frozen copy of the initial actor (ZeRO-3 when the actor is, or when it is offloaded);
-           not loaded with --kl_coef 0
+           not loaded with --kl_coef 0 and --anchor_coef 0
 critic     one-label sequence classifier from the step-2 model, trained; a value at every position
            (utils.reward.token_scores: the head's per-token outputs, not HF's pooled `logits`);
            only for --advantage_estimator gae

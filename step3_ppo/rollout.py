@@ -127,7 +127,7 @@ def final_scores(reward, b: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def experience(models, b: dict, temperature: float, critic: bool = True,
-               actor_logits: torch.Tensor | None = None) -> dict:
+               actor_logits: torch.Tensor | None = None, keep_ref_logits: bool = False) -> dict:
     """Forward passes of the rollout batch through reference, critic and reward model (those that exist:
     without a reference ref_logp is absent, without a critic values, without a reward model the model
     score is 0 and the rule-based rewards are the whole score), and through the actor unless generation
@@ -156,7 +156,10 @@ def experience(models, b: dict, temperature: float, critic: bool = True,
     logp = token_logprobs(logits, b["answers"])
     out = {"logp": logp, "entropy": entropy_from_logits(logits)}
     if models.ref is not None:
-        out["ref_logp"] = token_logprobs(answer_logits(models.ref, b, temperature), b["answers"])
+        ref_logits = answer_logits(models.ref, b, temperature)
+        out["ref_logp"] = token_logprobs(ref_logits, b["answers"])
+        if keep_ref_logits:  # the anchor's full-vocabulary KL (--anchor_coef)
+            out["ref_logits"] = ref_logits
     if models.critic is not None and critic:
         out["values"] = answer_values(models.critic, b)
     out["score"] = (final_scores(models.reward, b) if models.reward is not None
@@ -194,7 +197,9 @@ def split_samples(b: dict, fields: dict) -> list[dict]:
     P = b["prompt_width"]
     # One device-to-host copy per tensor and one sync for the lengths, not one per row and field.
     seq, mask, answers = b["seq"].cpu(), b["attention_mask"].cpu(), b["answers"].cpu()
-    fields = {k: v.cpu() for k, v in fields.items()}
+    # Per-token fields over the vocabulary (the anchor's reference logits) stay where they are: the copy
+    # out and back would cost more than the rows' mixing saves.
+    fields = {k: v.cpu() if v.dim() < 3 else v for k, v in fields.items()}
     for i, n in enumerate(b["action_mask"].sum(-1).tolist()):
         row = {"prompt": seq[i, :P][mask[i, :P].bool()], "answer": answers[i, :n]}
         row.update({k: v[i, :n] for k, v in fields.items()})
@@ -215,7 +220,7 @@ def collate_samples(rows: list[dict], pad_id: int) -> dict:
     for k in rows[0]:
         if k in ("prompt", "answer"):
             continue
-        t = torch.zeros(len(rows), W, dtype=rows[0][k].dtype)
+        t = torch.zeros(len(rows), W, *rows[0][k].shape[1:], dtype=rows[0][k].dtype, device=rows[0][k].device)
         for i, r in enumerate(rows):
             t[i, :len(r[k])] = r[k]
         b[k] = t

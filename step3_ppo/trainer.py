@@ -18,6 +18,7 @@ order; nothing is dropped on one rank only (pitfall 10).
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections import defaultdict
@@ -32,7 +33,7 @@ from utils import ds
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
 from utils.health import AnswerHealthMonitor, rollout_distinct_ratio
-from utils.losses import sft_loss, step_loss_scale
+from utils.losses import sft_loss, step_loss_scale, vocab_kl
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss, compute_rewards,
                       discounted_returns, entropy_from_logits, gae_advantages, grpo_advantages, group_stats,
                       masked_kl, policy_loss_per_token, rloo_advantages, std_from_sums, token_logprobs,
@@ -137,6 +138,8 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
         fields = ["logp", "advantages"] + (["values", "returns"] if algo.critic else [])
         if algo.kl_in == "loss" and algo.reference:
             fields.append("ref_logp")
+        if "ref_logits" in b:
+            fields.append("ref_logits")
         rows += split_samples(b, {k: b[k] for k in fields})
     lengths = torch.cat([b["lengths"] for b in rollouts]).float()
     low_high = ds.all_gather_objects((float(lengths.min()), float(lengths.max())))
@@ -179,6 +182,15 @@ def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_t
         per_token = per_token + kl_coef * kl
         stats["kl_loss"] = float(aggregate_loss(kl.detach(), mask, algo.loss_agg, n_tok, n_seq,
                                                 args.max_answer_seq_len))
+    if "ref_logits" in b:
+        held = mask
+        if args.anchor_confidence:
+            sure = torch.log_softmax(b["ref_logits"].float(), -1).amax(-1) >= math.log(args.anchor_confidence)
+            held = mask * sure
+        anchor = vocab_kl(logits, b["ref_logits"]) * held
+        per_token = per_token + args.anchor_coef * anchor
+        stats["kl/anchor"] = float(aggregate_loss(anchor.detach(), mask, algo.loss_agg, n_tok, n_seq,
+                                                  args.max_answer_seq_len))
     loss = aggregate_loss(per_token, mask, algo.loss_agg, n_tok, n_seq, args.max_answer_seq_len)
     ptx_loss = None
     if ptx is not None:
@@ -423,7 +435,8 @@ def train(args, algo, models, encoder, stream, unsup, eval_items, funcs, logger,
             if fuse_a:  # with autograd state: the same forward gives the policy loss in ppo_update
                 b["logits_graph"] = answer_logits(models.actor, b, algo.temperature)
             b.update(experience(models, b, algo.temperature, critic=not fused,
-                                actor_logits=b["logits_graph"].detach() if fuse_a else None))
+                                actor_logits=b["logits_graph"].detach() if fuse_a else None,
+                                keep_ref_logits=args.anchor_coef > 0))
             if fused:  # with autograd state: the same forward gives the value loss in ppo_update
                 b["values_graph"] = answer_values(models.critic, b)
                 b["values"] = b["values_graph"].detach()

@@ -187,7 +187,7 @@ def test_ppo_zero3_offload_ema_adaptive_kl_and_resume(sft_and_rm, tmp_path):
 def test_ppo_lora_ptx_and_the_other_options(sft_and_rm, tmp_path):
     """LoRA actor and critic, gradient checkpointing, PPO-ptx, gradient accumulation, two generation batches,
     early stop, reward normalisation, the missing-EOS penalty, k3, entropy bonus, bf16 with eager attention,
-    top-k/top-p sampling, a rule-based reward added to the reward model's score."""
+    top-k/top-p sampling, a rule-based reward added to the reward model's score, the anchor."""
     sft, rm = sft_and_rm
     out = str(tmp_path / "ppo-opts")
     train, rows = ppo(sft, rm, out, "--max_steps", "3", "--actor_lora_dim", "4", "--critic_lora_dim", "4",
@@ -199,10 +199,11 @@ def test_ppo_lora_ptx_and_the_other_options(sft_and_rm, tmp_path):
                       "--missing_eos_penalty", "1.0", "--max_answer_seq_len", "4", "--kl_estimator", "k3",
                       "--entropy_coef", "0.01", "--dtype", "bf16", "--attn_implementation", "eager",
                       "--temperature", "0.8", "--top_k", "20", "--top_p", "0.9", "--print_answers_interval", "1",
-                      "--reward_model_name_or_path", rm, "--reward_funcs", os.path.join(DATA, "rewards.py:warm_word"))
+                      "--reward_model_name_or_path", rm, "--reward_funcs", os.path.join(DATA, "rewards.py:warm_word"),
+                      "--anchor_coef", "1")
     assert len(train) == 3
     for r in train:
-        assert all(k in r for k in (*METRICS, "ptx_loss", "reward/warm_word")) and all(
+        assert all(k in r for k in (*METRICS, "ptx_loss", "reward/warm_word", "kl/anchor")) and all(
             isinstance(v, str) or abs(v) < 1e6 for v in r.values())
         assert r["eos_rate"] == 0.0 and r["response_length"] == 4.0  # every answer cut at 4 tokens
         assert r["ppo_epochs_done"] == 1  # the approximate KL passed 1e-12 in the first epoch

@@ -155,6 +155,12 @@ def test_rollout_masks_come_from_lengths_and_logprobs_match_unpadded_forwards(ti
     again = token_logprobs(answer_logits(PlainEngine(actor), mb, T), mb["answers"])
     assert torch.allclose(again * mb["action_mask"], mb["logp"], atol=1e-5)
     assert mb["action_mask"].sum(-1).tolist() == [lengths[2], lengths[0], lengths[3]]
+    # A per-token field over the vocabulary (the anchor's reference logits) travels the same way, zero-padded.
+    full = answer_logits(PlainEngine(actor), b, T)
+    mb = collate_samples([r | {"ref_logits": full[i, :len(r["logp"])]} for i, r in enumerate(rows)][::-1], enc.pad_id)
+    for j, i in enumerate(reversed(range(len(rows)))):
+        assert torch.equal(mb["ref_logits"][j, :lengths[i]], full[i, :lengths[i]])
+        assert not mb["ref_logits"][j, lengths[i]:].any()
 
 
 def _per_token_scores(model, ids):
@@ -348,3 +354,65 @@ def test_a_reward_model_of_another_template_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"--reward_model_name_or_path '.*rm_hh' was trained with --template hh, and "
                                         r"step 3 renders the prompts with chat"):
         check_templates("chat", [(str(tmp_path / "rm_hh"), "--reward_model_name_or_path")])
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.5])
+def test_the_anchor_adds_the_full_vocabulary_kl_to_the_reference_per_answer_token(confidence):
+    """--anchor_coef c: the actor loss gains c x KL(ref || actor) over the whole vocabulary at the answer
+    tokens whose reference top probability is >= --anchor_confidence (every token at 0), divided by all the
+    step's answer tokens like the policy loss, computed by hand here (padding excluded), and logged as
+    kl/anchor; its gradient pulls the actor's distribution toward the reference's where it holds, and
+    leaves the other positions free."""
+    import math
+
+    from step3_ppo.config import resolve_algorithm
+    from step3_ppo.trainer import actor_loss
+
+    coef = 2.5
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 3, 4, 6
+    lengths = [4, 1, 3]
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_logits = 2.5 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    answers = torch.randint(0, V, (B, T), generator=g)
+    old = torch.log_softmax(logits.detach(), -1).gather(-1, answers[..., None]).squeeze(-1) * mask
+    b = {"answers": answers, "action_mask": mask, "logp": old, "advantages": torch.zeros(B, T, dtype=torch.float64),
+         "ref_logits": ref_logits}
+    args = ppo_args("--anchor_coef", str(coef), "--anchor_confidence", str(confidence))
+    algo = resolve_algorithm(args)
+    n_tok = float(mask.sum())
+    loss, _, stats = actor_loss(args, algo, None, b, None, 0.1, n_tok, float(B), logits=logits)
+    kl_sum, held, free = 0.0, 0, []
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            p = [math.exp(x) for x in logits[i, t].tolist()]
+            q = [math.exp(x) for x in ref_logits[i, t].tolist()]
+            p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+            if max(q) < confidence:
+                free.append((i, t))
+                continue
+            kl_sum += sum(qv * math.log(qv / pv) for pv, qv in zip(p, q))
+            held += 1
+    assert held and (free or not confidence)  # both kinds of position occur at 0.5
+    assert stats["kl/anchor"] == pytest.approx(kl_sum / n_tok, rel=1e-9)
+    assert loss.item() == pytest.approx(coef * kl_sum / n_tok, rel=1e-9)  # zero advantages: the anchor alone
+    loss.backward()
+    assert logits.grad[1, 1:].abs().max() == 0  # padding
+    for i, t in free:
+        assert logits.grad[i, t].abs().max() == 0
+    step = logits.detach() - 0.1 * logits.grad
+    after = actor_loss(args, algo, None, b, None, 0.1, n_tok, float(B), logits=step)[0].item()
+    assert after < loss.item()
+
+
+def test_the_anchor_is_off_by_default_and_loads_the_reference_when_on():
+    from step3_ppo.config import resolve_algorithm
+
+    assert ppo_args().anchor_coef == 0.0
+    assert not resolve_algorithm(ppo_args("--kl_coef", "0")).reference  # nothing needs a reference
+    assert resolve_algorithm(ppo_args("--kl_coef", "0", "--anchor_coef", "1")).reference
+    grpo = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "2", "--critic_model_name_or_path", "",
+            "--reward_model_name_or_path", "r", "--kl_coef", "0"]
+    assert not resolve_algorithm(ppo_args(*grpo)).reference
+    assert resolve_algorithm(ppo_args(*grpo, "--anchor_coef", "0.5")).reference

@@ -253,8 +253,9 @@ def test_dpo_train_gradient_and_loss_do_not_depend_on_the_micro_batch_split(tiny
 # ----------------------------------------------------------------------------- step 3 (PPO update)
 
 
-def _ppo_rows(tok, seed: int = 0):
-    """4 buffer rows with answers of 1, 2, 4 and 11 tokens: any 2 + 2 split has unequal token counts."""
+def _ppo_rows(tok, seed: int = 0, ref_vocab: int = 0):
+    """4 buffer rows with answers of 1, 2, 4 and 11 tokens: any 2 + 2 split has unequal token counts.
+    ref_vocab: also the reference's answer logits over that many tokens (the anchor's input)."""
     g, eos = random.Random(seed), tok.eos_token_id
     vocab = min(len(tok), 200)
     torch.manual_seed(seed)
@@ -263,10 +264,12 @@ def _ppo_rows(tok, seed: int = 0):
         rows.append({"prompt": torch.tensor(_ids(g, p, vocab, eos)), "answer": torch.tensor(_ids(g, n, vocab, eos)),
                      "logp": -2.0 - torch.rand(n), "values": 0.3 * torch.randn(n), "returns": torch.randn(n),
                      "advantages": torch.randn(n)})
+        if ref_vocab:
+            rows[-1]["ref_logits"] = torch.randn(n, ref_vocab)
     return rows
 
 
-def _ppo_run(tiny_dir, ga: int):
+def _ppo_run(tiny_dir, ga: int, anchor: float = 0.0):
     from step3_ppo.config import GROUPS, REQUIRED, resolve_algorithm
     from step3_ppo.trainer import ppo_update
     from utils.args import parse
@@ -275,7 +278,9 @@ def _ppo_run(tiny_dir, ga: int):
     args = parse(GROUPS, "test", ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
                                   "--data_path", "p.jsonl", "--output_dir", "o", "--ppo_epochs", "1",
                                   "--per_device_training_batch_size", str(mb),
-                                  "--gradient_accumulation_steps", str(ga)], required=REQUIRED)
+                                  "--gradient_accumulation_steps", str(ga), "--anchor_coef", str(anchor),
+                                  "--anchor_confidence", "0"],
+                 required=REQUIRED)
     algo = resolve_algorithm(args)
     assert algo.critic
     actor_model, tok = _load(tiny_dir, classifier=False, seed=1)
@@ -285,19 +290,24 @@ def _ppo_run(tiny_dir, ga: int):
                                    trained=lambda: [actor, critic])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(123)  # ppo_update shuffles the buffer; each run draws its own order
-    out = ppo_update(args, algo, models, _ppo_rows(tok), None, pad, step=1, kl_coef=0.05)
+    rows = _ppo_rows(tok, ref_vocab=actor_model.config.vocab_size if anchor else 0)
+    out = ppo_update(args, algo, models, rows, None, pad, step=1, kl_coef=0.05)
     assert critic.backwards == ga and actor.backwards == ga
+    assert ("kl/anchor" in out) == bool(anchor)
     return actor.grads(), critic.grads(), out
 
 
-def test_ppo_update_gradients_and_losses_do_not_depend_on_the_micro_batch_split(tiny_dir):
+@pytest.mark.parametrize("anchor", [0.0, 2.0])
+def test_ppo_update_gradients_and_losses_do_not_depend_on_the_micro_batch_split(tiny_dir, anchor):
     """Rule 16, step 3's ppo_update(): the 4-answer buffer as one micro-batch vs two micro-batches of 2 answers
     with unequal token counts (gradient accumulation 2) give the same critic and actor gradients and the same
     reported critic and actor losses: the value loss is a token mean over the whole optimizer step, not over
-    each micro-batch."""
-    a1, c1, o1 = _ppo_run(tiny_dir, ga=1)
-    a2, c2, o2 = _ppo_run(tiny_dir, ga=2)
+    each micro-batch; so is the anchor (--anchor_coef)."""
+    a1, c1, o1 = _ppo_run(tiny_dir, ga=1, anchor=anchor)
+    a2, c2, o2 = _ppo_run(tiny_dir, ga=2, anchor=anchor)
     _assert_same_grads(c1, c2, "critic gradient")
     _assert_same_grads(a1, a2, "actor gradient")
     assert o2["critic_loss"] == pytest.approx(o1["critic_loss"], rel=1e-5)
     assert o2["actor_loss"] == pytest.approx(o1["actor_loss"], rel=1e-5, abs=1e-7)
+    if anchor:
+        assert o1["kl/anchor"] > 0 and o2["kl/anchor"] == pytest.approx(o1["kl/anchor"], rel=1e-5)

@@ -124,21 +124,26 @@ def chosen_nll_loss(policy_chosen_logps: torch.Tensor, num_tokens: float | torch
     return nll_sum / num_tokens, {"nll_sum": nll_sum.item()}
 
 
-def token_kl_sums(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, fp32: bool = True):
-    """Per-row sums over labelled positions of the full-vocabulary KL(ref || policy) of the next token:
-    logits, ref_logits [B, T, V], labels [B, T] -> [B].
+def vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """The full-vocabulary KL(ref || policy) of the next token at every position (in fp32 unless fp32 is
+    False): logits, ref_logits [..., V] -> [...].
 
         KL_t = sum_v ref(v | x_<=t) * (log ref(v | x_<=t) - log pi(v | x_<=t))
 
-    Unlike the log-probability of the labelled token, it also sees probability moved among the other
-    tokens (a preferred word's pieces gaining where the label is a copied noun)."""
-    shift, ref_shift = logits[:, :-1, :], ref_logits[:, :-1, :]
-    if fp32:
-        shift, ref_shift = shift.float(), ref_shift.float()
+    Unlike the log-probability of the sampled or labelled token, it also sees probability moved among the
+    other tokens (a preferred word's pieces gaining where the label is a copied noun)."""
+    if fp32:  # at least fp32: float64 stays float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
+    ref_logp = torch.log_softmax(ref_logits, dim=-1)
+    return (ref_logp.exp() * (ref_logp - torch.log_softmax(logits, dim=-1))).sum(-1)
+
+
+def token_kl_sums(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, fp32: bool = True):
+    """Per-row sums over labelled positions of vocab_kl: logits, ref_logits [B, T, V] (position t predicts
+    labels[:, t + 1]), labels [B, T] -> [B]."""
     mask = labels[:, 1:] != IGNORE
-    ref_logp = torch.log_softmax(ref_shift, dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(shift, dim=-1))).sum(-1)
-    return (kl * mask).sum(-1)
+    return (vocab_kl(logits[:, :-1, :], ref_logits[:, :-1, :], fp32) * mask).sum(-1)
 
 
 # ----------------------------------------------------------------------------- reward model

@@ -218,11 +218,12 @@ def resolved_settings(cell: Cell, method: str) -> dict:
         a = json.load(f)
     keys = {"sft": ["learning_rate", "num_train_epochs", "total_steps"],
             "reward": ["learning_rate", "num_train_epochs", "total_steps", "synthetic_negatives"],
-            "dpo": ["learning_rate", "beta", "rpo_alpha", "loss_type", "freeze_embeddings", "synthetic_negatives",
-                    "num_train_epochs", "total_steps"],
+            "dpo": ["learning_rate", "beta", "rpo_alpha", "anchor_coef", "loss_type", "freeze_embeddings",
+                    "synthetic_negatives", "num_train_epochs", "total_steps"],
             "ppo": ["actor_learning_rate", "critic_learning_rate", "kl_coef", "kl_estimator", "target_kl",
-                    "normalize_reward", "resolved_cut_answer_score", "num_train_epochs", "total_steps",
-                    "max_answer_seq_len", "per_device_generation_batch_size"]}[method]
+                    "anchor_coef", "anchor_confidence", "normalize_reward", "resolved_cut_answer_score",
+                    "num_train_epochs", "total_steps", "max_answer_seq_len",
+                    "per_device_generation_batch_size"]}[method]
     return {k: a.get(k) for k in keys if k in a}
 
 
