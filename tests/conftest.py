@@ -241,8 +241,11 @@ def run_stopped(script: str, args: list[str], out: str, after: int, sig=signal.S
     full_env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(port), **(env or {}))
     os.makedirs(os.path.dirname(os.path.normpath(out)), exist_ok=True)
     log = open(os.path.normpath(out) + ".stop.log", "w+")
+    # SIGHUP's disposition is inherited: set it either way, so a test suite itself started under `nohup`
+    # still gives the job a terminal's default.
+    hangup = signal.SIG_IGN if ignore_hangup else signal.SIG_DFL
     proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hangup else None)
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup))
     deadline = time.time() + timeout
     try:
         while train_lines(out) < after:
