@@ -196,7 +196,7 @@ class AlgoArgs:
     kl_in: str = arg("reward", "where the KL penalty against the reference goes: reward (per-token penalty in the "
                                "reward, as in PPO) or loss (kl_coef x --kl_estimator added to the policy loss; "
                                "GRPO's choice is k3, whose gradient is biased, while k2's is unbiased); "
-                               "with --kl_coef 0 no reference model is loaded at all",
+                               "with --kl_coef 0 (and no --anchor_coef) no reference model is loaded at all",
                      choices=["reward", "loss"])
     reward_funcs: list = arg([], "rule-based rewards, FILE.py:NAME or package.module:NAME, called as "
                                  "fn(prompts, completions, **columns) -> list of floats (TRL's convention); added "
