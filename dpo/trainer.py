@@ -9,8 +9,8 @@ import torch
 
 from utils import ds, packing
 from utils.encoding import IGNORE
-from utils.losses import (chosen_nll_loss, count_target_tokens, dpo_loss, sequence_logps, step_loss_scale,
-                          token_kl_sums)
+from utils.losses import (chosen_nll_loss, count_target_tokens, dpo_loss, labelled_logps, sequence_logps,
+                          shifted_log_probs, step_loss_scale, token_kl_sums)
 from utils.health import DisplacementMonitor
 from utils.metrics import Throughput
 from utils.checkpoint import Checkpointer
@@ -78,13 +78,17 @@ def forward_pair(engine, ref, batch: dict, args):
         logps, counts = concatenated_logps(engine, batch, fp32)
         return logps, counts, reference_logps(ref, batch, fp32), None
     b = batch["input_ids"].size(0) // 2
+    # One log-softmax per model serves both the sequence log-probs and the anchor's KL.
     with torch.no_grad():
         ref_logits, labels = concatenated_logits(ref, batch)
-        ref_logps = sequence_logps(ref_logits, labels, fp32)[0]
-        ref_logits = ref_logits[:b].clone()  # only the chosen rows' are kept through the policy's forward
+        ref_log_probs = shifted_log_probs(ref_logits, fp32)
+        del ref_logits
+        ref_logps = labelled_logps(ref_log_probs, labels)[0]
+        ref_log_probs = ref_log_probs[:b].clone()  # only the chosen rows' are kept through the policy's forward
     logits, labels = concatenated_logits(engine, batch)
-    logps, counts = sequence_logps(logits, labels, fp32)
-    return logps, counts, ref_logps, token_kl_sums(logits[:b], ref_logits, anchored_labels(batch, labels), fp32)
+    log_probs = shifted_log_probs(logits, fp32)
+    logps, counts = labelled_logps(log_probs, labels)
+    return logps, counts, ref_logps, token_kl_sums(log_probs[:b], ref_log_probs, anchored_labels(batch, labels))
 
 
 def anchored_labels(batch: dict, labels: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from utils import ds
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
 from utils.health import AnswerHealthMonitor, rollout_distinct_ratio
-from utils.losses import sft_loss, step_loss_scale, vocab_kl
+from utils.losses import kl_from_log_probs, log_probs, sft_loss, step_loss_scale
 from utils.rl import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate_loss, compute_rewards,
                       discounted_returns, entropy_from_logits, gae_advantages, grpo_advantages, group_stats,
                       masked_kl, policy_loss_per_token, rloo_advantages, std_from_sums, token_logprobs,
@@ -183,11 +183,11 @@ def actor_loss(args, algo, actor, b: dict, ptx: dict | None, kl_coef: float, n_t
         stats["kl_loss"] = float(aggregate_loss(kl.detach(), mask, algo.loss_agg, n_tok, n_seq,
                                                 args.max_answer_seq_len))
     if "ref_logits" in b:
+        ref_log_probs = log_probs(b["ref_logits"])  # once, for the threshold and the KL
         held = mask
         if args.anchor_confidence:
-            sure = torch.log_softmax(b["ref_logits"].float(), -1).amax(-1) >= math.log(args.anchor_confidence)
-            held = mask * sure
-        anchor = vocab_kl(logits, b["ref_logits"]) * held
+            held = mask * (ref_log_probs.amax(-1) >= math.log(args.anchor_confidence))
+        anchor = kl_from_log_probs(log_probs(logits), ref_log_probs) * held
         per_token = per_token + args.anchor_coef * anchor
         stats["kl/anchor"] = float(aggregate_loss(anchor.detach(), mask, algo.loss_agg, n_tok, n_seq,
                                                   args.max_answer_seq_len))

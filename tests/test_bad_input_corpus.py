@@ -562,6 +562,15 @@ def program_cases(models: dict, tmp: str) -> dict:
             "(LlamaForSequenceClassification), not a causal LM: give a step-1 (SFT) output or another causal LM"),
         "report NAME=DIR": ("launch.report", ["--runs", "sft", "--out", f"{tmp}/r.png"],
                             "--runs: expected NAME=DIR, got 'sft'"),
+        "sft from a model directory that does not exist": (
+            "step1_sft.main", ["--model_name_or_path", f"{tmp}/no-model", "--output_dir", f"{tmp}/out", "--data_path",
+                               sft],
+            f"--model_name_or_path '{tmp}/no-model' does not exist"),
+        "rw_eval, a pairs file with a missing field": (
+            "step2_reward.rw_eval", ["--model", models["good_rm"], "--pairs",
+                                     os.path.join(CORPUS, "pairs", "missing_field.jsonl")],
+            f"{os.path.join(CORPUS, 'pairs', 'missing_field.jsonl')}:2: field 'rejected': missing field (preference "
+            "training needs chosen and rejected)"),
     }
 
 

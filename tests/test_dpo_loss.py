@@ -11,13 +11,13 @@ import torch
 
 from conftest import DATA
 from dpo.trainer import (PairStats, accepts_logits_to_keep, anchored_labels, attach_reference, concatenated_logps,
-                         local_reference_logps, pair_loss, precompute_reference, reference_logps)
+                         forward_pair, local_reference_logps, pair_loss, precompute_reference, reference_logps)
 from utils import ds
 from utils.data import load_file
 from utils.encoding import IGNORE, Encoder
 from utils.model import disable_dropout
 from utils.pairs import collate_pairs, encode_pairs
-from utils.losses import chosen_nll_loss, dpo_loss, token_kl_sums
+from utils.losses import chosen_nll_loss, dpo_loss, shifted_log_probs, token_kl_sums, vocab_kl
 
 # Three pairs used by every hand-derived example:
 #   policy chosen / rejected  [-1, -2, -3] / [-2, -2, -1]
@@ -155,9 +155,10 @@ def test_token_kl_hand_derived():
     labels_1 = torch.tensor([[IGNORE, IGNORE], [IGNORE, 0]])
     pol2 = pol.clone()
     pol2[1, 0] = torch.tensor([0.0, 5.0])
-    assert token_kl_sums(pol, ref, labels).tolist() == pytest.approx([0.5 * ln(4 / 3), 0.0], abs=1e-6)
-    assert token_kl_sums(pol2, ref, labels_1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
-    kl = token_kl_sums(pol, ref, labels_1)  # row 1: ref (e^0, e^5)/Z against the policy (e^5, e^0)/Z
+    lp, lp2, ref_lp = (shifted_log_probs(x) for x in (pol, pol2, ref))
+    assert token_kl_sums(lp, ref_lp, labels).tolist() == pytest.approx([0.5 * ln(4 / 3), 0.0], abs=1e-6)
+    assert token_kl_sums(lp2, ref_lp, labels_1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    kl = token_kl_sums(lp, ref_lp, labels_1)  # row 1: ref (e^0, e^5)/Z against the policy (e^5, e^0)/Z
     p = torch.softmax(torch.tensor([0.0, 5.0], dtype=torch.float64), 0)
     q = torch.softmax(torch.tensor([5.0, 0.0], dtype=torch.float64), 0)
     assert kl.tolist() == pytest.approx([0.0, float((p * (p / q).log()).sum())], abs=1e-6)
@@ -259,6 +260,36 @@ def test_precomputed_reference_sharded_over_ranks(tiny_dir, tokenizer_of, monkey
     for a, b in zip(single, sharded):
         assert a._replace(ref=None) == b._replace(ref=None) and a.ref == pytest.approx(b.ref, abs=1e-5)
     assert len({it.ref for it in sharded}) == 7  # distinct pairs, distinct log-probs
+
+
+def test_forward_pair_shares_one_log_softmax_and_matches_the_separate_formulas(tiny_dir, tokenizer_of):
+    """With the anchor on, forward_pair computes each model's log-softmax once and reads both the sequence
+    log-probs and the chosen rows' KL from it: the same numbers (and policy gradient) as the separate
+    formulas, sequence log-probs of each model's own forward and vocab_kl per anchored chosen token."""
+    enc, items = _pairs(tokenizer_of("llama"), 5)
+    policy, ref = _policy_and_ref(tiny_dir("llama"))
+    batch = collate_pairs(items, enc.pad_id)
+    args = SimpleNamespace(compute_fp32_loss=True, anchor_coef=5.0)
+    logps, counts, ref_logps, kl = forward_pair(policy, ref, batch, args)
+    (logps.sum() + kl.sum()).backward()
+    fused = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+
+    b = len(items)
+    want_logps, want_counts = concatenated_logps(policy, batch)
+    with torch.no_grad():
+        want_ref = concatenated_logps(ref, batch)[0]
+        ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:b]
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:b]
+    held = anchored_labels(batch, batch["labels"])[:, 1:] != IGNORE  # the full-width labels: every position
+    want_kl = (vocab_kl(logits[:, :-1], ref_logits[:, :-1]) * held).sum(-1)
+    (want_logps.sum() + want_kl.sum()).backward()
+
+    assert kl.shape == (b,) and float(kl.detach().min()) > 0  # the policy differs from the reference at every row
+    assert torch.allclose(logps, want_logps, atol=1e-5) and counts.tolist() == want_counts.tolist()
+    assert torch.allclose(ref_logps, want_ref, atol=1e-5) and torch.allclose(kl, want_kl, atol=1e-5)
+    for got, p in zip(fused, policy.parameters()):
+        assert torch.allclose(got, p.grad, atol=1e-5)
 
 
 def test_response_only_masking_when_pad_is_eos(tiny_dir, tokenizer_of):

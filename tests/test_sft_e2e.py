@@ -113,7 +113,11 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 def test_bad_inputs_clear_errors(tiny_dir, tmp_path):
+    """Each bad file through `python step1_sft/main.py`. Slow: test_bad_input_corpus.py checks every one of
+    these messages in the readers main() calls, one such file end to end per program, and the missing model
+    directory in process."""
     model = tiny_dir("llama")
     for name, (content, expected) in BAD.items():
         path = tmp_path / name

@@ -144,9 +144,12 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 def test_bad_inputs_clear_errors(tiny_dir, tmp_path):
     """The shared reader's errors (tested in full in test_data.py) reach the user from step 2 and
-    rw_eval as one line naming file, line and field, exit status 2; plus the pair-specific ones."""
+    rw_eval as one line naming file, line and field, exit status 2; plus the pair-specific ones. Slow:
+    test_bad_input_corpus.py checks each of these messages (the pair-specific ones included) in the reader,
+    one bad file through each program end to end, and rw_eval's bad pairs file in process."""
     model = tiny_dir("llama")
     for name, (content, expected) in BAD.items():
         path = tmp_path / name

@@ -44,16 +44,33 @@ def step_loss_scale(world_size: int, grad_accum: int) -> float:
     return float(world_size * grad_accum)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = True):
-    """Per-sequence sum of log p over labelled tokens: logits [B, T, V], labels [B, T] -> ([B], [B] counts)."""
-    shift_logits = logits[:, :-1, :]
+def log_probs(logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """log softmax over the last axis, in at least fp32 unless fp32 is False (float64 stays float64)."""
     if fp32:
-        shift_logits = shift_logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def shifted_log_probs(logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """log_probs of the logits that predict the next label (position t predicts labels[:, t + 1]): logits
+    [B, T, V] -> [B, T - 1, V]. Computed once per forward and shared by the labelled tokens' log-probs and
+    the full-vocabulary KL."""
+    return log_probs(logits[:, :-1, :], fp32)
+
+
+def labelled_logps(log_probs: torch.Tensor, labels: torch.Tensor):
+    """Per-row sum of log p over labelled tokens from shifted_log_probs: log_probs [B, T - 1, V], labels
+    [B, T] -> ([B], [B] counts)."""
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE
     safe = shift_labels.masked_fill(~mask, 0)
-    logp = torch.log_softmax(shift_logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = True):
+    """Per-sequence sum of log p over labelled tokens: logits [B, T, V], labels [B, T] -> ([B], [B] counts)."""
+    return labelled_logps(shifted_log_probs(logits, fp32), labels)
 
 
 # ----------------------------------------------------------------------------- DPO family
@@ -125,25 +142,27 @@ def chosen_nll_loss(policy_chosen_logps: torch.Tensor, num_tokens: float | torch
 
 
 def vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
-    """The full-vocabulary KL(ref || policy) of the next token at every position (in fp32 unless fp32 is
-    False): logits, ref_logits [..., V] -> [...].
+    """The full-vocabulary KL(ref || policy) of the next token at every position (in at least fp32 unless
+    fp32 is False): logits, ref_logits [..., V] -> [...].
 
         KL_t = sum_v ref(v | x_<=t) * (log ref(v | x_<=t) - log pi(v | x_<=t))
 
     Unlike the log-probability of the sampled or labelled token, it also sees probability moved among the
     other tokens (a preferred word's pieces gaining where the label is a copied noun)."""
-    if fp32:  # at least fp32: float64 stays float64
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        ref_logits = ref_logits.to(torch.promote_types(ref_logits.dtype, torch.float32))
-    ref_logp = torch.log_softmax(ref_logits, dim=-1)
-    return (ref_logp.exp() * (ref_logp - torch.log_softmax(logits, dim=-1))).sum(-1)
+    return kl_from_log_probs(log_probs(logits, fp32), log_probs(ref_logits, fp32))
 
 
-def token_kl_sums(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, fp32: bool = True):
-    """Per-row sums over labelled positions of vocab_kl: logits, ref_logits [B, T, V] (position t predicts
-    labels[:, t + 1]), labels [B, T] -> [B]."""
+def kl_from_log_probs(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """vocab_kl from log-probabilities already normalised over the last axis: [..., V] -> [...]."""
+    return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
+
+
+def token_kl_sums(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row sums over labelled positions of the full-vocabulary KL, from shifted_log_probs of the policy
+    and of the reference: log_probs, ref_log_probs [B, T - 1, V] (position t predicts labels[:, t + 1]),
+    labels [B, T] -> [B]."""
     mask = labels[:, 1:] != IGNORE
-    return (vocab_kl(logits[:, :-1, :], ref_logits[:, :-1, :], fp32) * mask).sum(-1)
+    return (kl_from_log_probs(log_probs, ref_log_probs) * mask).sum(-1)
 
 
 # ----------------------------------------------------------------------------- reward model
