@@ -9,7 +9,7 @@ backward, two ways, each in a fresh process (peak RSS is per process), interleav
   shared     forward_pair as it is: each model's log-softmax over the vocabulary once, read for the
              answers' log-probs and for the anchor's KL
   separate   the same numbers with the anchor computing its own log-softmaxes (policy and reference)
-             from the logits, as the code did before (utils.losses.vocab_kl)
+             from the logits, as the code did before
 
 Both must give the same KL (checked). Printed: ms per micro-batch (median of 5 after one warm-up, per
 process; then the median over --reps processes, and the spread) and peak RSS, and separate / shared.
@@ -36,7 +36,7 @@ def one(mode: str, vocab: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpo.trainer import anchored_labels, concatenated_logits, forward_pair
-    from utils.losses import IGNORE, sequence_logps, vocab_kl
+    from utils.losses import IGNORE, kl_from_log_probs, log_probs, sequence_logps
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -59,7 +59,8 @@ def one(mode: str, vocab: int) -> dict:
         logits, lab = concatenated_logits(engine, batch)
         logps, counts = sequence_logps(logits, lab)
         held = anchored_labels(batch, lab)[:, 1:] != IGNORE
-        return logps, counts, ref_logps, (vocab_kl(logits[:b, :-1], ref_logits[:, :-1]) * held).sum(-1)
+        kl = kl_from_log_probs(log_probs(logits[:b, :-1]), log_probs(ref_logits[:, :-1]))
+        return logps, counts, ref_logps, (kl * held).sum(-1)
 
     fn = forward_pair if mode == "shared" else separate
     times = []
@@ -69,8 +70,8 @@ def one(mode: str, vocab: int) -> dict:
         (logps.sum() + kl.sum()).backward()
         times.append(time.perf_counter() - t)
         policy.zero_grad(set_to_none=True)
-    return {"ms": 1000 * statistics.median(times[1:]), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "kl": float(kl.sum())}
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms": 1000 * statistics.median(times[1:]), "rss_mb": rss_mb, "kl": float(kl.sum())}
 
 
 def main() -> None:

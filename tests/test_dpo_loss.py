@@ -17,7 +17,7 @@ from utils.data import load_file
 from utils.encoding import IGNORE, Encoder
 from utils.model import disable_dropout
 from utils.pairs import collate_pairs, encode_pairs
-from utils.losses import chosen_nll_loss, dpo_loss, shifted_log_probs, token_kl_sums, vocab_kl
+from utils.losses import chosen_nll_loss, dpo_loss, kl_from_log_probs, log_probs, shifted_log_probs, token_kl_sums
 
 # Three pairs used by every hand-derived example:
 #   policy chosen / rejected  [-1, -2, -3] / [-2, -2, -1]
@@ -265,7 +265,7 @@ def test_precomputed_reference_sharded_over_ranks(tiny_dir, tokenizer_of, monkey
 def test_forward_pair_shares_one_log_softmax_and_matches_the_separate_formulas(tiny_dir, tokenizer_of):
     """With the anchor on, forward_pair computes each model's log-softmax once and reads both the sequence
     log-probs and the chosen rows' KL from it: the same numbers (and policy gradient) as the separate
-    formulas, sequence log-probs of each model's own forward and vocab_kl per anchored chosen token."""
+    formulas, sequence log-probs of each model's own forward and the KL per anchored chosen token."""
     enc, items = _pairs(tokenizer_of("llama"), 5)
     policy, ref = _policy_and_ref(tiny_dir("llama"))
     batch = collate_pairs(items, enc.pad_id)
@@ -282,7 +282,7 @@ def test_forward_pair_shares_one_log_softmax_and_matches_the_separate_formulas(t
         ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:b]
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:b]
     held = anchored_labels(batch, batch["labels"])[:, 1:] != IGNORE  # the full-width labels: every position
-    want_kl = (vocab_kl(logits[:, :-1], ref_logits[:, :-1]) * held).sum(-1)
+    want_kl = (kl_from_log_probs(log_probs(logits[:, :-1]), log_probs(ref_logits[:, :-1])) * held).sum(-1)
     (want_logps.sum() + want_kl.sum()).backward()
 
     assert kl.shape == (b,) and float(kl.detach().min()) > 0  # the policy differs from the reference at every row

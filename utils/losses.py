@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .rl import at_least_fp32
+
 IGNORE = -100
 
 
@@ -46,9 +48,7 @@ def step_loss_scale(world_size: int, grad_accum: int) -> float:
 
 def log_probs(logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
     """log softmax over the last axis, in at least fp32 unless fp32 is False (float64 stays float64)."""
-    if fp32:
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(at_least_fp32(logits) if fp32 else logits, dim=-1)
 
 
 def shifted_log_probs(logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
@@ -141,19 +141,14 @@ def chosen_nll_loss(policy_chosen_logps: torch.Tensor, num_tokens: float | torch
     return nll_sum / num_tokens, {"nll_sum": nll_sum.item()}
 
 
-def vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor, fp32: bool = True) -> torch.Tensor:
-    """The full-vocabulary KL(ref || policy) of the next token at every position (in at least fp32 unless
-    fp32 is False): logits, ref_logits [..., V] -> [...].
+def kl_from_log_probs(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary KL(ref || policy) of the next token at every position, from log-probabilities
+    normalised over the last axis (log_probs of the logits): [..., V] -> [...].
 
         KL_t = sum_v ref(v | x_<=t) * (log ref(v | x_<=t) - log pi(v | x_<=t))
 
     Unlike the log-probability of the sampled or labelled token, it also sees probability moved among the
     other tokens (a preferred word's pieces gaining where the label is a copied noun)."""
-    return kl_from_log_probs(log_probs(logits, fp32), log_probs(ref_logits, fp32))
-
-
-def kl_from_log_probs(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """vocab_kl from log-probabilities already normalised over the last axis: [..., V] -> [...]."""
     return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
 
 

@@ -26,7 +26,7 @@ import torch
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     # exp() of a bf16/fp16 log-ratio loses most of its precision; float64 inputs stay float64.
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -158,7 +158,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
           a biased estimate of the gradient of the KL its value estimates (GRPO's choice; the two
           agree to first order near pi = pi_ref).
     """
-    log_ratio = _at_least_fp32(logp) - _at_least_fp32(ref_logp)
+    log_ratio = at_least_fp32(logp) - at_least_fp32(ref_logp)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
@@ -177,7 +177,7 @@ def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, action_mask: torch.Ten
     turn into NaN (and so would its gradient). Differentiable in logp.
     """
     valid = action_mask.bool()
-    same = torch.where(valid, _at_least_fp32(ref_logp), _at_least_fp32(logp).detach())
+    same = torch.where(valid, at_least_fp32(ref_logp), at_least_fp32(logp).detach())
     return torch.where(valid, kl_penalty(logp, same, estimator), torch.zeros_like(same))
 
 
@@ -205,7 +205,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
     logits[:, t] must be the distribution that produced tokens[:, t] (callers shift by one).
     """
-    logits = _at_least_fp32(logits)
+    logits = at_least_fp32(logits)
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -255,7 +255,7 @@ def compute_rewards(
     Returns (rewards [B, T], kl [B, T], stats). `kl` is the masked per-token estimate used in the
     penalty, so the KL that is reported is the KL that is trained with (pitfalls.md item 12).
     """
-    mask = action_mask.to(_at_least_fp32(logp).dtype)
+    mask = action_mask.to(at_least_fp32(logp).dtype)
     kl = masked_kl(logp, ref_logp, action_mask, estimator) * mask
     if clip_reward_value is not None:
         score = score.clamp(-clip_reward_value, clip_reward_value)
@@ -314,7 +314,7 @@ def group_stats(scores: torch.Tensor, group_ids: torch.Tensor):
       equal  True where every score of the group is the same (no learning signal)
     Computed in float64 and returned in the scores' dtype (at least fp32).
     """
-    dtype = _at_least_fp32(scores).dtype
+    dtype = at_least_fp32(scores).dtype
     x = scores.detach().to(torch.float64)
     _, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     G = counts.numel()
@@ -338,7 +338,7 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, scale_by_std:
     whose scores are all equal gets exactly 0 (no NaN, no eps-sized noise).
     """
     st = group_stats(scores, group_ids)
-    adv = _at_least_fp32(scores) - st["mean"]
+    adv = at_least_fp32(scores) - st["mean"]
     if scale_by_std:
         adv = adv / (st["std"] + eps)
     return torch.where(st["equal"], torch.zeros_like(adv), adv)
@@ -358,7 +358,7 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor):
         raise ValueError("rloo needs at least 2 answers per group")
     k = st["size"].to(st["mean"].dtype)
     total = st["mean"] * k
-    adv = _at_least_fp32(scores) - (total - _at_least_fp32(scores)) / (k - 1)
+    adv = at_least_fp32(scores) - (total - at_least_fp32(scores)) / (k - 1)
     return torch.where(st["equal"], torch.zeros_like(adv), adv)
 
 
@@ -366,8 +366,8 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor):
 def discounted_returns(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = sum_{s >= t} gamma^(s - t) r_s over the answer's own tokens. rewards, action_mask [B, T] ->
     [B, T], 0 under the mask (padding never contributes)."""
-    mask = action_mask.to(_at_least_fp32(rewards).dtype)
-    rewards = _at_least_fp32(rewards) * mask
+    mask = action_mask.to(at_least_fp32(rewards).dtype)
+    rewards = at_least_fp32(rewards) * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[-1])):
@@ -417,7 +417,7 @@ def policy_loss(
     Token-level mean over action_mask. Stats: clipfrac (share of tokens where the clipped term is
     active), approx_kl (k3 estimate of KL(old || new): mean((ratio - 1) - log ratio)), ratio_mean.
     """
-    mask = action_mask.to(_at_least_fp32(logp).dtype)
+    mask = action_mask.to(at_least_fp32(logp).dtype)
     per_token, terms = policy_loss_per_token(logp, old_logp, advantages, cliprange)
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
@@ -436,7 +436,7 @@ def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages
     terms holds detached [B, T] tensors: clipped (1.0 where the clipped term is active), approx_kl
     ((r - 1) - log r) and ratio. Reduce with aggregate_loss / masked_mean.
     """
-    log_ratio = _at_least_fp32(logp) - _at_least_fp32(old_logp)
+    log_ratio = at_least_fp32(logp) - at_least_fp32(old_logp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -460,7 +460,7 @@ def value_loss(
       loss   = 0.5 * mean_masked( max((values - R)^2, (v_clip - R)^2) )
     Stats: value_clipfrac (share of tokens where the clipped term is larger), value_mean.
     """
-    mask = action_mask.to(_at_least_fp32(values).dtype)
+    mask = action_mask.to(at_least_fp32(values).dtype)
     per_token, clipped = value_loss_per_token(values, old_values, returns, cliprange_value)
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
@@ -520,7 +520,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     H = logsumexp(z) - sum_i softmax(z)_i * z_i, which never takes the log of a probability, so it
     stays finite for large logits; -inf logits (banned tokens) contribute 0 instead of NaN.
     """
-    logits = _at_least_fp32(logits)
+    logits = at_least_fp32(logits)
     probs = torch.softmax(logits, dim=-1)
     weighted = torch.where(probs > 0, probs * logits, torch.zeros_like(logits))
     return torch.logsumexp(logits, dim=-1) - weighted.sum(dim=-1)
