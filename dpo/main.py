@@ -16,16 +16,16 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from dpo.trainer import precompute_reference, train
-from utils import ds, packing
+from utils import ds
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
 from utils.lr import lr_help
 from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
-from utils.negatives import NegativeArgs, with_synthetic_negatives
-from utils.pairs import collate_pairs, encode_pairs
-from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
+from utils.negatives import NegativeArgs
+from utils.pairs import collate_pairs
+from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_items, start_run
 
 
 @dataclass
@@ -111,15 +111,8 @@ def main(argv=None) -> None:
     rank, world = ds.init_distributed(args.seed)
 
     # Data: chosen and rejected are each prompt + reply with only the reply and its EOS labelled.
-    tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
-    if args.packing:
-        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
-    train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
-    eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
-    train_items = with_synthetic_negatives(train_items, args.synthetic_negatives, args.synthetic_negative_kinds,
-                                           encoder.eos_id, encoder.max_seq_len, args.seed, ds.print0)
-    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
-              f"eval_pairs={len(eval_items)} world={world} loss={args.loss_type} beta={args.beta}")
+    tokenizer, encoder, train_items, eval_items = load_step_items(
+        args, "pairs", world, f" loss={args.loss_type} beta={args.beta}")
 
     # Reference: live engine, or log-probs attached to every item and the model freed.
     ref = load_reference(args, tokenizer, world)

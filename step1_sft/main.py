@@ -9,14 +9,13 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate, train
-from utils import ds, packing
+from utils import ds
 from utils.args import SHARED_GROUPS, args_record, parse
-from utils.encoding import encode_all
 from utils.errors import exit_on_user_error
 from utils.lr import lr_help
 from utils.model import load_model, prepare_model, save_hf
 from utils.output import check_output_dir, partial_dir
-from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
+from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_items, start_run
 
 DROPOUT_HELP = "set every dropout rate of the model to 0 while training (the saved config keeps its values)"
 
@@ -36,13 +35,7 @@ def main(argv=None) -> None:
     rank, world = ds.init_distributed(args.seed)
 
     # Data: read and validate everything before the model is touched, so bad input fails fast.
-    tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "sft")
-    if args.packing:
-        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
-    train_items = encode_all(train_samples, lambda s: (encoder.encode_sft(s),), encoder, "train", ds.print0).items
-    eval_items = encode_all(eval_samples, lambda s: (encoder.encode_sft(s),), encoder, "eval", ds.print0).items
-    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train={len(train_items)} "
-              f"eval={len(eval_items)} world={world}")
+    tokenizer, encoder, train_items, eval_items = load_step_items(args, "sft", world)
 
     # Model and engine.
     cfg = ds_config_from_args(args, world)

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 from transformers.utils import logging as hf_logging
 
 from step2_reward.trainer import train
-from utils import ds, packing
+from utils import ds
 from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.lr import lr_help
 from utils.model import prepare_model, save_hf
-from utils.negatives import NegativeArgs, with_synthetic_negatives
+from utils.negatives import NegativeArgs
 from utils.output import check_output_dir, partial_dir
-from utils.pairs import collate_pairs, encode_pairs
+from utils.pairs import collate_pairs
 from utils.reward import export_pad_token_id, load_reward_model
-from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_data, start_run
+from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_items, start_run
 
 
 @dataclass
@@ -51,15 +51,7 @@ def main(argv=None) -> None:
     rank, world = ds.init_distributed(args.seed)
 
     # Data: read and validate everything before the model is touched, so bad input fails fast.
-    tokenizer, encoder, train_samples, eval_samples = load_step_data(args, "pairs")
-    if args.packing:
-        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
-    train_items = encode_pairs(train_samples, encoder, "train", ds.print0)
-    eval_items = encode_pairs(eval_samples, encoder, "eval", ds.print0)
-    train_items = with_synthetic_negatives(train_items, args.synthetic_negatives, args.synthetic_negative_kinds,
-                                           encoder.eos_id, encoder.max_seq_len, args.seed, ds.print0)
-    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train_pairs={len(train_items)} "
-              f"eval_pairs={len(eval_items)} world={world}")
+    tokenizer, encoder, train_items, eval_items = load_step_items(args, "pairs", world)
 
     # Model and engine.
     cfg = ds_config_from_args(args, world)

@@ -8,28 +8,43 @@ import os
 
 import torch
 
-from . import ds
+from . import ds, packing
 from .args import args_record, resolve_data_settings
 from .data import load_splits
-from .encoding import Encoder
+from .encoding import Encoder, encode_all
 from .errors import UserError
 from .lr import scaled_lr
 from .metrics import MetricsLogger
 from .model import check_positions, load_tokenizer
+from .negatives import with_synthetic_negatives
 from .output import finish_output_dir, partial_dir, prepare_partial
+from .pairs import encode_pairs
 from .stream import StepStream
 
 
-def load_step_data(args, kind: str):
-    """(tokenizer, encoder, train samples, eval samples) of a one-model step, read and validated before
-    any model is loaded so bad input fails fast. Template and max_seq_len come from the flags, else
-    from the input model's args.json."""
+def load_step_items(args, kind: str, world: int, note: str = ""):
+    """(tokenizer, encoder, train items, eval items) of a one-model step, read, validated and encoded
+    before any model is loaded so bad input fails fast. kind "sft": prompt/response rows; "pairs":
+    preference pairs (plus --synthetic_negatives where the step has that flag). Template and max_seq_len
+    come from the flags, else from the input model's args.json."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
     check_positions(args.model_name_or_path, max_seq_len, "--max_seq_len", trust_remote_code=args.trust_remote_code)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
     train, evals = load_splits(args.data_path, args.eval_data_path, args.eval_fraction, args.seed, kind,
                                log=ds.print0)
+    if args.packing:
+        packing.check_supported(args.model_name_or_path, args.trust_remote_code)
+    if kind == "sft":
+        train, evals = (encode_all(rows, lambda s: (encoder.encode_sft(s),), encoder, what, ds.print0).items
+                        for rows, what in ((train, "train"), (evals, "eval")))
+        counts = f"train={len(train)} eval={len(evals)}"
+    else:
+        train, evals = encode_pairs(train, encoder, "train", ds.print0), encode_pairs(evals, encoder, "eval", ds.print0)
+        train = with_synthetic_negatives(train, args.synthetic_negatives, args.synthetic_negative_kinds,
+                                         encoder.eos_id, encoder.max_seq_len, args.seed, ds.print0)
+        counts = f"train_pairs={len(train)} eval_pairs={len(evals)}"
+    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} {counts} world={world}{note}")
     return tokenizer, encoder, train, evals
 
 
