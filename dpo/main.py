@@ -21,11 +21,11 @@ from utils.args import SHARED_GROUPS, arg, args_record, parse
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import DPO_LOSS_TYPES
 from utils.lr import lr_help
-from utils.model import disable_dropout, load_model, load_tokenizer, prepare_model, save_hf
+from utils.model import disable_dropout, load_model, load_tokenizer, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.negatives import NegativeArgs
 from utils.pairs import collate_pairs
-from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_items, start_run
+from utils.train import finish_run, init_causal_lm_engine, load_step_items, start_run
 
 
 @dataclass
@@ -128,13 +128,8 @@ def main(argv=None) -> None:
         ds.print0("reference log-probs precomputed; reference model freed")
 
     # Policy and engine.
-    cfg = ds_config_from_args(args, world)
-    model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, zero3_config=cfg)
-    model = prepare_model(model, args)
-    engine, stream, resolved = init_engine_from_args(
-        args, "dpo", model, cfg, train_items, lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), encoder,
-        world)
+    engine, stream, resolved = init_causal_lm_engine(
+        args, "dpo", train_items, lambda b: collate_pairs(b, encoder.pad_id, pack=args.packing), encoder, world)
     total_steps = resolved["total_steps"]
 
     # Train and save.

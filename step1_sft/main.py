@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate, train
@@ -13,9 +12,9 @@ from utils import ds
 from utils.args import SHARED_GROUPS, args_record, parse
 from utils.errors import exit_on_user_error
 from utils.lr import lr_help
-from utils.model import load_model, prepare_model, save_hf
+from utils.model import save_hf
 from utils.output import check_output_dir, partial_dir
-from utils.train import ds_config_from_args, finish_run, init_engine_from_args, load_step_items, start_run
+from utils.train import finish_run, init_causal_lm_engine, load_step_items, start_run
 
 DROPOUT_HELP = "set every dropout rate of the model to 0 while training (the saved config keeps its values)"
 
@@ -38,11 +37,7 @@ def main(argv=None) -> None:
     tokenizer, encoder, train_items, eval_items = load_step_items(args, "sft", world)
 
     # Model and engine.
-    cfg = ds_config_from_args(args, world)
-    model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, zero3_config=cfg)
-    model = prepare_model(model, args)
-    engine, stream, resolved = init_engine_from_args(args, "sft", model, cfg, train_items,
+    engine, stream, resolved = init_causal_lm_engine(args, "sft", train_items,
                                                      lambda b: collate(b, encoder.pad_id, args.packing), encoder, world)
     total_steps = resolved["total_steps"]
 

@@ -7,6 +7,7 @@ import math
 import os
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from . import ds, packing
 from .args import args_record, resolve_data_settings
@@ -15,7 +16,7 @@ from .encoding import Encoder, encode_all
 from .errors import UserError
 from .lr import scaled_lr
 from .metrics import MetricsLogger
-from .model import check_positions, load_tokenizer
+from .model import check_positions, load_model, load_tokenizer, prepare_model
 from .negatives import with_synthetic_negatives
 from .output import finish_output_dir, partial_dir, prepare_partial
 from .pairs import encode_pairs
@@ -73,6 +74,15 @@ def init_engine_from_args(args, step: str, model, cfg: dict, items: list, collat
     resolved = {"template": encoder.template, "max_seq_len": encoder.max_seq_len, "world_size": world,
                 "total_steps": total_steps, "step": step, "learning_rate": lr}
     return engine, stream, resolved
+
+
+def init_causal_lm_engine(args, step: str, items: list, collate_fn, encoder, world: int):
+    """init_engine_from_args for a step that trains a causal LM from --model_name_or_path (SFT, DPO):
+    the model loaded (under ZeRO-3 straight into its shards) and prepared (LoRA, frozen parts, dropout)."""
+    cfg = ds_config_from_args(args, world)
+    model = load_model(AutoModelForCausalLM, args.model_name_or_path, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code, zero3_config=cfg)
+    return init_engine_from_args(args, step, prepare_model(model, args), cfg, items, collate_fn, encoder, world)
 
 
 def start_run(args, total_steps: int, resolved: dict) -> MetricsLogger:
