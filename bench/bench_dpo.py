@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -62,13 +61,8 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
 
 
 def run_trl(a, python: str, model_dir: str, texts: str, out: str, precompute: bool) -> dict:
-    cmd = [python, os.path.abspath(__file__), "--worker", "trl", "--model_dir", model_dir, "--texts", texts,
-           "--out", out, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows),
-           "--threads", str(a.threads)] + ["--precompute"] * precompute
-    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
-    res = common.worker_json(p, "TRL DPO worker")
-    res["rss_mb"] = rss
-    return res
+    return common.run_trl_worker(__file__, a, python, "DPO", ["--model_dir", model_dir, "--texts", texts, "--out", out]
+                                 + ["--precompute"] * precompute)
 
 
 def trl_worker(a) -> None:
@@ -128,8 +122,7 @@ def main() -> None:
     ap.add_argument("--runners", default="ours,ours_pre,ours_pre_packed,ours_2ranks,trl,trl_pre",
                     help="comma list of: ours, ours_pre, ours_packed, ours_pre_packed, ours_2ranks, trl, trl_pre "
                          "(_pre: precomputed reference log-probs)")
-    ap.add_argument("--trl_python", default=None, help="interpreter with trl installed (default: this one if it "
-                                                      f"imports trl, else {common.TRL_VENV_PYTHON})")
+    ap.add_argument("--trl_python", default=None, help=common.TRL_HELP)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model_dir", help=argparse.SUPPRESS)
@@ -141,22 +134,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker == "trl":
         return trl_worker(a)
-    realistic = a.size == "realistic"
-    a.corpus = realistic if a.corpus is None else a.corpus
-    a.batch = a.batch or (4 if realistic else 8)
-    a.window = a.window or (3 if realistic else 10)
-
-    load0 = common.load_average()
-    peak = common.peaks(a.threads)
-    work = tempfile.mkdtemp(prefix="bench_dpo_")
-    model_dir = common.make_model(work, a.size)
-    stats = common.model_stats(model_dir)
-    data = a.data or os.path.join(REPO, "data", "preference.jsonl")
-    if a.corpus and not a.data:
-        from utils.model import load_tokenizer
-
-        data = os.path.join(work, "pairs.jsonl")
-        common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
+    load0, peak, work, model_dir, stats, data = common.bench_inputs(a, "dpo", "pairs", "preference.jsonl")
     texts = os.path.join(work, "texts.jsonl")
     lengths = texts_and_lengths(model_dir, data, a.max_seq_len, texts, a.batch, a.window * (a.windows + 1))
     lengths = common.timed_items(lengths, a.batch, a.window, a.windows)
@@ -186,7 +164,7 @@ def main() -> None:
                 a, model_dir, data, os.path.join(work, f"{name}-{rep}"), ranks, extra))
         elif name in trl:
             if trl_py is None:
-                print("trl: no interpreter with trl found (pass --trl_python): no comparison")
+                print(common.NO_TRL)
                 continue
             label, pre = trl[name]
             runners[label] = (lambda rep, name=name, pre=pre: run_trl(a, trl_py, model_dir, texts,

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -55,13 +54,8 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str) -> dict:
-    cmd = [python, os.path.abspath(__file__), "--worker", "trl", "--model_dir", model_dir, "--encoded", encoded,
-           "--out", out, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows),
-           "--threads", str(a.threads)] + ["--trl_defaults"] * a.trl_defaults
-    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
-    res = common.worker_json(p, "TRL reward worker")
-    res["rss_mb"] = rss
-    return res
+    return common.run_trl_worker(__file__, a, python, "reward", ["--model_dir", model_dir, "--encoded", encoded,
+                                                                 "--out", out] + ["--trl_defaults"] * a.trl_defaults)
 
 
 def trl_worker(a) -> None:
@@ -120,8 +114,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
     ap.add_argument("--runners", default="ours,ours_packed,ours_shared,ours_2ranks,trl",
                     help="comma list of: ours, ours_packed, ours_shared, ours_2ranks, trl")
-    ap.add_argument("--trl_python", default=None, help="interpreter with trl installed (default: this one if it "
-                                                      f"imports trl, else {common.TRL_VENV_PYTHON})")
+    ap.add_argument("--trl_python", default=None, help=common.TRL_HELP)
     ap.add_argument("--trl_defaults", action="store_true",
                     help="run TRL with RewardConfig's own defaults (bf16 autocast, gradient checkpointing)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -134,22 +127,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker == "trl":
         return trl_worker(a)
-    realistic = a.size == "realistic"
-    a.corpus = realistic if a.corpus is None else a.corpus
-    a.batch = a.batch or (4 if realistic else 8)
-    a.window = a.window or (3 if realistic else 10)
-
-    load0 = common.load_average()
-    peak = common.peaks(a.threads)
-    work = tempfile.mkdtemp(prefix="bench_reward_")
-    model_dir = common.make_model(work, a.size)
-    stats = common.model_stats(model_dir, reward=True)
-    data = a.data or os.path.join(REPO, "data", "preference.jsonl")
-    if a.corpus and not a.data:
-        from utils.model import load_tokenizer
-
-        data = os.path.join(work, "pairs.jsonl")
-        common.make_corpus(data, load_tokenizer(model_dir), "pairs", a.corpus_size, 16, a.max_seq_len - 32)
+    load0, peak, work, model_dir, stats, data = common.bench_inputs(a, "reward", "pairs", "preference.jsonl",
+                                                                    reward=True)
     encoded = os.path.join(work, "encoded.jsonl")
     lengths = encode_pairs_file(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
     lengths = common.timed_items(lengths, a.batch, a.window, a.windows)
@@ -175,7 +154,7 @@ def main() -> None:
                 a, model_dir, data, os.path.join(work, f"{name}-{rep}"), ranks, extra))
         elif name == "trl":
             if trl_py is None:
-                print("trl: no interpreter with trl found (pass --trl_python): no comparison")
+                print(common.NO_TRL)
                 continue
             trl_name = "trl RewardTrainer, 1 process" + (" (its defaults)" if a.trl_defaults else "")
             runners[trl_name] = lambda rep: run_trl(a, trl_py, model_dir, encoded, os.path.join(work, f"trl-{rep}"))

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -69,13 +68,8 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, packing: bool, 
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str, padding_free: bool = False) -> dict:
-    cmd = [python, os.path.abspath(__file__), "--worker", "trl", "--model_dir", model_dir, "--encoded", encoded,
-           "--out", out, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows),
-           "--threads", str(a.threads)] + ["--padding_free"] * padding_free
-    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
-    res = common.worker_json(p, "TRL SFT worker")
-    res["rss_mb"] = rss
-    return res
+    return common.run_trl_worker(__file__, a, python, "SFT", ["--model_dir", model_dir, "--encoded", encoded,
+                                                              "--out", out] + ["--padding_free"] * padding_free)
 
 
 def trl_worker(a) -> None:
@@ -179,8 +173,7 @@ def main() -> None:
     ap.add_argument("--runners", default="ours,ours_packed,ours_2ranks,trl,torch",
                     help="comma list of: ours, ours_packed, ours_2ranks, ours_2ranks_packed, trl, trl_padding_free, "
                          "torch (a bare PyTorch loop on the same batches: what any eager trainer can reach)")
-    ap.add_argument("--trl_python", default=None, help="interpreter with trl installed (default: this one if it "
-                                                      f"imports trl, else {common.TRL_VENV_PYTHON})")
+    ap.add_argument("--trl_python", default=None, help=common.TRL_HELP)
     ap.add_argument("--memory", action="store_true", help="only the peak-RSS table (2 ranks, ZeRO-0/2/3, offload)")
     ap.add_argument("--json", default=None, help="also write the results here")
     # worker mode (internal)
@@ -196,22 +189,7 @@ def main() -> None:
         return trl_worker(a)
     if a.worker == "torch":
         return torch_worker(a)
-    realistic = a.size == "realistic"
-    a.corpus = realistic if a.corpus is None else a.corpus
-    a.batch = a.batch or (8 if realistic else 16)
-    a.window = a.window or (3 if realistic else 10)
-
-    load0 = common.load_average()
-    peak = common.peaks(a.threads)
-    work = tempfile.mkdtemp(prefix="bench_sft_")
-    model_dir = common.make_model(work, a.size)
-    stats = common.model_stats(model_dir)
-    data = a.data or os.path.join(REPO, "data", "sft.jsonl")
-    if a.corpus and not a.data:
-        from utils.model import load_tokenizer
-
-        data = os.path.join(work, "corpus.jsonl")
-        common.make_corpus(data, load_tokenizer(model_dir), "sft", a.corpus_size, 16, a.max_seq_len - 32)
+    load0, peak, work, model_dir, stats, data = common.bench_inputs(a, "sft", "sft", "sft.jsonl")
     encoded = os.path.join(work, "encoded.jsonl")
     lengths = encode_corpus(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
     timed = common.timed_items(lengths, a.batch, a.window, a.windows)
@@ -240,7 +218,7 @@ def main() -> None:
             runners["plain PyTorch loop, 1 process (floor)"] = lambda rep: run_torch(a, model_dir, encoded)
         elif name.startswith("trl"):
             if trl_py is None:
-                print("trl: no interpreter with trl found (pass --trl_python): no comparison")
+                print(common.NO_TRL)
                 continue
             pf = name == "trl_padding_free"
             runners[f"trl SFTTrainer, 1 process{', padding_free' if pf else ''}"] = (

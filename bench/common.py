@@ -25,10 +25,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRL_VENV_PYTHON = "/work/venv-trl/bin/python"
+TRL_VENV_PYTHON = os.path.join(REPO, ".venv-trl", "bin", "python")  # made by bench/setup_trl.sh
+TRL_HELP = f"interpreter with trl installed (default: this one if it imports trl, else {TRL_VENV_PYTHON}, which " \
+           "`bash bench/setup_trl.sh` makes)"
+NO_TRL = "trl: no interpreter with trl found (run `bash bench/setup_trl.sh`, or pass --trl_python): no comparison"
 
 
 # ----------------------------------------------------------------------------- machine
@@ -150,6 +154,40 @@ def ratios(medians: dict, pairs: list[tuple[str, str]]) -> None:
     for ours, theirs in pairs:
         if ours in medians and theirs in medians:
             print(f"ratio {ours} / {theirs}: {medians[ours] / medians[theirs]:.2f}x")
+
+
+def bench_inputs(a, step: str, kind: str, default_data: str, reward: bool = False):
+    """The start of a training bench: the batch and window defaults of its size, the load average, the
+    measured matmul peaks, a work directory, the model and its stats, and the data (the flag, else the
+    generated variable-length corpus of `kind`, sft or pairs, else `default_data`). Returns (load0,
+    peak, work, model_dir, stats, data)."""
+    realistic = a.size == "realistic"
+    a.corpus = realistic if a.corpus is None else a.corpus
+    a.batch = a.batch or ((8 if realistic else 16) if kind == "sft" else (4 if realistic else 8))
+    a.window = a.window or (3 if realistic else 10)
+    load0 = load_average()
+    peak = peaks(a.threads)
+    work = tempfile.mkdtemp(prefix=f"bench_{step}_")
+    model_dir = make_model(work, a.size)
+    stats = model_stats(model_dir, reward=reward)
+    data = a.data or os.path.join(REPO, "data", default_data)
+    if a.corpus and not a.data:
+        from utils.model import load_tokenizer
+
+        data = os.path.join(work, "corpus.jsonl" if kind == "sft" else "pairs.jsonl")
+        make_corpus(data, load_tokenizer(model_dir), kind, a.corpus_size, 16, a.max_seq_len - 32)
+    return load0, peak, work, model_dir, stats, data
+
+
+def run_trl_worker(script: str, a, python: str, what: str, flags: list) -> dict:
+    """Run `script --worker trl FLAGS` (the bench's TRL side) under `python` with the bench's batch,
+    windows and threads; its JSON result with the process's peak RSS added."""
+    cmd = [python, os.path.abspath(script), "--worker", "trl", *flags, "--batch", str(a.batch), "--window",
+           str(a.window), "--windows", str(a.windows), "--threads", str(a.threads)]
+    p, rss = run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+    res = worker_json(p, f"TRL {what} worker")
+    res["rss_mb"] = rss
+    return res
 
 
 def trl_python(flag: str | None) -> str | None:
