@@ -100,30 +100,11 @@ def trl_worker(a) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="tiny", choices=list(common.SIZES), help="model size (bench/common.py)")
-    ap.add_argument("--data", default=None, help="preference pairs; default: data/preference.jsonl, or a generated "
-                                                 "variable-length corpus for realistic")
-    ap.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=None,
-                    help="use the generated variable-length corpus (default: on for realistic)")
-    ap.add_argument("--corpus_size", type=int, default=300)
-    ap.add_argument("--max_seq_len", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=None, help="pairs per optimizer step (8 tiny, 4 realistic)")
-    ap.add_argument("--window", type=int, default=None, help="steps per timing window (10 tiny, 3 realistic)")
-    ap.add_argument("--windows", type=int, default=3, help="timed windows per run (after one warm-up window)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
-    ap.add_argument("--runners", default="ours,ours_packed,ours_shared,ours_2ranks,trl",
-                    help="comma list of: ours, ours_packed, ours_shared, ours_2ranks, trl")
-    ap.add_argument("--trl_python", default=None, help=common.TRL_HELP)
+    ap = common.bench_parser(__doc__, "pairs", "ours,ours_packed,ours_shared,ours_2ranks,trl",
+                             "comma list of: ours, ours_packed, ours_shared, ours_2ranks, trl", "preference.jsonl")
     ap.add_argument("--trl_defaults", action="store_true",
                     help="run TRL with RewardConfig's own defaults (bf16 autocast, gradient checkpointing)")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model_dir", help=argparse.SUPPRESS)
     ap.add_argument("--encoded", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
     a = ap.parse_args()
     if a.worker == "trl":
         return trl_worker(a)

@@ -158,31 +158,12 @@ def torch_worker(a) -> None:
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="tiny", choices=list(common.SIZES), help="model size (bench/common.py)")
-    ap.add_argument("--data", default=None, help="SFT data; default: data/sft.jsonl for tiny/small, a generated "
-                                                 "variable-length corpus for realistic")
-    ap.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=None,
-                    help="use the generated variable-length corpus (default: on for realistic)")
-    ap.add_argument("--corpus_size", type=int, default=400, help="records in the generated corpus")
-    ap.add_argument("--max_seq_len", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=None, help="samples per optimizer step (16 tiny, 8 realistic)")
-    ap.add_argument("--window", type=int, default=None, help="steps per timing window (10 tiny, 3 realistic)")
-    ap.add_argument("--windows", type=int, default=3, help="timed windows per run (after one warm-up window)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
-    ap.add_argument("--runners", default="ours,ours_packed,ours_2ranks,trl,torch",
-                    help="comma list of: ours, ours_packed, ours_2ranks, ours_2ranks_packed, trl, trl_padding_free, "
-                         "torch (a bare PyTorch loop on the same batches: what any eager trainer can reach)")
-    ap.add_argument("--trl_python", default=None, help=common.TRL_HELP)
+    ap = common.bench_parser(__doc__, "sft", "ours,ours_packed,ours_2ranks,trl,torch",
+                             "comma list of: ours, ours_packed, ours_2ranks, ours_2ranks_packed, trl, trl_padding_free, "
+                             "torch (a bare PyTorch loop on the same batches: what any eager trainer can reach)",
+                             "sft.jsonl")
     ap.add_argument("--memory", action="store_true", help="only the peak-RSS table (2 ranks, ZeRO-0/2/3, offload)")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    # worker mode (internal)
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model_dir", help=argparse.SUPPRESS)
     ap.add_argument("--encoded", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
     ap.add_argument("--padding_free", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "trl":

@@ -156,6 +156,35 @@ def ratios(medians: dict, pairs: list[tuple[str, str]]) -> None:
             print(f"ratio {ours} / {theirs}: {medians[ours] / medians[theirs]:.2f}x")
 
 
+def bench_parser(doc: str, kind: str, runners: str, runners_help: str, data_file: str):
+    """The flags the three training benches share; kind "sft" (samples) or "pairs". The caller adds its
+    own and the worker's (--worker, --model_dir and its input file are the TRL/torch worker's)."""
+    import argparse
+
+    unit, batch, corpus = ("samples", "16 tiny, 8 realistic", 400) if kind == "sft" else ("pairs", "8 tiny, 4 realistic", 300)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="tiny", choices=list(SIZES), help="model size (bench/common.py)")
+    ap.add_argument("--data", default=None, help=f"{'SFT data' if kind == 'sft' else 'preference pairs'}; default: "
+                                                 f"data/{data_file}, or a generated variable-length corpus for realistic")
+    ap.add_argument("--corpus", action=argparse.BooleanOptionalAction, default=None,
+                    help="use the generated variable-length corpus (default: on for realistic)")
+    ap.add_argument("--corpus_size", type=int, default=corpus, help="records in the generated corpus")
+    ap.add_argument("--max_seq_len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=None, help=f"{unit} per optimizer step ({batch})")
+    ap.add_argument("--window", type=int, default=None, help="steps per timing window (10 tiny, 3 realistic)")
+    ap.add_argument("--windows", type=int, default=3, help="timed windows per run (after one warm-up window)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes) per runner")
+    ap.add_argument("--runners", default=runners, help=runners_help)
+    ap.add_argument("--trl_python", default=None, help=TRL_HELP)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of every 1-process runner, ours and TRL's (default: all cores)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model_dir", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    return ap
+
+
 def bench_inputs(a, step: str, kind: str, default_data: str, reward: bool = False):
     """The start of a training bench: the batch and window defaults of its size, the load average, the
     measured matmul peaks, a work directory, the model and its stats, and the data (the flag, else the
