@@ -118,15 +118,7 @@ def main() -> None:
     load0, peak, work, model_dir, stats, data = common.bench_inputs(a, "dpo", "pairs", "preference.jsonl")
     texts = os.path.join(work, "texts.jsonl")
     lengths = texts_and_lengths(model_dir, data, a.max_seq_len, texts, a.batch, a.window * (a.windows + 1))
-    lengths = common.timed_items(lengths, a.batch, a.window, a.windows)
-    flat = [n for pair in lengths for n in pair]
-    policy = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
-    tokens_per_pair = sum(flat) / len(lengths)
-    common.header("DPO", a.threads, peak, f"load average {load0:.2f} at start")
-    print(f"model llama-{a.size}: {stats['params'] / 1e6:.2f}M parameters, fp32 | data "
-          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: the {len(lengths)} pairs of the timed windows (the same batches on every side), "
-          f"{tokens_per_pair:.0f} tokens/pair (sequences {min(flat)}-{max(flat)}) | batch {a.batch} pairs | "
-          f"{a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
+    lengths, policy, tokens_per_pair = common.describe_pairs(a, "DPO", "", stats, lengths, data, peak, load0)
 
     trl_py = common.trl_python(a.trl_python)
     ours = {"ours": ("ours, 1 process, live reference", 1, []),

@@ -112,15 +112,8 @@ def main() -> None:
                                                                     reward=True)
     encoded = os.path.join(work, "encoded.jsonl")
     lengths = encode_pairs_file(model_dir, data, a.max_seq_len, encoded, a.batch, a.window * (a.windows + 1))
-    lengths = common.timed_items(lengths, a.batch, a.window, a.windows)
-    flat = [n for pair in lengths for n in pair]
-    flops_per_pair = common.train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
-    tokens_per_pair = sum(flat) / len(lengths)
-    common.header("reward model", a.threads, peak, f"load average {load0:.2f} at start")
-    print(f"model llama-{a.size} + score head: {stats['params'] / 1e6:.2f}M parameters, fp32 | data "
-          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: the {len(lengths)} pairs of the timed windows (the same batches on every side), "
-          f"{tokens_per_pair:.0f} tokens/pair (sequences {min(flat)}-{max(flat)}) | batch {a.batch} pairs | "
-          f"{a.reps} reps x {a.windows} windows of {a.window} steps after 1 warm-up window", flush=True)
+    lengths, flops_per_pair, tokens_per_pair = common.describe_pairs(a, "reward model", " + score head", stats,
+                                                                     lengths, data, peak, load0)
 
     trl_py = common.trl_python(a.trl_python)
     names = {"ours": ("ours, 1 process", 1, []),

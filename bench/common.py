@@ -208,6 +208,22 @@ def bench_inputs(a, step: str, kind: str, default_data: str, reward: bool = Fals
     return load0, peak, work, model_dir, stats, data
 
 
+def describe_pairs(a, what: str, model: str, stats: dict, lengths: list, data: str, peak: dict, load0: float):
+    """The pair benches' timed pairs (the items of the timed windows, common.timed_items) and their
+    header lines; returns (pairs' [chosen, rejected] lengths, training FLOPs per pair, tokens per pair)."""
+    lengths = timed_items(lengths, a.batch, a.window, a.windows)
+    flat = [n for pair in lengths for n in pair]
+    flops = train_flops(stats["matmul_params"], stats["layers"], stats["width"], flat) / len(lengths)
+    tokens = sum(flat) / len(lengths)
+    header(what, a.threads, peak, f"load average {load0:.2f} at start")
+    print(f"model llama-{a.size}{model}: {stats['params'] / 1e6:.2f}M parameters, fp32 | data "
+          f"{'generated pairs' if a.corpus else os.path.relpath(data, REPO)}: the {len(lengths)} pairs of the timed "
+          f"windows (the same batches on every side), {tokens:.0f} tokens/pair (sequences "
+          f"{min(flat)}-{max(flat)}) | batch {a.batch} pairs | {a.reps} reps x {a.windows} windows of {a.window} "
+          "steps after 1 warm-up window", flush=True)
+    return lengths, flops, tokens
+
+
 def run_trl_worker(script: str, a, python: str, what: str, flags: list) -> dict:
     """Run `script --worker trl FLAGS` (the bench's TRL side) under `python` with the bench's batch,
     windows and threads; its JSON result with the process's peak RSS added."""
