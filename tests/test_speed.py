@@ -103,3 +103,21 @@ def test_bench_generate_decode_loop_gives_generates_tokens(tiny_dir):
                               eos_token_id=tok.eos_token_id, pad_token_id=pad)[:, 12:]
     got = decode_loop(model, ids, mask, 10, tok.eos_token_id, pad)
     assert torch.equal(got, want[:, :got.shape[1]]) and got.shape[1] >= 1
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(REPO, "bench"))
+                                          if f.endswith(".py") and f not in ("common.py", "table.py")))
+def test_every_bench_script_imports_and_parses_its_flags(script, monkeypatch, capsys):
+    """The benches are not run by the tests (they take minutes); their `--help` is, in process, so a
+    refactor of what they import (bench/common.py, the programs' helpers) cannot break one unseen."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_script_{script[:-3]}", os.path.join(REPO, "bench", script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
