@@ -280,3 +280,25 @@ def run_stopped(script: str, args: list[str], out: str, after: int, sig=signal.S
     stopped = re.findall(r"stopped after step (\d+)", output)  # a launch script logs the job elsewhere
     step = int(stopped[-1]) if stopped else max(checkpoints_of(out), default=None)
     return {"rc": rc, "seconds": seconds, "output": output, "step": step}
+
+
+class PlainEngine:
+    """What the pipeline needs of a DeepSpeed engine, around a plain model (ZeRO-0 semantics)."""
+
+    def __init__(self, module, stage: int = 0):
+        self.module, self.stage, self.optimizer = module, stage, None
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
+
+    def __getattr__(self, name):  # DeepSpeedEngine forwards unknown attributes to its module too
+        return getattr(self.module, name)
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)

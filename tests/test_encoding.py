@@ -298,7 +298,7 @@ def test_a_special_tokens_text_in_a_message_skips_the_sample_and_says_so(tokeniz
     assert logs == [f"train: skipped 1 of 2 samples whose text contains {end!r} (first: f.jsonl:2), the text of a "
                     "special token, which the tokenizer would read as that token; remove or escape it in the data "
                     "to keep them"]
-    with pytest.raises(UserError, match=f"train: every sample contains a special token's text .*f.jsonl:2"):
+    with pytest.raises(UserError, match="train: every sample contains a special token's text .*f.jsonl:2"):
         encode_all([bad], lambda s: (enc.encode_sft(s),), enc, "train", logs.append)
     assert enc.special_text(Sample(prompt=(USER,), chosen=bad.chosen), prompt_only=True) is None  # PPO: prompts only
     text = Sample(text=f"One document.{tok.eos_token}Another one.")

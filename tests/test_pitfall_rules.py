@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PlainEngine
 from step3_ppo.config import GROUPS, REQUIRED, resolve_algorithm
 from utils import ds
 from utils.args import parse
@@ -20,28 +21,6 @@ from utils.encoding import IGNORE, Encoder
 
 PPO_BASE = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
             "--output_dir", "o"]
-
-
-class PlainEngine:
-    """What the pipeline needs of a DeepSpeed engine, around a plain model (ZeRO-0 semantics)."""
-
-    def __init__(self, module, stage: int = 0):
-        self.module, self.stage, self.optimizer = module, stage, None
-
-    def __call__(self, *a, **k):
-        return self.module(*a, **k)
-
-    def __getattr__(self, name):  # DeepSpeedEngine forwards unknown attributes to its module too
-        return getattr(self.module, name)
-
-    def zero_optimization_stage(self):
-        return self.stage
-
-    def eval(self):
-        self.module.eval()
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
 
 
 def modes(model) -> set:

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import PlainEngine, run_python
 from step3_ppo.config import GROUPS, REQUIRED
 from step3_ppo.main import encode_prompts
 from step3_ppo.models import (check_args, ema_copy_, ema_state, ema_update_, frozen_configs, load_ema_state,
@@ -27,28 +27,6 @@ BASE = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "
 
 def ppo_args(*flags):
     return parse(GROUPS, "test", BASE + list(flags), required=REQUIRED)
-
-
-class PlainEngine:
-    """What rollout.py needs of a DeepSpeed engine, around a plain model (ZeRO-0 semantics)."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *a, **k):
-        return self.module(*a, **k)
-
-    def __getattr__(self, name):  # DeepSpeedEngine forwards unknown attributes to its module too
-        return getattr(self.module, name)
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def eval(self):
-        self.module.eval()
-
-    def train(self):
-        self.module.train()
 
 
 def user(text: str):
