@@ -61,7 +61,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
 
 
 def run_trl(a, python: str, model_dir: str, texts: str, out: str, precompute: bool) -> dict:
-    return common.run_trl_worker(__file__, a, python, "DPO", ["--model_dir", model_dir, "--texts", texts, "--out", out]
+    return common.run_worker(__file__, a, python, "trl", "TRL DPO", ["--model_dir", model_dir, "--texts", texts, "--out", out]
                                  + ["--precompute"] * precompute)
 
 
@@ -72,7 +72,7 @@ def trl_worker(a) -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in open(a.texts)]
@@ -82,12 +82,7 @@ def trl_worker(a) -> None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32).eval()
-    clock = common.Clock()
-
-    class Marks(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            clock.mark()
-
+    clock, marks = common.step_marks()
     steps = a.window * (a.windows + 1)
     cfg = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=LR,
                     train_sampling_strategy="sequential",  # our steps' pairs in our order (texts_and_lengths)
@@ -98,7 +93,7 @@ def trl_worker(a) -> None:
                     dataloader_num_workers=0, adam_beta2=0.95, max_grad_norm=1.0, disable_tqdm=True)
     with contextlib.redirect_stderr(io.StringIO()):
         trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok, callbacks=[Marks()])
+                             processing_class=tok, callbacks=[marks])
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.train()

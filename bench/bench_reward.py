@@ -54,7 +54,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, extra: list[str
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str) -> dict:
-    return common.run_trl_worker(__file__, a, python, "reward", ["--model_dir", model_dir, "--encoded", encoded,
+    return common.run_worker(__file__, a, python, "trl", "TRL reward", ["--model_dir", model_dir, "--encoded", encoded,
                                                                  "--out", out] + ["--trl_defaults"] * a.trl_defaults)
 
 
@@ -65,7 +65,7 @@ def trl_worker(a) -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     rows = [json.loads(line) for line in open(a.encoded)]
@@ -75,12 +75,7 @@ def trl_worker(a) -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(a.model_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    clock = common.Clock()
-
-    class Marks(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            clock.mark()
-
+    clock, marks = common.step_marks()
     steps = a.window * (a.windows + 1)
     cfg = RewardConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=LR,
                        train_sampling_strategy="sequential",  # our steps' pairs in our order (encode_pairs_file)
@@ -90,7 +85,7 @@ def trl_worker(a) -> None:
                        **({} if a.trl_defaults else {"bf16": False, "gradient_checkpointing": False}))
     with contextlib.redirect_stderr(io.StringIO()):
         trainer = RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                                callbacks=[Marks()])
+                                callbacks=[marks])
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()

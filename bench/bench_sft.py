@@ -68,7 +68,7 @@ def run_ours(a, model_dir: str, data: str, out: str, ranks: int, packing: bool, 
 
 
 def run_trl(a, python: str, model_dir: str, encoded: str, out: str, padding_free: bool = False) -> dict:
-    return common.run_trl_worker(__file__, a, python, "SFT", ["--model_dir", model_dir, "--encoded", encoded,
+    return common.run_worker(__file__, a, python, "trl", "TRL SFT", ["--model_dir", model_dir, "--encoded", encoded,
                                                               "--out", out] + ["--padding_free"] * padding_free)
 
 
@@ -79,7 +79,7 @@ def trl_worker(a) -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     rows = [json.loads(line) for line in open(a.encoded)]
@@ -87,15 +87,7 @@ def trl_worker(a) -> None:
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-
-    class Marks(TrainerCallback):
-        def __init__(self):
-            self.clock = common.Clock()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.clock.mark()
-
-    marks = Marks()
+    clock, marks = common.step_marks()
     steps = a.window * (a.windows + 1)
     # Our steps' batches in our order (encode_corpus), read unshuffled.
     cfg = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=steps, learning_rate=LR,
@@ -110,19 +102,14 @@ def trl_worker(a) -> None:
     torch.set_num_threads(a.threads)  # accelerate may have changed it; the same threads as ours
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
-    rates = common.trl_rates([w for w, _ in marks.clock.steps()], rows, a.batch, a.window, a.windows,
+    rates = common.trl_rates([w for w, _ in clock.steps()], rows, a.batch, a.window, a.windows,
                              lambda r: len(r["input_ids"]))
     print(json.dumps({**rates, "threads": torch.get_num_threads(), "rss_self_mb": common.peak_rss_mb()}))
 
 
 def run_torch(a, model_dir: str, encoded: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "torch", "--model_dir", model_dir, "--encoded",
-           encoded, "--batch", str(a.batch), "--window", str(a.window), "--windows", str(a.windows), "--threads",
-           str(a.threads)]
-    p, rss = common.run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
-    res = common.worker_json(p, "plain PyTorch SFT worker")
-    res["rss_mb"] = rss
-    return res
+    return common.run_worker(__file__, a, sys.executable, "torch", "plain PyTorch SFT",
+                             ["--model_dir", model_dir, "--encoded", encoded])
 
 
 def torch_worker(a) -> None:

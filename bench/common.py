@@ -224,15 +224,29 @@ def describe_pairs(a, what: str, model: str, stats: dict, lengths: list, data: s
     return lengths, flops, tokens
 
 
-def run_trl_worker(script: str, a, python: str, what: str, flags: list) -> dict:
-    """Run `script --worker trl FLAGS` (the bench's TRL side) under `python` with the bench's batch,
-    windows and threads; its JSON result with the process's peak RSS added."""
-    cmd = [python, os.path.abspath(script), "--worker", "trl", *flags, "--batch", str(a.batch), "--window",
+def run_worker(script: str, a, python: str, worker: str, label: str, flags: list) -> dict:
+    """Run `script --worker WORKER FLAGS` (a bench's TRL or bare-PyTorch side) under `python` with the
+    bench's batch, windows and threads; its JSON result with the process's peak RSS added."""
+    cmd = [python, os.path.abspath(script), "--worker", worker, *flags, "--batch", str(a.batch), "--window",
            str(a.window), "--windows", str(a.windows), "--threads", str(a.threads)]
     p, rss = run_measured(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
-    res = worker_json(p, f"TRL {what} worker")
+    res = worker_json(p, f"{label} worker")
     res["rss_mb"] = rss
     return res
+
+
+def step_marks():
+    """(Clock, a transformers TrainerCallback that marks it at every step's end): how the TRL workers
+    time their steps (imports transformers: call it in the TRL interpreter only)."""
+    from transformers import TrainerCallback
+
+    clock = Clock()
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.mark()
+
+    return clock, Marks()
 
 
 def trl_python(flag: str | None) -> str | None:
