@@ -19,6 +19,7 @@ and a padded run of the same data do the same model FLOPs and differ in time onl
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -159,8 +160,6 @@ def ratios(medians: dict, pairs: list[tuple[str, str]]) -> None:
 def bench_parser(doc: str, kind: str, runners: str, runners_help: str, data_file: str):
     """The flags the three training benches share; kind "sft" (samples) or "pairs". The caller adds its
     own and the worker's (--worker, --model_dir and its input file are the TRL/torch worker's)."""
-    import argparse
-
     unit, batch, corpus = ("samples", "16 tiny, 8 realistic", 400) if kind == "sft" else ("pairs", "8 tiny, 4 realistic", 300)
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="tiny", choices=list(SIZES), help="model size (bench/common.py)")

@@ -86,6 +86,7 @@ def test_bench_generate_decode_loop_gives_generates_tokens(tiny_dir):
     assert torch.equal(got, want[:, :got.shape[1]]) and got.shape[1] >= 1
 
 
+# common.py is a library; table.py takes one positional directory and has no flags.
 @pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(REPO, "bench"))
                                           if f.endswith(".py") and f not in ("common.py", "table.py")))
 def test_every_bench_script_imports_and_parses_its_flags(script, monkeypatch, capsys):

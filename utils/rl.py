@@ -28,7 +28,12 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     # exp() of a bf16/fp16 log-ratio loses most of its precision; float64 inputs stay float64.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(fp32_dtype(x))
+
+
+def fp32_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype at_least_fp32(x) has, without converting x."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +260,7 @@ def compute_rewards(
     Returns (rewards [B, T], kl [B, T], stats). `kl` is the masked per-token estimate used in the
     penalty, so the KL that is reported is the KL that is trained with (pitfalls.md item 12).
     """
-    mask = action_mask.to(at_least_fp32(logp).dtype)
+    mask = action_mask.to(fp32_dtype(logp))
     kl = masked_kl(logp, ref_logp, action_mask, estimator) * mask
     if clip_reward_value is not None:
         score = score.clamp(-clip_reward_value, clip_reward_value)
@@ -314,7 +319,7 @@ def group_stats(scores: torch.Tensor, group_ids: torch.Tensor):
       equal  True where every score of the group is the same (no learning signal)
     Computed in float64 and returned in the scores' dtype (at least fp32).
     """
-    dtype = at_least_fp32(scores).dtype
+    dtype = fp32_dtype(scores)
     x = scores.detach().to(torch.float64)
     _, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     G = counts.numel()
@@ -366,7 +371,7 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor):
 def discounted_returns(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = sum_{s >= t} gamma^(s - t) r_s over the answer's own tokens. rewards, action_mask [B, T] ->
     [B, T], 0 under the mask (padding never contributes)."""
-    mask = action_mask.to(at_least_fp32(rewards).dtype)
+    mask = action_mask.to(fp32_dtype(rewards))
     rewards = at_least_fp32(rewards) * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
@@ -417,7 +422,7 @@ def policy_loss(
     Token-level mean over action_mask. Stats: clipfrac (share of tokens where the clipped term is
     active), approx_kl (k3 estimate of KL(old || new): mean((ratio - 1) - log ratio)), ratio_mean.
     """
-    mask = action_mask.to(at_least_fp32(logp).dtype)
+    mask = action_mask.to(fp32_dtype(logp))
     per_token, terms = policy_loss_per_token(logp, old_logp, advantages, cliprange)
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
@@ -460,7 +465,7 @@ def value_loss(
       loss   = 0.5 * mean_masked( max((values - R)^2, (v_clip - R)^2) )
     Stats: value_clipfrac (share of tokens where the clipped term is larger), value_mean.
     """
-    mask = action_mask.to(at_least_fp32(values).dtype)
+    mask = action_mask.to(fp32_dtype(values))
     per_token, clipped = value_loss_per_token(values, old_values, returns, cliprange_value)
     loss = masked_mean(per_token, mask)
     with torch.no_grad():

@@ -36,16 +36,19 @@ def load_step_items(args, kind: str, world: int, note: str = ""):
                                log=ds.print0)
     if args.packing:
         packing.check_supported(args.model_name_or_path, args.trust_remote_code)
-    if kind == "sft":
-        train, evals = (encode_all(rows, lambda s: (encoder.encode_sft(s),), encoder, what, ds.print0).items
-                        for rows, what in ((train, "train"), (evals, "eval")))
-        counts = f"train={len(train)} eval={len(evals)}"
-    else:
-        train, evals = encode_pairs(train, encoder, "train", ds.print0), encode_pairs(evals, encoder, "eval", ds.print0)
+    def encode(rows, what):
+        if kind == "sft":
+            return encode_all(rows, lambda s: (encoder.encode_sft(s),), encoder, what, ds.print0).items
+        return encode_pairs(rows, encoder, what, ds.print0)
+
+    train, evals = encode(train, "train"), encode(evals, "eval")
+    unit = ""
+    if kind == "pairs":
         train = with_synthetic_negatives(train, args.synthetic_negatives, args.synthetic_negative_kinds,
                                          encoder.eos_id, encoder.max_seq_len, args.seed, ds.print0)
-        counts = f"train_pairs={len(train)} eval_pairs={len(evals)}"
-    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} {counts} world={world}{note}")
+        unit = "_pairs"
+    ds.print0(f"template={encoder.template} max_seq_len={encoder.max_seq_len} train{unit}={len(train)} "
+              f"eval{unit}={len(evals)} world={world}{note}")
     return tokenizer, encoder, train, evals
 
 
