@@ -85,6 +85,42 @@ def test_inherits_template_and_length(tmp_path):
     assert resolve_data_settings(ns, str(tmp_path / "none")) == ("auto", 512)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "'{d}/args.json' cannot be read (Expecting property name enclosed in double quotes: line 1 column 2 "
+                  "(char 1)); this pipeline reads the template and max_seq_len"),
+    ("[1, 2]", "'{d}/args.json' holds a list, not the mapping of flags this pipeline saves next to a model"),
+    ('{"template": "qwen2_5", "max_seq_len": 1024}',
+     "'{d}/args.json' names template 'qwen2_5', not one of this pipeline's (auto, chat, alpaca, hh, raw); give "
+     "--template (the file may come from another tool)"),
+    ('{"max_seq_len": "long"}', "'{d}/args.json' gives max_seq_len 'long', not a positive whole number; give "
+                                "--max_seq_len"),
+])
+def test_an_args_json_another_tool_wrote_is_refused_in_one_line(tmp_path, text, message):
+    """A model directory's args.json is read for the template and max_seq_len of the step that saved it;
+    one another tool left there (ms-swift writes an args.json with a template of its own) was a traceback,
+    or an error naming a flag the user never gave."""
+    (tmp_path / "args.json").write_text(text)
+    with pytest.raises(UserError) as e:
+        resolve_data_settings(parse(SHARED_GROUPS, "t", BASE), str(tmp_path))
+    assert str(e.value).startswith(message.format(d=tmp_path)), str(e.value)
+    if "template" in text:  # given, the flag is not read from the file
+        ns = parse(SHARED_GROUPS, "t", BASE + ["--template", "chat"])
+        assert resolve_data_settings(ns, str(tmp_path)) == ("chat", 1024)
+    ns = parse(SHARED_GROUPS, "t", BASE + ["--template", "chat", "--max_seq_len", "64"])
+    assert resolve_data_settings(ns, str(tmp_path)) == ("chat", 64)  # both given: the file is not read
+
+
+def test_a_config_file_that_is_not_utf8_and_a_negative_rate_in_exponent_notation_are_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes("# r\xe9sum\xe9\nlearning_rate: 0.1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=f"--config file '{cfg}' cannot be read: 'utf-8' codec can't decode byte 0xe9"):
+        parse(SHARED_GROUPS, "t", BASE + ["--config", str(cfg)])
+    # argparse took "-1e-5" for a flag ("expected one argument"); the range check names it now.
+    with pytest.raises(UserError, match=re.escape("--learning_rate must be >= 0, got -1e-05")):
+        parse(SHARED_GROUPS, "t", BASE + ["--learning_rate", "-1e-5"])
+    assert parse(SHARED_GROUPS, "t", BASE + ["--weight_decay", "1e-2"]).weight_decay == 0.01
+
+
 # ----------------------------------------------------------------------------- one validation for flags and files
 
 def write_config(tmp_path, text: str, name: str = "c.yaml") -> str:
@@ -291,6 +327,20 @@ def test_the_output_dir_may_not_hold_an_input_or_be_another_runs_partial(tmp_pat
             (["--model_name_or_path", "m", "--data_path", str(work / "d.jsonl")], "holds '.*/wk/d.jsonl', given as --data_path")):
         with pytest.raises(UserError, match=f"--output_dir '{work}' {message}, an input of this run"):
             parse(SHARED_GROUPS, "t", flags + ["--output_dir", str(work)])
+    # The run's own --config file (and a --reward_funcs file) in the directory it would replace.
+    (work / "sft.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(UserError, match=f"--output_dir '{work}' holds '.*/wk/sft.yaml', given as --config, an input"):
+        parse(SHARED_GROUPS, "t", BASE[:4] + ["--config", str(work / "sft.yaml"), "--output_dir", str(work)])
+    from step3_ppo.main import parse_args
+
+    (work / "rw.py").write_text("def f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    with pytest.raises(UserError, match=f"--output_dir '{work}' holds '.*/wk/rw.py:f', given as --reward_funcs"):
+        parse_args(["--actor_model_name_or_path", "m", "--data_path", "p.jsonl", "--advantage_estimator", "grpo",
+                    "--n_samples_per_prompt", "2", "--reward_funcs", f"{work}/rw.py:f", "utils.reward_funcs:exact_match",
+                    "--output_dir", str(work)])
+    # A --tensorboard_path that is a file failed after the models had loaded, leaving OUTPUT_DIR.partial.
+    with pytest.raises(UserError, match=f"--tensorboard_path '{work}/d.jsonl' is a file, not a directory"):
+        parse(SHARED_GROUPS, "t", BASE + ["--enable_tensorboard", "--tensorboard_path", str(work / "d.jsonl")])
     with pytest.raises(UserError, match="is the working directory of a run of '.*/jobA'"):
         parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "x.jsonl", "--output_dir",
                                    str(tmp_path / "jobA.partial")])

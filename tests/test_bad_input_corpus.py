@@ -268,6 +268,23 @@ def test_overlong_sample_follows_the_rule(tokenizer_of, kind, rule):
     assert all(any(t != IGNORE for t in labels) for item in encoded.items for _, labels in item)
 
 
+def test_a_pair_that_truncation_makes_identical_is_skipped_and_counted(tokenizer_of, tmp_path):
+    """--overlong truncate cuts both sides of a pair at --max_seq_len; where the replies differ only after
+    it, chosen and rejected become the same sequence, a pair with nothing to learn: skipped, counted."""
+    shared = " ".join(["The cat is great and the dog is wonderful."] * 8)
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "Tell me about the cat.", "chosen": "The cat is great.", "rejected": "The cat is dull."},
+            {"prompt": "Tell me about the dog.", "chosen": shared + " Yes.", "rejected": shared + " No."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoder = Encoder(tokenizer_of("llama"), "auto", MAX_LEN, "truncate")
+    logs = []
+    encoded = encode_all(load_samples([str(path)], "pairs"), _encode_fn("pairs", encoder), encoder, "train",
+                         log=logs.append)
+    assert len(encoded.items) == 1 and encoded.kept == [0]
+    assert logs == [f"train: skipped 1 of 2 pairs whose chosen and rejected replies are the same once truncated "
+                    f"to --max_seq_len {MAX_LEN} (they differ after it; first: {path}:2)"]
+
+
 @pytest.mark.parametrize("rule", ["skip", "truncate", "error"])
 def test_overlong_prompt_follows_the_rule(tokenizer_of, capsys, rule):
     """PPO prompts go through step 3's encode_prompts (truncation keeps the end, where the generation

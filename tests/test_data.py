@@ -325,6 +325,25 @@ def test_dataset_directory_errors(dataset_dirs, spec, message):
     assert str(e.value).startswith(message.format(root=root)), str(e.value)
 
 
+def test_a_directory_of_split_named_files_names_its_splits_and_refuses_a_file_of_no_split(tmp_path):
+    """train.jsonl + test.jsonl: datasets names the splits (NamedSplit keys, which the error listing them
+    could not join), and skips without a word a file whose name names no split."""
+    rows = [{"prompt": "Hi", "response": "Yo"}, {"prompt": "Hey", "response": "Ho"}]
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", rows)
+    write_jsonl(d / "test.jsonl", rows[:1])
+    assert len(load_file(str(d), "sft")) == 2 and len(load_file(f"{d}:test", "sft")) == 1
+    with pytest.raises(UserError) as e:
+        load_file(f"{d}:validation", "sft")
+    assert str(e.value) == f"data path '{d}' has no split 'validation' (splits: test, train); pick one as '{d}:SPLIT'"
+    write_jsonl(d / "extra_rows.jsonl", rows)
+    (d / "notes.txt").write_text("not data")
+    with pytest.raises(UserError) as e:
+        load_file(str(d), "sft")
+    assert str(e.value).startswith(f"data path '{d}': 'extra_rows.jsonl' belongs to no split"), str(e.value)
+
+
 def test_a_missing_path_under_a_local_directory_is_not_tried_on_the_hub(tmp_path, monkeypatch):
     """'data/sft_trian' (a typo, no suffix, 'data/' here) is a missing local path, not a hub dataset
     name that would reach for the network; 'a/b/c' cannot be a hub id either."""
@@ -339,6 +358,13 @@ def test_a_missing_path_under_a_local_directory_is_not_tried_on_the_hub(tmp_path
                            "directory here)"
     with pytest.raises(UserError, match="^data file 'x/y/z' does not exist$"):
         load_file("x/y/z", "sft")
+    # The same typo in a model path went to the hub (a minute of retries) before it failed.
+    from utils.model import load_tokenizer
+
+    with pytest.raises(UserError) as e:
+        load_tokenizer("data/sft_modle")
+    assert str(e.value) == "--model_name_or_path 'data/sft_modle' does not exist (not read as a hub model name: " \
+                           "'data/' is a directory here)"
 
 
 def test_dataset_rows_are_named_by_row_index(tmp_path):
@@ -476,6 +502,22 @@ def test_user_data_mistakes_found_by_an_audit(tmp_path):
                         {"role": "user", "content": "More?"})
     assert s.chosen == ({"role": "assistant", "content": "Yes."},)  # the separating space is not the reply's
     assert s.rejected == ({"role": "assistant", "content": "No."},)
+    # HH's own layout for a prompt, "\n\nHuman: ..." ending with the Human turn (no "Assistant:"), was one user
+    # turn whose text held "Human:" (rendered "Human: \n\nHuman: ..."), a transcript's turns collapsed into it.
+    for prompt, turns in (("\n\nHuman: Tell me about the cat.", [U]),
+                          ("\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: More?",
+                           [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                            {"role": "user", "content": "More?"}])):
+        s = load_file(write_jsonl(tmp_path / "hh_prompt.jsonl", [{"prompt": prompt}]), "prompts", log=lambda m: None)[0]
+        assert list(s.prompt) == turns
+    with pytest.raises(DataError, match="hh_prompt.jsonl:1: field 'prompt': an HH prompt must end with a Human turn"):
+        load_file(write_jsonl(tmp_path / "hh_prompt.jsonl", [{"prompt": "\n\nHuman: Hi.\n\nAssistant: Yo."}]),
+                  "prompts")
+    assert load_file(write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Human: hi"}]), "prompts")[0].prompt == (
+        {"role": "user", "content": "Human: hi"},)  # plain text that starts with the word: not a transcript
+    # A suffix in capitals names the format too (UP.JSON, a list, was read as JSON Lines).
+    (tmp_path / "UP.JSON").write_text(json.dumps([{"prompt": "Hi", "response": "Yo"}]))
+    assert load_file(str(tmp_path / "UP.JSON"), "sft")[0].chosen == ({"role": "assistant", "content": "Yo"},)
     # A ShareGPT dump's top-level system prompt was dropped.
     row = {"system": "Be warm.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
     s = load_file(write_jsonl(tmp_path / "sg.jsonl", [row]), "sft")[0]

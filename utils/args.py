@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,10 +195,13 @@ def specs_of(groups, limits: dict | None = None) -> dict[str, Spec]:
 
 class _Parser(argparse.ArgumentParser):
     """argparse's own errors (an unknown flag, a bad choice or number) as one line: error: ... (exit 2).
-    No abbreviations: `--lr 3e-5` was read as `--lr_scheduler_type 3e-5`."""
+    No abbreviations: `--lr 3e-5` was read as `--lr_scheduler_type 3e-5`. A negative number in exponent
+    notation (`--learning_rate -1e-5`) is a value, as -0.5 is, so its range check can name it (argparse
+    took it for a flag: "expected one argument")."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, allow_abbrev=False, **k)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
@@ -240,8 +244,11 @@ def build_parser(groups, description: str) -> argparse.ArgumentParser:
 def _read_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"--config file '{path}' does not exist")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config file '{path}' cannot be read: {' '.join(str(e).split())}") from None
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -348,10 +355,18 @@ def check_not_an_input(ns) -> None:
                         f"'{os.path.normpath(out)[:-len('.partial')]}' (utils/output.py); choose another directory")
     real = os.path.realpath(out)
     for name, value in sorted(vars(ns).items()):
-        if not (name.endswith(("model_name_or_path", "data_path")) and value):
+        if not (name.endswith(("model_name_or_path", "data_path")) or name in ("config", "reward_funcs")) \
+                or not value:
             continue
         for v in value if isinstance(value, list) else [value]:
-            path = split_source(v)[0] if isinstance(v, str) else None  # SOURCE:SPLIT -> SOURCE
+            if not isinstance(v, str):
+                path = None
+            elif name == "reward_funcs":  # FILE.py:NAME -> FILE.py (package.module:NAME is not a path)
+                path = v.rpartition(":")[0] if v.rpartition(":")[0].endswith(".py") else None
+            elif name == "config":
+                path = v
+            else:
+                path = split_source(v)[0]  # SOURCE:SPLIT -> SOURCE
             if not (path and os.path.exists(path)):
                 continue
             inside = os.path.realpath(path)
@@ -405,6 +420,8 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
         if not within(value, sp.limits):
             raise UserError(f"--{sp.name} must be {_rule(sp.limits, value)}, got {value}")
     check_output_dir(getattr(ns, "output_dir", None))
+    if getattr(ns, "enable_tensorboard", False):
+        check_output_dir(getattr(ns, "tensorboard_path", None), "--tensorboard_path")
     check_not_an_input(ns)
     return ns
 
@@ -418,16 +435,49 @@ def args_record(ns: argparse.Namespace, extra: dict | None = None) -> dict:
 
 
 def inherited(model_dir: str | None) -> dict:
-    """The args.json saved next to a model by an earlier step ({} if none)."""
-    if model_dir and os.path.isfile(os.path.join(model_dir, "args.json")):
-        with open(os.path.join(model_dir, "args.json")) as f:
-            return json.load(f)
-    return {}
+    """The args.json saved next to a model by an earlier step ({} if none). Another tool may have left a
+    file of that name there (ms-swift does): one that is not a JSON mapping is refused in one line."""
+    path = os.path.join(model_dir or "", "args.json")
+    if not (model_dir and os.path.isfile(path)):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"'{path}' cannot be read ({' '.join(str(e).split())}); this pipeline reads the template "
+                        "and max_seq_len of the step that saved the model from it: rename it if another tool wrote "
+                        "it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' holds a {type(data).__name__}, not the mapping of flags this pipeline saves "
+                        "next to a model: rename it if another tool wrote it")
+    return data
 
 
 def resolve_data_settings(ns: argparse.Namespace, model_dir: str | None) -> tuple[str, int]:
     """Template and max_seq_len: explicit flags, else the model's args.json, else defaults."""
+    from .templates import TEMPLATES
+
+    if ns.template != "auto" and ns.max_seq_len:
+        return ns.template, int(ns.max_seq_len)  # the flags decide; the file is not read
     prev = inherited(model_dir)
-    template = ns.template if ns.template != "auto" else prev.get("template", "auto")
-    max_seq_len = ns.max_seq_len or prev.get("max_seq_len") or 512
-    return template, int(max_seq_len)
+    where = os.path.join(model_dir or "", "args.json")
+    template = ns.template
+    if template == "auto" and prev.get("template") is not None:
+        template = prev["template"]
+        if template not in TEMPLATES:
+            raise UserError(f"'{where}' names template {template!r}, not one of this pipeline's "
+                            f"({', '.join(TEMPLATES)}); give --template (the file may come from another tool)")
+    max_seq_len = ns.max_seq_len
+    if not max_seq_len and prev.get("max_seq_len") is not None:
+        max_seq_len = prev["max_seq_len"]
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise UserError(f"'{where}' gives max_seq_len {max_seq_len!r}, not a positive whole number; give "
+                            "--max_seq_len (the file may come from another tool)")
+    return template, int(max_seq_len or 512)
+
+
+def max_seq_len_flag(ns: argparse.Namespace, model_dir: str | None) -> str:
+    """How an error names the max_seq_len in force: the flag, or the args.json it was inherited from."""
+    if ns.max_seq_len or inherited(model_dir).get("max_seq_len") is None:
+        return "--max_seq_len"
+    return f"--max_seq_len (inherited from '{os.path.join(model_dir, 'args.json')}')"

@@ -40,6 +40,11 @@ from .errors import DataError, UserError, location
 
 UNTYPED_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".csv", ".tsv")
+# Files in a hub-style directory that hold rows (datasets would read them for a split) and the metadata
+# files beside them that do not.
+DIRECTORY_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".tsv", ".jsonl.gz", ".json.gz",
+                           ".csv.gz", ".tsv.gz")
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 FORMATS = ("messages", "sharegpt", "prompt_response", "prompt_completion", "preference", "hh", "alpaca", "text", "prompt")
 ROLES = ("system", "user", "assistant")
 NEEDS = ("sft", "pairs", "prompts")
@@ -74,12 +79,12 @@ def _decode_error(path: str, line: int | None, raw: bytes, e: UnicodeDecodeError
 
 def _read_bytes(path: str) -> bytes:
     """The file's bytes, gunzipped when it ends in .gz."""
-    opener = gzip.open if path.endswith(".gz") else open
+    opener = gzip.open if path.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             return f.read()
     except (OSError, EOFError) as e:  # gzip: not a gzip file, or one cut short
-        if not path.endswith(".gz"):
+        if not path.lower().endswith(".gz"):
             raise
         raise DataError(path, None, None, f"cannot read the gzip file: {e}") from None
 
@@ -239,11 +244,27 @@ def _split_files(path: str, split: str) -> dict:
         patterns = get_data_patterns(path)
     except Exception:  # no files datasets recognises: load_dataset reports it in its own words
         return {}
-    if split not in patterns:
-        raise UserError(f"data path '{path}' has no split '{split}' (splits: {', '.join(sorted(patterns))}); "
+    names = sorted(str(k) for k in patterns)  # datasets' NamedSplit keys
+    if split not in names:
+        raise UserError(f"data path '{path}' has no split '{split}' (splits: {', '.join(names)}); "
                         f"pick one as '{path}:SPLIT'")
-    files = DataFilesDict.from_patterns({split: patterns[split]}, base_path=path)
+    files = DataFilesDict.from_patterns(patterns, base_path=path)
+    _refuse_files_of_no_split(path, {os.path.realpath(f) for fs in files.values() for f in fs})
     return {"data_files": {split: list(files[split])}}
+
+
+def _refuse_files_of_no_split(path: str, in_splits: set[str]) -> None:
+    """datasets reads a directory's files by split name (train.jsonl, data/test-00000.parquet, ...) and
+    skips, without a word, a data file whose name names no split once another's does: refuse instead."""
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for n in sorted(names):
+            f = os.path.join(root, n)
+            if (not n.startswith((".", "_")) and n.lower().endswith(DIRECTORY_DATA_SUFFIXES)
+                    and n not in METADATA_FILES and os.path.realpath(f) not in in_splits):
+                raise UserError(f"data path '{path}': '{os.path.relpath(f, path)}' belongs to no split (datasets "
+                                "reads a directory's files by split name, e.g. train.jsonl, test-00000.parquet, and "
+                                "would skip it); rename it, move it out, or give it as a --data_path of its own")
 
 
 def _quiet_datasets() -> None:
@@ -258,17 +279,17 @@ def looks_local(path: str, suffixes: tuple = ()) -> bool:
     """Whether `path`, which does not exist, can only be meant as a local path and never as a hub id
     ("name" or "owner/name"): one of `suffixes`, a leading ".", "/" or "~", or more than one "/"."""
     p = path.rstrip("/")
-    return p.endswith(suffixes) or p.startswith((".", "/", "~")) or p.count("/") > 1
+    return p.lower().endswith(suffixes) or p.startswith((".", "/", "~")) or p.count("/") > 1
 
 
-def _local_parent(path: str) -> str | None:
+def local_parent(path: str) -> str | None:
     """The first component of an 'A/B' path when it is a local directory ('data/sft.jsonll' -> 'data')."""
     head, sep, _ = path.rstrip("/").partition("/")
     return head if sep and os.path.isdir(head) else None
 
 
 def _looks_local(path: str) -> bool:
-    return looks_local(path, LOCAL_SUFFIXES) or _local_parent(path) is not None
+    return looks_local(path, LOCAL_SUFFIXES) or local_parent(path) is not None
 
 
 def split_source(path: str) -> tuple[str, str | None]:
@@ -300,19 +321,20 @@ def read_records(path: str):
     if not os.path.exists(source):
         if looks_local(source, LOCAL_SUFFIXES):
             raise UserError(f"data file '{path}' does not exist")
-        if _local_parent(source):
+        if local_parent(source):
             raise UserError(f"data file '{path}' does not exist (not tried as a hub dataset: "
-                            f"'{_local_parent(source)}/' is a directory here)")
+                            f"'{local_parent(source)}/' is a directory here)")
         _quiet_datasets()
         yield from _read_dataset_repo(source, split, local=False)
         return
-    if source.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz", ".xlsx")):
-        raise UserError(f"data file '{path}': {source.rsplit('.', 1)[-1] if not source.endswith('.gz') else 'csv/tsv'} "
+    suffix = source.lower()  # DATA.JSON, train.Parquet: the suffix names the format in any case
+    if suffix.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz", ".xlsx")):
+        raise UserError(f"data file '{path}': {suffix.rsplit('.', 1)[-1] if not suffix.endswith('.gz') else 'csv/tsv'} "
                         "files are not read (their columns have no types); convert to .jsonl, e.g. "
                         "datasets.load_dataset('csv', data_files=FILE)['train'].to_json('data.jsonl')")
-    if source.endswith(".parquet"):
+    if suffix.endswith(".parquet"):
         reader = _read_parquet
-    elif source.endswith((".json", ".json.gz")):
+    elif suffix.endswith((".json", ".json.gz")):
         reader = _read_json
     else:
         reader = _read_jsonl  # .jsonl, .jsonl.gz (as Anthropic's HH files ship), and any other text file
@@ -473,14 +495,17 @@ HH_PROMPT_END = "\n\nAssistant:"
 
 
 def _hh_prompt(text: str) -> str | None:
-    """The transcript part of a prompt string written as an HH transcript that ends in 'Assistant:'
-    (DeepSpeed-Chat's Dahoas/rm-static layout: prompt "\\n\\nHuman: ...\\n\\nAssistant:", chosen " ..."),
-    else None. Read as one user turn it rendered 'Human: \\n\\nHuman: ...' with a second 'Assistant:'."""
+    """The transcript part of a prompt string written as an HH transcript: one that ends in 'Assistant:'
+    (DeepSpeed-Chat's Dahoas/rm-static layout: prompt "\\n\\nHuman: ...\\n\\nAssistant:", chosen " ..."), or
+    one in HH's own layout, starting "\\n\\nHuman:", that ends with the Human turn; else None. Read as one
+    user turn it rendered 'Human: \\n\\nHuman: ...' with a second 'Assistant:', and a transcript's
+    earlier turns as text of the last one."""
     t = text.rstrip()
-    if not (t.lstrip("\n").startswith("Human:") and t.endswith(HH_PROMPT_END.strip()) and "\n\nAssistant:" in
-            ("\n\n" + t.lstrip("\n"))):
+    if not t.lstrip("\n").startswith("Human:"):
         return None
-    return ("\n\n" + t.lstrip("\n"))[: -len("Assistant:")].rstrip()
+    if t.endswith(HH_PROMPT_END.strip()) and "\n\nAssistant:" in ("\n\n" + t.lstrip("\n")):
+        return ("\n\n" + t.lstrip("\n"))[: -len("Assistant:")].rstrip()
+    return t if t.startswith("\n\nHuman:") else None
 
 
 def _split_last_reply(r: _Row, fld: str, msgs: tuple):

@@ -201,6 +201,7 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
     """Encode samples with `fn(sample) -> tuple of (ids, labels) pairs`; over-long ones follow --overlong,
     ones whose text holds a special token's text are skipped (both counted in the log)."""
     items, skipped, first, kept = [], 0, None, []
+    same, first_same = 0, None  # pairs that --overlong truncate left with equal sides: nothing to learn
     for i, s in without_special_text(samples, encoder, what, log):
         try:
             pairs = fn(s)
@@ -215,11 +216,21 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
             skipped += 1
             first = first or s.where
             continue
+        if len(fitted) > 1 and all(f[0] == fitted[0][0] for f in fitted[1:]) and \
+                any(ids != pairs[0][0] for ids, _ in pairs[1:]):
+            same += 1
+            first_same = first_same or s.where
+            continue
         items.append(tuple(fitted))
         kept.append(i)
     if skipped:
         log(f"{what}: skipped {skipped} of {len(samples)} samples longer than --max_seq_len "
             f"{encoder.max_seq_len} (--overlong {encoder.overlong}; first: {first})")
+    if same:
+        log(f"{what}: skipped {same} of {len(samples)} pairs whose chosen and rejected replies are the same once "
+            f"truncated to --max_seq_len {encoder.max_seq_len} (they differ after it; first: {first_same})")
+        skipped += same
+        first = first or first_same
     if not items:
         raise UserError(f"{what}: no sample fits in --max_seq_len {encoder.max_seq_len}")
     return EncodedSet(items, skipped, first, kept)

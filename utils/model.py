@@ -29,10 +29,12 @@ def _check_source(path: str, what: str) -> None:
             hint = (f"; it holds {', '.join(d + '/' for d in inner)}: pass one of them (step 3 saves actor/ and "
                     f"critic/), e.g. {os.path.join(path, inner[0])}") if inner else ""
             raise UserError(f"{what} '{path}' is not a Hugging Face model directory (no config.json){hint}")
-    elif looks_local:
+    elif looks_local or data.local_parent(path):
         unfinished = path.rstrip("/") + ".partial"
         hint = (f" ('{unfinished}' holds an unfinished run: finish it with --resume first)"
-                if os.path.isdir(unfinished) else "")
+                if os.path.isdir(unfinished) else
+                f" (not read as a hub model name: '{data.local_parent(path)}/' is a directory here)"
+                if not looks_local else "")
         raise UserError(f"{what} '{path}' does not exist{hint}")
 
 

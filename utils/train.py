@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from . import ds, packing
-from .args import args_record, resolve_data_settings
+from .args import args_record, max_seq_len_flag, resolve_data_settings
 from .data import load_splits
 from .encoding import Encoder, encode_all
 from .errors import UserError
@@ -30,7 +30,8 @@ def load_step_items(args, kind: str, world: int, note: str = ""):
     come from the flags, else from the input model's args.json."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template, max_seq_len = resolve_data_settings(args, args.model_name_or_path)
-    check_positions(args.model_name_or_path, max_seq_len, "--max_seq_len", trust_remote_code=args.trust_remote_code)
+    check_positions(args.model_name_or_path, max_seq_len, max_seq_len_flag(args, args.model_name_or_path),
+                    trust_remote_code=args.trust_remote_code)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
     train, evals = load_splits(args.data_path, args.eval_data_path, args.eval_fraction, args.seed, kind,
                                log=ds.print0)
