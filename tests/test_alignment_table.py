@@ -152,3 +152,24 @@ def test_a_rerun_of_some_cells_keeps_the_other_rows_of_an_earlier_results_file(t
     suite.write_results(work, out)
     with open(out + ".json") as f:
         assert {(r["task"], r["method"]) for r in json.load(f)["rows"]} == {("chat", "dpo")}
+
+
+def test_grpo_trains_from_the_sft_model_with_the_tasks_rule_rewards_and_gets_its_own_count(tmp_path):
+    """--methods grpo: step 3 without a critic or reward model, from the cell's SFT model, rewarded by the
+    task's rule functions; its cells are counted apart from the PPO/DPO ones."""
+    task = suite.task_defs.TASKS["detail"]()
+    cell = suite.Cell(str(tmp_path), task, "llama-sp", "0.5m")
+    cmd = suite.command(cell, "grpo", "base")
+    root = os.path.join(str(tmp_path), "detail", "llama-sp-0.5m")
+    assert cmd[cmd.index("--actor_model_name_or_path") + 1] == os.path.join(root, "sft")
+    assert "--critic_model_name_or_path" not in cmd and "--reward_model_name_or_path" not in cmd
+    assert cmd[cmd.index("--advantage_estimator") + 1] == "grpo"
+    funcs = cmd[cmd.index("--reward_funcs") + 1:cmd.index("--reward_funcs") + 3]
+    assert [f.rsplit(":", 1)[1] for f in funcs] == ["detail_form", "detail_preferred"]
+    assert all(os.path.isfile(f.rsplit(":", 1)[0]) for f in funcs)
+    assert suite.upstream("grpo") == ["sft"] and cell.model_dir("grpo") == os.path.join(root, "grpo", "actor")
+    rows = [{"task": "detail", "family": "llama-sp", "size": "0.5m", "method": m, "preferred": p, "well_formed": 1.0,
+             "eos": 1.0, "length": 8.0, "distinct": 1.0} for m, p in (("ppo", 0.9), ("dpo", 1.0), ("grpo", 1.0))]
+    md = suite.markdown(rows)
+    assert "1 of 2 PPO/DPO cells" in md and "1 of 1 GRPO cells" in md
+    assert "| detail | GRPO | 100% / 100% |" in suite.summary(rows)

@@ -53,3 +53,22 @@ def test_the_detail_probe_counts_a_second_reason_as_malformed():
     assert not task.well_formed("The kettle is lovely, because it is plain, because it is great.")
     sft_detailed = sum(task.preferred(r["response"]) for r in task.sft) / len(task.sft)
     assert 0.15 < sft_detailed < 0.25  # the preferred format is rare in the SFT data
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_the_rule_rewards_score_what_the_judge_scores_and_ask_for_the_prompts_noun(name):
+    """rule_rewards (GRPO's rewards in the suite): the form reward is 1 for a well-formed answer that names
+    the prompt's noun and 0 for every malformed probe or another noun; the preference reward is 1 exactly
+    where the judge finds the answer well-formed and preferred."""
+    import rule_rewards
+
+    task = rule_rewards._TASKS[name]
+    form, pref = getattr(rule_rewards, f"{name}_form"), getattr(rule_rewards, f"{name}_preferred")
+    for probe, pair in zip(task.probes, task.heldout_pairs):
+        prompt = _reply(probe["prompt"])
+        malformed = [a for answers in probe["malformed"].values() for a in answers]
+        answers = probe["preferred"] + [_reply(pair["rejected"])] + malformed
+        assert form([prompt] * len(answers), answers) == [1.0, 1.0] + [0.0] * len(malformed), answers
+        assert pref([prompt] * len(answers), answers) == [1.0] + [0.0] * (1 + len(malformed)), answers
+        other = next(p for p in task.prompts if _reply(p.get("messages", p.get("prompt"))) != prompt)
+        assert form([_reply(other.get("messages", other.get("prompt")))], probe["preferred"]) == [0.0]

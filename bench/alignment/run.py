@@ -60,12 +60,20 @@ SIZES = {"0.5m": {"llama-sp": (128, 3, 4), "gpt2": (128, 2, 4),      # 0.57M, 0.
                 "gpt_neox": (320, 5, 4)}}                            # 4.3M
 VOCAB = 512
 DEFAULT_SEED = 1234  # every step's --seed default: the table's PPO and DPO rows
-SEEDED = ("ppo", "dpo")  # the methods the suite reruns with other seeds (--ppo_seeds, --dpo_seeds)
-METHODS = ("sft", "reward", "ppo", "dpo")
+SEEDED = ("ppo", "dpo", "grpo")  # the methods the suite reruns with other seeds (--ppo_seeds, ...)
+METHODS = ("sft", "reward", "ppo", "dpo", "grpo")
+# The table's methods (issue 10); `grpo` (step 3 without a critic or reward model, rewarded by the task's
+# own rules, rule_rewards.py) runs when asked for (--methods ... grpo) and gets a section of its own.
+TABLE_METHODS = ("sft", "reward", "ppo", "dpo")
+# What a GRPO user must give besides model, data and output: the estimator, K answers per prompt (the
+# default of 1 is refused by the group estimators) and the reward functions.
+GRPO_K = 8
 # What the suite gives besides model, data and output: SFT trains a random-init model, so it needs
 # epochs; PPO's default of one pass over the prompts is a few dozen steps here, so it gets epochs too.
-STEP_FLAGS = {"sft": ["--num_train_epochs", "6"], "reward": [], "ppo": ["--num_train_epochs", "4"], "dpo": []}
+STEP_FLAGS = {"sft": ["--num_train_epochs", "6"], "reward": [], "ppo": ["--num_train_epochs", "4"], "dpo": [],
+              "grpo": ["--num_train_epochs", "4"]}
 SCRIPTS = {"sft": "step1_sft/main.py", "reward": "step2_reward/main.py", "ppo": "step3_ppo/main.py",
+           "grpo": "step3_ppo/main.py",
            "dpo": "dpo/main.py"}
 
 
@@ -110,11 +118,12 @@ class Cell:
         return os.path.join(self.root, method)
 
     def _changed(self, method: str) -> bool:
-        ups = {"sft": ["sft"], "reward": ["sft", "reward"], "ppo": ["sft", "reward", "ppo"], "dpo": ["sft", "dpo"]}
+        ups = {"sft": ["sft"], "reward": ["sft", "reward"], "ppo": ["sft", "reward", "ppo"], "dpo": ["sft", "dpo"],
+               "grpo": ["sft", "grpo"]}
         return any(m in self.extra for m in ups[method])
 
     def model_dir(self, method: str) -> str:
-        return os.path.join(self.out(method), "actor") if method == "ppo" else self.out(method)
+        return os.path.join(self.out(method), "actor") if method in ("ppo", "grpo") else self.out(method)
 
 
 def prepare_data(work: str, task) -> str:
@@ -154,6 +163,12 @@ def command(cell: Cell, method: str, base: str) -> list[str]:
     elif method == "dpo":
         args = ["--model_name_or_path", cell.out("sft"), "--data_path", j("pairs.jsonl"),
                 "--eval_data_path", j("heldout_pairs.jsonl")]
+    elif method == "grpo":
+        rules = os.path.join(HERE, "rule_rewards.py")
+        args = ["--actor_model_name_or_path", cell.out("sft"), "--advantage_estimator", "grpo",
+                "--n_samples_per_prompt", str(GRPO_K),
+                "--reward_funcs", f"{rules}:{cell.task.name}_form", f"{rules}:{cell.task.name}_preferred",
+                "--data_path", j("prompts.jsonl"), "--eval_data_path", j("heldout_prompts.jsonl")]
     else:
         args = ["--actor_model_name_or_path", cell.out("sft"), "--critic_model_name_or_path", cell.out("reward"),
                 "--data_path", j("prompts.jsonl"), "--eval_data_path", j("heldout_prompts.jsonl")]
@@ -161,7 +176,7 @@ def command(cell: Cell, method: str, base: str) -> list[str]:
 
 
 def upstream(method: str) -> list[str]:
-    return {"sft": [], "reward": ["sft"], "ppo": ["sft", "reward"], "dpo": ["sft"]}[method]
+    return {"sft": [], "reward": ["sft"], "ppo": ["sft", "reward"], "dpo": ["sft"], "grpo": ["sft"]}[method]
 
 
 def run_step(cell: Cell, method: str, base: str, log, redo: bool = False) -> float:
@@ -223,7 +238,10 @@ def resolved_settings(cell: Cell, method: str) -> dict:
             "ppo": ["actor_learning_rate", "critic_learning_rate", "kl_coef", "kl_estimator", "target_kl",
                     "anchor_coef", "anchor_confidence", "normalize_reward", "resolved_cut_answer_score",
                     "num_train_epochs", "total_steps", "max_answer_seq_len",
-                    "per_device_generation_batch_size"]}[method]
+                    "per_device_generation_batch_size"],
+            "grpo": ["actor_learning_rate", "kl_coef", "kl_estimator", "kl_in", "n_samples_per_prompt",
+                     "scale_rewards", "loss_agg", "resolved_cut_answer_score", "num_train_epochs", "total_steps",
+                     "max_answer_seq_len", "per_device_generation_batch_size"]}[method]
     return {k: a.get(k) for k in keys if k in a}
 
 
@@ -274,10 +292,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['family']} | {r['size']} | {r['method']} | {r['preferred']:.0%} | "
                      f"{r['well_formed']:.0%} | {r['eos']:.0%} | {r['length']:.1f} | {r['distinct']:.2f} | "
                      f"{'' if probe is None else format(probe['malformed_wins'], '.0%')} |")
-    aligned = [r for r in gen if r["method"] in ("ppo", "dpo")]
-    ok = [r for r in aligned if r["preferred"] >= 0.95 and r["well_formed"] >= 0.95]
     lines.append("")
-    lines.append(f"{len(ok)} of {len(aligned)} PPO/DPO cells at >= 95% preferred and >= 95% well-formed.")
+    for methods in (("ppo", "dpo"), ("grpo",)):
+        aligned = [r for r in gen if r["method"] in methods]
+        ok = [r for r in aligned if r["preferred"] >= 0.95 and r["well_formed"] >= 0.95]
+        if aligned:
+            lines.append(f"{len(ok)} of {len(aligned)} {'/'.join(m.upper() for m in methods)} cells at >= 95% "
+                         f"preferred and >= 95% well-formed.")
     return "\n".join(lines)
 
 
@@ -290,7 +311,7 @@ def summary(rows: list[dict]) -> str:
     head = "| task | method | " + " | ".join(f"{f} {z}" for f, z in cells) + " |"
     lines = [head, "|---|---|" + "---|" * len(cells)]
     for t in task_defs.TASKS:
-        for m in ("sft", "ppo", "dpo", "reward"):
+        for m in ("sft", "ppo", "dpo", "grpo", "reward"):
             vals = []
             for f, z in cells:
                 r = by.get((t, f, z, m))
@@ -387,7 +408,7 @@ def write_results(work: str, out_prefix: str, keep: str | None = None) -> str:
     if keep:
         rows, seeds, earlier = keep_earlier(rows, seeds, keep)
     md = "Preferred / well-formed on held-out prompts:\n\n" + summary(rows) + "\n\nEvery row:\n\n" + markdown(rows)
-    what = {"ppo": "sampling seeds", "dpo": "seeds (data order)"}
+    what = {"ppo": "sampling seeds", "dpo": "seeds (data order)", "grpo": "sampling seeds"}
     for m in SEEDED:
         if seeds[m]:
             md += (f"\n\n{m.upper()} with other {what[m]} (`--{m}_seeds`; the rows above are seed {DEFAULT_SEED}):\n\n"
@@ -417,8 +438,9 @@ def main(argv=None) -> None:
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(ALL_FAMILIES),
                     help=f"model families (default: the table's {' '.join(FAMILIES)}; also {' '.join(EXTRA_FAMILIES)})")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                    help="steps to run and judge (a step's inputs must exist or be listed too)")
+    ap.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), choices=list(METHODS),
+                    help="steps to run and judge (a step's inputs must exist or be listed too; default: the "
+                         "table's, grpo when named)")
     ap.add_argument("--work_dir", default=os.path.join(HERE, "work"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"), help="prefix of the .md and .json table")
     ap.add_argument("--variant", default="", help="name of a lever experiment (outputs in their own dirs)")
@@ -430,6 +452,9 @@ def main(argv=None) -> None:
                          "(or VARIANT_seedN/) from the same SFT and reward models")
     ap.add_argument("--dpo_seeds", nargs="+", type=int, default=[DEFAULT_SEED],
                     help="DPO seeds (data order); each one other than the default runs into WORK/.../seedN/dpo "
+                         "(or VARIANT_seedN/) from the same SFT model")
+    ap.add_argument("--grpo_seeds", nargs="+", type=int, default=[DEFAULT_SEED],
+                    help="GRPO sampling seeds; each one other than the default runs into WORK/.../seedN/grpo "
                          "(or VARIANT_seedN/) from the same SFT model")
     ap.add_argument("--table_only", action="store_true")
     ap.add_argument("--keep", metavar="RESULTS.json",
@@ -449,7 +474,8 @@ def main(argv=None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     # (method, seed) of every extra seed run of a cell: the same list for every cell.
-    reseeds = [(m, seed) for m, seeds in (("ppo", a.ppo_seeds), ("dpo", a.dpo_seeds)) if m in a.methods
+    reseeds = [(m, seed) for m, seeds in (("ppo", a.ppo_seeds), ("dpo", a.dpo_seeds), ("grpo", a.grpo_seeds))
+               if m in a.methods
                for seed in seeds if seed != DEFAULT_SEED]
     failed = []
     if not a.table_only:
