@@ -47,7 +47,9 @@ class Models:
 def _lora_args(args, which: str):
     return types.SimpleNamespace(gradient_checkpointing=getattr(args, f"{which}_gradient_checkpointing"),
                                  lora_dim=getattr(args, f"{which}_lora_dim"), lora_alpha=args.lora_alpha,
-                                 lora_module_name=args.lora_module_name, only_optimize_lora=args.only_optimize_lora,
+                                 lora_module_name=args.lora_module_name,
+                                 # a model without LoRA trains whole: --only_optimize_lora speaks of the other one
+                                 only_optimize_lora=args.only_optimize_lora and getattr(args, f"{which}_lora_dim") > 0,
                                  freeze_embeddings=args.freeze_embeddings if which == "actor" else "none")
 
 
@@ -91,6 +93,9 @@ def check_args(args) -> Algorithm:
                         f"multiple of --per_device_training_batch_size x --gradient_accumulation_steps ({per_update})")
     if not 0.0 <= args.ema_beta < 1.0:
         raise UserError("--ema_beta must be in [0, 1)")
+    if args.only_optimize_lora and not (args.actor_lora_dim or (algo.critic and args.critic_lora_dim)):
+        raise UserError("--only_optimize_lora needs --actor_lora_dim > 0" + (" or --critic_lora_dim > 0" if algo.critic
+                                                                             else ""))
     return algo
 
 

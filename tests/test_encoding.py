@@ -341,3 +341,26 @@ def test_message_weights_are_read_as_openai_defines_them(tmp_path):
                          (conv(0, "user"), "only assistant turns take a weight")]:
         with pytest.raises(UserError, match=rf"w.jsonl:1: field 'messages\[\d\].weight': {problem}"):
             load_file(write_jsonl(tmp_path / "w.jsonl", [bad]), "sft")
+
+
+def test_generation_keeps_a_lora_models_own_generation_config(tiny_dir):
+    """only_our_settings blanks the model's generation_config while generating and restores it; peft's
+    wrapper copies its blank one onto the base model inside generate(), and the base model's config is
+    the one saved, so a LoRA actor was saved with its EOS list, pad id and sampling defaults wiped."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils.generation import only_our_settings
+    from utils.model import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+    model.generation_config.eos_token_id = [2, 7]
+    model.generation_config.top_k = 5
+    wrapped = apply_lora(model, 4, 8, "all-linear", False)
+    with only_our_settings(wrapped):
+        assert wrapped.get_base_model().generation_config.top_k is None or \
+            wrapped.get_base_model().generation_config.top_k == 50  # transformers' neutral default, not 5
+        wrapped.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                         eos_token_id=2)
+    base = wrapped.get_base_model().generation_config
+    assert base.eos_token_id == [2, 7] and base.top_k == 5

@@ -53,16 +53,25 @@ def test_lora_with_trained_base_weights_keeps_the_embeddings_frozen(tiny_dir):
     assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+DROPOUT_RATES = {"gpt2": {"resid_pdrop": 0.3, "embd_pdrop": 0.3, "attn_pdrop": 0.3},
+                 # Falcon reads its rates from the config at every forward (dropout_add(..., config.hidden_dropout))
+                 "falcon": {"hidden_dropout": 0.3, "attention_dropout": 0.3}}
+
+
+@pytest.mark.parametrize("family", sorted(DROPOUT_RATES))
 @pytest.mark.parametrize("disable", [True, False])
-def test_prepare_model_turns_dropout_off_only_when_asked_and_the_saved_config_keeps_it(tiny_dir, tmp_path, disable):
-    """--disable_dropout (one shared flag) zeroes GPT-2's dropout for training; the saved config keeps
-    the model's own rates, so a user's later fine-tuning sees the model as it came."""
+def test_prepare_model_turns_dropout_off_only_when_asked_and_the_saved_config_keeps_it(tiny_dir, tmp_path, disable,
+                                                                                        family):
+    """--disable_dropout (one shared flag) zeroes the model's dropout for training, the rates its modules
+    hold and the ones it reads from its config; the saved config keeps the model's own rates, so a
+    user's later fine-tuning sees the model as it came."""
     import torch
     from transformers import AutoConfig
 
     from utils.model import save_hf
 
-    config = AutoConfig.from_pretrained(tiny_dir("gpt2"), resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    rates = DROPOUT_RATES[family]
+    config = AutoConfig.from_pretrained(tiny_dir(family), **rates)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     args = SimpleNamespace(**vars(_args("none")), disable_dropout=disable)
@@ -76,9 +85,10 @@ def test_prepare_model_turns_dropout_off_only_when_asked_and_the_saved_config_ke
     assert torch.equal(a, b) == disable
     from utils.model import load_tokenizer
 
-    save_hf(model, load_tokenizer(tiny_dir("gpt2")), str(tmp_path / "out"), {"step": "test"})
+    save_hf(model, load_tokenizer(tiny_dir(family)), str(tmp_path / "out"), {"step": "test"})
     saved = AutoConfig.from_pretrained(tmp_path / "out")
-    assert (saved.resid_pdrop, saved.embd_pdrop, saved.attn_pdrop) == (0.3, 0.3, 0.3)
+    assert {k: getattr(saved, k) for k in rates} == rates
+    assert {k: getattr(model.config, k) for k in rates} == ({k: 0.0 for k in rates} if disable else rates)
 
 
 def _linear_layers(model) -> set[str]:

@@ -394,3 +394,16 @@ def test_the_anchor_is_off_by_default_and_loads_the_reference_when_on():
             "--reward_model_name_or_path", "r", "--kl_coef", "0"]
     assert not resolve_algorithm(ppo_args(*grpo)).reference
     assert resolve_algorithm(ppo_args(*grpo, "--anchor_coef", "0.5")).reference
+
+
+def test_only_optimize_lora_freezes_the_base_of_the_model_with_lora_and_names_step_3s_flags():
+    """--only_optimize_lora with LoRA on the actor only: the actor trains its adapters, the critic (no
+    LoRA) trains whole; without LoRA on either, the error names step 3's flags (it named --lora_dim, a flag
+    step 3 does not have)."""
+    from step3_ppo.models import _lora_args
+
+    args = ppo_args("--only_optimize_lora", "--actor_lora_dim", "8")
+    check_args(args)
+    assert _lora_args(args, "actor").only_optimize_lora and not _lora_args(args, "critic").only_optimize_lora
+    with pytest.raises(UserError, match="^--only_optimize_lora needs --actor_lora_dim > 0 or --critic_lora_dim > 0$"):
+        check_args(ppo_args("--only_optimize_lora"))

@@ -23,15 +23,21 @@ def only_our_settings(model):
     generation_config.json: an instruct model's repetition_penalty, top_k, min_p or min_new_tokens would
     shape PPO's rollouts (which its log-probabilities then do not describe) and the evaluation's "greedy"
     answers. Inside this block the model's config is a blank one, so only transformers' neutral
-    defaults fill the gaps; the model's own config is back on exit (and is what gets saved)."""
+    defaults fill the gaps; the model's own config is back on exit (and is what gets saved). Every module
+    that holds one is restored: peft's wrapper copies its (blank) config onto the base model inside
+    generate(), and the base model's is the one saved (a LoRA actor was saved with {"eos_token_id": ...}
+    alone)."""
     from transformers import GenerationConfig
 
-    own = model.generation_config
-    model.generation_config = GenerationConfig()
+    holders = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    own = [m.generation_config for m in holders]
+    for m in holders:
+        m.generation_config = GenerationConfig()
     try:
         yield model
     finally:
-        model.generation_config = own
+        for m, config in zip(holders, own):
+            m.generation_config = config
 
 
 @torch.no_grad()

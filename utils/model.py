@@ -221,13 +221,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
     """Zero every dropout: dropout modules, and every float attribute named like a dropout rate
     ("...dropout...", "...drop_prob...", "...pdrop", "layerdrop"; OPT's layerdrop skips whole layers
     in training). The reward model then trains the deterministic score that evaluation reads, DPO's
-    policy equals its reference before the first step (loss log 2), and PPO's first ratio is 1."""
+    policy equals its reference before the first step (loss log 2), and PPO's first ratio is 1. The
+    config's rates too, which some models read at every forward (Falcon's dropout_add(...,
+    config.hidden_dropout), Persimmon's attention): save_hf writes the model's own rates back."""
     for module in model.modules():
         if isinstance(module, DROPOUT_MODULES):
             module.p = 0.0
         for name, value in list(vars(module).items()):
             if isinstance(value, float) and _is_dropout_rate(name):
                 setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        rates = {k: v for k, v in vars(config).items() if isinstance(v, float) and v and _is_dropout_rate(k)}
+        model._saved_dropout_rates = {**rates, **getattr(model, "_saved_dropout_rates", {})}
+        for k in rates:
+            setattr(config, k, 0.0)
 
 
 def _is_dropout_rate(name: str) -> bool:
@@ -349,6 +357,10 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
                 gen.eos_token_id = [end_id] + ends if ends else end_id
         training_use_cache = base.config.use_cache
         base.config.use_cache = getattr(base, "_saved_use_cache", training_use_cache)
+        saved_rates = getattr(base, "_saved_dropout_rates", {})  # disable_dropout's: the model's own rates
+        training_rates = {k: getattr(base.config, k) for k in saved_rates}
+        for k, v in saved_rates.items():
+            setattr(base.config, k, v)
         from safetensors import SafetensorError
 
         try:
@@ -370,6 +382,8 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
                       "without one)")
         finally:
             base.config.use_cache = training_use_cache
+            for k, v in training_rates.items():
+                setattr(base.config, k, v)
         if failed is None:
             _replace_dir(tmp, out_dir)
     if ds.any_rank(failed is not None):  # every rank leaves with the one message (rank 0 prints it)
