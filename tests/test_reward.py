@@ -2,6 +2,7 @@
 scores under plain transformers (pitfalls 7, 8 and 18)."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -276,8 +277,8 @@ def test_disable_dropout_covers_modules_rates_and_layerdrop(tiny_dir, tmp_path, 
     config.save_pretrained(tmp_path)
     for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):
         torch.manual_seed(0)
-        model = cls.from_config(config, attn_implementation="eager")
-        if cls is AutoModelForSequenceClassification:
+        model = cls.from_config(copy.deepcopy(config), attn_implementation="eager")  # disable_dropout zeroes
+        if cls is AutoModelForSequenceClassification:                                 # the model's config too
             model.config.pad_token_id = 0
         ids = torch.tensor([[2, 5, 9, 11, 3, 7, 8, 4]])
         with torch.no_grad():
