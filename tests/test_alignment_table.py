@@ -105,14 +105,15 @@ def test_families_get_columns_when_they_ran_and_extra_ones_are_collected_like_th
 
 def test_the_judge_renders_prompts_as_training_does(tokenizer_of):
     """The judge (no project code) must see the prompt the policy was trained on: a system message, an
-    earlier assistant turn and the generation prompt, under hh (GPT-2 style, no chat template) and chat."""
+    earlier assistant turn and the generation prompt, under hh (GPT-2 style, no chat template; a sentencepiece
+    tokenizer, whose word-start piece after the EOS the whole text does not have) and chat."""
     import judge
 
     from utils.encoding import Encoder
 
     convo = [{"role": "system", "content": "You pick gifts."}, {"role": "user", "content": "A gift for Ann?"},
              {"role": "assistant", "content": "A lamp is a fine gift."}, {"role": "user", "content": "And Bob?"}]
-    for family, template in (("gpt2", "hh"), ("llama", "hh"), ("qwen2", "chat")):
+    for family, template in (("gpt2", "hh"), ("llama", "hh"), ("llama-sp", "hh"), ("qwen2", "chat")):
         tok = tokenizer_of(family)
         enc = Encoder(tok, template, max_seq_len=256)
         assert judge.prompt_ids(convo, template, tok) == enc.encode_prompt(convo), (family, template)

@@ -364,3 +364,37 @@ def test_generation_keeps_a_lora_models_own_generation_config(tiny_dir):
                          eos_token_id=2)
     base = wrapped.get_base_model().generation_config
     assert base.eos_token_id == [2, 7] and base.top_k == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("template", ["hh", "chatml"])
+def test_a_conversation_encodes_as_its_whole_text_tokenizes(tokenizer_of, family, template):
+    """The ids of a multi-turn conversation (and of a PPO prompt) are those of its whole rendered text,
+    each reply's end token written as its text: what plain transformers gives for the text (a chat UI, the
+    README's reward recipe). Each segment tokenized on its own gave a sentencepiece tokenizer's word-start
+    piece after every reply's EOS ("</s>", "\u2581", "\\n", "\\n", "Human:") and ChatML replies a "\u2581The" that
+    the whole text spells "T", "he"."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer_of(family))
+    if template == "chatml":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    enc = Encoder(tok, "hh" if template == "hh" else "chat", 512)
+    system = {"role": "system", "content": "Be brief."}
+    second = ({"role": "user", "content": "And the owl?"}, {"role": "assistant", "content": "The owl is lovely."})
+    msgs = (system, USER, REPLY) + second
+    end = tok.convert_ids_to_tokens(enc.eos_id)
+    if template == "hh":
+        text = (f"Be brief.\n\nHuman: Tell me about the apple.\n\nAssistant: The apple is great.{end}\n\nHuman: And "
+                f"the owl?\n\nAssistant: The owl is lovely.{end}")
+        assert render_text(msgs, "hh", tok, False).replace("great.", "great." + end) + end == text
+    else:
+        text = tok.apply_chat_template(list(msgs), tokenize=False)
+        text = text[:text.rindex(end) + len(end)]  # the template's newline after the last turn end: not trained
+    bos = [enc.bos_id] if enc.bos_id is not None else []
+    ids, labels = enc.encode_conversation(msgs)
+    assert ids == bos + tok(text, add_special_tokens=False)["input_ids"]
+    prompt = enc.encode_prompt(msgs[:4])
+    assert prompt == ids[:len(prompt)] and labels[len(prompt)] != IGNORE  # the second reply trained from its start

@@ -100,15 +100,32 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _eos_text(self) -> str | None:
+        """The reply end token's text, which the tokenizer reads back as that one token (None if not)."""
+        if not hasattr(self, "_eos_text_cache"):
+            text = self.tokenizer.convert_ids_to_tokens(self.eos_id)
+            self._eos_text_cache = text if isinstance(text, str) and self._ids(text) == [self.eos_id] else None
+        return self._eos_text_cache
+
     def encode_segments(self, segments) -> tuple[list[int], list[int]]:
+        """Token ids and labels of rendered segments, the ids those of the whole text as the tokenizer reads
+        it: each segment's tokens are what tokenizing the text up to its end adds to the text before it.
+        Tokenized on its own, a segment after a reply's EOS (or ChatML's "assistant\n") started with the
+        word-start piece a sentencepiece tokenizer puts at the start of a text (Llama, Mistral: "</s>",
+        "▁", "\n", "\n", "Human:"), which the same text tokenized whole (plain transformers, a chat UI) does
+        not have. Where a boundary merges (the whole text's tokens do not start with the earlier text's),
+        the segment is tokenized on its own, so labels stay exact."""
         ids: list[int] = []
         labels: list[int] = []
         bos_tok = self.tokenizer.bos_token
         if self.bos_id is not None and not (segments and bos_tok and segments[0].text.startswith(bos_tok)):
             ids.append(self.bos_id)
             labels.append(IGNORE)
+        text, whole = "", []  # the text so far (a reply's end token as its text) and its ids, tokenized whole
         for seg in segments:
-            t = self._ids(seg.text)
+            now = self._ids(text + seg.text)
+            t = now[len(whole):] if now[:len(whole)] == whole else self._ids(seg.text)
+            text, whole = text + seg.text, now
             if not seg.train:
                 ids += t
                 labels += [IGNORE] * len(t)
@@ -120,6 +137,8 @@ class Encoder:
                 head, tail = t[:k], t[k:]
             else:
                 head, tail = t + [self.eos_id], []
+                eos = self._eos_text()
+                text, whole = (text + eos, whole + [self.eos_id]) if eos is not None else ("", [])
             ids += head + tail
             labels += head + [IGNORE] * len(tail)
         return ids, labels

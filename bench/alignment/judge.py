@@ -3,7 +3,7 @@
 A model directory is loaded with AutoModelForCausalLM / AutoTokenizer. The prompt template is read
 from the directory's args.json ("hh", or "chat" for the tokenizer's chat template) and rendered in
 the documented form: the template's text for each turn, every earlier assistant reply followed by
-the EOS token, each piece tokenized on its own and a BOS first when the tokenizer adds one. Answers
+the EOS token, the whole text tokenized at once, and a BOS first when the tokenizer adds one. Answers
 are generated greedily in left-padded batches and scored by the task's own predicates:
 
   preferred   the answer ended with EOS and shows the preferred behaviour
@@ -55,15 +55,14 @@ def _pieces(messages: list[dict], template: str, tok) -> list[tuple[str, bool]]:
 
 
 def prompt_ids(messages: list[dict], template: str, tok) -> list[int]:
+    """The prompt's whole text, each earlier reply's EOS written as its text, tokenized at once (what a
+    user of plain transformers does), after a BOS where the tokenizer adds one."""
     ids = []
     bos = tok.bos_token_id
     if bos is not None and tok("a")["input_ids"][:1] == [bos]:
         ids.append(bos)
-    for text, eos in _pieces(messages, template, tok):
-        ids += tok(text, add_special_tokens=False)["input_ids"]
-        if eos:
-            ids.append(tok.eos_token_id)
-    return ids
+    text = "".join(t + (tok.eos_token if eos else "") for t, eos in _pieces(messages, template, tok))
+    return ids + tok(text, add_special_tokens=False)["input_ids"]
 
 
 def as_messages(record: dict) -> list[dict]:
