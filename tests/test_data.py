@@ -342,6 +342,14 @@ def test_a_directory_of_split_named_files_names_its_splits_and_refuses_a_file_of
     with pytest.raises(UserError) as e:
         load_file(str(d), "sft")
     assert str(e.value).startswith(f"data path '{d}': 'extra_rows.jsonl' belongs to no split"), str(e.value)
+    # A damaged file there: its line, in one message (datasets logged a second line of its own first).
+    (d / "extra_rows.jsonl").unlink()
+    with open(d / "train.jsonl", "a") as f:
+        f.write('{"prompt": "cut')
+    with pytest.raises(UserError) as e:
+        load_file(str(d), "sft")
+    assert str(e.value) == f"data path '{d}': {d}/train.jsonl:3: malformed JSON (Unterminated string starting at " \
+                           "column 12)"
 
 
 def test_a_missing_path_under_a_local_directory_is_not_tried_on_the_hub(tmp_path, monkeypatch):

@@ -227,6 +227,13 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
         if isinstance(e, ValueError) and "split" in str(e).lower():  # 'Unknown split "test". Should be one of ...'
             raise UserError(f"data path '{path}': {str(e).splitlines()[0]} (pick one as '{path}:SPLIT')") from None
         if local:  # datasets hides the reason (files whose columns differ, ...) in the exception's cause
+            for f in only.get("data_files", {}).get(name, []):  # a damaged file: our reader names its line
+                if f.lower().endswith((".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")):
+                    try:
+                        for _ in read_records(f):
+                            pass
+                    except UserError as bad:
+                        raise UserError(f"{what}: {bad}") from None
             cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
             raise UserError(f"{what} could not be loaded with datasets.load_dataset: {_one_line(e)}{cause}; files "
                             "of different formats can be given as separate --data_path sources") from None
@@ -272,7 +279,7 @@ def _quiet_datasets() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach us as exceptions, said once
 
 
 def looks_local(path: str, suffixes: tuple = ()) -> bool:
