@@ -121,6 +121,34 @@ def test_rule4_rollout_forwards_of_left_padded_gpt2_batches_match_unpadded_forwa
             assert out["score"][i].item() == pytest.approx(_head_scores(gpt2.reward, ids)[-1].item(), abs=1e-5)
 
 
+def test_experience_forwards_by_length_give_the_whole_rollouts_numbers(gpt2, monkeypatch):
+    """The experience forwards run over sub-batches of rows of similar length, each cut to its own longest
+    answer (a group estimator's rollout of 128 rows padded to one long answer cost that length in every
+    row): under the action mask every output equals the one forward over the whole rollout."""
+    from step3_ppo import rollout
+
+    rows, b = _left_padded_rollout(gpt2.tok)
+    lengths = b["action_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # answers of several lengths: the chunks are cut differently
+    models = types.SimpleNamespace(actor=PlainEngine(gpt2.actor), ref=PlainEngine(gpt2.ref),
+                                   critic=PlainEngine(gpt2.critic), reward=PlainEngine(gpt2.reward))
+    whole = rollout.experience(models, dict(b), 0.7)
+    calls = []  # sub-batches of 2 rows instead of EXPERIENCE_ROWS
+    real = rollout.length_chunks
+
+    def chunks(batch, rows=rollout.EXPERIENCE_ROWS):
+        for idx, sub in real(batch, 2):
+            calls.append(sub["answers"].shape[1])
+            yield idx, sub
+    monkeypatch.setattr(rollout, "length_chunks", chunks)
+    parts = rollout.experience(models, dict(b), 0.7)
+    assert len(calls) > 1 and min(calls) < b["answers"].shape[1]  # several forwards, some cut shorter
+    mask = b["action_mask"].bool()
+    for key in ("logp", "ref_logp", "values", "entropy"):
+        assert torch.allclose(parts[key][mask], whole[key][mask], atol=1e-5), key
+    assert torch.allclose(parts["score"], whole["score"], atol=1e-5)
+
+
 def test_rule4_actor_loss_forward_of_a_left_padded_gpt2_minibatch_uses_position_ids(gpt2):
     """Rule 4: the PPO update's own actor forward (actor_loss) gets position ids too, or the first PPO ratio
     of a left-padded row is not 1 (pipelines that add them in generate() only)."""
