@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -74,15 +72,7 @@ def main() -> None:
           f"width {W}, {torch.get_num_threads()} thread(s), load {common.load_average():.2f}; max |difference| {diff:.1e}")
     if diff > 1e-4:
         raise SystemExit("the two ways disagree")
-    times = {"whole": [], "by_length": []}
-    for _ in range(a.reps):
-        for name, fn in (("whole", whole), ("by_length", by_length)):
-            t = time.process_time()
-            fn()
-            times[name].append(1000 * (time.process_time() - t))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"  {k:9s} {med[k]:8.1f} ms  ({min(v):.1f}-{max(v):.1f})")
+    med = common.interleaved_cpu_ms({"whole": whole, "by_length": by_length}, a.reps)
     print(f"  whole / by_length {med['whole'] / med['by_length']:.2f}x; load at the end {common.load_average():.2f}")
 
 

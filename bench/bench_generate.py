@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -104,15 +102,7 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s), load {common.load_average():.2f}; same greedy tokens: {same}")
     if not same:
         raise SystemExit("the decode loop and generate() disagree")
-    times = {"generate": [], "loop": [], "forward": []}
-    for _ in range(a.reps):
-        for name, fn in (("generate", hf), ("loop", loop), ("forward", forward)):
-            t = time.process_time()
-            fn()
-            times[name].append(1000 * (time.process_time() - t))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"  {k:9s} {med[k]:7.1f} ms  ({min(v):.1f}-{max(v):.1f})")
+    med = common.interleaved_cpu_ms({"generate": hf, "loop": loop, "forward": forward}, a.reps)
     print(f"  generate / loop {med['generate'] / med['loop']:.2f}x; generate / forward {med['generate'] / med['forward']:.2f}x; "
           f"load at the end {common.load_average():.2f}")
 

@@ -139,6 +139,21 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str = REPO, timeo
 
 # ----------------------------------------------------------------------------- repetitions and printing
 
+def interleaved_cpu_ms(fns: dict, reps: int) -> dict:
+    """{name: median ms} of each function's process CPU time over `reps` interleaved repetitions, with
+    each one's median and spread printed (one thread: the time the work needs, hardly changed by load)."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.process_time()
+            fn()
+            times[name].append(1000 * (time.process_time() - t))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"  {k:9s} {med[k]:8.1f} ms  ({min(v):.1f}-{max(v):.1f})")
+    return med
+
+
 def summary(values: list[float]) -> dict:
     """Median and spread of the repetitions."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

@@ -75,6 +75,10 @@ class Encoder:
         self.overlong = overlong
         self.text_eos_id = tokenizer.eos_token_id
         self.eos_id = reply_end_id(tokenizer, self.template)
+        # The reply end's text where the tokenizer reads it back as that one token (else None): written
+        # into the running text of encode_segments after a reply whose EOS is appended as an id.
+        text = tokenizer.convert_ids_to_tokens(self.eos_id)
+        self.eos_text = text if isinstance(text, str) and self._ids(text) == [self.eos_id] else None
         self.bos_id = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
         # Padding id for batches only; the tokenizer itself is never changed (pitfall 5).
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -99,13 +103,6 @@ class Encoder:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _eos_text(self) -> str | None:
-        """The reply end token's text, which the tokenizer reads back as that one token (None if not)."""
-        if not hasattr(self, "_eos_text_cache"):
-            text = self.tokenizer.convert_ids_to_tokens(self.eos_id)
-            self._eos_text_cache = text if isinstance(text, str) and self._ids(text) == [self.eos_id] else None
-        return self._eos_text_cache
 
     def encode_segments(self, segments) -> tuple[list[int], list[int]]:
         """Token ids and labels of rendered segments, the ids those of the whole text as the tokenizer reads
@@ -137,8 +134,7 @@ class Encoder:
                 head, tail = t[:k], t[k:]
             else:
                 head, tail = t + [self.eos_id], []
-                eos = self._eos_text()
-                text, whole = (text + eos, whole + [self.eos_id]) if eos is not None else ("", [])
+                text, whole = (text + self.eos_text, whole + [self.eos_id]) if self.eos_text is not None else ("", [])
             ids += head + tail
             labels += head + [IGNORE] * len(tail)
         return ids, labels
