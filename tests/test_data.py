@@ -563,3 +563,24 @@ def test_a_directory_of_untyped_files_is_refused_by_name(tmp_path, name):
     path.write_text("prompt,response\nHi,Yo\n")
     with pytest.raises(UserError, match=f"data path '.*d': '{name}' is not read"):
         load_file(str(tmp_path / "d"), "sft")
+
+
+def test_a_field_the_step_never_uses_does_not_stop_it(tmp_path):
+    """Real HH rows have empty rejected replies. SFT reads the chosen side and PPO the prompt: an empty or
+    malformed `rejected` stops neither, while the preference steps that train on it still name it."""
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Tell me about the lamp.\n\nAssistant: The lamp is great.",
+                              "rejected": "\n\nHuman: Tell me about the lamp.\n\nAssistant:"}) + "\n")
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps({"prompt": "Tell me about the chair.", "chosen": "The chair is great.",
+                                "rejected": ""}) + "\n")
+    (prompt,) = load_file(str(hh), "prompts")
+    assert prompt.prompt == ({"role": "user", "content": "Tell me about the lamp."},)
+    for path in (hh, pref):
+        (sft,) = load_file(str(path), "sft")
+        assert sft.chosen[-1]["content"] in ("The lamp is great.", "The chair is great.")
+        assert sft.rejected is None
+    with pytest.raises(DataError, match=r"hh.jsonl:1: field 'rejected': empty assistant turn"):
+        load_file(str(hh), "pairs")
+    with pytest.raises(DataError, match=r"pref.jsonl:1: field 'rejected': field is empty"):
+        load_file(str(pref), "pairs")

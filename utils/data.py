@@ -632,13 +632,15 @@ def _same_turns(a: tuple, b: tuple) -> bool:
                                     for x, y in zip(a, b))
 
 
-def parse_pair(r: _Row) -> Sample:
+def parse_pair(r: _Row, with_rejected: bool = True) -> Sample:
     """Preference records with or without a `prompt` field (see `_reply_side`). The prompt turns appear
     once (pitfall 22): when `chosen`/`rejected` are whole conversations, the turns before their last
-    reply are the prompt; they must be the same in both, and equal the `prompt` field when it is given."""
+    reply are the prompt; they must be the same in both, and equal the `prompt` field when it is given.
+    `with_rejected=False` (SFT on the chosen replies, PPO prompts from HH rows) leaves `rejected` unread:
+    a field the step never uses does not stop it (real HH rows have empty rejected replies)."""
     has_prompt = "prompt" in r.row
     given = _prompt_messages(r) if has_prompt else None
-    fields = ("chosen", "rejected") if r.row.get("rejected") is not None else ("chosen",)
+    fields = ("chosen", "rejected") if with_rejected and r.row.get("rejected") is not None else ("chosen",)
     sides = {fld: _reply_side(r, fld, has_prompt) for fld in fields}
     inner = [(fld, turns) for fld, (turns, _) in sides.items() if turns is not None]
     # A conversation's own turns are what gets rendered (the prompt field may differ in whitespace only).
@@ -653,7 +655,7 @@ def parse_pair(r: _Row) -> Sample:
     return Sample(prompt=prompt, chosen=sides["chosen"][1], rejected=rejected, margin=r.margin(), where=r.where)
 
 
-def parse_record(fmt: str, r: _Row) -> Sample:
+def parse_record(fmt: str, r: _Row, need: str = "pairs") -> Sample:
     where = r.where
     if fmt in CONVERSATION_FIELD:
         fld = CONVERSATION_FIELD[fmt]
@@ -678,7 +680,7 @@ def parse_record(fmt: str, r: _Row) -> Sample:
             raise r.err("completion", "expected assistant turns only (the conversation before them goes in 'prompt')")
         return Sample(prompt=_prompt_messages(r), chosen=reply, where=where)
     if fmt in ("preference", "hh"):
-        return parse_pair(r)
+        return parse_pair(r, with_rejected=need == "pairs")
     if fmt == "alpaca":
         instruction = r.string("instruction")
         inp_field = "input" if "input" in r.row or "context" not in r.row else "context"
@@ -700,7 +702,7 @@ def parse_for(need: str, fmt: str, r: _Row) -> Sample:
     """The record as the step reads it: PPO takes the prompt of a `messages` conversation."""
     if need == "prompts" and fmt in CONVERSATION_FIELD:
         return Sample(prompt=_conversation_prompt(r, CONVERSATION_FIELD[fmt]), where=r.where)
-    return parse_record(fmt, r)
+    return parse_record(fmt, r, need)
 
 
 def _check_need(need: str, s: Sample, r: _Row, fmt: str):
