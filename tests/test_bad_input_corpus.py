@@ -51,6 +51,9 @@ ERRORS = {
     "sft/hub_layout:test": "data path '{source}' has no split 'test' (splits: train); pick one as '{source}:SPLIT'",
     "sft/saved_dataset:test": "data path '{path}': '{source}' holds one saved dataset without splits; give it "
                               "without ':test'",
+    "sft/split_fields_differ": "data path '{path}': 'data/train-00001-of-00002.jsonl' has fields (completion, prompt) "
+                               "and 'data/train-00000-of-00002.jsonl' (prompt, response): the files of split 'train' are "
+                               "read as one table",
     "sft/not_a_dataset": "data path '{path}' is a directory without dataset files: expected a datasets.save_to_disk "
                          "directory or a hub-style layout such as data/train-00000-of-00001.parquet",
     "pairs/malformed_json.jsonl": "{path}:2: malformed JSON (",
@@ -81,7 +84,7 @@ ERRORS = {
 }
 # Errors about the path rather than a record (UserError, not DataError).
 PATH_ERRORS = {"sft/missing.jsonl", "pairs/missing.jsonl", "prompts/missing.jsonl", "sft/hub_layout:test",
-               "sft/saved_dataset:test", "sft/not_a_dataset"}
+               "sft/saved_dataset:test", "sft/not_a_dataset", "sft/split_fields_differ"}
 # Raised when a record is rendered: by a chat template that requires alternating user/assistant turns
 # (Llama-2 style, STRICT_LLAMA_TEMPLATE below); the other templates accept the record.
 RENDER_ERRORS = {

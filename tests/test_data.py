@@ -584,3 +584,15 @@ def test_a_field_the_step_never_uses_does_not_stop_it(tmp_path):
         load_file(str(hh), "pairs")
     with pytest.raises(DataError, match=r"pref.jsonl:1: field 'rejected': field is empty"):
         load_file(str(pref), "pairs")
+
+
+def test_files_of_one_split_with_different_fields_are_named(tmp_path):
+    """datasets reads a split's files as one table; files with different fields failed with its CastError
+    ("Couldn't cast"), naming no file. The message now names both files and their fields."""
+    data = tmp_path / "d" / "data"
+    data.mkdir(parents=True)
+    (data / "train-00000-of-00002.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    (data / "train-00001-of-00002.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(UserError, match=r"'data/train-00001-of-00002.jsonl' has fields \(completion, prompt\) and "
+                                        r"'data/train-00000-of-00002.jsonl' \(prompt, response\)"):
+        load_file(str(tmp_path / "d"), "sft")

@@ -227,13 +227,22 @@ def _read_dataset_repo(path: str, split: str | None, local: bool):
         if isinstance(e, ValueError) and "split" in str(e).lower():  # 'Unknown split "test". Should be one of ...'
             raise UserError(f"data path '{path}': {str(e).splitlines()[0]} (pick one as '{path}:SPLIT')") from None
         if local:  # datasets hides the reason (files whose columns differ, ...) in the exception's cause
+            columns = {}  # file -> the fields its records use
             for f in only.get("data_files", {}).get(name, []):  # a damaged file: our reader names its line
                 if f.lower().endswith((".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")):
+                    keys = columns.setdefault(f, set())
                     try:
-                        for _ in read_records(f):
-                            pass
+                        for _, _, _, record in read_records(f):
+                            keys.update(record if isinstance(record, dict) else ())
                     except UserError as bad:
                         raise UserError(f"{what}: {bad}") from None
+            first, *rest = list(columns.items()) or [(None, None)]
+            for f, keys in rest:  # datasets reads a split's files as one table: its CastError names no file
+                if keys != first[1]:
+                    raise UserError(f"{what}: '{os.path.relpath(f, path)}' has fields ({', '.join(sorted(keys))}) "
+                                    f"and '{os.path.relpath(first[0], path)}' ({', '.join(sorted(first[1]))}): the "
+                                    f"files of split '{name}' are read as one table; give them the same fields, or "
+                                    "give each as a --data_path of its own") from None
             cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
             raise UserError(f"{what} could not be loaded with datasets.load_dataset: {_one_line(e)}{cause}; files "
                             "of different formats can be given as separate --data_path sources") from None
