@@ -28,7 +28,7 @@ def test_config_file_and_flags_win(tmp_path):
 def test_config_errors(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"learning_rat": 1}))
-    with pytest.raises(UserError, match="unknown keys learning_rat"):
+    with pytest.raises(UserError, match="unknown keys learning_rat; did you mean --learning_rate\\?"):
         parse(SHARED_GROUPS, "t", BASE + ["--config", str(bad)])
     with pytest.raises(UserError, match="does not exist"):
         parse(SHARED_GROUPS, "t", BASE + ["--config", str(tmp_path / "none.yaml")])
@@ -182,7 +182,16 @@ def test_bad_config_values_are_one_line_naming_the_key(tmp_path, text, message):
     ("--weight_decay", "inf", "--weight_decay must be a finite number >= 0, got inf"),  # a nan loss mid-run
     ("--data_path", "x.jsonl", "--data_path is given twice; give every value after one --data_path "
      "(--data_path A B)"),  # argparse kept only the last list
-    ("--lr", "3e-5", "unrecognized arguments: --lr 3e-5 (see --help)"),  # was read as --lr_scheduler_type
+    # was read as --lr_scheduler_type; other trainers' names and typos are pointed at ours
+    ("--lr", "3e-5", "unrecognized arguments: --lr 3e-5; this pipeline's flag: --learning_rate (see --help)"),
+    ("--bf16", "--offload", "unrecognized arguments: --bf16; this pipeline's flag: --dtype bf16 (see --help)"),
+    ("--warmup_ratio", "0.1", "unrecognized arguments: --warmup_ratio 0.1; this pipeline's flag: --num_warmup_steps, "
+     "a step count (see --help)"),
+    ("--deepspeed", "ds.json", "unrecognized arguments: --deepspeed ds.json; the DeepSpeed config is built from "
+     "--zero_stage, --offload and --dtype (this pipeline takes no DeepSpeed JSON) (see --help)"),
+    ("--num_train_epoch", "2", "unrecognized arguments: --num_train_epoch 2; did you mean --num_train_epochs? "
+     "(see --help)"),
+    ("--frobnicate", "2", "unrecognized arguments: --frobnicate 2 (see --help)"),
 ])
 def test_flag_ranges_are_checked_up_front(flag, value, message):
     with pytest.raises(UserError) as e:
@@ -344,3 +353,21 @@ def test_the_output_dir_may_not_hold_an_input_or_be_another_runs_partial(tmp_pat
     with pytest.raises(UserError, match="is the working directory of a run of '.*/jobA'"):
         parse(SHARED_GROUPS, "t", ["--model_name_or_path", "m", "--data_path", "x.jsonl", "--output_dir",
                                    str(tmp_path / "jobA.partial")])
+
+
+def test_other_trainers_names_point_at_flags_that_exist():
+    """Every flag OTHER_NAMES points a user at is a flag of some step, and none of its names is one of ours
+    (the hint is only given for a name argparse did not know)."""
+    from dpo.main import DPOArgs
+    from step2_reward.main import RewardArgs
+    from step3_ppo.config import GROUPS
+    from utils.args import OTHER_NAMES, SHARED_GROUPS, specs_of
+
+    per_step = [set(specs_of(g)) for g in (SHARED_GROUPS, (*SHARED_GROUPS, RewardArgs), (*SHARED_GROUPS, DPOArgs),
+                                            GROUPS)]
+    ours = set().union(*per_step)
+    for name, targets in OTHER_NAMES.items():
+        if isinstance(targets, list):
+            assert any(t.split()[0].rstrip(",")[2:] in ours for t in targets), name
+            for flags in per_step:  # a name that is a flag of one step points at another step's flag only
+                assert name not in flags or all(t.split()[0][2:] not in flags for t in targets), name

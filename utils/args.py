@@ -193,6 +193,55 @@ def specs_of(groups, limits: dict | None = None) -> dict[str, Spec]:
     return out
 
 
+# Flags other trainers (transformers' Trainer, TRL, DeepSpeed-Chat, OpenRLHF) spell differently: a name a
+# user brings -> this pipeline's flags that do its job (the first one the step has is named), or a note.
+OTHER_NAMES = {
+    "bf16": ["--dtype bf16"], "fp16": ["--dtype fp16"], "torch_dtype": ["--dtype"],
+    "deepspeed": "the DeepSpeed config is built from --zero_stage, --offload and --dtype (this pipeline takes "
+                 "no DeepSpeed JSON)",
+    "lr": ["--learning_rate", "--actor_learning_rate"], "warmup_steps": ["--num_warmup_steps"],
+    "warmup_ratio": ["--num_warmup_steps, a step count"], "num_epochs": ["--num_train_epochs"],
+    "epochs": ["--num_train_epochs"], "model": ["--model_name_or_path", "--actor_model_name_or_path"],
+    "model_name": ["--model_name_or_path", "--actor_model_name_or_path"],
+    "pretrain": ["--model_name_or_path", "--actor_model_name_or_path"],
+    "reward_pretrain": ["--reward_model_name_or_path"], "ref_model": ["--ref_model_name_or_path"],
+    "dataset": ["--data_path"], "dataset_name": ["--data_path"], "train_file": ["--data_path"],
+    "data_files": ["--data_path"], "eval_dataset": ["--eval_data_path"], "validation_file": ["--eval_data_path"],
+    "max_length": ["--max_seq_len", "--max_answer_seq_len"], "max_len": ["--max_seq_len", "--max_answer_seq_len"],
+    "max_seq_length": ["--max_seq_len"], "model_max_length": ["--max_seq_len"],
+    "max_prompt_length": ["--max_prompt_seq_len"], "prompt_max_len": ["--max_prompt_seq_len"],
+    "max_new_tokens": ["--max_answer_seq_len"], "generate_max_len": ["--max_answer_seq_len"],
+    "max_completion_length": ["--max_answer_seq_len"], "num_generations": ["--n_samples_per_prompt"],
+    "logging_steps": ["--log_interval"], "eval_steps": ["--eval_interval"], "save_steps": ["--save_interval"],
+    "resume_from_checkpoint": ["--resume"],
+    "report_to": ["--enable_tensorboard"], "use_tensorboard": ["--enable_tensorboard"],
+    "lora_r": ["--lora_dim", "--actor_lora_dim"], "lora_rank": ["--lora_dim", "--actor_lora_dim"],
+    "target_modules": ["--lora_module_name"], "lora_target_modules": ["--lora_module_name"],
+    "use_peft": ["--lora_dim", "--actor_lora_dim"], "zero_stage": ["--actor_zero_stage"],
+    "init_kl_coef": ["--kl_coef"], "kl_penalty": ["--kl_estimator"], "cliprange_reward": ["--clip_reward_value"],
+    "micro_train_batch_size": ["--per_device_train_batch_size", "--per_device_training_batch_size"],
+    "per_device_train_batch_size": ["--per_device_training_batch_size"],
+    "per_device_training_batch_size": ["--per_device_train_batch_size"],
+    "output": ["--output_dir"], "save_path": ["--output_dir"], "output_path": ["--output_dir"],
+}
+
+
+def other_name_hint(name: str, known: set[str]) -> str:
+    """'; this pipeline's flag: --x' for an unknown flag or --config key `name` (without dashes): another
+    trainer's spelling of one of ours, or a near miss of ours (a typo); '' when nothing fits."""
+    import difflib
+
+    name = name.lstrip("-").split("=", 1)[0].replace("-", "_")
+    hint = OTHER_NAMES.get(name)
+    if isinstance(hint, str):
+        return f"; {hint}"
+    for flag in hint or ():
+        if flag.split()[0].rstrip(",")[2:] in known:
+            return f"; this pipeline's flag: {flag}"
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    return f"; did you mean --{close[0]}?" if close else ""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own errors (an unknown flag, a bad choice or number) as one line: error: ... (exit 2).
     No abbreviations: `--lr 3e-5` was read as `--lr_scheduler_type 3e-5`. A negative number in exponent
@@ -204,6 +253,10 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            known = {o[2:] for o in self._option_string_actions if o.startswith("--")}
+            flags = [w for w in message.split()[2:] if w.startswith("--")]
+            message += "".join(other_name_hint(w, known) for w in flags[:1])
         raise UserError(f"{message} (see --help)")
 
 
@@ -400,7 +453,8 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
         cfg = _read_config(pre.config)
         unknown = sorted(set(cfg) - set(specs))
         if unknown:
-            raise UserError(f"--config file '{pre.config}': unknown keys {', '.join(unknown)}")
+            raise UserError(f"--config file '{pre.config}': unknown keys {', '.join(unknown)}"
+                            f"{other_name_hint(unknown[0], set(specs))}")
         values = {}
         for key, value in cfg.items():
             try:
