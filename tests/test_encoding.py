@@ -322,6 +322,12 @@ def test_an_opening_greeting_and_weight_0_turns_are_context(tokenizer_of, family
         "The dog is fine."
     prompt = enc.encode_prompt((hello, USER))
     assert ids[: len(prompt)] == prompt
+    # Every reply ends with the reply end token, a context one too: under hh the greeting and the weight-0
+    # turn were rendered without it ("Assistant: The cat is good.\n\nHuman: ..."), unlike trained turns.
+    # (A chat template writes its turn end after every turn, user turns too.)
+    if enc.template != "chat":
+        ends = [labels[i] for i, t in enumerate(ids) if t == enc.eos_id]
+        assert ends == [IGNORE, IGNORE, enc.eos_id], tok.decode(ids)
     with pytest.raises(UserError, match="nothing to train"):
         enc.encode_conversation((hello, USER, skip))
 

@@ -123,12 +123,12 @@ class Encoder:
             now = self._ids(text + seg.text)
             t = now[len(whole):] if now[:len(whole)] == whole else self._ids(seg.text)
             text, whole = text + seg.text, now
-            if not seg.train:
+            if not (seg.train or seg.reply):
                 ids += t
                 labels += [IGNORE] * len(t)
                 continue
             # The reply ends at its end token (the EOS, or the template's turn end); a template's text after
-            # it (e.g. a newline) is not trained.
+            # it (e.g. a newline) is not trained, nor is an untrained reply ("weight": 0).
             if self.eos_id in t:
                 k = t.index(self.eos_id) + 1
                 head, tail = t[:k], t[k:]
@@ -136,7 +136,7 @@ class Encoder:
                 head, tail = t + [self.eos_id], []
                 text, whole = (text + self.eos_text, whole + [self.eos_id]) if self.eos_text is not None else ("", [])
             ids += head + tail
-            labels += head + [IGNORE] * len(tail)
+            labels += (head if seg.train else [IGNORE] * len(head)) + [IGNORE] * len(tail)
         return ids, labels
 
     def encode_prompt(self, prompt) -> list[int]:

@@ -3,8 +3,8 @@
 A conversation is a list of messages `{"role": "system"|"user"|"assistant", "content": str}`.
 `render_segments` turns it into text segments, each marked trainable (an assistant reply) or not.
 The segments of `messages[:k]` rendered with `add_generation_prompt=True` are exactly the leading
-segments of the full conversation, so a PPO or chat prompt is byte-identical (and, because every
-segment is tokenized on its own, token-identical) to the prompt part of an SFT example.
+segments of the full conversation, so a PPO or chat prompt is byte-identical (and, as the encoder
+tokenizes the text up to each segment's end, token-identical) to the prompt part of an SFT example.
 
 Templates:
   chat    the tokenizer's own chat template (an error if it has none)
@@ -35,6 +35,7 @@ ALPACA_HEADER_INPUT = (
 class Segment:
     text: str
     train: bool  # True for an assistant reply: its tokens (and the EOS after it) are trained
+    reply: bool = False  # an assistant reply; under hh, alpaca and raw the encoder ends it with the reply end
 
 
 def resolve_template(template: str, tokenizer) -> str:
@@ -130,7 +131,10 @@ def render_segments(messages, template: str, tokenizer, add_generation_prompt: b
     segments: list[Segment] = []
     done = ""  # text rendered so far
     for i, m in enumerate(messages):
-        if not trained(messages, i):
+        # Under hh, alpaca and raw every reply ends with the end token the encoder appends, an untrained one
+        # ("weight": 0, a greeting before the first user turn) too, as a chat template writes its turn end.
+        untrained_reply = template != "chat" and m["role"] == "assistant"
+        if not (trained(messages, i) or untrained_reply):
             continue
         before = render_text(messages[:i], template, tokenizer, add_generation_prompt=True)
         upto = render_text(messages[: i + 1], template, tokenizer, add_generation_prompt=False)
@@ -138,7 +142,7 @@ def render_segments(messages, template: str, tokenizer, add_generation_prompt: b
         _prefix_ok(upto, before, "the generation prompt")
         if len(before) > len(done):
             segments.append(Segment(before[len(done):], False))
-        segments.append(Segment(upto[len(before):], True))
+        segments.append(Segment(upto[len(before):], trained(messages, i), reply=True))
         done = upto
     if not messages or not trained(messages, len(messages) - 1):
         rest = render_text(messages, template, tokenizer, add_generation_prompt=add_generation_prompt)
