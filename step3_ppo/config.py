@@ -94,7 +94,8 @@ class PPOModelArgs:
 @dataclass
 class RolloutArgs:
     max_prompt_seq_len: int = arg(256, "longest prompt in tokens (template included); longer prompts follow "
-                                       "--overlong, and truncate keeps the end of the prompt", ge=1)
+                                       "--overlong, and truncate keeps the end of the prompt; left at the defaults, "
+                                       "the two lengths shrink to fit an actor of fewer positions", ge=1)
     max_answer_seq_len: int = arg(256, "most tokens generated per answer; an answer cut here scores as "
                                        "--cut_answer_score says", ge=1)
     per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout (each answered "

@@ -24,11 +24,11 @@ from step3_ppo.models import build_models, check_args, require_reward_model
 from step3_ppo.rollout import PromptItem
 from step3_ppo.trainer import train
 from utils import ds
-from utils.args import args_record, inherited, parse, resolve_data_settings
+from utils.args import args_record, given, inherited, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all, without_special_text
 from utils.errors import UserError, at_record, exit_on_user_error
-from utils.model import check_positions, load_tokenizer, save_hf
+from utils.model import check_positions, load_tokenizer, model_positions, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.reward import export_pad_token_id
 from utils.reward_funcs import call_reward_func, load_reward_funcs
@@ -82,6 +82,30 @@ def check_tokenizers(actor_tok, other_path: str, what: str, trust_remote_code: b
                         "ids between the models, so they must share one (train step 2 from the step-1 model)")
 
 
+def fit_lengths_to_positions(args, argv: list[str] | None = None) -> None:
+    """--max_prompt_seq_len and --max_answer_seq_len left at their defaults (256 + 256) shrink to fit an
+    actor with fewer positions (a tiny model's max_position_embeddings 128): the one not given gets what
+    the other leaves, both halves when neither is given. Lengths the user gave are checked, not changed."""
+    found = model_positions(args.actor_model_name_or_path, args.trust_remote_code)
+    if found is None or args.max_prompt_seq_len + args.max_answer_seq_len <= found[0]:
+        return
+    limit = found[0]
+    prompt_given, answer_given = (given(n, args.config, argv) for n in ("max_prompt_seq_len", "max_answer_seq_len"))
+    if prompt_given and answer_given:
+        return  # check_positions names them
+    if not prompt_given and not answer_given:
+        prompt, answer = limit // 2, limit - limit // 2
+    elif answer_given:
+        prompt, answer = limit - args.max_answer_seq_len, args.max_answer_seq_len
+    else:
+        prompt, answer = args.max_prompt_seq_len, limit - args.max_prompt_seq_len
+    if prompt < 1 or answer < 1:
+        return
+    ds.print0(f"--max_prompt_seq_len {prompt} --max_answer_seq_len {answer}: the defaults shrunk to the "
+              f"{limit} positions of --actor_model_name_or_path (config.json {found[1]})")
+    args.max_prompt_seq_len, args.max_answer_seq_len = prompt, answer
+
+
 def check_reward_funcs(funcs, items: list[PromptItem], max_len: int, chunk: int = 512) -> None:
     """Call every reward function on every prompt row with an empty answer, in batches, so a function
     that cannot run on some row (a missing column, an `answer` without a number in row 900) stops the run
@@ -129,6 +153,7 @@ def main(argv=None) -> None:
         require_reward_model(algo.reward_model, args.trust_remote_code)
     template, sft_len = resolve_data_settings(types.SimpleNamespace(template=args.template, max_seq_len=0),
                                               args.actor_model_name_or_path)
+    fit_lengths_to_positions(args)
     check_positions(args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len,
                     "--max_prompt_seq_len + --max_answer_seq_len", "--actor_model_name_or_path", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)

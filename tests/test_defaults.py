@@ -69,3 +69,35 @@ def test_every_step_has_the_one_dropout_flag():
         assert parse(argv).disable_dropout is (parse is not sft_args), parse
         assert parse(argv + ["--no-disable_dropout"]).disable_dropout is False, parse
         assert parse(argv + ["--disable_dropout"]).disable_dropout is True, parse
+
+
+def test_default_lengths_fit_a_model_with_fewer_positions(tmp_path):
+    """A model of 96 positions (a tiny config's n_positions) was refused with the default max_seq_len 512
+    and step 3's 256 + 256: the defaults now shrink to the model; lengths the user gave are not changed."""
+    import types
+
+    from transformers import GPT2Config
+
+    from step3_ppo.main import fit_lengths_to_positions
+    from utils.args import resolve_data_settings
+
+    model = str(tmp_path / "m")
+    GPT2Config(n_positions=96, n_embd=8, n_layer=1, n_head=1).save_pretrained(model)
+    flags = types.SimpleNamespace(template="hh", max_seq_len=0)
+    assert resolve_data_settings(flags, model, 96) == ("hh", 96)
+    assert resolve_data_settings(flags, model, 4096) == ("hh", 512)
+    assert resolve_data_settings(types.SimpleNamespace(template="hh", max_seq_len=300), model, 96) == ("hh", 300)
+
+    def fitted(argv, prompt=256, answer=256, config=None):
+        args = types.SimpleNamespace(actor_model_name_or_path=model, trust_remote_code=False, config=config,
+                                     max_prompt_seq_len=prompt, max_answer_seq_len=answer)
+        fit_lengths_to_positions(args, argv)
+        return args.max_prompt_seq_len, args.max_answer_seq_len
+
+    assert fitted([]) == (48, 48)
+    assert fitted(["--max_answer_seq_len", "16"], answer=16) == (80, 16)
+    assert fitted(["--max_prompt_seq_len=64"], prompt=64) == (64, 32)
+    assert fitted(["--max_prompt_seq_len", "64", "--max_answer_seq_len", "64"], 64, 64) == (64, 64)  # refused later
+    config = tmp_path / "c.yaml"
+    config.write_text("max_answer_seq_len: 40\n")
+    assert fitted([], answer=40, config=str(config)) == (56, 40)

@@ -96,7 +96,8 @@ class DataArgs:
                                gt=0, lt=1)
     template: str = arg("auto", "prompt template; auto = inherited from the model's args.json, else the "
                         "tokenizer's chat template, else hh", choices=["auto", "chat", "alpaca", "hh", "raw"])
-    max_seq_len: int = arg(0, "longest sample in tokens; 0 = inherited from the model's args.json, else 512",
+    max_seq_len: int = arg(0, "longest sample in tokens; 0 = inherited from the model's args.json, else 512 "
+                           "(the model's positions where it has fewer)",
                            ge=0)
     overlong: str = arg("skip", "samples longer than --max_seq_len: skip (counted in the log), truncate, "
                         "or error", choices=["skip", "truncate", "error"])
@@ -507,8 +508,26 @@ def inherited(model_dir: str | None) -> dict:
     return data
 
 
-def resolve_data_settings(ns: argparse.Namespace, model_dir: str | None) -> tuple[str, int]:
-    """Template and max_seq_len: explicit flags, else the model's args.json, else defaults."""
+DEFAULT_MAX_SEQ_LEN = 512
+
+
+def given(name: str, config: str | None, argv: list[str] | None = None) -> bool:
+    """Whether flag `name` was set by the user, on the command line or in the --config file, rather than
+    left at its default."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    flag = f"--{name}"
+    if any(a == flag or a.startswith(flag + "=") for a in argv):
+        return True
+    return bool(config) and name in _read_config(config)
+
+
+def resolve_data_settings(ns: argparse.Namespace, model_dir: str | None,
+                          positions: int | None = None) -> tuple[str, int]:
+    """Template and max_seq_len: explicit flags, else the model's args.json, else defaults (max_seq_len
+    512, or the model's `positions` where it has fewer: a default that does not fit the model is no
+    default)."""
     from .templates import TEMPLATES
 
     if ns.template != "auto" and ns.max_seq_len:
@@ -527,7 +546,7 @@ def resolve_data_settings(ns: argparse.Namespace, model_dir: str | None) -> tupl
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise UserError(f"'{where}' gives max_seq_len {max_seq_len!r}, not a positive whole number; give "
                             "--max_seq_len (the file may come from another tool)")
-    return template, int(max_seq_len or 512)
+    return template, int(max_seq_len or min(DEFAULT_MAX_SEQ_LEN, positions or DEFAULT_MAX_SEQ_LEN))
 
 
 def max_seq_len_flag(ns: argparse.Namespace, model_dir: str | None) -> str:

@@ -97,22 +97,29 @@ def _check_vocabulary(path: str, tokenizer, what: str, trust_remote_code: bool) 
                         "embedding): call model.resize_token_embeddings(len(tokenizer)) and save the model again")
 
 
+def model_positions(path: str, trust_remote_code: bool = False) -> tuple[int, str] | None:
+    """(positions, config key) of a model: config max_position_embeddings, or GPT-2's n_positions; None
+    where the config gives neither (or cannot be read: the loaders report that in their own words)."""
+    config = read_config(path, trust_remote_code)
+    if config is None:
+        return None
+    config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit, name
+    return None
+
+
 def check_positions(path: str, length: int, flag: str, what: str = "--model_name_or_path",
                     trust_remote_code: bool = False) -> None:
     """Refuse a sequence length beyond the model's positions (config max_position_embeddings, GPT-2's
     n_positions) before anything runs: a learned position table fails mid-run with an IndexError at the
     first longer batch."""
-    config = read_config(path, trust_remote_code)
-    if config is None:
-        return  # the loaders report an unreadable config with their own message
-    config = config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        limit = getattr(config, name, None)
-        if isinstance(limit, int) and limit > 0:
-            if length > limit:
-                raise UserError(f"{flag} is {length} tokens, more than the {limit} positions of {what} '{path}' "
-                                f"(config.json {name})")
-            return
+    found = model_positions(path, trust_remote_code)
+    if found is not None and length > found[0]:
+        raise UserError(f"{flag} is {length} tokens, more than the {found[0]} positions of {what} '{path}' "
+                        f"(config.json {found[1]})")
 
 
 def _refuse_a_classifier(path: str, what: str, trust_remote_code: bool) -> None:
