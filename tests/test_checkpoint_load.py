@@ -171,3 +171,26 @@ def test_the_printed_resume_command_works_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.delenv("RLHF_CALLER_CWD")
     monkeypatch.delenv("LOCAL_SIZE")
     assert resume_command() == "python /repo/step1_sft/main.py --data_path d.jsonl --resume"
+
+
+def test_a_killed_saves_files_never_enter_a_later_checkpoint(tmp_path):
+    """A save killed mid-write left tmp-step-10/ with a truncated rank file; a resumed run that reached step
+    10 again wrote into it and renamed it complete, stale file inside (the next resume failed reading it),
+    and a tmp-step-N of another step travelled into the finished output, outside --save_total_limit."""
+    from utils.checkpoint import save_checkpoint
+
+    class Writer:
+        def zero_optimization_stage(self):
+            return 2
+
+        def save_checkpoint(self, path, tag, client_state, save_latest):
+            os.makedirs(os.path.join(path, tag), exist_ok=True)
+            torch.save({"x": 1}, os.path.join(path, tag, "zero_pp_rank_0_optim_states.pt"))
+
+    stale = tmp_path / "tmp-step-10" / "model"
+    stale.mkdir(parents=True)
+    (stale / "zero_pp_rank_1_optim_states.pt").write_bytes(b"trunc")
+    (tmp_path / "tmp-step-6").mkdir()
+    save_checkpoint(str(tmp_path), 10, {"model": Writer()}, {}, keep=2, meta={})
+    assert sorted(os.listdir(tmp_path)) == ["step-10"]
+    assert sorted(os.listdir(tmp_path / "step-10" / "model")) == ["zero_pp_rank_0_optim_states.pt"]

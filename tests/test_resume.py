@@ -209,3 +209,49 @@ def test_resume_with_optimizer_offload_switched(tiny_dir, tmp_path, first, then)
     assert "resumed from" in p.stdout + p.stderr
     assert_same_losses(last_by_step(read_metrics(str(whole))), last_by_step(read_metrics(str(resumed))),
                        range(5, 9), 1e-4)
+
+
+FRESH_OPTIMIZER_SCRIPT = r"""
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+from utils import ds
+from utils.checkpoint import load_checkpoint, save_checkpoint
+
+model_dir, root = sys.argv[1], sys.argv[2]
+ds.init_distributed(0)
+def engine(stage):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = ds.ds_config(stage=stage, offload=False, dtype="fp32", micro_batch=2, grad_accum=1, world=1)
+    return ds.init_train_engine(model, cfg=cfg, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), offload=False,
+                                scheduler="constant", warmup=0, total_steps=10)
+def step_then_loss(e):
+    batch = torch.arange(2 * 12).reshape(2, 12) % 100 + 3
+    e.backward(e(input_ids=batch, labels=batch).loss)
+    e.step()
+    with torch.no_grad():
+        return e(input_ids=batch, labels=batch).loss.item()
+# The actor during PPO's critic warm-up: saved before its optimizer's first step, under ZeRO-2.
+path = save_checkpoint(root, 1, {"actor": engine(2)}, {"data": 0}, keep=2, meta={})
+resumed = engine(3)
+load_checkpoint(path, {"actor": resumed})  # ZeRO-2 -> ZeRO-3: through the universal checkpoint
+print("LOSSES", step_then_loss(resumed), step_then_loss(engine(3)))
+"""
+
+
+def test_an_optimizer_saved_before_its_first_step_resumes_on_another_zero_stage(tiny_dir, tmp_path):
+    """PPO's actor does not step during the critic warm-up (the first tenth of the steps by default); a
+    run stopped then and resumed on another world size or ZeRO stage crashed with a StopIteration: the
+    universal conversion of an optimizer that never stepped has no step.pt and no Adam moments. It now
+    resumes, and its first update is a fresh optimizer's."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    env = dict(os.environ, PYTHONPATH=REPO, MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-c", FRESH_OPTIMIZER_SCRIPT, tiny_dir("llama"), str(tmp_path / "ckpt")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed, fresh = map(float, p.stdout.split("LOSSES")[1].split())
+    assert resumed == pytest.approx(fresh, abs=1e-6), (resumed, fresh)

@@ -152,6 +152,9 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
     ranks agree, and every rank raises the first refusal's message (printed once, by rank 0). A rank that
     ended at once used to race its peers: the launcher killed them, with or without their own line."""
     tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
+    if ds.is_rank0():  # before any rank writes: a killed save's files must not end up in this one
+        sweep_unfinished(root)
+    ds.barrier()
     state = dict(client_state, step=step, rng=ds.all_gather_objects(_rng_state()))
     refused = []
     try:
@@ -182,6 +185,17 @@ def save_checkpoint(root: str, step: int, engines: dict, client_state: dict, kee
             shutil.rmtree(os.path.join(root, old))
     ds.barrier()
     return final
+
+
+def sweep_unfinished(root: str) -> None:
+    """Remove the `tmp-step-N` directories a killed save left under `root` (one save runs at a time, so
+    every one there is stale). Left, a later save of the same step wrote into it and renamed it complete
+    with the killed save's truncated rank files inside (a resume then failed reading them), and the
+    others travelled into the finished OUTPUT_DIR/checkpoints, outside --save_total_limit."""
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            if re.fullmatch(r"tmp-step-\d+", d):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -322,6 +336,7 @@ def _universal(path: str, name: str) -> str:
                 contextlib.redirect_stderr(io.StringIO()):
             ds_to_universal.main(conv)
         _alias_model_states(tmp)
+        _fresh_adam_state(os.path.join(tmp, "zero"))
         latest = os.path.join(path, "latest_universal")  # the converter points its parent folder at the result
         if os.path.isfile(latest):
             os.remove(latest)
@@ -330,6 +345,24 @@ def _universal(path: str, name: str) -> str:
               "ZeRO stage", flush=True)
     ds.barrier()
     return tag
+
+
+def _fresh_adam_state(zero_dir: str) -> None:
+    """An optimizer that has not stepped yet (PPO's actor during the critic warm-up) converts to the
+    parameters' fp32.pt alone: no step.pt, no moments, and the universal loaders read all three (a
+    StopIteration, then missing files). Write what a fresh Adam holds, which gives the same first update:
+    zero moments and step 0."""
+    if not os.path.isdir(zero_dir):
+        return
+    params = [os.path.join(zero_dir, d) for d in sorted(os.listdir(zero_dir))
+              if os.path.isfile(os.path.join(zero_dir, d, "fp32.pt"))]
+    if any(os.path.isfile(os.path.join(p, "step.pt")) for p in params):
+        return
+    for p in params:
+        fp32 = _safe_load(os.path.join(p, "fp32.pt"))
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.save(dict(fp32, param=torch.zeros_like(fp32["param"])), os.path.join(p, f"{key}.pt"))
+        torch.save(torch.tensor(0.0), os.path.join(p, "step.pt"))
 
 
 def _alias_model_states(folder: str) -> None:

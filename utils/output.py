@@ -305,6 +305,9 @@ def finish_output_dir(args, record: dict) -> None:
     in place of OUTPUT_DIR. An earlier finished run there is replaced only now; its metrics.jsonl is
     appended to metrics.previous.jsonl."""
     out, part = os.path.normpath(args.output_dir), partial_dir(args.output_dir)
+    from .checkpoint import sweep_unfinished  # (checkpoint imports this module)
+
+    sweep_unfinished(os.path.join(part, "checkpoints"))
     with open(os.path.join(part, DONE + ".tmp"), "w") as f:
         json.dump({**record, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "inputs": fingerprint(args)}, f,
                   indent=2, sort_keys=True)
