@@ -181,6 +181,9 @@ while group_alive; do
   fi
   sleep 0.5 || true  # Ctrl-C reaches this sleep too: it must not end the wait (set -e)
 done
+# The job is gone. Ranks remove DeepSpeed's shared-memory buffers when they exit, but not when killed (a
+# second signal, STOP_TIMEOUT): remove those of this job's port (no other job can hold that port now).
+rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${MASTER_PORT:-29500}"_* 2>/dev/null || true
 if [ -n "$STOPPING" ]; then
   if [ "$(cat "$RLHF_RESULT_FILE" 2>/dev/null)" = "0" ]; then
     echo "[run.sh] the run had finished when the stop reached it: its output is complete" >&2

@@ -92,3 +92,37 @@ def test_a_hangup_stops_the_job_with_a_checkpoint_unless_started_under_nohup(tin
                        sig=signal.SIGHUP, target="group", ignore_hangup=True)
     assert done["rc"] == 0 and os.path.isfile(os.path.join(out, "done.json")), done["output"][-3000:]
 
+
+
+RENDEZVOUS_SCRIPT = r"""
+import os, sys
+os.environ.update(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+from utils import ds
+print("entering init_distributed", flush=True)
+ds.init_distributed(0)  # rank 0 never comes: the rendezvous waits
+print("past the rendezvous", flush=True)
+"""
+
+
+def test_a_stop_signal_ends_a_rank_waiting_in_the_rendezvous_at_once():
+    """A rank whose peer exits before the rendezvous (rank 0 refusing a busy --output_dir) waits in
+    init_distributed's C++ connect loop, which retries on EINTR; our Python handler ran only when the
+    call returned, so the launcher's SIGTERM did nothing until its SIGKILL 30 s later. The stop signals
+    now keep their default action there."""
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", RENDEZVOUS_SCRIPT, str(free_port())], cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        while "entering init_distributed" not in p.stdout.readline():
+            assert p.poll() is None, p.stdout.read()
+        time.sleep(2)  # inside the rendezvous
+        start = time.time()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) == -signal.SIGTERM and time.time() - start < 5
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

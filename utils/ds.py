@@ -63,7 +63,8 @@ def init_distributed(seed: int) -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     signals.install(on_exit=_remove_shm_buffers)  # before the shared-memory buffers exist
-    deepspeed.init_distributed(verbose=False)
+    with signals.default_actions():  # the rendezvous blocks in C++, where a Python handler never runs
+        deepspeed.init_distributed(verbose=False)
     atexit.register(_remove_shm_buffers)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

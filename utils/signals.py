@@ -13,6 +13,7 @@ step, every rank agrees to stop at that step (utils.checkpoint.Checkpointer) and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,6 +49,21 @@ def install(on_exit=None) -> None:
         signal.signal(sig, _handler)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _handler)
+
+
+@contextlib.contextmanager
+def default_actions():
+    """Inside, the stop signals take their default action (the process ends at once). For a blocking C++
+    call such as the rendezvous of init_distributed, which retries its connect on EINTR: a Python handler
+    runs only when the call returns, so a rank whose peer had already exited (a refused output directory)
+    ignored the launcher's SIGTERM until its SIGKILL 30 s later."""
+    sigs = [sig for sig in (*SIGNALS, signal.SIGHUP) if signal.getsignal(sig) is not signal.SIG_IGN]
+    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def defer() -> None:
