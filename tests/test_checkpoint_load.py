@@ -194,3 +194,11 @@ def test_a_killed_saves_files_never_enter_a_later_checkpoint(tmp_path):
     save_checkpoint(str(tmp_path), 10, {"model": Writer()}, {}, keep=2, meta={})
     assert sorted(os.listdir(tmp_path)) == ["step-10"]
     assert sorted(os.listdir(tmp_path / "step-10" / "model")) == ["zero_pp_rank_0_optim_states.pt"]
+
+
+def test_a_refused_write_names_the_fix_that_fits_the_refusal():
+    from utils.checkpoint import _write_error
+
+    assert "; free space and rerun" in str(_write_error("/o", "/o/step-4", "[Errno 28] No space left on device"))
+    for why in ("[Errno 13] Permission denied: 'x'", "[Errno 1] Operation not permitted", "[Errno 30] Read-only file system"):
+        assert "; make '/o' writable and rerun" in str(_write_error("/o", "/o/step-4", why))

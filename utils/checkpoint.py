@@ -240,7 +240,9 @@ def _reason(e: BaseException) -> str:
 
 def _write_error(root: str, final: str, why: str, every_rank: bool = False) -> UserError:
     earlier = _steps(root)
-    return UserError(f"could not write checkpoint '{final}': {why}; free space "
+    denied = any(m in why for m in ("Permission denied", "Operation not permitted", "Read-only file system"))
+    fix = f"make '{root}' writable" if denied else "free space"
+    return UserError(f"could not write checkpoint '{final}': {why}; {fix} "
                      "and rerun with --resume (it continues from "
                      + (f"'{os.path.join(root, earlier[-1])}')" if earlier else "step 0: no earlier checkpoint)"),
                      every_rank=every_rank)
