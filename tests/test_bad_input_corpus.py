@@ -43,7 +43,7 @@ ERRORS = {
     "sft/undecodable_bytes.jsonl": "{path}:2: undecodable bytes (not UTF-8) at byte 33",
     "sft/undecodable_bytes.parquet": "{path}: cannot read parquet: ",
     "sft/empty_file.jsonl": "{path}: file is empty (no records)",
-    "sft/no_format.jsonl": "{path}:1: record matches no known format (fields: answer, question)",
+    "sft/no_format.jsonl": "{path}:1: record matches no known format (fields: query, reply)",
     "sft/wrong_kind.jsonl": "{path}:1: field 'prompt': record has no assistant reply to train on",
     "sft/not_a_list.json": "{path}: a .json file must hold a list of records (or use .jsonl)",
     "sft/missing.jsonl": "data file '{path}' does not exist",
@@ -78,7 +78,7 @@ ERRORS = {
     "prompts/wrong_type.json": "{path}:2: field 'prompt[0].content': missing or not a string",
     "prompts/undecodable_bytes.jsonl": "{path}:1: undecodable bytes (not UTF-8) at byte 30",
     "prompts/empty_file.jsonl": "{path}: file is empty (no records)",
-    "prompts/no_format.jsonl": "{path}:1: record matches no known format (fields: question)",
+    "prompts/no_format.jsonl": "{path}:1: record matches no known format (fields: query)",
     "prompts/wrong_kind.jsonl": "{path}:1: field 'prompt': format 'text' has no prompt",
     "prompts/missing.jsonl": "data file '{path}' does not exist",
 }
@@ -553,7 +553,8 @@ def program_cases(models: dict, tmp: str) -> dict:
         "ppo prompt + answer beyond the model's positions": (
             "step3_ppo.main", ["--actor_model_name_or_path", models["lm"], "--data_path", prompts, "--output_dir",
                                f"{tmp}/out", "--advantage_estimator", "grpo", "--reward_funcs",
-                               "utils.reward_funcs:answer_format", "--n_samples_per_prompt", "4", "--max_answer_seq_len", "300"],
+                               "utils.reward_funcs:answer_format", "--n_samples_per_prompt", "4", "--max_answer_seq_len", "300",
+                               "--max_prompt_seq_len", "256"],  # given both: checked, not shrunk
             f"--max_prompt_seq_len + --max_answer_seq_len is 556 tokens, more than the 512 positions of "
             f"--actor_model_name_or_path '{models['lm']}' (config.json max_position_embeddings)"),
         "sft from a LoRA adapter directory": (

@@ -596,3 +596,33 @@ def test_files_of_one_split_with_different_fields_are_named(tmp_path):
     with pytest.raises(UserError, match=r"'data/train-00001-of-00002.jsonl' has fields \(completion, prompt\) and "
                                         r"'data/train-00000-of-00002.jsonl' \(prompt, response\)"):
         load_file(str(tmp_path / "d"), "sft")
+
+
+def test_public_datasets_own_field_names_and_a_top_level_system(tmp_path):
+    """GSM8K {question, answer}, MATH {problem, solution} and Orca DPO pairs {system, question, chosen,
+    rejected} matched no format; a top-level `system` beside a prompt was dropped without a word. Each is
+    now read as ours (counted in the log); errors name the row's own fields; a PPO prompt row keeps its
+    `answer` as a column for exact_match."""
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    logs = []
+    (sft,) = load_file(gsm, "sft", log=logs.append)
+    assert sft.prompt == ({"role": "user", "content": "What is 2 + 3?"},)
+    assert sft.chosen == ({"role": "assistant", "content": "2 + 3 = 5\n#### 5"},)
+    assert logs == [f"{gsm}: read 'question' and 'answer' as 'prompt' and 'response' in 1 of 1 rows (first: {gsm}:1)"]
+    (prompt,) = load_file(gsm, "prompts", log=logs.append)
+    assert prompt.prompt[-1]["content"] == "What is 2 + 3?" and prompt.columns["answer"] == "2 + 3 = 5\n#### 5"
+    math_rows = write_jsonl(tmp_path / "math.jsonl", [{"problem": "Solve x + 1 = 2.", "solution": "x = 1"}])
+    assert load_file(math_rows, "sft")[0].chosen[0]["content"] == "x = 1"
+    orca = write_jsonl(tmp_path / "orca.jsonl", [
+        {"system": "You are terse.", "question": "Tell me about the cat.", "chosen": "The cat is great.",
+         "rejected": "Cats."},
+        {"system": "", "question": "Tell me about the dog.", "chosen": "The dog is great.", "rejected": "Dogs."}])
+    first, second = load_file(orca, "pairs")
+    assert first.prompt == ({"role": "system", "content": "You are terse."},
+                            {"role": "user", "content": "Tell me about the cat."})
+    assert second.prompt == ({"role": "user", "content": "Tell me about the dog."},)  # an empty system: none
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "  ", "answer": "x"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'question': field is empty"):
+        load_file(bad, "sft")
+    pr = write_jsonl(tmp_path / "pr.jsonl", [{"system": "Be brief.", "prompt": "Hi", "response": "Yo"}])
+    assert load_file(pr, "sft")[0].prompt[0] == {"role": "system", "content": "Be brief."}

@@ -73,6 +73,9 @@ def _safe_load(path, map_location=None, **_ignored):
     (`weights_only=False`), so resuming from a tampered checkpoint could run code. Its files hold
     tensors and plain data plus the ZeRO stage enum, the loss scalers and ZeRO-1/2's parameter-slice
     addresses; anything else is refused with an error naming it, before it can run."""
+    moment = _fresh_moment(path)
+    if moment is not None:
+        return moment
     with torch.serialization.safe_globals(_allowed_globals()):
         try:
             loaded = _TORCH_LOAD(path, map_location=map_location, weights_only=True)
@@ -88,10 +91,25 @@ def _safe_load(path, map_location=None, **_ignored):
 def _add_stage3_view(optim_sd: dict, zero_dir: str) -> None:
     """A universal checkpoint converted from ZeRO-1/2 keeps Adam's step count in each parameter's
     step.pt and its hyperparameters under "param_groups"; DeepSpeed's ZeRO-3 universal loader reads
-    both from "optimizer_state_dict" (as its own converter writes them). Provide that view in memory."""
-    step = next(_safe_load(os.path.join(zero_dir, d, "step.pt")) for d in sorted(os.listdir(zero_dir))
-                if os.path.isfile(os.path.join(zero_dir, d, "step.pt")))
+    both from "optimizer_state_dict" (as its own converter writes them). Provide that view in memory.
+    An optimizer that has not stepped yet (PPO's actor during the critic warm-up) has no step.pt: step 0,
+    a fresh optimizer's count (a StopIteration before)."""
+    step = next((_safe_load(os.path.join(zero_dir, d, "step.pt")) for d in sorted(os.listdir(zero_dir))
+                 if os.path.isfile(os.path.join(zero_dir, d, "step.pt"))), torch.tensor(0.0))
     optim_sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": optim_sd["param_groups"]}
+
+
+def _fresh_moment(path: str):
+    """Adam's moments of a parameter whose optimizer has not stepped yet, which its universal conversion
+    leaves out (fp32.pt only): zeros, what a fresh Adam holds, so the first update is a fresh optimizer's.
+    DeepSpeed's ZeRO-3 universal loader opens exp_avg.pt and exp_avg_sq.pt by name (a missing file
+    before). None for any other path."""
+    folder, name = os.path.split(path)
+    fp32 = os.path.join(folder, "fp32.pt")
+    if name not in ("exp_avg.pt", "exp_avg_sq.pt") or os.path.exists(path) or not os.path.isfile(fp32):
+        return None
+    weights = _safe_load(fp32)
+    return dict(weights, param=torch.zeros_like(weights["param"]))
 
 
 _TORCH_LOAD = torch.load
@@ -338,7 +356,6 @@ def _universal(path: str, name: str) -> str:
                 contextlib.redirect_stderr(io.StringIO()):
             ds_to_universal.main(conv)
         _alias_model_states(tmp)
-        _fresh_adam_state(os.path.join(tmp, "zero"))
         latest = os.path.join(path, "latest_universal")  # the converter points its parent folder at the result
         if os.path.isfile(latest):
             os.remove(latest)
@@ -347,24 +364,6 @@ def _universal(path: str, name: str) -> str:
               "ZeRO stage", flush=True)
     ds.barrier()
     return tag
-
-
-def _fresh_adam_state(zero_dir: str) -> None:
-    """An optimizer that has not stepped yet (PPO's actor during the critic warm-up) converts to the
-    parameters' fp32.pt alone: no step.pt, no moments, and the universal loaders read all three (a
-    StopIteration, then missing files). Write what a fresh Adam holds, which gives the same first update:
-    zero moments and step 0."""
-    if not os.path.isdir(zero_dir):
-        return
-    params = [os.path.join(zero_dir, d) for d in sorted(os.listdir(zero_dir))
-              if os.path.isfile(os.path.join(zero_dir, d, "fp32.pt"))]
-    if any(os.path.isfile(os.path.join(p, "step.pt")) for p in params):
-        return
-    for p in params:
-        fp32 = _safe_load(os.path.join(p, "fp32.pt"))
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.save(dict(fp32, param=torch.zeros_like(fp32["param"])), os.path.join(p, f"{key}.pt"))
-        torch.save(torch.tensor(0.0), os.path.join(p, "step.pt"))
 
 
 def _alias_model_states(folder: str) -> None:

@@ -51,6 +51,11 @@ NEEDS = ("sft", "pairs", "prompts")
 # Files `datasets.save_to_disk` writes: a DatasetDict, or one Dataset.
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 PROMPT_FIELDS = ("prompt", "messages", "conversations")  # the fields a prompt is read from; the rest of a row is its columns
+# Public datasets' own names for our fields, read as ours where a row has no field of our name (and no
+# conversation): GSM8K {question, answer}, MATH {problem, solution}, Orca DPO pairs {system, question,
+# chosen, rejected}. A PPO prompt row keeps its `answer`/`solution` as a column (exact_match reads it).
+PROMPT_ALIASES = ("question", "problem")
+REPLY_ALIASES = {"question": "answer", "problem": "solution"}
 
 
 @dataclass(frozen=True)
@@ -399,9 +404,33 @@ class _Row:
         self.path, self.line, self.row_index, self.row = path, line, row, record
         self.where = location(path, line, row)
         self.notes: list[str] = []  # counted, logged changes to the record (see load_file)
+        self.named: dict[str, str] = {}  # our field -> the row's own name for it (PROMPT_ALIASES)
 
     def err(self, fld, problem):
+        if fld is not None:
+            head, dot, tail = fld.partition("[") if "[" in fld else fld.partition(".")
+            fld = self.named.get(head, head) + dot + tail
         return DataError(self.path, self.line, fld, problem, row=self.row_index)
+
+    def read_aliases(self, need: str) -> None:
+        """Read a public dataset's `question`/`problem` (and, for SFT, its `answer`/`solution`) as our
+        `prompt` (`response`) where the row has no field of ours; errors keep naming the row's own fields."""
+        keys = set(self.row)
+        if keys & {"prompt", "messages", "conversations", "text", "instruction"}:
+            return
+        alias = next((a for a in PROMPT_ALIASES if a in keys), None)
+        if alias is None:
+            return
+        reply = REPLY_ALIASES[alias]
+        renamed = {"prompt": alias}
+        if need == "sft" and reply in keys and not keys & {"response", "completion", "chosen"}:
+            renamed["response"] = reply
+        if need == "prompts" or "chosen" in keys or "response" in renamed:
+            self.row = {**{k: v for k, v in self.row.items() if k not in renamed.values()},
+                        **{ours: self.row[theirs] for ours, theirs in renamed.items()}}
+            self.named = renamed
+            self.notes.append(f"read {' and '.join(repr(t) for t in renamed.values())} as "
+                              f"{' and '.join(repr(o) for o in renamed)}")
 
     def string(self, fld, required=True, allow_empty=False):
         if fld not in self.row or self.row[fld] is None:
@@ -536,16 +565,32 @@ def _split_last_reply(r: _Row, fld: str, msgs: tuple):
     return msgs[:k], msgs[k:]
 
 
-def _prompt_messages(r: _Row) -> tuple:
+def _prompt_messages(r: _Row, system: bool = True) -> tuple:
+    """The `prompt` field's turns, after the row's top-level `system` unless `system=False`."""
     v = r.row.get("prompt")
+    add = _with_system if system else (lambda _, msgs: msgs)
     if isinstance(v, list):
-        return r.messages("prompt")
+        return add(r, r.messages("prompt"))
     text = r.string("prompt")
     transcript = _hh_prompt(text)
     if transcript is not None:
         r.notes.append("read the 'prompt' HH transcript ('Human: ... Assistant:') as its turns")
-        return parse_hh(r, "prompt", transcript, ends_with_reply=False)
-    return ({"role": "user", "content": text},)
+        return add(r, parse_hh(r, "prompt", transcript, ends_with_reply=False))
+    return add(r, ({"role": "user", "content": text},))
+
+
+def _with_system(r: _Row, msgs: tuple) -> tuple:
+    """A row's top-level `system` string (Orca DPO pairs, many instruction sets) as the conversation's first
+    turn: it was dropped without a word. An empty one is no system turn; turns that open with their own
+    system turn keep theirs."""
+    system = r.row.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return msgs
+    if not isinstance(system, str):
+        raise r.err("system", f"expected a string, got {type(system).__name__}")
+    if msgs and msgs[0]["role"] == "system":
+        return msgs
+    return ({"role": "system", "content": r.text("system", system)},) + tuple(msgs)
 
 
 # ShareGPT speaker names -> roles (`from` as ShareGPT dumps and their derivatives write it)
@@ -648,7 +693,7 @@ def parse_pair(r: _Row, with_rejected: bool = True) -> Sample:
     `with_rejected=False` (SFT on the chosen replies, PPO prompts from HH rows) leaves `rejected` unread:
     a field the step never uses does not stop it (real HH rows have empty rejected replies)."""
     has_prompt = "prompt" in r.row
-    given = _prompt_messages(r) if has_prompt else None
+    given = _prompt_messages(r, system=False) if has_prompt else None
     fields = ("chosen", "rejected") if with_rejected and r.row.get("rejected") is not None else ("chosen",)
     sides = {fld: _reply_side(r, fld, has_prompt) for fld in fields}
     inner = [(fld, turns) for fld, (turns, _) in sides.items() if turns is not None]
@@ -661,7 +706,8 @@ def parse_pair(r: _Row, with_rejected: bool = True) -> Sample:
         if not _same_turns(turns, prompt):
             raise r.err("rejected", "chosen and rejected conversations differ before the last reply")
     rejected = sides["rejected"][1] if "rejected" in sides else None
-    return Sample(prompt=prompt, chosen=sides["chosen"][1], rejected=rejected, margin=r.margin(), where=r.where)
+    return Sample(prompt=_with_system(r, prompt), chosen=sides["chosen"][1], rejected=rejected, margin=r.margin(),
+                  where=r.where)
 
 
 def parse_record(fmt: str, r: _Row, need: str = "pairs") -> Sample:
@@ -738,15 +784,16 @@ def load_file(path: str, need: str, log=print) -> list[Sample]:
         r = _Row(label, line, row, record)
         if not isinstance(record, dict):
             raise r.err(None, f"expected a JSON object, got {type(record).__name__}")
+        r.read_aliases(need)
         if fmt is None:
-            fmt = detect_format(record, need)
+            fmt = detect_format(r.row, need)
             if fmt == "text" and {"parent_id", "message_tree_id"} & set(record):
                 raise r.err(None, "an OpenAssistant message row (text, role, parent_id): each row is one message of "
                                   "a tree; build conversations ({\"messages\": [...]}) from the trees first")
             if fmt is None:
                 raise r.err(None, f"record matches no known format (fields: {', '.join(sorted(record)) or 'none'}); "
                                   "expected messages, conversations (ShareGPT), prompt+response, prompt+completion, prompt+chosen[+rejected], chosen (HH), "
-                                  "instruction+output, text or prompt")
+                                  "instruction+output, question[+answer] or problem[+solution], text or prompt")
         s = parse_for(need, fmt, r)
         _check_need(need, s, r, fmt)
         if need == "prompts":
