@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from make_data import COLD, HELDOUT, NOUNS, WARM  # this file's directory is importable while it loads
+from utils.reward_funcs import text_of  # a completion as text, plain or conversational (TRL's two forms)
 
 _FORM = re.compile(r"The (\w+) is (\w+)\.")
 _NOUNS, _ADJECTIVES = set(NOUNS + HELDOUT), set(WARM + COLD)
@@ -22,13 +23,13 @@ _NOUNS, _ADJECTIVES = set(NOUNS + HELDOUT), set(WARM + COLD)
 
 def warm_word(prompts, completions, **kwargs) -> list[float]:
     """1.0 where a word of the answer is one of data/make_data.py's WARM adjectives, else 0.0."""
-    return [1.0 if set(re.findall(r"\w+", c.lower())) & set(WARM) else 0.0 for c in completions]
+    return [1.0 if set(re.findall(r"\w+", text_of(c).lower())) & set(WARM) else 0.0 for c in completions]
 
 
 def well_formed(prompts, completions, **kwargs) -> list[float]:
     """1.0 where the whole answer is "The <noun> is <adjective>." with words of the task, else 0.0."""
     out = []
     for c in completions:
-        m = _FORM.fullmatch(c.strip())
+        m = _FORM.fullmatch(text_of(c).strip())
         out.append(1.0 if m and m.group(1) in _NOUNS and m.group(2) in _ADJECTIVES else 0.0)
     return out

@@ -31,7 +31,7 @@ from utils.errors import UserError, at_record, exit_on_user_error
 from utils.model import check_positions, load_tokenizer, model_positions, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.reward import export_pad_token_id
-from utils.reward_funcs import call_reward_func, load_reward_funcs
+from utils.reward_funcs import as_trl_inputs, call_reward_func, load_reward_funcs
 from utils.stream import StepStream
 from utils.train import finish_run, start_run
 
@@ -45,7 +45,8 @@ def encode_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[l
 def prompt_items(samples, encoder: Encoder, max_len: int, what: str) -> list[PromptItem]:
     """encode_prompts' ids with what the reward functions need: the prompt's last turn, the row's other
     fields and its file:line."""
-    return [PromptItem(ids, s.prompt[-1]["content"], s.columns or {}, s.where)
+    return [PromptItem(ids, s.prompt[-1]["content"], s.columns or {}, s.where,
+                       tuple(s.prompt) if s.conversational else None)
             for s, ids in _encoded_prompts(samples, encoder, max_len, what)]
 
 
@@ -113,8 +114,9 @@ def check_reward_funcs(funcs, items: list[PromptItem], max_len: int, chunk: int 
     for f in funcs:
         for i in range(0, len(items), chunk):
             part = items[i:i + chunk]
-            call_reward_func(f, [it.text for it in part], [""] * len(part), [it.columns for it in part],
-                             [[] for _ in part], max_len, [it.where for it in part])
+            prompts, answers = as_trl_inputs([it.text for it in part], [it.turns for it in part], [""] * len(part))
+            call_reward_func(f, prompts, answers, [it.columns for it in part], [[] for _ in part], max_len,
+                             [it.where for it in part])
 
 
 def check_templates(template: str, models) -> None:

@@ -21,7 +21,7 @@ from utils import ds
 from utils.encoding import pad_batch, position_ids_from_mask
 from utils.generation import only_our_settings
 from utils.reward import sequence_rewards, token_scores
-from utils.reward_funcs import score_with_funcs
+from utils.reward_funcs import as_trl_inputs, score_with_funcs
 from utils.rl import entropy_from_logits, mask_from_lengths, response_lengths, token_logprobs
 
 
@@ -31,6 +31,7 @@ class PromptItem:
     text: str          # the prompt's last turn, as reward functions receive it
     columns: dict      # the data row's other fields (e.g. "answer"), for reward functions
     where: str         # "file:line" of the row
+    turns: tuple | None = None  # the prompt's turns where the row gave them as a list (TRL's conversational form)
 
 
 def repeat_prompts(items: list[PromptItem], k: int, first_group: int = 0) -> tuple[list[PromptItem], torch.Tensor]:
@@ -221,8 +222,9 @@ def rule_scores(funcs, tokenizer, b: dict, items: list[PromptItem], max_len: int
     """The weighted sum of the --reward_funcs for every answer of the batch ([B] fp32 on the batch's
     device) and each function's values (lists, None where a function does not apply)."""
     texts, ids = completions(tokenizer, b)
-    total, per_func = score_with_funcs(funcs, [it.text for it in items], texts, [it.columns for it in items], ids,
-                                       max_len, [it.where for it in items])
+    prompts, answers = as_trl_inputs([it.text for it in items], [it.turns for it in items], texts)
+    total, per_func = score_with_funcs(funcs, prompts, answers, [it.columns for it in items], ids, max_len,
+                                       [it.where for it in items])
     return torch.tensor(total, dtype=torch.float32, device=b["answers"].device), per_func
 
 

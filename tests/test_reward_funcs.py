@@ -191,3 +191,46 @@ def test_number_answers_and_every_row_are_checked_up_front():
     with pytest.raises(UserError, match=r"exact_match raised ValueError: answer 'seven' has no number \(prompt "
                                         r"p.jsonl:651"):
         check_reward_funcs([f], items, 16)
+
+
+def test_conversational_prompt_rows_get_trls_conversational_form(tokenizer_of, tmp_path):
+    """TRL hands a reward function conversational prompts and completions for a conversational dataset:
+    `prompts[i]` the turns, `completions[i]` [{"role": "assistant", "content": ...}]. A function written
+    for that (completion[0]["content"]) failed here on strings. Plain rows keep strings; the shipped
+    functions read both forms."""
+    import torch
+
+    from step3_ppo.main import prompt_items
+    from step3_ppo.rollout import rule_scores
+    from utils.encoding import Encoder
+    from utils.reward_funcs import as_trl_inputs, text_of
+
+    conv, plain = tmp_path / "c.jsonl", tmp_path / "p.jsonl"
+    conv.write_text(json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Count: 1 2."}], "answer": "2"}) + "\n")
+    plain.write_text(json.dumps({"prompt": "Count: 1 2.", "answer": "2"}) + "\n")
+    enc = Encoder(tokenizer_of("llama"), "hh", 64)
+    seen = []
+
+    def trl_style(prompts, completions, answer, **kwargs):
+        seen.append((prompts, completions))
+        return [float(c[0]["content"].endswith(a)) if isinstance(c, list) else float(c.endswith(a))
+                for c, a in zip(completions, answer)]
+
+    f = RewardFunc("mine.py:trl_style", "trl_style", trl_style, 1.0)
+    tok = tokenizer_of("llama")
+    for path in (conv, plain):
+        (item,) = prompt_items(load_samples([str(path)], "prompts"), enc, 64, "prompts")
+        answer = tok("The answer is 2", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        b = {"answers": torch.tensor([answer]), "action_mask": torch.ones(1, len(answer)),
+             "has_eos": torch.tensor([True])}
+        total, _ = rule_scores([f], tok, b, [item], 16)
+        assert total.tolist() == [1.0]
+    (conv_prompts, conv_completions), (plain_prompts, plain_completions) = seen
+    assert conv_prompts == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count: 1 2."}]]
+    assert conv_completions == [[{"role": "assistant", "content": "The answer is 2"}]]
+    assert plain_prompts == ["Count: 1 2."] and plain_completions == ["The answer is 2"]
+    # the shipped functions read either form
+    prompts, completions = as_trl_inputs(["Q"], [({"role": "user", "content": "Q"},)], ["The answer is 7."])
+    assert exact_match(prompts, completions, ["7"]) == answer_format(prompts, completions) == [1.0]
+    assert text_of(prompts[0]) == "Q" and text_of("x") == "x"

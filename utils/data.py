@@ -69,6 +69,9 @@ class Sample:
     # The record's other fields (e.g. a verifiable `answer`), kept for prompt loads only: step 3 passes
     # them to rule-based reward functions as keyword arguments.
     columns: dict | None = field(default=None, compare=False, repr=False)
+    # A prompt row given as turns (a `prompt` or `messages` list): reward functions get TRL's
+    # conversational form for it.
+    conversational: bool = field(default=False, compare=False, repr=False)
 
 
 # ----------------------------------------------------------------------------- reading sources
@@ -797,7 +800,8 @@ def load_file(path: str, need: str, log=print) -> list[Sample]:
         s = parse_for(need, fmt, r)
         _check_need(need, s, r, fmt)
         if need == "prompts":
-            s = dataclasses.replace(s, columns={k: v for k, v in record.items() if k not in PROMPT_FIELDS})
+            s = dataclasses.replace(s, columns={k: v for k, v in record.items() if k not in PROMPT_FIELDS},
+                                    conversational=fmt in CONVERSATION_FIELD or isinstance(r.row.get("prompt"), list))
         samples.append(s)
         for note in r.notes:
             notes.setdefault(note, [0, r.where])[0] += 1

@@ -5,7 +5,10 @@ The calling convention is TRL's, so existing reward functions can be reused unch
     fn(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]
 
 `prompts[i]` is the text of the prompt's last turn (the "prompt" string of a {"prompt": ...} row),
-`completions[i]` the decoded answer without its EOS. `kwargs` holds the prompt row's other fields as
+`completions[i]` the decoded answer without its EOS. As in TRL, a conversational prompt row (a `prompt`
+or `messages` list of turns) gives its function conversational values instead: `prompts[i]` the prompt's
+turns (a list of {"role", "content"}) and `completions[i]` `[{"role": "assistant", "content": answer}]`
+(`text_of` reads either form). `kwargs` holds the prompt row's other fields as
 lists aligned with the completions (e.g. `answer=["3", "3", ...]`; None where a row lacks the field),
 plus `completion_ids` (the generated token ids, EOS included when the answer ended) and
 `max_completion_length` (--max_answer_seq_len). A function should accept **kwargs for what it does
@@ -36,6 +39,22 @@ _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 
 # ----------------------------------------------------------------------------- shipped functions
 
+def text_of(value) -> str:
+    """A prompt or completion as text in either of TRL's forms: a string as it is, a list of turns as its
+    last turn's content (a conversational prompt's question, a completion's answer)."""
+    if isinstance(value, (list, tuple)):
+        return str(value[-1]["content"]) if value else ""
+    return value
+
+
+def as_trl_inputs(texts: list[str], turns: list, completions: list[str]) -> tuple[list, list]:
+    """(prompts, completions) as TRL hands them to a reward function: conversational where every prompt
+    of the batch came as turns (`turns[i]` not None), else the prompts' last turns as text."""
+    if completions and all(t is not None for t in turns):
+        return [[dict(m) for m in t] for t in turns], [[{"role": "assistant", "content": c}] for c in completions]
+    return list(texts), list(completions)
+
+
 def final_number(text) -> Decimal | None:
     """The last number written in `text` ("1,234" and "7.0" included), or None if there is none."""
     found = _NUMBER.findall(str(text))
@@ -58,7 +77,7 @@ def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
             math.isfinite(truth) else final_number(truth)
         if want is None:
             raise ValueError(f"answer {truth!r} has no number")
-        got = final_number(completion)
+        got = final_number(text_of(completion))
         out.append(1.0 if got is not None and got == want else 0.0)
     return out
 
@@ -69,7 +88,7 @@ def regex_reward(pattern: str, name: str = "regex_reward") -> Callable:
     compiled = re.compile(pattern, re.DOTALL)
 
     def fn(prompts, completions, **kwargs) -> list[float]:
-        return [1.0 if compiled.fullmatch(c.strip()) else 0.0 for c in completions]
+        return [1.0 if compiled.fullmatch(text_of(c).strip()) else 0.0 for c in completions]
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"1.0 where the completion fully matches {pattern!r}, else 0.0."
@@ -213,7 +232,7 @@ def call_reward_func(f: RewardFunc, prompts: list[str], completions: list[str], 
                 bad = i
                 break
         raise UserError(f"reward function {f.spec} raised {type(e).__name__}: {e} (prompt {wheres[bad]}, answer "
-                        f"{completions[bad]!r})") from None
+                        f"{text_of(completions[bad])!r})") from None
     try:
         values = list(values)
     except TypeError:

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks as _tasks  # noqa: E402
+from utils.reward_funcs import text_of  # noqa: E402
 
 _TASKS = {name: make() for name, make in _tasks.TASKS.items()}
 
@@ -36,9 +37,9 @@ def _form(task):
     def fn(prompts, completions, **kwargs) -> list[float]:
         out = []
         for p, c in zip(prompts, completions):
-            m = pattern.fullmatch(c.strip())
+            m = pattern.fullmatch(text_of(c).strip())
             noun = m and next(g for g in m.groups() if g is not None)
-            out.append(1.0 if noun and noun.lower() in re.findall(r"\w+", p.lower()) else 0.0)
+            out.append(1.0 if noun and noun.lower() in re.findall(r"\w+", text_of(p).lower()) else 0.0)
         return out
     fn.__name__ = f"{task.name}_form"
     return fn
@@ -46,7 +47,7 @@ def _form(task):
 
 def _preferred(task):
     def fn(prompts, completions, **kwargs) -> list[float]:
-        return [1.0 if task.well_formed(c) and task.preferred(c) else 0.0 for c in completions]
+        return [1.0 if task.well_formed(text_of(c)) and task.preferred(text_of(c)) else 0.0 for c in completions]
     fn.__name__ = f"{task.name}_preferred"
     return fn
 
