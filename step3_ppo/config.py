@@ -93,11 +93,13 @@ class PPOModelArgs:
 
 @dataclass
 class RolloutArgs:
-    max_prompt_seq_len: int = arg(256, "longest prompt in tokens (template included); longer prompts follow "
-                                       "--overlong, and truncate keeps the end of the prompt; left at the defaults, "
-                                       "the two lengths shrink to fit an actor of fewer positions", ge=1)
-    max_answer_seq_len: int = arg(256, "most tokens generated per answer; an answer cut here scores as "
-                                       "--cut_answer_score says", ge=1)
+    max_prompt_seq_len: int = arg(0, "longest prompt in tokens (template included); longer prompts follow "
+                                     "--overlong, and truncate keeps the end of the prompt; 0 = 256, or half the "
+                                     "actor's positions where it has fewer than 512 (what --max_answer_seq_len "
+                                     "leaves, when that is given)", ge=0)
+    max_answer_seq_len: int = arg(0, "most tokens generated per answer; an answer cut here scores as "
+                                     "--cut_answer_score says; 0 = 256, or what fits the actor's positions beside "
+                                     "the prompt", ge=0)
     per_device_generation_batch_size: int = arg(16, "prompts per rank in one rollout (each answered "
                                                     "--n_samples_per_prompt times on this rank)", ge=1)
     generation_batches: int = arg(1, "rollouts per PPO step; their samples form the experience buffer", ge=1)
@@ -246,6 +248,25 @@ def critic_warmup_steps(args, algo: Algorithm, total_steps: int) -> int:
     if args.critic_warmup_steps >= 0:
         return min(args.critic_warmup_steps, total_steps)
     return int(CRITIC_WARMUP_SHARE * total_steps + 0.5)  # rounded half up: none in runs of under 5 steps
+
+
+DEFAULT_PROMPT_LEN = DEFAULT_ANSWER_LEN = 256
+
+
+def resolve_lengths(prompt: int, answer: int, positions: int | None) -> tuple[int, int]:
+    """--max_prompt_seq_len and --max_answer_seq_len, 0 = auto: 256 each, or, for an actor of fewer than
+    512 positions (a tiny config's max_position_embeddings 128), its positions shared: half each, or what
+    the length given leaves to the other. Lengths given are kept (check_positions names them if too long)."""
+    if prompt and answer:
+        return prompt, answer
+    auto_prompt, auto_answer = DEFAULT_PROMPT_LEN, DEFAULT_ANSWER_LEN
+    if positions is not None and positions < auto_prompt + auto_answer:
+        auto_prompt, auto_answer = positions // 2, positions - positions // 2
+        if prompt:
+            auto_answer = max(1, positions - prompt)
+        if answer:
+            auto_prompt = max(1, positions - answer)
+    return prompt or auto_prompt, answer or auto_answer
 
 
 def resolve_algorithm(args) -> Algorithm:

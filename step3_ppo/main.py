@@ -13,18 +13,20 @@ OUTPUT_DIR/actor_ema (with --enable_ema), args.json and metrics.jsonl.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import types
 
 from transformers.utils import logging as hf_logging
 
 from step1_sft.trainer import collate as sft_collate
-from step3_ppo.config import GROUPS, REQUIRED, critic_warmup_steps
+from step3_ppo.config import (DEFAULT_ANSWER_LEN, DEFAULT_PROMPT_LEN, GROUPS, REQUIRED, critic_warmup_steps,
+                              resolve_lengths)
 from step3_ppo.models import build_models, check_args, require_reward_model
 from step3_ppo.rollout import PromptItem
 from step3_ppo.trainer import train
 from utils import ds
-from utils.args import args_record, given, inherited, parse, resolve_data_settings
+from utils.args import args_record, inherited, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all, without_special_text
 from utils.errors import UserError, at_record, exit_on_user_error
@@ -83,28 +85,16 @@ def check_tokenizers(actor_tok, other_path: str, what: str, trust_remote_code: b
                         "ids between the models, so they must share one (train step 2 from the step-1 model)")
 
 
-def fit_lengths_to_positions(args, argv: list[str] | None = None) -> None:
-    """--max_prompt_seq_len and --max_answer_seq_len left at their defaults (256 + 256) shrink to fit an
-    actor with fewer positions (a tiny model's max_position_embeddings 128): the one not given gets what
-    the other leaves, both halves when neither is given. Lengths the user gave are checked, not changed."""
+def with_lengths(args):
+    """The run's settings with --max_prompt_seq_len and --max_answer_seq_len resolved (`resolve_lengths`;
+    a copy: the parsed flags are never changed). args.json records the lengths the run used."""
     found = model_positions(args.actor_model_name_or_path, args.trust_remote_code)
-    if found is None or args.max_prompt_seq_len + args.max_answer_seq_len <= found[0]:
-        return
-    limit = found[0]
-    prompt_given, answer_given = (given(n, args.config, argv) for n in ("max_prompt_seq_len", "max_answer_seq_len"))
-    if prompt_given and answer_given:
-        return  # check_positions names them
-    if not prompt_given and not answer_given:
-        prompt, answer = limit // 2, limit - limit // 2
-    elif answer_given:
-        prompt, answer = limit - args.max_answer_seq_len, args.max_answer_seq_len
-    else:
-        prompt, answer = args.max_prompt_seq_len, limit - args.max_prompt_seq_len
-    if prompt < 1 or answer < 1:
-        return
-    ds.print0(f"--max_prompt_seq_len {prompt} --max_answer_seq_len {answer}: the defaults shrunk to the "
-              f"{limit} positions of --actor_model_name_or_path (config.json {found[1]})")
-    args.max_prompt_seq_len, args.max_answer_seq_len = prompt, answer
+    prompt, answer = resolve_lengths(args.max_prompt_seq_len, args.max_answer_seq_len, found and found[0])
+    if found is not None and (prompt, answer) != (args.max_prompt_seq_len or DEFAULT_PROMPT_LEN,
+                                                  args.max_answer_seq_len or DEFAULT_ANSWER_LEN):
+        ds.print0(f"--max_prompt_seq_len {prompt} --max_answer_seq_len {answer}: fitted to the {found[0]} positions "
+                  f"of --actor_model_name_or_path (config.json {found[1]})")
+    return argparse.Namespace(**{**vars(args), "max_prompt_seq_len": prompt, "max_answer_seq_len": answer})
 
 
 def check_reward_funcs(funcs, items: list[PromptItem], max_len: int, chunk: int = 512) -> None:
@@ -155,7 +145,7 @@ def main(argv=None) -> None:
         require_reward_model(algo.reward_model, args.trust_remote_code)
     template, sft_len = resolve_data_settings(types.SimpleNamespace(template=args.template, max_seq_len=0),
                                               args.actor_model_name_or_path)
-    fit_lengths_to_positions(args)
+    args = with_lengths(args)
     check_positions(args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len,
                     "--max_prompt_seq_len + --max_answer_seq_len", "--actor_model_name_or_path", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)

@@ -78,8 +78,8 @@ def check_args(args) -> Algorithm:
     if args.dtype == "fp16" and min(stages) == 0:
         raise UserError("--dtype fp16 needs ZeRO stage >= 1 for actor and critic (their overflow checks are "
                         "synchronised so an overflow skips both steps); use bf16 or a ZeRO stage >= 1")
-    for name in ("max_answer_seq_len", "max_prompt_seq_len", "per_device_generation_batch_size",
-                 "generation_batches", "per_device_training_batch_size", "ppo_epochs"):
+    for name in ("per_device_generation_batch_size", "generation_batches", "per_device_training_batch_size",
+                 "ppo_epochs"):  # (the two lengths: 0 = auto, `resolve_lengths`)
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
     if args.temperature is not None and args.temperature <= 0:

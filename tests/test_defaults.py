@@ -78,7 +78,7 @@ def test_default_lengths_fit_a_model_with_fewer_positions(tmp_path):
 
     from transformers import GPT2Config
 
-    from step3_ppo.main import fit_lengths_to_positions
+    from step3_ppo.main import with_lengths
     from utils.args import resolve_data_settings
 
     model = str(tmp_path / "m")
@@ -88,16 +88,14 @@ def test_default_lengths_fit_a_model_with_fewer_positions(tmp_path):
     assert resolve_data_settings(flags, model, 4096) == ("hh", 512)
     assert resolve_data_settings(types.SimpleNamespace(template="hh", max_seq_len=300), model, 96) == ("hh", 300)
 
-    def fitted(argv, prompt=256, answer=256, config=None):
-        args = types.SimpleNamespace(actor_model_name_or_path=model, trust_remote_code=False, config=config,
-                                     max_prompt_seq_len=prompt, max_answer_seq_len=answer)
-        fit_lengths_to_positions(args, argv)
-        return args.max_prompt_seq_len, args.max_answer_seq_len
+    from step3_ppo.config import resolve_lengths
 
-    assert fitted([]) == (48, 48)
-    assert fitted(["--max_answer_seq_len", "16"], answer=16) == (80, 16)
-    assert fitted(["--max_prompt_seq_len=64"], prompt=64) == (64, 32)
-    assert fitted(["--max_prompt_seq_len", "64", "--max_answer_seq_len", "64"], 64, 64) == (64, 64)  # refused later
-    config = tmp_path / "c.yaml"
-    config.write_text("max_answer_seq_len: 40\n")
-    assert fitted([], answer=40, config=str(config)) == (56, 40)
+    assert resolve_lengths(0, 0, None) == resolve_lengths(0, 0, 4096) == (256, 256)
+    assert resolve_lengths(0, 0, 96) == (48, 48)
+    assert resolve_lengths(0, 16, 96) == (80, 16) and resolve_lengths(64, 0, 96) == (64, 32)
+    assert resolve_lengths(64, 64, 96) == (64, 64)  # given: kept, and check_positions refuses them
+    args = types.SimpleNamespace(actor_model_name_or_path=model, trust_remote_code=False, max_prompt_seq_len=0,
+                                 max_answer_seq_len=40)
+    run = with_lengths(args)
+    assert (run.max_prompt_seq_len, run.max_answer_seq_len) == (56, 40)
+    assert (args.max_prompt_seq_len, args.max_answer_seq_len) == (0, 40)  # the parsed flags are not changed

@@ -277,7 +277,6 @@ def test_every_flag_has_help_and_the_issue_flags_exist():
     (["--per_device_generation_batch_size", "6", "--per_device_training_batch_size", "4"], "multiple"),
     (["--temperature", "0"], "temperature"),
     (["--ema_beta", "1.0"], "ema_beta"),
-    (["--max_answer_seq_len", "0"], "max_answer_seq_len"),
 ])
 def test_check_args_refuses_settings_that_cannot_work(flags, message):
     with pytest.raises(UserError, match=message):

@@ -439,9 +439,6 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
     caller = os.environ.get("RLHF_CALLER_CWD")
     if caller and os.path.isdir(caller):
         os.chdir(caller)
-    import sys
-
-    _PARSED_ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(groups, description)
     specs = specs_of(groups, limits)
     if defaults:
@@ -512,19 +509,6 @@ def inherited(model_dir: str | None) -> dict:
 
 
 DEFAULT_MAX_SEQ_LEN = 512
-
-
-_PARSED_ARGV: list[str] = []  # the command line `parse` read last (main(argv) in-process, or sys.argv)
-
-
-def given(name: str, config: str | None, argv: list[str] | None = None) -> bool:
-    """Whether flag `name` was set by the user, on the command line `parse` read (or `argv`) or in the
-    --config file, rather than left at its default."""
-    argv = _PARSED_ARGV if argv is None else argv
-    flag = f"--{name}"
-    if any(a == flag or a.startswith(flag + "=") for a in argv):
-        return True
-    return bool(config) and name in _read_config(config)
 
 
 def resolve_data_settings(ns: argparse.Namespace, model_dir: str | None,
