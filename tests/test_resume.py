@@ -89,7 +89,9 @@ def test_sft_stop_kill_resume_and_overwrite_with_dropout(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("stage", [pytest.param(["--zero_stage", "0"], marks=pytest.mark.slow),
                                    pytest.param(["--zero_stage", "1"], marks=pytest.mark.slow),
-                                   ["--zero_stage", "2", "--offload"]])
+                                   # slow too: every default-stage resume goes through this loader, and
+                                   # CPU Adam's state through it in test_resume_with_optimizer_offload_switched
+                                   pytest.param(["--zero_stage", "2", "--offload"], marks=pytest.mark.slow)])
 def test_every_zero_stage_resumes_through_the_weights_only_loader(tiny_dir, tmp_path, stage):
     """The checkpoint files of ZeRO-0/1/2 (+ CPU-offloaded Adam) hold nothing the weights_only loader refuses
     (ZeRO-3 is covered by the reward-model, PPO and world-size tests), and the resumed steps match."""
