@@ -78,6 +78,7 @@ def test_default_lengths_fit_a_model_with_fewer_positions(tmp_path):
 
     from transformers import GPT2Config
 
+    from step3_ppo.config import resolve_lengths
     from step3_ppo.main import with_lengths
     from utils.args import resolve_data_settings
 
@@ -87,8 +88,6 @@ def test_default_lengths_fit_a_model_with_fewer_positions(tmp_path):
     assert resolve_data_settings(flags, model, 96) == ("hh", 96)
     assert resolve_data_settings(flags, model, 4096) == ("hh", 512)
     assert resolve_data_settings(types.SimpleNamespace(template="hh", max_seq_len=300), model, 96) == ("hh", 300)
-
-    from step3_ppo.config import resolve_lengths
 
     assert resolve_lengths(0, 0, None) == resolve_lengths(0, 0, 4096) == (256, 256)
     assert resolve_lengths(0, 0, 96) == (48, 48)

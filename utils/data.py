@@ -571,15 +571,17 @@ def _split_last_reply(r: _Row, fld: str, msgs: tuple):
 def _prompt_messages(r: _Row, system: bool = True) -> tuple:
     """The `prompt` field's turns, after the row's top-level `system` unless `system=False`."""
     v = r.row.get("prompt")
-    add = _with_system if system else (lambda _, msgs: msgs)
     if isinstance(v, list):
-        return add(r, r.messages("prompt"))
-    text = r.string("prompt")
-    transcript = _hh_prompt(text)
-    if transcript is not None:
-        r.notes.append("read the 'prompt' HH transcript ('Human: ... Assistant:') as its turns")
-        return add(r, parse_hh(r, "prompt", transcript, ends_with_reply=False))
-    return add(r, ({"role": "user", "content": text},))
+        msgs = r.messages("prompt")
+    else:
+        text = r.string("prompt")
+        transcript = _hh_prompt(text)
+        if transcript is not None:
+            r.notes.append("read the 'prompt' HH transcript ('Human: ... Assistant:') as its turns")
+            msgs = parse_hh(r, "prompt", transcript, ends_with_reply=False)
+        else:
+            msgs = ({"role": "user", "content": text},)
+    return _with_system(r, msgs) if system else msgs
 
 
 def _with_system(r: _Row, msgs: tuple) -> tuple:

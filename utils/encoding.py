@@ -123,7 +123,7 @@ class Encoder:
             now = self._ids(text + seg.text)
             t = now[len(whole):] if now[:len(whole)] == whole else self._ids(seg.text)
             text, whole = text + seg.text, now
-            if not (seg.train or seg.reply):
+            if not seg.reply:
                 ids += t
                 labels += [IGNORE] * len(t)
                 continue

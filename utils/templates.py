@@ -34,8 +34,9 @@ ALPACA_HEADER_INPUT = (
 @dataclass(frozen=True)
 class Segment:
     text: str
-    train: bool  # True for an assistant reply: its tokens (and the EOS after it) are trained
-    reply: bool = False  # an assistant reply; under hh, alpaca and raw the encoder ends it with the reply end
+    train: bool  # True for a trained assistant reply: its tokens (and the EOS after it) are trained
+    reply: bool = False  # an assistant reply, trained or not (train implies it); the encoder ends it with the
+    #                      reply end token where the template does not write one (hh, alpaca, raw)
 
 
 def resolve_template(template: str, tokenizer) -> str:
