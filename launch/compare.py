@@ -47,13 +47,16 @@ def evaluate_model(model_dir: str, prompts: list, max_new_tokens: int):
 
 def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:
     from utils.model import load_tokenizer
-    from utils.reward import load_reward_model, score_ids
+    from utils.model import model_positions
+    from utils.reward import load_reward_model, reply_ids, score_ids
 
     tok = load_tokenizer(reward_dir, what="--reward_model")
     enc = encoder_for(reward_dir, tok)
     model = load_reward_model(reward_dir, pad_id=enc.pad_id, what="--reward_model", new_head=False).eval()
-    seqs = [enc.encode_reply(p, ({"role": "assistant", "content": a.text.strip()},))[0]
-            for p, a in zip(prompts, answers)]
+    limit = (model_positions(reward_dir) or (None,))[0]
+    # As step 3 scores answers as text: read at the reply end where the answer ended, at its last token
+    # where it was cut at --max_new_tokens.
+    seqs = [reply_ids(enc, p, a.text.strip(), a.ended, limit) for p, a in zip(prompts, answers)]
     return score_ids(model, seqs, enc.pad_id)
 
 

@@ -32,7 +32,7 @@ from utils.encoding import Encoder, encode_all, without_special_text
 from utils.errors import UserError, at_record, exit_on_user_error
 from utils.model import check_positions, load_tokenizer, model_positions, save_hf
 from utils.output import check_output_dir, partial_dir
-from utils.reward import export_pad_token_id
+from utils.reward import cut_left, export_pad_token_id, reply_ids
 from utils.reward_funcs import as_trl_inputs, call_reward_func, load_reward_funcs
 from utils.stream import StepStream
 from utils.train import finish_run, start_run
@@ -48,7 +48,7 @@ def prompt_items(samples, encoder: Encoder, max_len: int, what: str) -> list[Pro
     """encode_prompts' ids with what the reward functions need: the prompt's last turn, the row's other
     fields and its file:line."""
     return [PromptItem(ids, s.prompt[-1]["content"], s.columns or {}, s.where,
-                       tuple(s.prompt) if s.conversational else None)
+                       tuple(s.prompt) if s.conversational else None, tuple(s.prompt))
             for s, ids in _encoded_prompts(samples, encoder, max_len, what)]
 
 
@@ -66,8 +66,7 @@ def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list
             if encoder.overlong == "skip":
                 skipped, first = skipped + 1, first or s.where
                 continue
-            head = [encoder.bos_id] if encoder.bos_id is not None and ids[0] == encoder.bos_id else []
-            ids = head + ids[len(ids) - (max_len - len(head)):]
+            ids = cut_left(ids, max_len, encoder.bos_id)
         out.append((s, ids))
     if skipped:
         ds.print0(f"{what}: skipped {skipped} of {len(samples)} prompts longer than --max_prompt_seq_len "
@@ -77,12 +76,49 @@ def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list
     return out
 
 
-def check_tokenizers(actor_tok, other_path: str, what: str, trust_remote_code: bool) -> None:
-    """Rollouts are token ids: the critic and reward model must read them with the actor's vocabulary."""
-    other = load_tokenizer(other_path, trust_remote_code, what)
-    if other.get_vocab() != actor_tok.get_vocab() or other.eos_token_id != actor_tok.eos_token_id:
-        raise UserError(f"{what} '{other_path}' uses a different tokenizer from the actor; step 3 passes token "
-                        "ids between the models, so they must share one (train step 2 from the step-1 model)")
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def check_critic_tokenizer(actor_tok, path: str, trust_remote_code: bool) -> None:
+    """The critic gives a value per actor token: it must read the rollout's ids with the actor's vocabulary."""
+    if not same_tokenizer(actor_tok, load_tokenizer(path, trust_remote_code, "--critic_model_name_or_path")):
+        raise UserError(f"--critic_model_name_or_path '{path}' uses a different tokenizer from the actor; the critic "
+                        "values every actor token, so it must share the actor's tokenizer: start it from the step-1 "
+                        "model (or a step-2 model trained from it), and give a reward model with its own tokenizer "
+                        "as --reward_model_name_or_path")
+
+
+def reward_reader(actor_tok, template: str, path: str, trust_remote_code: bool):
+    """(None, None) where the reward model reads the rollout's token ids: it has the actor's tokenizer and was
+    trained on the actor's template (or records none). Otherwise (its own Encoder, its positions): it scores
+    every answer as text, rendered with its own template and tokenizer (rollout.text_scores), as a reward
+    model trained elsewhere, on another family's tokenizer, must be read."""
+    what = "--reward_model_name_or_path"
+    tok = load_tokenizer(path, trust_remote_code, what)
+    theirs = inherited(path).get("template") or "auto"
+    same = same_tokenizer(actor_tok, tok)
+    if same and theirs in ("auto", template):
+        return None, None
+    try:
+        enc = Encoder(tok, theirs, 0)
+    except UserError as e:
+        raise UserError(f"{what} '{path}': {e}") from None
+    found = model_positions(path, trust_remote_code)
+    ds.print0(f"{what} '{path}' has {'the template ' + enc.template if same else 'a tokenizer of its own'}: it "
+              f"scores every answer as text, after the prompt in its template '{enc.template}'"
+              + (f" (at most {found[0]} tokens, a longer prompt cut from the start)" if found else ""))
+    return enc, found[0] if found else None
+
+
+def check_reward_prompts(enc: Encoder, items: list[PromptItem], limit: int | None) -> None:
+    """Render every prompt as the text-reading reward model will (with an empty answer), so a template of
+    its that refuses a row stops the run before any model is loaded, naming the row."""
+    for it in items:
+        try:
+            reply_ids(enc, it.messages, "", True, limit)
+        except UserError as e:
+            raise at_record(it.where, UserError(f"--reward_model_name_or_path: {e}")) from None
 
 
 def with_lengths(args):
@@ -109,15 +145,15 @@ def check_reward_funcs(funcs, items: list[PromptItem], max_len: int, chunk: int 
                              [it.where for it in part])
 
 
-def check_templates(template: str, models) -> None:
-    """Every model reads the text the actor's template renders: refuse a critic or reward model trained
-    (args.json) on another template, whose scores would be of text it never saw."""
-    for path, what in models:
-        theirs = inherited(path).get("template") if path else None
-        if theirs and theirs != "auto" and theirs != template:
-            raise UserError(f"{what} '{path}' was trained with --template {theirs}, and step 3 renders the prompts "
-                            f"with {template}: its scores would be of text it never saw; give step 3 --template "
-                            f"{theirs} or train it with --template {template}")
+def check_critic_template(template: str, path: str | None) -> None:
+    """The critic reads the text the actor's template renders: refuse one trained (args.json) on another
+    template, whose values would start from text it never saw. (A reward model on another template reads
+    the answers as text in its own: `reward_reader`.)"""
+    theirs = inherited(path).get("template") if path else None
+    if theirs and theirs != "auto" and theirs != template:
+        raise UserError(f"--critic_model_name_or_path '{path}' was trained with --template {theirs}, and step 3 "
+                        f"renders the prompts with {template}: its values would be of text it never saw; give step 3 "
+                        f"--template {theirs} or train it with --template {template}")
 
 
 def parse_args(argv=None):
@@ -136,11 +172,9 @@ def main(argv=None) -> None:
 
     # Data first, so bad input fails before the models are loaded.
     tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, "--actor_model_name_or_path")
-    scorers = ((args.critic_model_name_or_path if algo.critic else None, "--critic_model_name_or_path"),
-               (algo.reward_model, "--reward_model_name_or_path"))  # the models that read the actor's text
-    for path, what in scorers:
-        if path is not None:
-            check_tokenizers(tokenizer, path, what, args.trust_remote_code)
+    critic_path = args.critic_model_name_or_path if algo.critic else None
+    if critic_path is not None:
+        check_critic_tokenizer(tokenizer, critic_path, args.trust_remote_code)
     if algo.reward_model is not None:
         require_reward_model(algo.reward_model, args.trust_remote_code)
     template, sft_len = resolve_data_settings(types.SimpleNamespace(template=args.template, max_seq_len=0),
@@ -149,12 +183,16 @@ def main(argv=None) -> None:
     check_positions(args.actor_model_name_or_path, args.max_prompt_seq_len + args.max_answer_seq_len,
                     "--max_prompt_seq_len + --max_answer_seq_len", "--actor_model_name_or_path", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, args.max_prompt_seq_len, args.overlong)
-    check_templates(encoder.template, scorers)
+    check_critic_template(encoder.template, critic_path)
+    reward_encoder, reward_limit = (reward_reader(tokenizer, encoder.template, algo.reward_model,
+                                                  args.trust_remote_code) if algo.reward_model else (None, None))
     prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
                            "prompts")
     eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,
                                  args.max_prompt_seq_len, "eval prompts") if args.eval_data_path else [])
     check_reward_funcs(funcs, prompts + eval_prompts, args.max_answer_seq_len)
+    if reward_encoder is not None:
+        check_reward_prompts(reward_encoder, prompts + eval_prompts, reward_limit)
     stream = StepStream(prompts, args.per_device_generation_batch_size, args.generation_batches, list, args.seed)
     unsup = None
     if args.unsup_data_path:
@@ -176,7 +214,8 @@ def main(argv=None) -> None:
     if warmup:
         ds.print0(f"critic warm-up: the first {warmup} of {total_steps} steps train only the critic "
                   "(--critic_warmup_steps)")
-    models = build_models(args, algo, world, total_steps * updates_per_step, encoder.pad_id)
+    models = build_models(args, algo, world, total_steps * updates_per_step, encoder.pad_id, reward_encoder,
+                          reward_limit)
     resolved = {"template": encoder.template, "max_seq_len": max(sft_len, args.max_prompt_seq_len +
                                                                  args.max_answer_seq_len),
                 "world_size": world, "total_steps": total_steps, "step": "ppo",

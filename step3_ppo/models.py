@@ -38,6 +38,8 @@ class Models:
     reward: object
     ema: nn.Module | None  # plain module (ZeRO-3-partitioned like the actor, or full), fp32
     lr: dict               # {"actor": peak rate, "critic": peak rate}, resolved (utils/lr.py)
+    reward_encoder: object = None  # the reward model's own Encoder where it reads text (`text_scores`), else None
+    reward_limit: int | None = None  # its positions: a longer text loses the start of its prompt
 
     def trained(self) -> list:
         """The engines stepped together (pitfall 14)."""
@@ -127,10 +129,12 @@ def _train_engine(args, model: nn.Module, cfg: dict, which: str, updates: int, l
                                 scheduler=args.lr_scheduler_type, warmup=args.num_warmup_steps, total_steps=updates)
 
 
-def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int) -> Models:
+def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int, reward_encoder=None,
+                 reward_limit: int | None = None) -> Models:
     """Load the models the algorithm needs (and the EMA) and wrap them in engines; `updates` = optimizer
     steps of the run. `pad_id` only fills the classifiers' in-memory config.pad_token_id (HF refuses
-    batches without one)."""
+    batches without one); a reward model that reads text (`reward_encoder`, see main.reward_reader) gets
+    its own tokenizer's."""
     mb, ga = args.per_device_training_batch_size, args.gradient_accumulation_steps
     train_cfg = {which: ds.ds_config(stage=getattr(args, f"{which}_zero_stage"), offload=args.offload,
                                      dtype=args.dtype, micro_batch=mb, grad_accum=ga, world=world,
@@ -151,7 +155,8 @@ def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int) -
     ds.print0(" ".join(f"{k}_learning_rate={v:.3g}" for k, v in lr.items()) + " (0 = scaled to the model size)")
     reward = None
     if algo.reward_model is not None:
-        reward = ds.init_eval_engine(_frozen(_classifier(args, algo.reward_model, reward_cfg, pad_id,
+        reward_pad = reward_encoder.pad_id if reward_encoder is not None else pad_id
+        reward = ds.init_eval_engine(_frozen(_classifier(args, algo.reward_model, reward_cfg, reward_pad,
                                                          "--reward_model_name_or_path")), reward_cfg)
     ema = None
     if args.enable_ema:
@@ -161,7 +166,8 @@ def build_models(args, algo: Algorithm, world: int, updates: int, pad_id: int) -
         ema = _frozen(prepare_model(_causal(args, ema_cfg, "fp32"), _lora_args(args, "actor")))
         _partition_like_actor(ema, args.actor_zero_stage)
         ema_copy_(ema, actor.module)
-    return Models(actor=actor, critic=critic, ref=ref, reward=reward, ema=ema, lr=lr)
+    return Models(actor=actor, critic=critic, ref=ref, reward=reward, ema=ema, lr=lr,
+                  reward_encoder=reward_encoder if reward is not None else None, reward_limit=reward_limit)
 
 
 def require_reward_model(path: str, trust_remote_code: bool) -> None:

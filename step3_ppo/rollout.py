@@ -4,7 +4,8 @@ Layout of a rollout batch: prompts left-padded to width P, answers right-padded 
     seq  = [pad.. prompt | answer pad..]     [B, P + W]
     mask = [0..   1..    | 1..    0..  ]     (from the prompt lengths and answer lengths, never ids != pad)
 The logits at positions P-1 .. P+W-2 score the answer tokens; the critic's value of the state before
-answer token t is read at the same position P-1+t; the reward model reads the last real token.
+answer token t is read at the same position P-1+t; the reward model reads the last real token (or, with
+a tokenizer or template of its own, the answers as text: `text_scores`).
 Position ids come from the mask in every forward (pitfall 4), as `generate()` computes them.
 With --n_samples_per_prompt K each prompt is repeated K times in a row on its own rank, so the K
 answers of a prompt (its group) never leave the rank that generated them.
@@ -20,7 +21,7 @@ from step3_ppo.models import generation_mode
 from utils import ds
 from utils.encoding import pad_batch, position_ids_from_mask
 from utils.generation import only_our_settings
-from utils.reward import sequence_rewards, token_scores
+from utils.reward import reply_ids, score_ids, sequence_rewards, token_scores
 from utils.reward_funcs import as_trl_inputs, score_with_funcs
 from utils.rl import entropy_from_logits, mask_from_lengths, response_lengths, token_logprobs
 
@@ -32,6 +33,7 @@ class PromptItem:
     columns: dict      # the data row's other fields (e.g. "answer"), for reward functions
     where: str         # "file:line" of the row
     turns: tuple | None = None  # the prompt's turns where the row gave them as a list (TRL's conversational form)
+    messages: tuple = ()        # the prompt's turns however the row gave them, for a reward model that reads text
 
 
 def repeat_prompts(items: list[PromptItem], k: int, first_group: int = 0) -> tuple[list[PromptItem], torch.Tensor]:
@@ -201,9 +203,27 @@ def experience(models, b: dict, temperature: float, critic: bool = True,
             out["ref_logits"] = ref_logits
     if models.critic is not None and critic:
         out["values"] = by_length(lambda sub: answer_values(models.critic, sub), b)
-    out["score"] = (by_length(lambda sub: final_scores(models.reward, sub), b) if models.reward is not None
+    out["score"] = (by_length(lambda sub: final_scores(models.reward, sub), b) if reads_actor_ids(models)
                     else torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device))
     return out
+
+
+def reads_actor_ids(models) -> bool:
+    """The reward model scores the rollout's own token ids: it shares the actor's tokenizer and template.
+    One that does not (`models.reward_encoder`) scores the answers as text (`text_scores`)."""
+    return models.reward is not None and models.reward_encoder is None
+
+
+def text_scores(models, tokenizer, b: dict, items: list[PromptItem]) -> torch.Tensor:
+    """Scores of a reward model with its own tokenizer or template, [B] fp32: each answer decoded, put after
+    its prompt's turns in the reward model's template and tokenized by its tokenizer (`reply_ids`), read at
+    its reply-end token, or at the last token of an answer cut at the length limit."""
+    texts, _ = completions(tokenizer, b)
+    enc = models.reward_encoder
+    seqs = [reply_ids(enc, it.messages, text.strip(), bool(ended), models.reward_limit)
+            for it, text, ended in zip(items, texts, b["has_eos"].tolist())]
+    scores = score_ids(models.reward, seqs, enc.pad_id, EXPERIENCE_ROWS)
+    return torch.tensor(scores, dtype=torch.float32, device=b["answers"].device)
 
 
 def completions(tokenizer, b: dict) -> tuple[list[str], list[list[int]]]:

@@ -27,8 +27,8 @@ import torch
 
 from step3_ppo.models import ema_state, ema_update_, load_ema_state, step_together
 from step3_ppo.rollout import (answer_logits, answer_values, collate_samples, experience, final_scores, generate,
-                               generation_config, model_inputs, repeat_prompts, reuses_generation_logits,
-                               rule_scores, split_samples)
+                               generation_config, model_inputs, reads_actor_ids, repeat_prompts,
+                               reuses_generation_logits, rule_scores, split_samples, text_scores)
 from utils import ds
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
@@ -315,7 +315,10 @@ def ppo_update(args, algo, models, rows: list[dict], unsup, pad_id: int, step: i
 def score_rollout(models, funcs, tokenizer, b: dict, items: list, max_len: int) -> None:
     """Add the weighted rule-based rewards to the batch's score (the reward model's, or 0) in place,
     keeping each function's values for the metrics. A reward function that fails on one rank stops
-    every rank with its message (the others would otherwise die in their next collective)."""
+    every rank with its message (the others would otherwise die in their next collective). A reward model
+    that reads text (its own tokenizer or template) adds its scores here too."""
+    if models.reward is not None and not reads_actor_ids(models):
+        b["score"] = b["score"] + text_scores(models, tokenizer, b, items)
     if not funcs:
         return
     error = None
@@ -338,8 +341,7 @@ def evaluate(args, models, encoder, items: list, funcs) -> dict:
     for batch, valid in eval_batches(items, args.per_device_eval_batch_size, list):
         b = generate(models.actor, [it.ids for it in batch], encoder, cfg)
         valid = valid.to(b["seq"].device)
-        b["score"] = (final_scores(models.reward, b) if models.reward is not None
-                      else torch.zeros_like(valid))
+        b["score"] = final_scores(models.reward, b) if reads_actor_ids(models) else torch.zeros_like(valid)
         score_rollout(models, funcs, encoder.tokenizer, b, batch, args.max_answer_seq_len)
         sums["reward"] += float((b["score"] * valid).sum())
         sums["eos"] += float((b["has_eos"].float() * valid).sum())

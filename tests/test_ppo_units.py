@@ -316,21 +316,181 @@ def test_main_refuses_a_causal_lm_as_reward_model(tiny_dir, tmp_path):
     assert "not a sequence-classification model" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_a_reward_model_of_another_template_is_refused(tmp_path):
-    """A reward model trained on hh text scores ChatML prompts it never saw; step 3 refuses it by name."""
+def test_a_critic_of_another_template_is_refused(tmp_path):
+    """A critic trained on hh text would value ChatML prompts it never saw; step 3 refuses it by name."""
     import json
 
-    from step3_ppo.main import check_templates
-    from utils.errors import UserError
+    from step3_ppo.main import check_critic_template
 
     for name, template in (("rm_hh", "hh"), ("rm_chat", "chat"), ("old", None)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "args.json").write_text(json.dumps({"template": template} if template else {}))
-    check_templates("chat", [(str(tmp_path / "rm_chat"), "--reward_model_name_or_path"),
-                             (str(tmp_path / "old"), "--critic_model_name_or_path"), (None, "--critic_model_name_or_path")])
-    with pytest.raises(UserError, match=r"--reward_model_name_or_path '.*rm_hh' was trained with --template hh, and "
+    for ok in ("rm_chat", "old"):
+        check_critic_template("chat", str(tmp_path / ok))
+    check_critic_template("chat", None)
+    with pytest.raises(UserError, match=r"--critic_model_name_or_path '.*rm_hh' was trained with --template hh, and "
                                         r"step 3 renders the prompts with chat"):
-        check_templates("chat", [(str(tmp_path / "rm_hh"), "--reward_model_name_or_path")])
+        check_critic_template("chat", str(tmp_path / "rm_hh"))
+
+
+def _reward_model_dir(src: str, out) -> str:
+    """A one-label classifier saved from a tiny causal LM (its score head random, fixed once saved)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(src, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return str(out)
+
+
+def test_a_reward_model_reads_the_actors_ids_only_with_its_tokenizer_and_template(tiny_dir, tokenizer_of, tmp_path):
+    """Same tokenizer and template (or none recorded): the rollout's ids are scored as they are. Another
+    template, or another family's tokenizer: the answers are scored as text, in the reward model's own
+    template, cut to its positions."""
+    import json
+    import shutil
+
+    from step3_ppo.main import reward_reader
+
+    llama = tiny_dir("llama")
+    assert reward_reader(tokenizer_of("llama"), "hh", llama, False) == (None, None)
+    hh = shutil.copytree(llama, tmp_path / "hh")
+    (hh / "args.json").write_text(json.dumps({"template": "hh"}))
+    assert reward_reader(tokenizer_of("llama"), "hh", str(hh), False) == (None, None)
+    enc, limit = reward_reader(tokenizer_of("llama"), "alpaca", str(hh), False)
+    assert (enc.template, limit) == ("hh", 512)
+    enc, limit = reward_reader(tokenizer_of("llama"), "hh", tiny_dir("qwen2"), False)
+    assert enc.template == "chat" and enc.tokenizer.get_vocab() == tokenizer_of("qwen2").get_vocab()
+    assert enc.eos_id == tokenizer_of("qwen2").convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_reward_model_with_its_own_tokenizer_scores_the_answer_text_as_plain_transformers_does(
+        tiny_dir, tokenizer_of, tmp_path):
+    """A Llama actor's answers scored by a Qwen2 (ChatML) reward model: the score of each answer is the
+    reward model's output at the last token of the text its own chat template renders (at <|im_end|> for an
+    answer that ended, at the answer's last token for one cut at the length limit), as plain transformers
+    computes it one text at a time; a prompt too long for the model loses its start, not the answer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from step3_ppo.main import reward_reader
+    from step3_ppo.rollout import PromptItem, text_scores
+
+    actor_tok, rm_tok = tokenizer_of("llama"), tokenizer_of("qwen2")
+    rm_dir = _reward_model_dir(tiny_dir("qwen2"), tmp_path / "rm")
+    enc, _ = reward_reader(actor_tok, "hh", rm_dir, False)
+    plain = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    prompts = [({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}),
+               ({"role": "user", "content": "What is the capital of France?"},),
+               ({"role": "user", "content": "Say hello."},)]
+    answers, ended = [" An apple.", "Paris is the capital", " Hello there, friend."], [True, False, True]
+    rows = [actor_tok(a, add_special_tokens=False)["input_ids"] + ([actor_tok.eos_token_id] if e else [])
+            for a, e in zip(answers, ended)]
+    W = max(map(len, rows))
+    b = {"answers": torch.tensor([r + [0] * (W - len(r)) for r in rows]),
+         "action_mask": torch.tensor([[1] * len(r) + [0] * (W - len(r)) for r in rows]),
+         "has_eos": torch.tensor(ended)}
+    items = [PromptItem([1], p[-1]["content"], {}, f"p.jsonl:{i + 1}", None, p) for i, p in enumerate(prompts)]
+
+    def reference(p, a, e, limit=None):
+        if e:
+            text = rm_tok.apply_chat_template(list(p) + [{"role": "assistant", "content": a.strip()}], tokenize=False)
+            text = text[:text.rindex("<|im_end|>") + len("<|im_end|>")]
+        else:
+            text = rm_tok.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) + a.strip()
+        ids = rm_tok(text, add_special_tokens=False)["input_ids"][-limit if limit else 0:]
+        with torch.no_grad():
+            return float(plain(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    models = types.SimpleNamespace(reward=plain, reward_encoder=enc, reward_limit=None)
+    got = text_scores(models, actor_tok, b, items)
+    want = [reference(p, a, e) for p, a, e in zip(prompts, answers, ended)]
+    assert got.dtype == torch.float32 and got.tolist() == pytest.approx(want, abs=1e-5)
+    assert len(set(want)) == 3
+    models.reward_limit = 12  # the first prompt's text is longer: its start goes, the answer and <|im_end|> stay
+    assert text_scores(models, actor_tok, b, items)[0].item() == pytest.approx(reference(prompts[0], answers[0], True, 12),
+                                                                               abs=1e-5)
+
+
+def test_a_critic_of_another_tokenizer_is_refused_naming_the_way_out(tiny_dir, tokenizer_of):
+    from step3_ppo.main import check_critic_tokenizer
+
+    check_critic_tokenizer(tokenizer_of("llama"), tiny_dir("llama"), False)
+    with pytest.raises(UserError, match=r"--critic_model_name_or_path '.*' uses a different tokenizer from the actor; "
+                                        r".*give a reward model with its own tokenizer as --reward_model_name_or_path"):
+        check_critic_tokenizer(tokenizer_of("llama"), tiny_dir("qwen2"), False)
+
+
+def test_a_prompt_the_reward_models_template_refuses_is_named_before_loading(tiny_dir, tokenizer_of):
+    """A chat template that raises on a row (here: one that allows no system turn) stops the run at
+    start-up with the row's file:line."""
+    from step3_ppo.main import check_reward_prompts
+    from step3_ppo.rollout import PromptItem
+
+    tok = tokenizer_of("qwen2")
+    strict = Encoder(tok, "chat", 0)
+    strict.tokenizer = type(tok).from_pretrained(tiny_dir("qwen2"))
+    strict.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('no system turns') }}{% endif %}"
+                                      "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ok = PromptItem([1], "Hi.", {}, "p.jsonl:1", None, user("Hi."))
+    bad = PromptItem([1], "Hi.", {}, "p.jsonl:2", None, ({"role": "system", "content": "S."},) + user("Hi."))
+    check_reward_prompts(strict, [ok], None)
+    with pytest.raises(UserError, match=r"p.jsonl:2.*--reward_model_name_or_path.*no system turns"):
+        check_reward_prompts(strict, [ok, bad], None)
+
+
+def test_ppo_with_a_reward_model_of_another_family_scores_what_plain_transformers_scores(tiny_dir, tmp_path):
+    """One PPO step, a Llama actor and critic, a Qwen2 (ChatML) reward model: the rewards logged for the
+    rollout's answers are the reward model's scores of (prompt turns, answer text) rendered with its own chat
+    template, as plain transformers computes them. A reward function records what the answers were."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from utils.reward_funcs import text_of
+
+    llama, rm_dir = tiny_dir("llama"), _reward_model_dir(tiny_dir("qwen2"), tmp_path / "rm")
+    seen = tmp_path / "seen.jsonl"
+    funcs = tmp_path / "record.py"
+    funcs.write_text(f"""import json
+def record(prompts, completions, completion_ids, **kw):
+    with open({str(seen)!r}, "a") as f:
+        for p, c in zip(prompts, completions):
+            f.write(json.dumps({{"prompt": p, "answer": c}}) + "\\n")
+    return [0.0] * len(completions)
+""")
+    data = tmp_path / "p.jsonl"
+    city = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a city."}]
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Name a fruit."}, {"prompt": "Say hello."}, {"prompt": city}, {"prompt": "Count to three."}]) + "\n")
+    turns_of = {"Name a city.": city}  # a batch of mixed rows reaches reward functions as text (TRL's rule)
+    p = run_python("step3_ppo/main.py", ["--actor_model_name_or_path", llama, "--critic_model_name_or_path", llama,
+                                         "--reward_model_name_or_path", rm_dir, "--reward_funcs", f"{funcs}:record",
+                                         "--data_path", data, "--output_dir", tmp_path / "out", "--max_steps", "1",
+                                         "--per_device_generation_batch_size", "4",
+                                         "--per_device_training_batch_size", "4", "--max_answer_seq_len", "6",
+                                         "--print_answers_interval", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "has a tokenizer of its own: it scores every answer as text" in p.stdout + p.stderr
+    rows = [r for r in map(json.loads, open(tmp_path / "out" / "metrics.jsonl")) if r["split"] == "samples"]
+    samples = rows[0]["samples"]
+    seen_rows = [json.loads(line) for line in open(seen)]
+    rollout = [r for r in seen_rows if text_of(r["answer"])][:len(samples)]  # the startup check's answers are ""
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    plain = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    assert "Name a city." in [r["prompt"] for r in rollout]  # the system turn travels to the reward model
+    for sample, r in zip(samples, rollout):
+        turns = turns_of.get(r["prompt"], [{"role": "user", "content": r["prompt"]}])
+        answer = text_of(r["answer"]).strip()
+        if sample["answer"].endswith("</s>"):
+            text = tok.apply_chat_template(turns + [{"role": "assistant", "content": answer}], tokenize=False)
+            text = text[:text.rindex("<|im_end|>") + len("<|im_end|>")]
+        else:
+            text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True) + answer
+        with torch.no_grad():
+            want = float(plain(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+        assert sample["reward"] == pytest.approx(want, abs=2e-4), (sample, r, text)
 
 
 @pytest.mark.parametrize("confidence", [0.0, 0.5])

@@ -197,7 +197,8 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
 
 @torch.no_grad()
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, fp32: bool = True) -> list[float]:
-    """Rewards of already-encoded sequences (each prompt + response + EOS), scored in right-padded batches."""
+    """Rewards of already-encoded sequences (each prompt + response + EOS), scored in right-padded batches.
+    The number of forwards depends only on len(seqs) (ZeRO-3 forwards are collective)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(seqs), batch_size):
@@ -206,3 +207,22 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, f
         rewards = sequence_rewards(model, batch["input_ids"].to(device), mask, position_ids_from_mask(mask), fp32)
         out.extend(rewards.tolist())
     return out
+
+
+def cut_left(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+    """The last `limit` ids, a leading BOS kept: a text too long for a model loses the start of its prompt,
+    never the answer being scored or generated from."""
+    if len(ids) <= limit:
+        return ids
+    head = [bos_id] if bos_id is not None and ids and ids[0] == bos_id else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
+def reply_ids(encoder, prompt, answer: str, ended: bool = True, limit: int | None = None) -> list[int]:
+    """A (prompt, answer text) as `encoder` (a reward model's own tokenizer and template) reads it: ending
+    at the reply-end token where the answer ended, the token step 2 trained the score at; at the answer's
+    last token where it was cut at the length limit, as for answers scored from the actor's own ids."""
+    ids = encoder.encode_reply(tuple(prompt), ({"role": "assistant", "content": answer},))[0]
+    if not ended and ids and ids[-1] == encoder.eos_id:
+        ids = ids[:-1]
+    return cut_left(ids, limit, encoder.bos_id) if limit else ids
