@@ -341,3 +341,16 @@ def test_disable_dropout_makes_policy_equal_reference(tiny_dir, tokenizer_of):
     disable_dropout(model)
     exact, _ = pair_loss(*concatenated_logps(model, batch), reference_logps(ref, batch), args)
     assert exact.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_full_vocabulary_kl_skips_tokens_the_reference_bans():
+    """kl_from_log_probs (the DPO and PPO anchors): a token with reference probability 0 contributes 0, not
+    0 * -inf = NaN, and the gradient stays finite."""
+    logits = torch.tensor([[0.2, 0.1, 0.3]], dtype=torch.float64, requires_grad=True)
+    ref = log_probs(torch.tensor([[0.5, float("-inf"), 1.0]], dtype=torch.float64))
+    kl = kl_from_log_probs(log_probs(logits), ref)
+    p, q = torch.softmax(logits.detach(), -1)[0], ref.exp()[0]
+    want = sum(float(q[i] * (q[i].log() - p[i].log())) for i in (0, 2))
+    assert kl.item() == pytest.approx(want, rel=1e-12)
+    kl.sum().backward()
+    assert torch.isfinite(logits.grad).all()

@@ -441,6 +441,18 @@ def test_entropy_is_stable_for_extreme_logits():
     assert out[0, 1].item() == pytest.approx(math.log(2), abs=ATOL)
 
 
+def test_entropy_gradient_is_finite_with_banned_tokens():
+    """The entropy bonus differentiates entropy_from_logits: a -inf logit gets gradient 0 and the others the
+    gradient of the entropy of the distribution without that token (no NaN from 0 * -inf in backward)."""
+    z = torch.tensor([[0.5, float("-inf"), 1.0]], dtype=F64, requires_grad=True)
+    entropy_from_logits(z).sum().backward()
+    zf = torch.tensor([[0.5, 1.0]], dtype=F64, requires_grad=True)
+    entropy_from_logits(zf).sum().backward()
+    assert torch.isfinite(z.grad).all()
+    torch.testing.assert_close(z.grad[0, [0, 2]], zf.grad[0], atol=ATOL, rtol=0)
+    assert z.grad[0, 1].item() == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # KL controllers
 # ---------------------------------------------------------------------------------------------

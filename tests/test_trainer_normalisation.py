@@ -311,3 +311,35 @@ def test_ppo_update_gradients_and_losses_do_not_depend_on_the_micro_batch_split(
     assert o2["actor_loss"] == pytest.approx(o1["actor_loss"], rel=1e-5, abs=1e-7)
     if anchor:
         assert o1["kl/anchor"] > 0 and o2["kl/anchor"] == pytest.approx(o1["kl/anchor"], rel=1e-5)
+
+
+def test_ppo_value_loss_is_a_token_mean_whatever_the_loss_agg(tiny_dir):
+    """README, Step 3 item 4: the policy loss follows --loss_agg, the value loss is always a token mean over the
+    step (pinned with --loss_agg seq_mean_token_mean, where the two differ on answers of 1, 2, 4 and 11 tokens)."""
+    from step3_ppo.config import GROUPS, REQUIRED, resolve_algorithm
+    from step3_ppo.rollout import answer_values, collate_samples
+    from step3_ppo.trainer import ppo_update
+    from utils.args import parse
+    from utils.rl import value_loss_per_token
+
+    args = parse(GROUPS, "test", ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+                                  "--data_path", "p.jsonl", "--output_dir", "o", "--per_device_training_batch_size",
+                                  "4", "--loss_agg", "seq_mean_token_mean"], required=REQUIRED)
+    algo = resolve_algorithm(args)
+    actor_model, tok = _load(tiny_dir, classifier=False, seed=1)
+    critic_model, _ = _load(tiny_dir, classifier=True, seed=2)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = _ppo_rows(tok)
+    b = collate_samples(rows, pad)
+    with torch.no_grad():
+        per_token, _ = value_loss_per_token(answer_values(critic_model, b), b["values"], b["returns"],
+                                            args.cliprange_value)
+    mask = b["action_mask"].float()
+    token_mean = float((per_token * mask).sum() / mask.sum())
+    seq_mean = float(((per_token * mask).sum(-1) / mask.sum(-1)).mean())
+    assert abs(token_mean - seq_mean) > 1e-3
+    actor, critic = AccumulatingEngine(actor_model, 1), AccumulatingEngine(critic_model, 1)
+    models = types.SimpleNamespace(actor=actor, critic=critic, ref=None, reward=None, ema=None,
+                                   trained=lambda: [actor, critic])
+    out = ppo_update(args, algo, models, rows, None, pad, step=1, kl_coef=0.05)
+    assert out["critic_loss"] == pytest.approx(token_mean, rel=1e-5)

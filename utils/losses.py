@@ -149,7 +149,10 @@ def kl_from_log_probs(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> t
 
     Unlike the log-probability of the sampled or labelled token, it also sees probability moved among the
     other tokens (a preferred word's pieces gaining where the label is a copied noun)."""
-    return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
+    ref_probs = ref_log_probs.exp()
+    # Tokens the reference gives probability 0 contribute 0 (0 * -inf would be NaN).
+    diff = torch.where(ref_probs > 0, ref_log_probs - log_probs, torch.zeros_like(log_probs))
+    return (ref_probs * diff).sum(-1)
 
 
 def token_kl_sums(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -527,8 +527,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """
     logits = at_least_fp32(logits)
     probs = torch.softmax(logits, dim=-1)
-    weighted = torch.where(probs > 0, probs * logits, torch.zeros_like(logits))
-    return torch.logsumexp(logits, dim=-1) - weighted.sum(dim=-1)
+    # Mask the logits, not the product: where() passes a zero gradient to the branch it drops, but that
+    # branch's own backward (0 * -inf) is NaN, which poisons the entropy bonus's gradient.
+    finite = torch.where(probs > 0, logits, torch.zeros_like(logits))
+    return torch.logsumexp(logits, dim=-1) - (probs * finite).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
