@@ -23,7 +23,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.args import inherited  # noqa: E402
+from utils.args import Parser, inherited  # noqa: E402
 from utils.data import load_samples  # noqa: E402
 from utils.encoding import Encoder  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
@@ -96,7 +96,7 @@ def print_table(results: dict) -> None:
 
 @exit_on_user_error
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, help="NAME=DIR pairs (Hugging Face causal-LM directories)")
     ap.add_argument("--prompts", required=True, help="file with prompts (any format with a prompt)")
     ap.add_argument("--reward_model", default=None, help="step-2 reward model directory to score the answers")
@@ -117,6 +117,11 @@ def main(argv=None) -> dict:
         raise UserError("--max_new_tokens must be >= 1 and --samples >= 0")
     if a.json and os.path.isdir(a.json):
         raise UserError(f"--json '{a.json}' is a directory; give a file name")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise UserError(f"--json '{a.json}': its folder does not exist")  # was a traceback after every model ran
+    if a.json and os.path.realpath(a.json) == os.path.realpath(a.prompts):
+        raise UserError(f"--json '{a.json}' is the --prompts file, which the results would replace; write them to "
+                        "another file")
     try:
         form = re.compile(a.form) if a.form else None
     except re.error as e:

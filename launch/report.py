@@ -19,6 +19,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from utils.args import Parser  # noqa: E402
 from utils.errors import DataError, UserError, exit_on_user_error  # noqa: E402
 
 KEYS = ["loss", "accuracy", "reward", "kl", "eos_rate", "distinct_ratio", "response_length", "rewards/accuracies",
@@ -36,9 +37,18 @@ def load(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(file, i, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            # panels() reads r["step"] (and a warning's name): a row without them was a KeyError traceback
+            if not isinstance(row, dict):
+                raise DataError(file, i, None, f"expected a JSON object (one metrics record), got a "
+                                                f"{type(row).__name__}")
+            if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), (int, float)):
+                raise DataError(file, i, "step", "missing or not a number: every metrics record names its step")
+            if row.get("split") == "warning" and not isinstance(row.get("warning"), str):
+                raise DataError(file, i, "warning", "missing in a warning record")
+            rows.append(row)
     return rows
 
 
@@ -70,7 +80,7 @@ def panels(runs: list[tuple[str, str]]) -> list[tuple[str, str, dict, list]]:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="NAME=DIR pairs; DIR holds metrics.jsonl")
     ap.add_argument("--out", required=True, help="PNG file to write")
     a = ap.parse_args(argv)

@@ -48,6 +48,19 @@ if [ -z "${NGPUS:-}" ]; then
     NGPUS=2  # CPU: two DeepSpeed ranks (gloo)
   fi
 fi
+# Numbers from the environment, checked before bash arithmetic or awk reads them: NGPUS=abc was "abc: unbound
+# variable", NGPUS=0 and GPU_MEM_GB=abc chose ZeRO-3 with offload, NUM_NODES=abc ran on one node, OFFLOAD=yes was off.
+whole() {  # whole NAME VALUE
+  [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge 1 ] || { echo "error: $1 must be a whole number >= 1, got '$2'" >&2; exit 2; }
+}
+whole NGPUS "$NGPUS"
+[ -z "${NUM_NODES:-}" ] || whole NUM_NODES "$NUM_NODES"
+[ -z "${GPU_MEM_GB:-}" ] || [[ "$GPU_MEM_GB" =~ ^[0-9]*\.?[0-9]+$ && ! "$GPU_MEM_GB" =~ ^[0.]+$ ]] \
+  || { echo "error: GPU_MEM_GB must be a number > 0 (GB per GPU), got '$GPU_MEM_GB'" >&2; exit 2; }
+case "${OFFLOAD:-}" in
+  "" | 0 | 1) ;;
+  *) echo "error: OFFLOAD must be 0 or 1, got '$OFFLOAD'" >&2; exit 2 ;;
+esac
 NNODES=1
 LAUNCH=(deepspeed)
 if [ -n "${HOSTFILE:-}" ]; then

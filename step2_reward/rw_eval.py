@@ -81,6 +81,11 @@ def main(argv=None) -> None:
         raise UserError("--prompt needs --responses")
     if args.output and os.path.isdir(args.output):
         raise UserError(f"--output '{args.output}' is a directory; give a file name")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise UserError(f"--output '{args.output}': its folder does not exist")  # was a traceback after scoring
+    if args.output and os.path.realpath(args.output) in {os.path.realpath(p) for p in args.pairs}:
+        raise UserError(f"--output '{args.output}' is a --pairs file, which the scores would replace; write them to "
+                        "another file")
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, what="--model")
     template, max_seq_len = resolve_data_settings(args, args.model)

@@ -31,7 +31,8 @@ def only(group, names: tuple[str, ...], defaults: dict | None = None, helps: dic
         else:
             default = f.default
         fields.append((name, f.type, arg(default, helps.get(name, f.metadata["help"]), f.metadata.get("choices"),
-                                         f.metadata.get("nargs"), **f.metadata.get("limits", {}))))
+                                         f.metadata.get("nargs"), **f.metadata.get("limits", {}),
+                                         comma=f.metadata.get("comma", False))))
     return dataclasses.make_dataclass(group.__name__, fields)
 
 

@@ -95,10 +95,43 @@ def check_args(args) -> Algorithm:
                         f"multiple of --per_device_training_batch_size x --gradient_accumulation_steps ({per_update})")
     if not 0.0 <= args.ema_beta < 1.0:
         raise UserError("--ema_beta must be in [0, 1)")
+    check_not_dropped(args, algo)
     if args.only_optimize_lora and not (args.actor_lora_dim or (algo.critic and args.critic_lora_dim)):
         raise UserError("--only_optimize_lora needs --actor_lora_dim > 0" + (" or --critic_lora_dim > 0" if algo.critic
                                                                              else ""))
     return algo
+
+
+CRITIC_ONLY = ("critic_learning_rate", "critic_weight_decay", "critic_zero_stage", "critic_lora_dim",
+               "critic_gradient_checkpointing", "critic_warmup_steps", "cliprange_value", "lam")
+
+
+def check_not_dropped(args, algo: Algorithm) -> None:
+    """Step 3's flags that the rest of the command turns off, given away from their defaults, were dropped without a
+    word (--ema_beta without --enable_ema, --critic_learning_rate under GRPO, ...): refuse them, naming both."""
+    from step3_ppo.config import GROUPS
+    from utils.args import specs_of
+
+    defaults = {name: sp.default for name, sp in specs_of(GROUPS).items()}
+
+    def given(name):
+        return getattr(args, name) != defaults[name]
+
+    rules = [("ema_beta", not args.enable_ema, "--enable_ema is off"),
+             ("unsup_coef", not args.unsup_data_path, "no --unsup_data_path is given"),
+             ("eval_interval", not args.eval_data_path, "no --eval_data_path is given (nothing is evaluated)"),
+             ("per_device_eval_batch_size", not args.eval_data_path, "no --eval_data_path is given (nothing is "
+                                                                     "evaluated)"),
+             ("top_k", not args.do_sample, "--no-do_sample generates greedily"),
+             ("top_p", not args.do_sample, "--no-do_sample generates greedily"),
+             ("anchor_confidence", not args.anchor_coef, "--anchor_coef is 0 (no anchor)"),
+             ("offload_reference_model", not algo.reference, "no reference model is loaded (--kl_coef 0 and "
+                                                             "--anchor_coef 0)"),
+             ("offload_reward_model", algo.reward_model is None, "no reward model is loaded (--reward_funcs only)")]
+    rules += [(name, not algo.critic, f"--advantage_estimator {algo.estimator} trains no critic") for name in CRITIC_ONLY]
+    for name, off, why in rules:
+        if off and given(name):
+            raise UserError(f"--{name} is not used: {why}; drop --{name}")
 
 
 def _causal(args, cfg: dict, dtype: str) -> nn.Module:

@@ -143,6 +143,13 @@ def test_a_comma_separated_flag_takes_a_yaml_list(tmp_path):
     assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg]).lora_module_name == "query_key_value,dense"
     cfg = write_config(tmp_path, "lora_module_name: q_proj,v_proj\n", "d.yaml")
     assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg]).lora_module_name == "q_proj,v_proj"
+    # step 3 copies the shared field (step3_ppo/config.py: only): the list form its help promises too
+    from step3_ppo.main import parse_args
+
+    cfg = write_config(tmp_path, "lora_module_name: [q_proj, v_proj]\n", "p.yaml")
+    ns = parse_args(["--config", cfg, "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+                     "--data_path", "p.jsonl", "--output_dir", "o"])
+    assert ns.lora_module_name == "q_proj,v_proj"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -371,3 +378,134 @@ def test_other_trainers_names_point_at_flags_that_exist():
             assert any(t.split()[0].rstrip(",")[2:] in ours for t in targets), name
             for flags in per_step:  # a name that is a flag of one step points at another step's flag only
                 assert name not in flags or all(t.split()[0][2:] not in flags for t in targets), name
+
+
+def test_config_files_never_drop_a_value_silently(tmp_path):
+    """From a flag audit: a key given twice in a --config file kept the last value, `--config a --config b`
+    read b alone, `--config ""` (an unset variable) ran on the defaults, a config.YAML was parsed as JSON
+    ("Expecting value: line 1 column 1"), and `synthetic_negative_kinds: []` passed parsing and divided by
+    zero once the data had loaded."""
+    from step2_reward.main import RewardArgs
+
+    for name, text, message in (
+            ("d.yaml", "learning_rate: 1e-5\nmax_steps: 3\nlearning_rate: 2e-5\n",
+             "key 'learning_rate' is given twice (line 3); give each key once"),
+            ("d.json", '{"learning_rate": 1e-5, "learning_rate": 2e-5}',
+             "key 'learning_rate' is given twice; give each key once")):
+        cfg = write_config(tmp_path, text, name)
+        with pytest.raises(UserError) as e:
+            parse(SHARED_GROUPS, "t", BASE + ["--config", cfg])
+        assert str(e.value) == f"--config file '{cfg}': {message}"
+    a, b = write_config(tmp_path, "learning_rate: 0.5\n", "a.yaml"), write_config(tmp_path, "max_steps: 3\n", "b.yaml")
+    with pytest.raises(UserError, match="^--config is given twice; give one --config file$"):
+        parse(SHARED_GROUPS, "t", BASE + ["--config", a, "--config", b])
+    with pytest.raises(UserError, match="^--config is given an empty file name$"):
+        parse(SHARED_GROUPS, "t", BASE + ["--config", ""])
+    assert parse(SHARED_GROUPS, "t", BASE + ["--config", write_config(tmp_path, "max_steps: 3\n", "c.YAML")]
+                 ).max_steps == 3
+    txt = write_config(tmp_path, "max_steps: 3\n", "c.txt")
+    with pytest.raises(UserError, match=re.escape(f"--config file '{txt}' cannot be parsed as JSON (its name ends in "
+                                                  "neither .yaml, .yml nor .json): Expecting value")):
+        parse(SHARED_GROUPS, "t", BASE + ["--config", txt])
+    cfg = write_config(tmp_path, "synthetic_negative_kinds: []\n", "k.yaml")
+    with pytest.raises(UserError) as e:
+        parse((*SHARED_GROUPS, RewardArgs), "t", BASE + ["--config", cfg])
+    assert str(e.value) == f"--config file '{cfg}': key 'synthetic_negative_kinds': expected at least one value, got an empty list"
+    # what still works: merge keys, one file, an empty optional list
+    cfg = write_config(tmp_path, "base: &b {learning_rate: 0.5}\n", "m.yaml")
+    with pytest.raises(UserError, match="unknown keys base"):
+        parse(SHARED_GROUPS, "t", BASE + ["--config", cfg])
+    assert parse(SHARED_GROUPS, "t", BASE + ["--config", write_config(tmp_path, "eval_data_path: []\n", "e.yaml")]
+                 ).eval_data_path == []
+
+
+def test_a_flag_the_rest_of_the_command_turns_off_is_refused(tmp_path):
+    """From a flag audit: these were accepted and then never read (the run trained as if they were absent)."""
+    from dpo.main import parse_args as dpo_args
+    from step2_reward.main import parse_args as reward_args
+    from step3_ppo.main import parse_args as ppo_args
+    from step3_ppo.models import check_args
+
+    for flags, message in (
+            (["--tensorboard_path", str(tmp_path / "tb")], "--tensorboard_path is used with --enable_tensorboard only"),
+            (["--lora_alpha", "64"], "--lora_alpha applies to LoRA adapters, and LoRA is off (--lora_dim 0)"),
+            (["--lora_module_name", "q_proj,v_proj"], "--lora_module_name applies to LoRA adapters"),
+            (["--only_optimize_lora"], "--only_optimize_lora applies to LoRA adapters"),  # was refused after loading
+            (["--eval_data_path", "e.jsonl", "--eval_fraction", "0.3"], "--eval_fraction holds out part of --data_path "
+                                                                        "only when no --eval_data_path is given")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            parse(SHARED_GROUPS, "t", BASE + flags)
+    with pytest.raises(UserError, match="^--synthetic_negative_kinds chooses the corruptions of --synthetic_negatives"):
+        dpo_args(BASE + ["--synthetic_negative_kinds", "swap"])  # DPO's --synthetic_negatives is 0 by default
+    with pytest.raises(UserError, match="^--synthetic_negative_kinds chooses"):
+        reward_args(BASE + ["--synthetic_negatives", "0", "--synthetic_negative_kinds", "swap"])
+    assert parse(SHARED_GROUPS, "t", BASE + ["--lora_dim", "8", "--lora_alpha", "64", "--enable_tensorboard",
+                                             "--tensorboard_path", str(tmp_path / "tb")]).lora_alpha == 64
+    assert dpo_args(BASE + ["--synthetic_negatives", "1", "--synthetic_negative_kinds", "swap"])
+
+    ppo = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--data_path", "p.jsonl",
+           "--output_dir", "o"]
+    grpo = ["--actor_model_name_or_path", "a", "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2",
+            "--reward_funcs", "utils.reward_funcs:exact_match", "--data_path", "p.jsonl", "--output_dir", "o"]
+    for base, flags, message in (
+            (ppo, ["--ema_beta", "0.5"], "--ema_beta is not used: --enable_ema is off"),
+            (ppo, ["--unsup_coef", "1"], "--unsup_coef is not used: no --unsup_data_path is given"),
+            (ppo, ["--eval_interval", "5"], "--eval_interval is not used: no --eval_data_path is given"),
+            (ppo, ["--no-do_sample", "--top_k", "5"], "--top_k is not used: --no-do_sample generates greedily"),
+            (ppo, ["--anchor_confidence", "0.5"], "--anchor_confidence is not used: --anchor_coef is 0"),
+            (ppo, ["--kl_coef", "0", "--offload_reference_model"], "--offload_reference_model is not used: no "
+                                                                  "reference model is loaded"),
+            (grpo, ["--offload_reward_model"], "--offload_reward_model is not used: no reward model is loaded"),
+            (grpo, ["--critic_learning_rate", "1e-5"], "--critic_learning_rate is not used: --advantage_estimator "
+                                                       "grpo trains no critic"),
+            (grpo, ["--critic_zero_stage", "3"], "--critic_zero_stage is not used"),
+            (grpo, ["--lam", "0.5"], "--lam is not used"),
+            (grpo, ["--lora_alpha", "64"], "--lora_alpha applies to LoRA adapters, and LoRA is off (--actor_lora_dim 0)")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            check_args(ppo_args(base + flags))
+    check_args(ppo_args(ppo + ["--enable_ema", "--ema_beta", "0.5", "--eval_data_path", "p.jsonl", "--eval_interval",
+                               "5", "--anchor_coef", "1", "--anchor_confidence", "0.5", "--critic_lora_dim", "4",
+                               "--lora_alpha", "8", "--offload_reference_model"]))
+
+
+def test_the_evaluation_tools_never_write_over_their_input_or_fail_after_the_work(tmp_path, capsys):
+    """rw_eval --output and compare --json naming the file they read replaced it with the scores, and one in a
+    folder that does not exist was a FileNotFoundError traceback once every model had been run."""
+    import launch.compare
+    import step2_reward.rw_eval
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "Hi.", "chosen": "Hello.", "rejected": "Go."}\n')
+    model = tmp_path / "m"
+    model.mkdir()
+    for main, argv, message in (
+            (step2_reward.rw_eval.main, ["--model", str(model), "--pairs", str(pairs), "--output", str(pairs)],
+             f"--output '{pairs}' is a --pairs file, which the scores would replace; write them to another file"),
+            (step2_reward.rw_eval.main, ["--model", str(model), "--pairs", str(pairs), "--output",
+                                         str(tmp_path / "no" / "s.jsonl")],
+             f"--output '{tmp_path}/no/s.jsonl': its folder does not exist"),
+            (launch.compare.main, ["--models", f"a={model}", "--prompts", str(pairs), "--json", str(pairs)],
+             f"--json '{pairs}' is the --prompts file, which the results would replace; write them to another file"),
+            (launch.compare.main, ["--models", f"a={model}", "--prompts", str(pairs), "--json",
+                                   str(tmp_path / "no" / "r.json")],
+             f"--json '{tmp_path}/no/r.json': its folder does not exist")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert pairs.read_text() == '{"prompt": "Hi.", "chosen": "Hello.", "rejected": "Go."}\n'
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("launch.chat", ["--model", "m", "--max_new_tokens", "abc"], "argument --max_new_tokens: invalid int value: 'abc'"),
+    ("launch.chat", [], "the following arguments are required: --model"),
+    ("launch.compare", ["--models", "a=m", "--prompts", "p.jsonl", "--samples", "x"],
+     "argument --samples: invalid int value: 'x'"),
+    ("launch.report", ["--runs", "a=r"], "the following arguments are required: --out")])
+def test_the_launch_tools_refuse_a_bad_flag_in_one_line(capsys, module, argv, message):
+    """They printed argparse's usage block and `chat.py: error: ...` (two to five lines), unlike the steps."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message} (see --help)"]

@@ -184,6 +184,24 @@ def test_report_draws_health_panels_and_warnings(tmp_path):
     assert warnings == [(10, "likelihood_displacement")]
 
 
+@pytest.mark.parametrize("line,message", [
+    ('{"loss": 1.0}', "2: field 'step': missing or not a number: every metrics record names its step"),
+    ('[1, 2]', "2: expected a JSON object (one metrics record), got a list"),
+    ('{"step": 3, "split": "warning"}', "2: field 'warning': missing in a warning record")])
+def test_report_names_the_line_of_a_metrics_record_it_cannot_draw(tmp_path, capsys, line, message):
+    """A metrics.jsonl row without a step (or not an object) was a KeyError/AttributeError traceback."""
+    from launch.report import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + line + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--runs", f"a={run}", "--out", str(tmp_path / "r.png")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {run}/metrics.jsonl:{message}"]
+    assert not (tmp_path / "r.png").exists()
+
+
 def test_monitors_carry_their_state_across_a_resume():
     """The warnings' baseline and what already fired travel in the checkpoint's client state: a resumed
     PPO run compared with its own first step (so drift before the stop went unseen) and warned again."""

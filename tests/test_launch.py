@@ -82,6 +82,20 @@ def test_bad_size_is_refused():
     assert p.returncode != 0 and "unknown MODEL_SIZE '3b'" in p.stderr
 
 
+@pytest.mark.parametrize("env,message", [
+    ({"NGPUS": "abc"}, "NGPUS must be a whole number >= 1, got 'abc'"),  # was "line 74: abc: unbound variable"
+    ({"NGPUS": "0"}, "NGPUS must be a whole number >= 1, got '0'"),  # was `deepspeed --num_gpus 0`, ZeRO-3 offload
+    ({"NUM_NODES": "two"}, "NUM_NODES must be a whole number >= 1, got 'two'"),  # ran on one node, exit 0
+    ({"GPU_MEM_GB": "80GB"}, "GPU_MEM_GB must be a number > 0 (GB per GPU), got '80GB'"),  # chose ZeRO-3 + offload
+    ({"OFFLOAD": "yes"}, "OFFLOAD must be 0 or 1, got 'yes'")])  # was offload off, said "offload=yes"
+def test_bad_launcher_numbers_are_refused_in_one_line(env, message):
+    e = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "NGPUS", "ZERO_STAGE", "OFFLOAD", "NUM_NODES")}
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], capture_output=True, text=True,
+                       env=dict(e, DRY_RUN="1", MODEL="m", DATA="d.jsonl", **{"NGPUS": "2", **env}))
+    assert (p.returncode, p.stderr.strip().splitlines()) == (2, [f"error: {message}"])
+    assert dry_run("sft", NGPUS="2", GPU_MEM_GB="40.5", OFFLOAD="1")[0].endswith("offload=1")
+
+
 def test_multi_node_without_ssh(tmp_path):
     """NUM_NODES / NODE_RANK / MASTER_ADDR: one `deepspeed --no_ssh` per node, over a generated hostfile."""
     header, cmd = dry_run("sft", MODEL_SIZE="7b", NGPUS="8", NUM_NODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1",

@@ -101,7 +101,8 @@ def test_rule4_rollout_forwards_of_left_padded_gpt2_batches_match_unpadded_forwa
     rows, b = _left_padded_rollout(gpt2.tok)
     assert len(set(b["attention_mask"][:, 0].tolist())) > 1  # some rows are padded on the left
     models = types.SimpleNamespace(actor=PlainEngine(gpt2.actor), ref=PlainEngine(gpt2.ref),
-                                   critic=PlainEngine(gpt2.critic), reward=PlainEngine(gpt2.reward))
+                                   critic=PlainEngine(gpt2.critic), reward=PlainEngine(gpt2.reward),
+                                   reward_encoder=None)
     out = experience(models, dict(b), T)
     with torch.no_grad():
         # The test can see the rule: without position ids this family's padded forward differs.
@@ -131,7 +132,8 @@ def test_experience_forwards_by_length_give_the_whole_rollouts_numbers(gpt2, mon
     lengths = b["action_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # answers of several lengths: the chunks are cut differently
     models = types.SimpleNamespace(actor=PlainEngine(gpt2.actor), ref=PlainEngine(gpt2.ref),
-                                   critic=PlainEngine(gpt2.critic), reward=PlainEngine(gpt2.reward))
+                                   critic=PlainEngine(gpt2.critic), reward=PlainEngine(gpt2.reward),
+                                   reward_encoder=None)
     whole = rollout.experience(models, dict(b), 0.7)
     calls = []  # sub-batches of 2 rows instead of EXPERIENCE_ROWS
     real = rollout.length_chunks
@@ -572,7 +574,7 @@ def test_rule10_generation_logit_reuse_is_one_decision_for_every_rank(gpt2, monk
         b["gen_logits"] = rollout.answer_logits(actor, b, 1.0)  # this rank's generation logits are exact
     gathered = []
     monkeypatch.setattr(ds, "all_gather_objects", lambda obj: (gathered.append(obj), [obj, 1.0])[1])  # rank 1 not
-    models = types.SimpleNamespace(actor=actor, ref=None, critic=None, reward=None)
+    models = types.SimpleNamespace(actor=actor, ref=None, critic=None, reward=None, reward_encoder=None)
     rollout.experience(models, b, 1.0)
     assert gathered and gathered[0] < rollout.REUSE_TOLERANCE
     assert actor._gen_logits_off is True

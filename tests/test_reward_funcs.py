@@ -92,6 +92,18 @@ def test_a_file_that_fails_to_load_is_reported(tmp_path):
         load_reward_funcs([f"{f}:f"], [])
 
 
+@pytest.mark.parametrize("tail,code", [("sys.exit(main())\n", "0"), ("args = argparse.ArgumentParser().parse_args()\n", "2")])
+def test_a_file_that_exits_while_loading_is_reported(tmp_path, tail, code):
+    """A file that is also a script (sys.exit(main()) or argparse at its top level) ended step 3 while
+    loading: exit 0 having trained nothing, or argparse's usage of the other program, exit 2."""
+    f = tmp_path / "scorer.py"
+    f.write_text("import argparse, sys\n\ndef f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n\n"
+                 "def main():\n    return 0\n\n" + tail)
+    with pytest.raises(UserError, match=rf"^--reward_funcs {f}:f: loading '{f}' called sys.exit\({code}\) \(its top "
+                                        r"level runs as a script"):
+        load_reward_funcs([f"{f}:f"], [])
+
+
 # ----------------------------------------------------------------------------- calling, and failing
 
 def rf(fn, name="f"):

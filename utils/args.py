@@ -243,7 +243,7 @@ def other_name_hint(name: str, known: set[str]) -> str:
     return f"; did you mean --{close[0]}?" if close else ""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse's own errors (an unknown flag, a bad choice or number) as one line: error: ... (exit 2).
     No abbreviations: `--lr 3e-5` was read as `--lr_scheduler_type 3e-5`. A negative number in exponent
     notation (`--learning_rate -1e-5`) is a value, as -0.5 is, so its range check can name it (argparse
@@ -268,6 +268,8 @@ class _ListOnce(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         seen = getattr(namespace, "_lists_given", set())
         if self.dest in seen and not os.environ.get("RLHF_CALLER_CWD"):
+            if self.nargs is None:  # --config: the first file was dropped without a word
+                raise UserError(f"{option_string} is given twice; give one {option_string} file")
             raise UserError(f"{option_string} is given twice; give every value after one {option_string} "
                             f"({option_string} A B)")
         # Under launch/run.sh a flag after STEP replaces the one the launcher built from DATA, REWARD_FUNCS...
@@ -277,8 +279,8 @@ class _ListOnce(argparse.Action):
 
 
 def build_parser(groups, description: str) -> argparse.ArgumentParser:
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML or JSON file with the same keys; flags win")
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, action=_ListOnce, help="YAML or JSON file with the same keys; flags win")
     specs = specs_of(groups)
     for g in groups:
         ag = p.add_argument_group(g.__name__)
@@ -295,6 +297,42 @@ def build_parser(groups, description: str) -> argparse.ArgumentParser:
     return p
 
 
+class _DuplicateKey(ValueError):
+    """A key given twice in one mapping of a --config file (YAML and JSON kept the last one silently)."""
+
+    def __init__(self, key, line: int | None = None):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+def _unique_pairs(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _yaml_unique_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
 def _read_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"--config file '{path}' does not exist")
@@ -303,15 +341,20 @@ def _read_config(path: str) -> dict:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--config file '{path}' cannot be read: {' '.join(str(e).split())}") from None
+    is_yaml = path.lower().endswith((".yaml", ".yml"))  # config.YAML is YAML too
     try:
-        if path.endswith((".yaml", ".yml")):
+        if is_yaml:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_unique_loader())
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as e:
+        where = f" (line {e.line})" if e.line else ""
+        raise UserError(f"--config file '{path}': key '{e.key}' is given twice{where}; give each key once") from None
     except Exception as e:  # yaml and json raise different types; both are the user's syntax error
-        raise UserError(f"--config file '{path}' cannot be parsed: {' '.join(str(e).split())}") from None
+        how = "" if is_yaml or path.lower().endswith(".json") else " as JSON (its name ends in neither .yaml, .yml nor .json)"
+        raise UserError(f"--config file '{path}' cannot be parsed{how}: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"--config file '{path}' must hold a mapping of argument names to values")
     return data
@@ -329,6 +372,8 @@ def config_value(sp: Spec, value):
         items = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in items]
         if not all(isinstance(v, str) for v in items):
             raise ValueError(f"expected a string or a list of strings, got {value!r}")
+        if sp.nargs == "+" and not items:  # the command line refuses an empty --synthetic_negative_kinds too
+            raise ValueError("expected at least one value, got an empty list")
         bad = [v for v in items if sp.choices is not None and v not in sp.choices]
         if bad:
             raise ValueError(f"{bad[0]!r} is not one of {', '.join(map(str, sp.choices))}")
@@ -430,6 +475,31 @@ def check_not_an_input(ns) -> None:
                                 "another directory")
 
 
+def check_not_dropped(ns, parser) -> None:
+    """A flag moved off its default that another setting of the same command turns off was dropped without a
+    word (--lora_alpha without LoRA, --tensorboard_path without --enable_tensorboard, ...): refuse it, naming
+    both, before anything is loaded."""
+    def given(name):
+        return hasattr(ns, name) and getattr(ns, name) != parser.get_default(name)
+
+    if given("tensorboard_path") and not ns.enable_tensorboard:
+        raise UserError("--tensorboard_path is used with --enable_tensorboard only: add --enable_tensorboard or drop "
+                        "--tensorboard_path")
+    dims = [d for d in ("lora_dim", "actor_lora_dim", "critic_lora_dim") if hasattr(ns, d)]
+    if dims and not any(getattr(ns, d) for d in dims):
+        # (step 3 names its own --only_optimize_lora error: models.check_args)
+        for name in ("lora_alpha", "lora_module_name") + (("only_optimize_lora",) if dims == ["lora_dim"] else ()):
+            if given(name):
+                raise UserError(f"--{name} applies to LoRA adapters, and LoRA is off (--{dims[0]} 0): give --{dims[0]} "
+                                f"> 0 or drop --{name}")
+    if given("eval_fraction") and getattr(ns, "eval_data_path", None):
+        raise UserError("--eval_fraction holds out part of --data_path only when no --eval_data_path is given; drop "
+                        "one of them")
+    if given("synthetic_negative_kinds") and not ns.synthetic_negatives:
+        raise UserError("--synthetic_negative_kinds chooses the corruptions of --synthetic_negatives, which is 0: give "
+                        "--synthetic_negatives > 0 or drop --synthetic_negative_kinds")
+
+
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,
           helps: dict | None = None, limits: dict | None = None) -> argparse.Namespace:
     """`defaults`/`helps`/`limits` let a step give a shared flag its own default, help text and range
@@ -448,6 +518,8 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
             sp = specs[action.dest]
             action.help = helps[action.dest] + (f" ({describe_limits(sp.limits)})" if sp.limits else "")
     pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None and not pre.config.strip():  # `--config "$CFG"` with CFG unset ran on the defaults
+        raise UserError("--config is given an empty file name")
     if pre.config and pre.config.startswith("~"):
         pre.config = os.path.expanduser(pre.config)
     if pre.config:
@@ -474,6 +546,7 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
         value = getattr(ns, sp.name)
         if not within(value, sp.limits):
             raise UserError(f"--{sp.name} must be {_rule(sp.limits, value)}, got {value}")
+    check_not_dropped(ns, parser)
     check_output_dir(getattr(ns, "output_dir", None))
     if getattr(ns, "enable_tensorboard", False):
         check_output_dir(getattr(ns, "tensorboard_path", None), "--tensorboard_path")

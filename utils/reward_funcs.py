@@ -142,6 +142,9 @@ def _load_module(spec: str, target: str):
         sys.path.insert(0, os.path.dirname(path))  # its own helpers import as from a script
         try:
             mod_spec.loader.exec_module(module)
+        except SystemExit as e:  # a script's sys.exit() or argparse at import: step 3 exited with its code
+            raise UserError(f"--reward_funcs {spec}: loading '{target}' called sys.exit({e.code!r}) (its top level "
+                            "runs as a script: put that under `if __name__ == \"__main__\":`)") from None
         except Exception as e:  # the user's file: any error is theirs to fix, reported in one line
             raise UserError(f"--reward_funcs {spec}: loading '{target}' raised {type(e).__name__}: {e}") from None
         finally:
@@ -149,6 +152,9 @@ def _load_module(spec: str, target: str):
         return module
     try:
         return importlib.import_module(target)
+    except SystemExit as e:
+        raise UserError(f"--reward_funcs {spec}: importing '{target}' called sys.exit({e.code!r}) (its top level "
+                        "runs as a script: put that under `if __name__ == \"__main__\":`)") from None
     except Exception as e:  # ImportError, or whatever the module raises while importing
         raise UserError(f"--reward_funcs {spec}: cannot import module '{target}' ({type(e).__name__}: {e}); "
                         "give FILE.py:NAME or package.module:NAME") from None
