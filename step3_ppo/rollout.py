@@ -222,8 +222,9 @@ def text_scores(models, tokenizer, b: dict, items: list[PromptItem]) -> torch.Te
     enc = models.reward_encoder
     seqs = [reply_ids(enc, it.messages, text.strip(), bool(ended), models.reward_limit)
             for it, text, ended in zip(items, texts, b["has_eos"].tolist())]
-    scores = score_ids(models.reward, seqs, enc.pad_id, EXPERIENCE_ROWS)
-    return torch.tensor(scores, dtype=torch.float32, device=b["answers"].device)
+    device = b["answers"].device
+    return torch.tensor(score_ids(models.reward, seqs, enc.pad_id, EXPERIENCE_ROWS, device=device),
+                        dtype=torch.float32, device=device)
 
 
 def completions(tokenizer, b: dict) -> tuple[list[str], list[list[int]]]:

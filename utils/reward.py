@@ -196,10 +196,12 @@ def load_reward_model(path: str, *, pad_id: int, dtype: str = "fp32", trust_remo
 
 
 @torch.no_grad()
-def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, fp32: bool = True) -> list[float]:
-    """Rewards of already-encoded sequences (each prompt + response + EOS), scored in right-padded batches.
-    The number of forwards depends only on len(seqs) (ZeRO-3 forwards are collective)."""
-    device = next(model.parameters()).device
+def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, fp32: bool = True,
+              device=None) -> list[float]:
+    """Rewards of already-encoded sequences (each prompt + response + EOS), scored in right-padded batches
+    on `device` (default: the model's first parameter's; a ZeRO-3 engine whose parameters are offloaded
+    gives the rollout's). The number of forwards depends only on len(seqs) (ZeRO-3 forwards are collective)."""
+    device = device if device is not None else next(model.parameters()).device
     out = []
     for start in range(0, len(seqs), batch_size):
         batch = pad_batch(seqs[start:start + batch_size], None, pad_id)
