@@ -65,15 +65,30 @@ def final_score(args, algo, b: dict, reward_norm: RunningMoments) -> torch.Tenso
     return score
 
 
-def sequence_advantages(algo, reward: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """grpo / dr_grpo / rloo: one advantage per answer [B] from its reward [B] and group ids [B], with
-    the group-std scaling of --scale_rewards group (batch scaling needs every rank: build_buffer)."""
+def sequence_advantages(algo, score: torch.Tensor, kl: torch.Tensor, kl_coef: float, groups: torch.Tensor,
+                        batch_std: float | None = None) -> torch.Tensor:
+    """grpo / dr_grpo / rloo: one advantage per answer [B] from its score [B], its summed KL [B] and group
+    ids [B]: the score less the group's baseline, divided by the group's score std with --scale_rewards
+    group, minus kl_coef x the KL less the group's baseline (--kl_in reward; kl_coef 0 otherwise).
+
+    The KL part is never divided by a std. The reward being score - kl_coef x KL, dividing the whole of it
+    by its group std turned a group of equal scores (no signal: every answer right, or every one wrong)
+    into advantages of size 1 from its answers' KL alone, whatever kl_coef, so kl_coef no longer set the
+    KL's weight. --scale_rewards batch divides the score part by `batch_std`, the scores' std over every
+    rank's answers, in the same way."""
+    adv = score_advantages(algo, score, groups, algo.scale == "group")
+    if batch_std is not None:
+        adv = adv / (batch_std + GROUP_EPS)
+    return adv - kl_coef * score_advantages(algo, kl, groups, False) if kl_coef else adv
+
+
+def score_advantages(algo, values: torch.Tensor, groups: torch.Tensor, scale_by_std: bool) -> torch.Tensor:
+    """values [B] less their group's baseline (rloo: the mean of the other answers; else the group mean),
+    divided by the group's std of `values` when scale_by_std (a group of equal values: exactly 0)."""
     if algo.estimator == "rloo":
-        adv = rloo_advantages(reward, groups)
-        if algo.scale == "group":
-            adv = adv / (group_stats(reward, groups)["std"] + GROUP_EPS)
-        return adv
-    return grpo_advantages(reward, groups, scale_by_std=algo.scale == "group", eps=GROUP_EPS)
+        adv = rloo_advantages(values, groups)
+        return adv / (group_stats(values, groups)["std"] + GROUP_EPS) if scale_by_std else adv
+    return grpo_advantages(values, groups, scale_by_std=scale_by_std, eps=GROUP_EPS)
 
 
 def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: RunningMoments):
@@ -102,8 +117,8 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
         elif algo.estimator in ("reinforce_pp", "reinforce_pp_baseline"):
             b["advantages"] = discounted_returns(rewards, mask, args.gamma)
         else:
-            b["seq_reward"] = rewards.sum(-1)  # score - kl_coef * sum_t KL_t: the answer's whole reward
-            b["advantages"] = sequence_advantages(algo, b["seq_reward"], b["groups"])[:, None] * mask
+            b["seq_score"], b["seq_kl"] = score, kl.sum(-1)
+            b["advantages"] = sequence_advantages(algo, score, b["seq_kl"], reward_kl_coef, b["groups"])[:, None] * mask
         adv = b["advantages"] * mask
         lengths = mask.sum(-1)
         for k, v in (("samples", mask.shape[0]), ("reward", b["score"].sum()), ("return", objective),
@@ -114,9 +129,9 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
         for name, values in b.get("func_rewards", {}).items():
             local[f"func_sum/{name}"] += sum(v for v in values if v is not None)
             local[f"func_n/{name}"] += sum(v is not None for v in values)
-        if "seq_reward" in b:
-            local["seq_sum"] += float(b["seq_reward"].sum())
-            local["seq_sq"] += float(b["seq_reward"].square().sum())
+        if "seq_kl" in b:  # the scores' batch std (--scale_rewards batch)
+            local["seq_sum"] += float(score.sum())
+            local["seq_sq"] += float(score.square().sum())
         if algo.k > 1:  # group statistics of the score (before any KL penalty): is there a signal to learn?
             st = group_stats(score, b["groups"])
             first = torch.arange(score.numel(), device=score.device) % algo.k == 0
@@ -134,7 +149,8 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
             b["advantages"] = whiten_from_sums(b["advantages"], b["action_mask"], g["tokens"], g["adv_sum"],
                                                g["adv_sq"])
         elif batch_std is not None:
-            b["advantages"] = b["advantages"] / (batch_std + GROUP_EPS)
+            b["advantages"] = sequence_advantages(algo, b["seq_score"], b["seq_kl"], reward_kl_coef, b["groups"],
+                                                  batch_std)[:, None] * b["action_mask"]
         fields = ["logp", "advantages"] + (["values", "returns"] if algo.critic else [])
         if algo.kl_in == "loss" and algo.reference:
             fields.append("ref_logp")

@@ -198,24 +198,28 @@ def _reference(args, algo, rollouts):
         by_group.setdefault(gk, []).append(s)
     out = []
     if algo.estimator in ("grpo", "dr_grpo", "rloo"):
-        seq = [s - c * sum(kl) for s, kl, _, _ in answers]
-        groups = {}
-        for r, (_, _, gk, _) in zip(seq, answers):
-            groups.setdefault(gk, []).append(r)
-        mean_all = sum(seq) / len(seq)
-        batch_std = math.sqrt(sum((r - mean_all) ** 2 for r in seq) / (len(seq) - 1))
-        for r, (_, _, gk, n) in zip(seq, answers):
-            mem = groups[gk]
-            m = sum(mem) / len(mem)
-            std = math.sqrt(sum((x - m) ** 2 for x in mem) / (len(mem) - 1))
-            a = r - (sum(mem) - r) / (len(mem) - 1) if algo.estimator == "rloo" else r - m
-            if max(mem) == min(mem):
-                a = 0.0
+        # The score less its group baseline, divided by the scores' std (group or batch), minus kl_coef x the
+        # summed KL less its group baseline (never divided).
+        scores = [s for s, _, _, _ in answers]
+        mean_all = sum(scores) / len(scores)
+        batch_std = math.sqrt(sum((x - mean_all) ** 2 for x in scores) / (len(scores) - 1))
+        members = {}
+        for s, kl, gk, _ in answers:
+            members.setdefault(gk, []).append((s, sum(kl)))
+
+        def less_baseline(x, mem):
+            return x - (sum(mem) - x) / (len(mem) - 1) if algo.estimator == "rloo" else x - sum(mem) / len(mem)
+
+        for s, kl, gk, n in answers:
+            mem_s, mem_k = [m[0] for m in members[gk]], [m[1] for m in members[gk]]
+            m = sum(mem_s) / len(mem_s)
+            std = math.sqrt(sum((x - m) ** 2 for x in mem_s) / (len(mem_s) - 1))
+            a = 0.0 if max(mem_s) == min(mem_s) else less_baseline(s, mem_s)
             if algo.scale == "group":
                 a = a / (std + EPS)
             elif algo.scale == "batch":
                 a = a / (batch_std + EPS)
-            out.append([a] * n)
+            out.append([a - c * less_baseline(sum(kl), mem_k)] * n)
         return out
     # reinforce_pp(_baseline): token rewards, discounted returns, whitening over every token
     returns = []
@@ -251,6 +255,38 @@ def test_buffer_advantages_match_loops_with_garbage_under_the_mask(estimator, fl
     assert stats["response_length_max"] == 5 and stats["clipped_rate"] == pytest.approx(
         1 - sum(float(b["has_eos"].sum()) for b in rollouts) / 16)
     assert ("ref_logp" in rows[0]) == (algo.kl_in == "loss")
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_a_group_of_equal_scores_gets_only_the_kl_penalty_at_its_own_scale(estimator):
+    """--kl_in reward with the group std: four equal scores and per-token KLs of 0.10 to 0.16 nats. The KL
+    part is kl_coef x its own differences (a few hundredths), not divided by the group's std, which made
+    it +-1.16 whatever kl_coef; a group with different scores keeps its unit-scale score advantages."""
+    flags = ["--scale_rewards", "group"] if estimator == "rloo" else []
+    args, algo = _algo_args(estimator, *flags, k=4)
+    B, T = 8, 5
+    mask = torch.ones(B, T, dtype=torch.long)
+    kl = torch.tensor([0.10, 0.12, 0.14, 0.16] * 2)
+    b = {"action_mask": mask, "logp": torch.zeros(B, T), "ref_logp": -kl[:, None].expand(B, T).clone(),
+         "entropy": torch.zeros(B, T), "score": torch.tensor([1.0] * 4 + [0.0, 1.0, 0.0, 1.0]),
+         "has_eos": torch.ones(B, dtype=torch.bool), "groups": torch.arange(B) // 4,
+         "seq": torch.zeros(B, 3 + T, dtype=torch.long), "answers": torch.zeros(B, T, dtype=torch.long),
+         "attention_mask": torch.ones(B, 3 + T, dtype=torch.long), "prompt_width": 3}
+    rows, stats, _ = build_buffer(args, algo, [b], 0.1, RunningMoments())
+    adv = torch.stack([r["advantages"][0] for r in rows])
+    summed = kl * T
+    for g in (slice(0, 4), slice(4, 8)):
+        base = summed[g] - (summed[g].sum() - summed[g]) / 3 if estimator == "rloo" else summed[g] - summed[g].mean()
+        kl_part = -0.1 * base
+        score = b["score"][g]
+        if g.start == 0:
+            assert adv[g].tolist() == pytest.approx(kl_part.tolist(), abs=1e-6)
+            assert adv[g].abs().max() < 0.05
+        else:
+            s_base = score - (score.sum() - score) / 3 if estimator == "rloo" else score - score.mean()
+            want = s_base / (score.std() + EPS) + kl_part
+            assert adv[g].tolist() == pytest.approx(want.tolist(), abs=1e-5)
+    assert stats["groups_all_equal"] == 0.5
 
 
 def test_buffer_with_one_group_of_equal_rewards_is_all_zero():
