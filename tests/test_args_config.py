@@ -139,14 +139,14 @@ def test_config_values_get_the_flags_types(tmp_path):
 
 
 def test_a_comma_separated_flag_takes_a_yaml_list(tmp_path):
-    cfg = write_config(tmp_path, "lora_module_name: [query_key_value, dense]\n")
+    cfg = write_config(tmp_path, "lora_dim: 8\nlora_module_name: [query_key_value, dense]\n")
     assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg]).lora_module_name == "query_key_value,dense"
-    cfg = write_config(tmp_path, "lora_module_name: q_proj,v_proj\n", "d.yaml")
+    cfg = write_config(tmp_path, "lora_dim: 8\nlora_module_name: q_proj,v_proj\n", "d.yaml")
     assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg]).lora_module_name == "q_proj,v_proj"
     # step 3 copies the shared field (step3_ppo/config.py: only): the list form its help promises too
     from step3_ppo.main import parse_args
 
-    cfg = write_config(tmp_path, "lora_module_name: [q_proj, v_proj]\n", "p.yaml")
+    cfg = write_config(tmp_path, "actor_lora_dim: 8\nlora_module_name: [q_proj, v_proj]\n", "p.yaml")
     ns = parse_args(["--config", cfg, "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
                      "--data_path", "p.jsonl", "--output_dir", "o"])
     assert ns.lora_module_name == "q_proj,v_proj"
@@ -439,6 +439,10 @@ def test_a_flag_the_rest_of_the_command_turns_off_is_refused(tmp_path):
         dpo_args(BASE + ["--synthetic_negative_kinds", "swap"])  # DPO's --synthetic_negatives is 0 by default
     with pytest.raises(UserError, match="^--synthetic_negative_kinds chooses"):
         reward_args(BASE + ["--synthetic_negatives", "0", "--synthetic_negative_kinds", "swap"])
+    cfg = write_config(tmp_path, "lora_alpha: 64\n", "alpha.yaml")  # a config file's value is given too
+    with pytest.raises(UserError, match="^--lora_alpha applies to LoRA adapters"):
+        parse(SHARED_GROUPS, "t", BASE + ["--config", cfg])
+    assert parse(SHARED_GROUPS, "t", BASE + ["--config", cfg, "--lora_dim", "8"]).lora_alpha == 64
     assert parse(SHARED_GROUPS, "t", BASE + ["--lora_dim", "8", "--lora_alpha", "64", "--enable_tensorboard",
                                              "--tensorboard_path", str(tmp_path / "tb")]).lora_alpha == 64
     assert dpo_args(BASE + ["--synthetic_negatives", "1", "--synthetic_negative_kinds", "swap"])

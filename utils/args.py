@@ -475,12 +475,12 @@ def check_not_an_input(ns) -> None:
                                 "another directory")
 
 
-def check_not_dropped(ns, parser) -> None:
-    """A flag moved off its default that another setting of the same command turns off was dropped without a
-    word (--lora_alpha without LoRA, --tensorboard_path without --enable_tensorboard, ...): refuse it, naming
-    both, before anything is loaded."""
+def check_not_dropped(ns, defaults: dict) -> None:
+    """A flag moved off its default (on the command line or in a --config file) that another setting of the
+    same command turns off was dropped without a word (--lora_alpha without LoRA, --tensorboard_path without
+    --enable_tensorboard, ...): refuse it, naming both, before anything is loaded."""
     def given(name):
-        return hasattr(ns, name) and getattr(ns, name) != parser.get_default(name)
+        return hasattr(ns, name) and getattr(ns, name) != defaults.get(name)
 
     if given("tensorboard_path") and not ns.enable_tensorboard:
         raise UserError("--tensorboard_path is used with --enable_tensorboard only: add --enable_tensorboard or drop "
@@ -517,6 +517,7 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
         if helps and action.dest in helps:
             sp = specs[action.dest]
             action.help = helps[action.dest] + (f" ({describe_limits(sp.limits)})" if sp.limits else "")
+    step_defaults = {name: parser.get_default(name) for name in specs}  # before a --config file's values
     pre, _ = parser.parse_known_args(argv)
     if pre.config is not None and not pre.config.strip():  # `--config "$CFG"` with CFG unset ran on the defaults
         raise UserError("--config is given an empty file name")
@@ -546,7 +547,7 @@ def parse(groups, description: str, argv=None, required=("output_dir",), default
         value = getattr(ns, sp.name)
         if not within(value, sp.limits):
             raise UserError(f"--{sp.name} must be {_rule(sp.limits, value)}, got {value}")
-    check_not_dropped(ns, parser)
+    check_not_dropped(ns, step_defaults)
     check_output_dir(getattr(ns, "output_dir", None))
     if getattr(ns, "enable_tensorboard", False):
         check_output_dir(getattr(ns, "tensorboard_path", None), "--tensorboard_path")
