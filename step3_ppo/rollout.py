@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 from step3_ppo.models import generation_mode
 from utils import ds
 from utils.encoding import pad_batch, position_ids_from_mask
+from utils.errors import UserError, at_record
 from utils.generation import only_our_settings
 from utils.reward import reply_ids, score_ids, sequence_rewards, token_scores
 from utils.reward_funcs import as_trl_inputs, score_with_funcs
@@ -220,8 +221,12 @@ def text_scores(models, tokenizer, b: dict, items: list[PromptItem]) -> torch.Te
     its reply-end token, or at the last token of an answer cut at the length limit."""
     texts, _ = completions(tokenizer, b)
     enc = models.reward_encoder
-    seqs = [reply_ids(enc, it.messages, text.strip(), bool(ended), models.reward_limit)
-            for it, text, ended in zip(items, texts, b["has_eos"].tolist())]
+    seqs = []
+    for it, text, ended in zip(items, texts, b["has_eos"].tolist()):
+        try:
+            seqs.append(reply_ids(enc, it.messages, text.strip(), bool(ended), models.reward_limit))
+        except UserError as e:  # a template that refuses some answers: name the reward model, row and answer
+            raise at_record(it.where, UserError(f"--reward_model_name_or_path: {e}; answer {text.strip()!r}")) from None
     device = b["answers"].device
     return torch.tensor(score_ids(models.reward, seqs, enc.pad_id, EXPERIENCE_ROWS, device=device),
                         dtype=torch.float32, device=device)

@@ -126,6 +126,29 @@ def test_ppo_raises_reward_and_the_saved_actor_answers_warmly(sft_and_rm, tmp_pa
     assert args["step"] == "ppo" and args["template"] == "hh" and args["reward_model_name_or_path"] == rm
 
 
+@pytest.mark.slow  # the unit test in test_ppo_units.py checks the scores themselves in every CI run
+def test_ppo_with_a_reward_model_of_another_family_raises_reward_and_answers_warmly(sft_and_rm, tiny_dir, tmp_path):
+    """A Qwen2 reward model (its own tokenizer, ChatML template), trained by step 2 from its random tiny base,
+    scores the Llama actor's answers as text; the critic is the SFT model with a new value head. About 65 s."""
+    sft, _ = sft_and_rm
+    rm, out = str(tmp_path / "rm-qwen2"), str(tmp_path / "ppo-qwen2-rm")
+    run_deepspeed("step2_reward/main.py", ["--model_name_or_path", tiny_dir("qwen2"), "--data_path",
+                                           os.path.join(DATA, "preference.jsonl"), "--output_dir", rm,
+                                           "--learning_rate", "3e-3", "--num_train_epochs", "5",
+                                           "--per_device_train_batch_size", "8", "--log_interval", "1000"])
+    p = run_deepspeed("step3_ppo/main.py", ["--actor_model_name_or_path", sft, "--critic_model_name_or_path", sft,
+                                            "--reward_model_name_or_path", rm, "--output_dir", out, *PPO_ARGS,
+                                            "--max_steps", "20", "--print_answers_interval", "0",
+                                            "--critic_warmup_steps", "0"])
+    assert "has a tokenizer of its own: it scores every answer as text" in p.stdout + p.stderr
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    first, last = quarters(train, "reward")
+    assert last > first + 2.0, (first, last)  # measured -0.55 -> 3.29 (the RM: about -11 cold .. +8 warm)
+    before, after = greedy_answers(sft), greedy_answers(os.path.join(out, "actor"))
+    assert share(after, WARM) >= 0.8 and share(after, WARM) > share(before, WARM) + 0.15, (before, after)
+    assert share(after, COLD) < share(before, COLD)
+
+
 def with_dropout(model_dir: str, out: str) -> str:
     """A copy of a llama directory whose config asks for attention dropout 0.1."""
     import shutil

@@ -101,6 +101,10 @@ class Encoder:
                 return found.group(0)
         return None
 
+    def without_special_text(self, text: str) -> str:
+        """`text` with every special token's text (`special_text`) removed."""
+        return self._special_text.sub("", text) if self._special_text is not None else text
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -223,8 +223,18 @@ def cut_left(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
 def reply_ids(encoder, prompt, answer: str, ended: bool = True, limit: int | None = None) -> list[int]:
     """A (prompt, answer text) as `encoder` (a reward model's own tokenizer and template) reads it: ending
     at the reply-end token where the answer ended, the token step 2 trained the score at; at the answer's
-    last token where it was cut at the length limit, as for answers scored from the actor's own ids."""
-    ids = encoder.encode_reply(tuple(prompt), ({"role": "assistant", "content": answer},))[0]
+    last token where it was cut at the length limit, as for answers scored from the actor's own ids.
+    Text in the answer that this tokenizer reads as one of its special tokens (an actor of another family
+    can spell ChatML's `<|im_end|>` in plain pieces) is removed first: read as the turn end, it would end
+    the reply there and hide everything after it from the score."""
+    answer = encoder.without_special_text(answer)
+    try:
+        ids = encoder.encode_reply(tuple(prompt), ({"role": "assistant", "content": answer},))[0]
+    except UserError as e:  # the rendering's advice names --template, which chooses the actor's template, not this
+        reason = str(e).split(" (--template ")[0]
+        raise UserError(f"{reason} (the reward model's own template '{encoder.template}', from its args.json or "
+                        "tokenizer; --template does not change it: fix the record or use a reward model trained "
+                        "with another template)") from None
     if not ended and ids and ids[-1] == encoder.eos_id:
         ids = ids[:-1]
     return cut_left(ids, limit, encoder.bos_id) if limit else ids
