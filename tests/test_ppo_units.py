@@ -455,19 +455,25 @@ def test_a_critic_of_another_tokenizer_is_refused_naming_the_way_out(tiny_dir, t
         check_critic_tokenizer(tokenizer_of("llama"), tiny_dir("qwen2"), False)
 
 
+def _refusing_chatml(tiny_dir, tokenizer_of, condition: str, message: str) -> Encoder:
+    """A Qwen2 reward model's Encoder whose ChatML template raises `message` on a turn where `condition` holds."""
+    tok = tokenizer_of("qwen2")
+    enc = Encoder(tok, "chat", 0)
+    enc.tokenizer = type(tok).from_pretrained(tiny_dir("qwen2"))
+    enc.tokenizer.chat_template = ("{% for m in messages %}{% if " + condition + " %}"
+                                   "{{ raise_exception('" + message + "') }}{% endif %}"
+                                   "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return enc
+
+
 def test_a_prompt_the_reward_models_template_refuses_is_named_before_loading(tiny_dir, tokenizer_of):
     """A chat template that raises on a row (here: one that allows no system turn) stops the run at
     start-up with the row's file:line."""
     from step3_ppo.main import check_reward_prompts
     from step3_ppo.rollout import PromptItem
 
-    tok = tokenizer_of("qwen2")
-    strict = Encoder(tok, "chat", 0)
-    strict.tokenizer = type(tok).from_pretrained(tiny_dir("qwen2"))
-    strict.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                                      "{{ raise_exception('no system turns') }}{% endif %}"
-                                      "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    strict = _refusing_chatml(tiny_dir, tokenizer_of, "m['role'] == 'system'", "no system turns")
     ok = PromptItem([1], "Hi.", {}, "p.jsonl:1", None, user("Hi."))
     bad = PromptItem([1], "Hi.", {}, "p.jsonl:2", None, ({"role": "system", "content": "S."},) + user("Hi."))
     check_reward_prompts(strict, [ok], None)
@@ -483,13 +489,8 @@ def test_an_answer_the_reward_models_template_refuses_names_the_reward_model_row
                                                                                           tokenizer_of):
     from step3_ppo.rollout import PromptItem, text_scores
 
-    actor_tok, tok = tokenizer_of("llama"), tokenizer_of("qwen2")
-    strict = Encoder(tok, "chat", 0)
-    strict.tokenizer = type(tok).from_pretrained(tiny_dir("qwen2"))
-    strict.tokenizer.chat_template = ("{% for m in messages %}{% if 'dull' in m['content'] %}"
-                                      "{{ raise_exception('no dull words') }}{% endif %}"
-                                      "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    actor_tok = tokenizer_of("llama")
+    strict = _refusing_chatml(tiny_dir, tokenizer_of, "'dull' in m['content']", "no dull words")
     row = actor_tok(" The cat is dull.", add_special_tokens=False)["input_ids"] + [actor_tok.eos_token_id]
     b = {"answers": torch.tensor([row]), "action_mask": torch.ones(1, len(row), dtype=torch.long),
          "has_eos": torch.tensor([True])}
