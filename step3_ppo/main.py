@@ -115,8 +115,7 @@ def check_reward_prompts(enc: Encoder, items: list[PromptItem], limit: int | Non
     """Render every prompt as the text-reading reward model will (with an empty answer), so a template of
     its that refuses a row stops the run before any model is loaded, naming the row."""
     for it in items:
-        special = next((m["content"] for m in it.messages if enc.without_special_text(m["content"]) != m["content"]),
-                       None)
+        special = enc.special_text_in(m["content"] for m in it.messages)
         if special is not None:  # its tokenizer would read that text as its special tokens (a turn end)
             raise UserError(f"{it.where}: --reward_model_name_or_path: the prompt holds text its tokenizer reads as "
                             f"a special token ({special!r}); step 2 drops such rows, fix or remove the row")

@@ -107,15 +107,10 @@ CRITIC_ONLY = ("critic_learning_rate", "critic_weight_decay", "critic_zero_stage
 
 
 def check_not_dropped(args, algo: Algorithm) -> None:
-    """Step 3's flags that the rest of the command turns off, given away from their defaults, were dropped without a
-    word (--ema_beta without --enable_ema, --critic_learning_rate under GRPO, ...): refuse them, naming both."""
+    """Step 3's flags that the rest of the command turns off (--ema_beta without --enable_ema,
+    --critic_learning_rate under GRPO, ...), refused as the shared ones are (utils.args.refuse_unused)."""
     from step3_ppo.config import GROUPS
-    from utils.args import specs_of
-
-    defaults = {name: sp.default for name, sp in specs_of(GROUPS).items()}
-
-    def given(name):
-        return getattr(args, name) != defaults[name]
+    from utils.args import refuse_unused, specs_of
 
     rules = [("ema_beta", not args.enable_ema, "--enable_ema is off"),
              ("unsup_coef", not args.unsup_data_path, "no --unsup_data_path is given"),
@@ -129,9 +124,8 @@ def check_not_dropped(args, algo: Algorithm) -> None:
                                                              "--anchor_coef 0)"),
              ("offload_reward_model", algo.reward_model is None, "no reward model is loaded (--reward_funcs only)")]
     rules += [(name, not algo.critic, f"--advantage_estimator {algo.estimator} trains no critic") for name in CRITIC_ONLY]
-    for name, off, why in rules:
-        if off and given(name):
-            raise UserError(f"--{name} is not used: {why}; drop --{name}")
+    refuse_unused(args, {name: sp.default for name, sp in specs_of(GROUPS).items()},
+                  [(name, off, f"--{name} is not used: {why}; drop --{name}") for name, off, why in rules])
 
 
 def _causal(args, cfg: dict, dtype: str) -> nn.Module:

@@ -333,7 +333,7 @@ def score_rollout(models, funcs, tokenizer, b: dict, items: list, max_len: int) 
     keeping each function's values for the metrics. A reward function that fails on one rank stops
     every rank with its message (the others would otherwise die in their next collective). A reward model
     that reads text (its own tokenizer or template) adds its scores here too."""
-    if models.reward is not None and not reads_actor_ids(models):
+    if models.reward_encoder is not None:
         b["score"] = b["score"] + text_scores(models, tokenizer, b, items)
     if not funcs:
         return

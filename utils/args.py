@@ -475,29 +475,34 @@ def check_not_an_input(ns) -> None:
                                 "another directory")
 
 
-def check_not_dropped(ns, defaults: dict) -> None:
-    """A flag moved off its default (on the command line or in a --config file) that another setting of the
-    same command turns off was dropped without a word (--lora_alpha without LoRA, --tensorboard_path without
-    --enable_tensorboard, ...): refuse it, naming both, before anything is loaded."""
-    def given(name):
-        return hasattr(ns, name) and getattr(ns, name) != defaults.get(name)
+def refuse_unused(ns, defaults: dict, rules) -> None:
+    """rules: (flag, off, message). A flag moved off its default (on the command line or in a --config file)
+    while `off` (another setting of the same command turns it off) was dropped without a word: refuse it with
+    its message, before anything is loaded."""
+    for name, off, message in rules:
+        if off and hasattr(ns, name) and getattr(ns, name) != defaults.get(name):
+            raise UserError(message)
 
-    if given("tensorboard_path") and not ns.enable_tensorboard:
-        raise UserError("--tensorboard_path is used with --enable_tensorboard only: add --enable_tensorboard or drop "
-                        "--tensorboard_path")
+
+def check_not_dropped(ns, defaults: dict) -> None:
+    """The shared flags' rules for `refuse_unused` (--lora_alpha without LoRA, --tensorboard_path without
+    --enable_tensorboard, ...); step 3 adds its own (step3_ppo/models.py: check_not_dropped)."""
     dims = [d for d in ("lora_dim", "actor_lora_dim", "critic_lora_dim") if hasattr(ns, d)]
-    if dims and not any(getattr(ns, d) for d in dims):
-        # (step 3 names its own --only_optimize_lora error: models.check_args)
-        for name in ("lora_alpha", "lora_module_name") + (("only_optimize_lora",) if dims == ["lora_dim"] else ()):
-            if given(name):
-                raise UserError(f"--{name} applies to LoRA adapters, and LoRA is off (--{dims[0]} 0): give --{dims[0]} "
-                                f"> 0 or drop --{name}")
-    if given("eval_fraction") and getattr(ns, "eval_data_path", None):
-        raise UserError("--eval_fraction holds out part of --data_path only when no --eval_data_path is given; drop "
-                        "one of them")
-    if given("synthetic_negative_kinds") and not ns.synthetic_negatives:
-        raise UserError("--synthetic_negative_kinds chooses the corruptions of --synthetic_negatives, which is 0: give "
-                        "--synthetic_negatives > 0 or drop --synthetic_negative_kinds")
+    lora_off = bool(dims) and not any(getattr(ns, d) for d in dims)
+    # (step 3 names its own --only_optimize_lora error: models.check_args)
+    lora_flags = ("lora_alpha", "lora_module_name") + (("only_optimize_lora",) if dims == ["lora_dim"] else ())
+    rules = [("tensorboard_path", not getattr(ns, "enable_tensorboard", False),
+              "--tensorboard_path is used with --enable_tensorboard only: add --enable_tensorboard or drop "
+              "--tensorboard_path")]
+    rules += [(name, lora_off, f"--{name} applies to LoRA adapters, and LoRA is off (--{dims[0]} 0): give "
+                               f"--{dims[0]} > 0 or drop --{name}") for name in lora_flags if dims]
+    rules += [("eval_fraction", bool(getattr(ns, "eval_data_path", None)),
+               "--eval_fraction holds out part of --data_path only when no --eval_data_path is given; drop one of "
+               "them"),
+              ("synthetic_negative_kinds", not getattr(ns, "synthetic_negatives", 0),
+               "--synthetic_negative_kinds chooses the corruptions of --synthetic_negatives, which is 0: give "
+               "--synthetic_negatives > 0 or drop --synthetic_negative_kinds")]
+    refuse_unused(ns, defaults, rules)
 
 
 def parse(groups, description: str, argv=None, required=("output_dir",), defaults: dict | None = None,

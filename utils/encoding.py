@@ -94,8 +94,11 @@ class Encoder:
         if self._special_text is None or s.text is not None:  # plain text: `<|endoftext|>` between documents is
             return None                                         # what GPT-2-style corpora mean by it
         parts = (s.prompt,) if prompt_only else (s.prompt, s.chosen, s.rejected)
-        texts = [m["content"] for part in parts if part for m in part]
-        for t in texts:
+        return self.special_text_in(m["content"] for part in parts if part for m in part)
+
+    def special_text_in(self, texts) -> str | None:
+        """The first special token's text found in `texts`, or None."""
+        for t in texts if self._special_text is not None else ():
             found = self._special_text.search(t)
             if found:
                 return found.group(0)
