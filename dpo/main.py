@@ -136,8 +136,7 @@ def main(argv=None) -> None:
     logger = start_run(args, total_steps, resolved)
     train(args, engine, ref, stream, eval_items, logger, encoder.pad_id, total_steps)
     logger.close()
-    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved),
-            end_id=encoder.eos_id)
+    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved), encoder)
     finish_run(args, resolved)
 
 

@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         ds.print0(f"saved config.pad_token_id = {export_pad} (was {config.pad_token_id} for training batches; "
                   f"tokenizer pad={tokenizer.pad_token_id} eos={tokenizer.eos_token_id})")
         config.pad_token_id = export_pad
-    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved))
+    save_hf(engine.module, tokenizer, partial_dir(args.output_dir), args_record(args, resolved), encoder)
     finish_run(args, resolved)
 
 

@@ -232,16 +232,16 @@ def main(argv=None) -> None:
     logger.close()
 
     meta, out = args_record(args, resolved), partial_dir(args.output_dir)
-    save_hf(models.actor.module, tokenizer, os.path.join(out, "actor"), meta, end_id=encoder.eos_id)
+    save_hf(models.actor.module, tokenizer, os.path.join(out, "actor"), meta, encoder)
     saved = ["actor"]
     if models.critic is not None:
         # As in step 2: the saved config's pad id is the one plain transformers needs to pool at the EOS.
         critic_config = models.critic.module.config.get_text_config()
         critic_config.pad_token_id = export_pad_token_id(tokenizer, encoder.eos_id)
-        save_hf(models.critic.module, tokenizer, os.path.join(out, "critic"), meta)
+        save_hf(models.critic.module, tokenizer, os.path.join(out, "critic"), meta, encoder)
         saved.append("critic")
     if models.ema is not None:
-        save_hf(models.ema, tokenizer, os.path.join(out, "actor_ema"), meta, end_id=encoder.eos_id)
+        save_hf(models.ema, tokenizer, os.path.join(out, "actor_ema"), meta, encoder)
         saved.append("actor_ema")
     finish_run(args, resolved)
     ds.print0(f"saved {args.output_dir}/{{{', '.join(saved)}}}")

@@ -277,7 +277,7 @@ def test_a_chat_templates_turn_end_ends_the_reply_when_the_eos_is_another_token(
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen2"))
     model.resize_token_embeddings(len(tok))
     model.generation_config.eos_token_id = tok.eos_token_id
-    save_hf(model, tok, str(tmp_path / "out"), {"step": "test"}, end_id=enc.eos_id)
+    save_hf(model, tok, str(tmp_path / "out"), {"step": "test"}, enc)
     assert json.load(open(tmp_path / "out" / "generation_config.json"))["eos_token_id"] == [end, tok.eos_token_id]
 
 
@@ -404,3 +404,43 @@ def test_a_conversation_encodes_as_its_whole_text_tokenizes(tokenizer_of, family
     assert ids == bos + tok(text, add_special_tokens=False)["input_ids"]
     prompt = enc.encode_prompt(msgs[:4])
     assert prompt == ids[:len(prompt)] and labels[len(prompt)] != IGNORE  # the second reply trained from its start
+
+
+CONVERSATIONS = [
+    (USER, REPLY),
+    ({"role": "system", "content": "Be brief, 'quoted' and \\ odd."}, USER, REPLY,
+     {"role": "user", "content": "And the pear?\nTwo lines."}, {"role": "assistant", "content": "The pear is {{ fine }}."}),
+    ({"role": "assistant", "content": "Hello."}, USER, {**REPLY, "weight": 0}, USER, REPLY),
+    ({"role": "user", "content": "Name a fruit.\n\nred", "instruction": "Name a fruit.", "input": "red"}, REPLY),
+]
+
+
+@pytest.mark.parametrize("template", ["hh", "alpaca", "raw"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_saved_chat_template_renders_the_trained_format(tiny_dir, tokenizer_of, tmp_path, family, template):
+    """A model trained with hh, alpaca or raw was saved with its base tokenizer's chat template, or none
+    (GPT-2, Llama, OPT): plain transformers' apply_chat_template then failed, or prompted the model in a
+    format it never saw. The saved tokenizer's template now gives the ids the encoder trained on, for whole
+    conversations and for generation prompts (system turns, several turns, an alpaca input, quotes)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.model import save_hf
+
+    tok = copy.deepcopy(tokenizer_of(family))
+    enc = Encoder(tok, template, 256)
+    own = tok.chat_template
+    save_hf(AutoModelForCausalLM.from_pretrained(tiny_dir(family)), tok, str(tmp_path), {"template": template}, enc)
+    assert tok.chat_template == own  # the run's tokenizer is left as it was
+    saved = AutoTokenizer.from_pretrained(str(tmp_path))
+    for messages in CONVERSATIONS:
+        expected, _ = enc.encode_segments(render_segments(messages, template, tok, False))
+        assert chat_ids(saved, messages) == expected, (messages, saved.apply_chat_template(list(messages), tokenize=False))
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        prompt = messages[: last_user + 1]
+        assert chat_ids(saved, prompt, add_generation_prompt=True) == enc.encode_prompt(prompt)
+        if not any(m["role"] == "assistant" for m in prompt):  # the text too (rendered replies carry no end text)
+            text = saved.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            lead = text[: len(text) - len(enc.render_prompt(prompt))]
+            assert text.endswith(enc.render_prompt(prompt)) and lead in ("", saved.bos_token, f"{saved.bos_token} ")

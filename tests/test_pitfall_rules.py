@@ -499,13 +499,14 @@ def test_rule5_save_hf_writes_the_same_tokenizer(tiny_dir, tmp_path, family):
     model = AutoModelForCausalLM.from_pretrained(src)
     enc = Encoder(tok, "auto", 64)  # as every step builds one before training
     out = str(tmp_path / "saved")
-    save_hf(model, tok, out, {"template": enc.template}, end_id=enc.eos_id)
+    save_hf(model, tok, out, {"template": enc.template}, enc)
     again = AutoTokenizer.from_pretrained(out)
     before = AutoTokenizer.from_pretrained(src)
     assert again.get_vocab() == before.get_vocab()
-    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "pad_token_id", "eos_token_id", "bos_token_id",
-                 "chat_template"):
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "pad_token_id", "eos_token_id", "bos_token_id"):
         assert getattr(again, attr) == getattr(before, attr), attr
+    # The chat template: the tokenizer's own where training used it, else one of the trained format.
+    assert again.chat_template == (before.chat_template if enc.template == "chat" else enc.chat_template())
     assert sorted(again.all_special_tokens) == sorted(before.all_special_tokens)
     assert (again.pad_token_id is None) == (family == "gpt2")
     if family == "qwen2":

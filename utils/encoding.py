@@ -14,7 +14,7 @@ import torch
 
 from .data import Sample
 from .errors import UserError, at_record
-from .templates import render_segments, resolve_template
+from .templates import jinja_template, render_segments, resolve_template
 
 IGNORE = -100
 OVERLONG_RULES = ("skip", "truncate", "error")
@@ -29,6 +29,9 @@ def _adds_bos(tokenizer) -> bool:
 
 
 PROBE_REPLY = "Probe reply 7."
+PROBE_CONVERSATION = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+                      {"role": "assistant", "content": PROBE_REPLY}, {"role": "user", "content": "And then?"},
+                      {"role": "assistant", "content": "Then 8."})
 
 
 def reply_end_id(tokenizer, template: str) -> int:
@@ -86,6 +89,28 @@ class Encoder:
             t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         specials = sorted((t for t in specials if t), key=len, reverse=True)
         self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def chat_template(self) -> str | None:
+        """The chat template a model trained with this encoder is saved with: the tokenizer's own under `chat`;
+        under hh, alpaca and raw one that renders the same text (`jinja_template`), so plain transformers'
+        `apply_chat_template` (a chat UI, vLLM, TRL) prompts the model as it was trained, not with the base
+        tokenizer's format or with none. None where no such template gives the trained ids (the reply end
+        has no text the tokenizer reads back as it)."""
+        if self.template == "chat":
+            return self.tokenizer.chat_template
+        if self.eos_text is None:
+            return None
+        want = self.encode_segments(render_segments(PROBE_CONVERSATION, self.template, self.tokenizer))[0]
+        bos = self.tokenizer.bos_token if self.bos_id is not None else ""
+        # Where the BOS is written as text, a tokenizer that marks only a text's first word as word-start
+        # (sentencepiece's prepend_scheme "first": Mistral, this project's llama-sp) reads "<s>Human" without
+        # the "▁Human" the encoder trained on after its BOS id; "<s> Human" gives it. Each lead is verified.
+        for lead in (bos, bos + " ") if bos else ("",):
+            source = jinja_template(self.template, self.eos_text, lead)
+            text = self.tokenizer.apply_chat_template(list(PROBE_CONVERSATION), chat_template=source, tokenize=False)
+            if self._ids(text) == want:
+                return source
+        return None
 
     def special_text(self, s: Sample, prompt_only: bool = False) -> str | None:
         """The first special token's text (`</s>`, `<|im_end|>`, `<|endoftext|>`) in the sample's messages,

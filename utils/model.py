@@ -335,15 +335,16 @@ def merge_lora_state_dict(state_dict: dict, peft_config) -> dict:
     return out
 
 
-def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_id: int | None = None) -> None:
+def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, encoder=None) -> None:
     """Write a Hugging Face directory (safetensors + tokenizer + args.json) from any ZeRO stage.
 
     All ranks must call it: ZeRO-3 parameters are gathered one at a time (buffers included).
     The steps call it on their run directory (OUTPUT_DIR.partial), which replaces OUTPUT_DIR only once
     the run has finished (utils/output.py); within it the files are written to a temporary name and
     moved in, so a rerun after a kill never finds a half-written file.
-    `end_id` (a causal LM's reply end, Encoder.eos_id) is added to generation_config.json's eos_token_id
-    when missing, so plain `generate()` stops where the trained replies end (a chat template's turn end).
+    With the run's `encoder`, the reply end (Encoder.eos_id) is added to generation_config.json's eos_token_id
+    when missing, so plain `generate()` stops where the trained replies end (a chat template's turn end), and
+    the tokenizer is saved with the chat template of the trained format (Encoder.chat_template).
     """
     from peft import PeftModel
 
@@ -357,6 +358,7 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
             shutil.rmtree(tmp)
         base = module.get_base_model() if isinstance(module, PeftModel) else module
         gen = getattr(base, "generation_config", None)
+        end_id = encoder.eos_id if encoder is not None else None
         if end_id is not None and gen is not None:
             ends = gen.eos_token_id if isinstance(gen.eos_token_id, list) else (
                 [] if gen.eos_token_id is None else [gen.eos_token_id])
@@ -376,7 +378,7 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
                 base.save_pretrained(tmp, state_dict=merge_lora_state_dict(sd, module.peft_config["default"]))
             else:
                 module.save_pretrained(tmp, state_dict=sd)
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, encoder.chat_template() if encoder is not None else tokenizer.chat_template)
             if args_dict is not None:
                 with open(os.path.join(tmp, "args.json"), "w") as f:
                     json.dump(args_dict, f, indent=2, sort_keys=True)
@@ -395,6 +397,16 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, end_
             _replace_dir(tmp, out_dir)
     if ds.any_rank(failed is not None):  # every rank leaves with the one message (rank 0 prints it)
         raise UserError(failed or "rank 0 could not write the model", every_rank=True)
+
+
+def _save_tokenizer(tokenizer, out_dir: str, chat_template: str | None) -> None:
+    """save_pretrained with `chat_template`; the run's tokenizer object is left as it was."""
+    own = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        tokenizer.chat_template = own
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

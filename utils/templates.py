@@ -106,6 +106,40 @@ def render_text(messages, template: str, tokenizer, add_generation_prompt: bool)
     return fn(messages, add_generation_prompt)
 
 
+# Jinja sources of the templates above, for the chat template a saved tokenizer carries (Encoder.chat_template):
+# each renders render_text's string, `end` after every reply as the encoder writes it, `bos` first.
+_JINJA_TURNS = {
+    "hh": ("{%- if message['role'] == 'user' %}{{ ('' if loop.first else '\\n\\n') + 'Human: ' + message['content'] }}"
+           "{%- elif message['role'] == 'system' %}{{ ('' if loop.first else '\\n\\n') + message['content'] }}"
+           "{%- else %}{{ '\\n\\nAssistant: ' + message['content'] + END }}{%- endif %}",
+           "\\n\\nAssistant:"),
+    "alpaca": ("{%- if message['role'] == 'user' %}"
+               "{%- set inp = message['input'] if message['input'] is defined else '' %}"
+               "{{- ('' if loop.first else '\\n\\n') + (HEADER_INPUT if inp else HEADER) + '### Instruction:\\n'"
+               " + (message['instruction'] if message['instruction'] is defined else message['content']) + '\\n\\n' }}"
+               "{%- if inp %}{{ '### Input:\\n' + inp + '\\n\\n' }}{% endif %}"
+               "{%- elif message['role'] == 'system' %}{{ ('' if loop.first else '\\n\\n') + message['content'] }}"
+               "{%- else %}{{ '### Response:\\n' + message['content'] + END }}{%- endif %}",
+               "### Response:\\n"),
+    "raw": ("{{- message['content'] }}{%- if message['role'] == 'assistant' %}{{ END }}{%- endif %}", ""),
+}
+
+
+def jinja_template(template: str, end: str, bos: str = "") -> str:
+    """A Jinja chat template rendering `template` (hh, alpaca or raw) as `render_text` does, with the text
+    `end` after every assistant reply (the reply end token the encoder writes there) and `bos` first, so
+    plain transformers' `apply_chat_template` gives the text, and tokenized the ids, a model trained with
+    `template` saw; with `add_generation_prompt` it ends where that model's answers begin."""
+    turns, prompt = _JINJA_TURNS[template]
+    def lit(text: str) -> str:  # a Jinja string literal
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+    head = "{%- set END = " + lit(end) + " %}"
+    if template == "alpaca":
+        head += "{%- set HEADER = " + lit(ALPACA_HEADER) + " %}{%- set HEADER_INPUT = " + lit(ALPACA_HEADER_INPUT) + " %}"
+    return (head + ("{{- " + lit(bos) + " }}" if bos else "") + "{%- for message in messages %}" + turns
+            + "{%- endfor %}" + ("{%- if add_generation_prompt %}{{ '" + prompt + "' }}{%- endif %}" if prompt else ""))
+
+
 def _prefix_ok(text: str, prefix: str, what: str) -> None:
     if not text.startswith(prefix):
         raise UserError(
