@@ -56,7 +56,7 @@ SPECIALS = {
 
 def corpus_lines(extra_lines=()) -> list[str]:
     """Shipped text: the data files, the template words and the vocabulary list, then `extra_lines`."""
-    from .templates import ALPACA_HEADER, ALPACA_HEADER_INPUT
+    from utils.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT
 
     lines = [ALPACA_HEADER, ALPACA_HEADER_INPUT, "### Instruction:\n", "### Input:\n", "### Response:\n",
              "Human: ", "\n\nAssistant:", "system\n", "user\n", "assistant\n"]
