@@ -246,3 +246,21 @@ def test_conversational_prompt_rows_get_trls_conversational_form(tokenizer_of, t
     prompts, completions = as_trl_inputs(["Q"], [({"role": "user", "content": "Q"},)], ["The answer is 7."])
     assert exact_match(prompts, completions, ["7"]) == answer_format(prompts, completions) == [1.0]
     assert text_of(prompts[0]) == "Q" and text_of("x") == "x"
+
+
+def test_exact_match_reads_fractions_boxes_and_math_solutions():
+    """Fractions were read as their last number, so "The answer is 4." scored 1 against 3/4 (a wrong
+    answer rewarded), "(1,2)" was 12 and "−3" (Unicode minus) matched 3; MATH rows, whose answer is the
+    `solution` column's \\boxed{}, stopped the run (exact_match took only `answer`)."""
+    answers = ["3/4", "\\frac{3}{4}", "3/4", "\\boxed{\\frac{1}{2}}", "-3/4", "12", "3", "-3", "#### 1,234", "42"]
+    completions = ["The answer is 4.", "\\boxed{4}", "$\\boxed{\\dfrac{3}{4}}$", "The answer is 0.5.",
+                   "-\\frac{3}{4}", "(1,2)", "The answer is \u22123.", "The answer is \u22123.", "1,234",
+                   "\\boxed{42}. Check: 6 x 7 = 42, step 3"]
+    assert call(exact_match, completions, answer=answers) == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert final_number("(1,2)") == 2 and final_number("1,234.5") == 1234.5 and final_number("\\boxed{x}") is None
+    solutions = ["So $x = \\boxed{5}$. Note 3 is not it.", "\\boxed{6}", "\\boxed{5}"]
+    assert call(exact_match, ["5", "5", "5"], answer=["5", None, None], solution=[None] + solutions[1:]) == \
+        [1.0, 0.0, 1.0]
+    assert call(exact_match, ["5", "5"], solution=solutions[:1] * 2) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="'answer' column \\(or 'solution'\\), and the row has neither"):
+        call(exact_match, ["5"], level=["1"])

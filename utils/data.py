@@ -53,7 +53,7 @@ SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 PROMPT_FIELDS = ("prompt", "messages", "conversations")  # the fields a prompt is read from; the rest of a row is its columns
 # Public datasets' own names for our fields, read as ours where a row has no field of our name (and no
 # conversation): GSM8K {question, answer}, MATH {problem, solution}, Orca DPO pairs {system, question,
-# chosen, rejected}. A PPO prompt row keeps its `answer`/`solution` as a column (exact_match reads it).
+# chosen, rejected}. A PPO prompt row keeps its `answer`/`solution` as a column (exact_match reads either).
 PROMPT_ALIASES = ("question", "problem")
 REPLY_ALIASES = {"question": "answer", "problem": "solution"}
 

@@ -28,13 +28,19 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
+from fractions import Fraction
 from typing import Callable
 
 from .errors import UserError
 
 RESERVED = ("prompts", "completions", "completion_ids", "max_completion_length")
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+# A number: thousands groups of exactly three digits ("1,234", while "1,2" is two numbers, as in "(1,2)"),
+# an optional decimal part; a value is a number, a fraction "3/4" or a LaTeX \frac{3}{4} (\dfrac, \tfrac).
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+_VALUE = re.compile(rf"([-+]?)(?:\\[dt]?frac\{{\s*([-+]?{_DIGITS})\s*\}}\{{\s*({_DIGITS})\s*\}}"
+                    rf"|({_DIGITS})(?:\s*/\s*({_DIGITS}))?)")
+_BOXED = "\\boxed{"
 
 
 # ----------------------------------------------------------------------------- shipped functions
@@ -55,26 +61,54 @@ def as_trl_inputs(texts: list[str], turns: list, completions: list[str]) -> tupl
     return list(texts), list(completions)
 
 
-def final_number(text) -> Decimal | None:
-    """The last number written in `text` ("1,234" and "7.0" included), or None if there is none."""
-    found = _NUMBER.findall(str(text))
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} in `text` (nested braces matched; to the end if unclosed), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    i = j = start + len(_BOXED)
+    depth = 1
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[i:j - 1] if depth == 0 else text[i:]
+
+
+def _number(digits: str) -> Fraction:
+    return Fraction(Decimal(digits.replace(",", "")))
+
+
+def final_number(text) -> Fraction | None:
+    """The value of the last number written in `text`, or None if there is none: "1,234" and "7.0" as
+    numbers, "3/4" and \\frac{3}{4} as fractions (read as the last number, 4, they made "The answer is 4."
+    match 3/4), a Unicode minus as "-"; where `text` has a \\boxed{...}, the last one's content is the
+    answer (MATH's convention; a number written after it is not)."""
+    text = str(text).replace("\u2212", "-")
+    boxed = last_boxed(text)
+    found = _VALUE.findall(text if boxed is None else boxed)
     if not found:
         return None
-    try:
-        return Decimal(found[-1].replace(",", ""))
-    except InvalidOperation:
-        return None
+    sign, frac_top, frac_bottom, top, bottom = found[-1]
+    top, bottom = (frac_top, frac_bottom) if frac_bottom else (top, bottom)
+    value = _number(top) / _number(bottom) if bottom and _number(bottom) else _number(top)
+    return -value if sign == "-" else value
 
 
-def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
-    """1.0 where the last number of the completion equals the last number of the row's `answer` column
-    ("The answer is 7." matches answer "7" or 7; 7.0 equals 7), else 0.0. An `answer` without a number
-    is a data error (raises ValueError)."""
+def exact_match(prompts, completions, answer=None, solution=None, **kwargs) -> list[float]:
+    """1.0 where the final number of the completion (`final_number`) equals that of the row's `answer`
+    column, or of its `solution` (MATH's column) where the row has no `answer` ("The answer is 7." matches
+    answer "7" or 7; 7.0 equals 7, 0.5 equals 1/2), else 0.0. A row without either column, or whose answer
+    has no number, is a data error (raises ValueError)."""
+    if answer is None and solution is None:
+        raise ValueError("exact_match reads the row's 'answer' column (or 'solution'), and the row has neither")
+    n = len(completions)
+    answer, solution = answer or [None] * n, solution or [None] * n
     out = []
-    for completion, truth in zip(completions, answer, strict=True):
+    for completion, given, worked in zip(completions, answer, solution, strict=True):
+        truth = given if given is not None else worked
         # A number column is its own value: str(1e-05) is "1e-05", whose last number written is 05.
-        want = Decimal(str(truth)) if isinstance(truth, (int, float)) and not isinstance(truth, bool) and \
-            math.isfinite(truth) else final_number(truth)
+        want = Fraction(Decimal(str(truth))) if isinstance(truth, (int, float)) and not isinstance(truth, bool) \
+            and math.isfinite(truth) else final_number(truth)
         if want is None:
             raise ValueError(f"answer {truth!r} has no number")
         got = final_number(text_of(completion))
