@@ -148,6 +148,8 @@ def test_a_raising_function_names_itself_and_the_row_that_fails():
     ([1.0, float("nan"), 0.0, 0.0], r"returned nan for prompt d.jsonl:1; rewards must be finite"),
     ([1.0, 0.0, float("inf"), 0.0], r"returned inf for prompt d.jsonl:2"),
     ([1.0, 0.0, "high", 0.0], r"returned 'high' \(str\) for prompt d.jsonl:2"),
+    # text float() reads was taken as the reward: a function returning its extracted answer trained on it
+    ([1.0, 0.0, "42", 0.0], r"returned '42' \(str\) for prompt d.jsonl:2; expected a number or None"),
 ])
 def test_bad_return_values_stop_with_the_function_and_row(returned, message):
     with pytest.raises(UserError, match=message):

@@ -13,8 +13,8 @@ lists aligned with the completions (e.g. `answer=["3", "3", ...]`; None where a 
 plus `completion_ids` (the generated token ids, EOS included when the answer ended) and
 `max_completion_length` (--max_answer_seq_len). A function should accept **kwargs for what it does
 not use. None means "does not apply to this answer": it adds nothing to the reward and is left out of
-the function's mean. Raising, returning the wrong number of values or a non-finite value stops the
-run with a message naming the function and the prompt row.
+the function's mean. Raising, returning the wrong number of values, a non-finite value or text (a str, even "1.0") stops
+the run with a message naming the function and the prompt row.
 
 `--reward_funcs` entries are `FILE.py:NAME` (the file's directory is importable while it loads, as
 for a script) or `package.module:NAME`, e.g. `utils.reward_funcs:exact_match`.
@@ -239,6 +239,10 @@ def _value(f: RewardFunc, v, where: str) -> float | None:
     if isinstance(v, bool):
         return float(v)
     try:
+        # Text is refused even where float() reads it: a function returning the extracted answer ("42")
+        # instead of a reward would otherwise train on 42 as the reward.
+        if isinstance(v, (str, bytes)):
+            raise TypeError
         x = float(v)
     except (TypeError, ValueError):
         raise UserError(f"reward function {f.spec} returned {v!r} ({type(v).__name__}) for prompt {where}; "
