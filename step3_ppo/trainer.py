@@ -166,10 +166,10 @@ def build_buffer(args, algo, rollouts: list[dict], kl_coef: float, reward_norm: 
              "finished_length": g["eos_tokens"] / g["eos"] if g["eos"] else 0.0}
     if not algo.reference:
         del stats["kl"], stats["kl_coef"]
-    for key in g:
-        if key.startswith("func_sum/"):
+    for key in g:  # a function that applied to no answer (all None) has no mean: left out, not logged as 0
+        if key.startswith("func_sum/") and g[f"func_n/{key.split('/', 1)[1]}"]:
             name = key.split("/", 1)[1]
-            stats[f"reward/{name}"] = g[key] / max(g[f"func_n/{name}"], 1.0)
+            stats[f"reward/{name}"] = g[key] / g[f"func_n/{name}"]
     if algo.k > 1:
         stats.update(group_reward_mean=g["group_mean"] / g["groups"], group_reward_std=g["group_std"] / g["groups"],
                      groups_all_equal=g["groups_equal"] / g["groups"])
@@ -369,8 +369,9 @@ def evaluate(args, models, encoder, items: list, funcs) -> dict:
     g = dict(zip(sums, ds.all_reduce_sum(list(sums.values())).tolist()))
     out = {"reward": g["reward"] / g["count"], "eos_rate": g["eos"] / g["count"],
            "response_length": g["length"] / g["count"]}
-    for f in funcs:
-        out[f"reward/{f.name}"] = g[f"reward/{f.name}"] / max(g[f"n/{f.name}"], 1.0)
+    for f in funcs:  # as in training: no mean for a function that applied to no answer
+        if g[f"n/{f.name}"]:
+            out[f"reward/{f.name}"] = g[f"reward/{f.name}"] / g[f"n/{f.name}"]
     return out
 
 

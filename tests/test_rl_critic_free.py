@@ -297,6 +297,19 @@ def test_buffer_with_one_group_of_equal_rewards_is_all_zero():
     assert stats["groups_all_equal"] == 1.0
 
 
+
+def test_a_reward_function_that_applied_to_no_answer_logs_no_mean():
+    """None means "does not apply": a function that returned None for every answer of the step was logged
+    as reward/<name> 0.0, read as "every answer wrong". It has no mean, so it is left out; a function that
+    applied to some answers logs the mean of those only (two rollouts, over all of them)."""
+    args, algo = _algo_args("grpo", k=4)
+    rollouts = [_fake_rollout(8, 5, 4, seed) for seed in (1, 2)]
+    rollouts[0]["func_rewards"] = {"never": [None] * 8, "some": [None] * 6 + [1.0, 0.5]}
+    rollouts[1]["func_rewards"] = {"never": [None] * 8, "some": [None] * 7 + [0.0]}
+    _, stats, _ = build_buffer(args, algo, rollouts, 0.0, RunningMoments())
+    assert "reward/never" not in stats and stats["reward/some"] == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------- loss aggregation
 
 def _model_and_batch(seed=0):
