@@ -156,7 +156,8 @@ class PPOArgs:
     kl_horizon: float = arg(10000.0, "adaptive KL controller horizon in samples", gt=0)
     early_stop_kl: float = arg(0.0, "stop the remaining PPO epochs of a step when the approximate KL between "
                                     "the rollout and current policy exceeds this (0: never)", ge=0)
-    clip_reward_value: float = arg(5.0, "clip the reward-model score to +-value (0: no clip)", ge=0)
+    clip_reward_value: float = arg(5.0, "clip the score (reward model plus the weighted --reward_funcs) to +-value "
+                                   "(0: no clip)", ge=0)
     normalize_reward: bool = arg(False, "normalise scores by the running mean and std of all scores seen")
     missing_eos_penalty: float = arg(0.0, "subtracted from the score of answers cut at --max_answer_seq_len (with "
                                           "--cut_answer_score scored)", ge=0)
