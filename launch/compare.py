@@ -61,14 +61,18 @@ def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:
 
 
 def rule_means(funcs, samples: list, answers, max_new_tokens: int) -> dict:
-    """Mean of each reward function over the answers (values of None left out)."""
+    """Mean of each reward function over the answers (values of None left out; None where it applied to none,
+    as step 3 logs no mean then: a 0 would read as every answer scoring 0)."""
     from utils.reward_funcs import score_with_funcs
 
     _, per = score_with_funcs(funcs, [s.prompt[-1]["content"] for s in samples], [a.text for a in answers],
                               [s.columns for s in samples], [a.ids for a in answers], max_new_tokens,
                               [s.where for s in samples])
-    return {f"reward/{name}": sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
-            for name, vals in per.items()}
+    means = {}
+    for name, vals in per.items():
+        applied = [v for v in vals if v is not None]
+        means[f"reward/{name}"] = sum(applied) / len(applied) if applied else None
+    return means
 
 
 def summarise(answers, scores, preferred: list[str], form) -> dict:
@@ -91,7 +95,8 @@ def print_table(results: dict) -> None:
     widths = [max(20, len(c) + 2) for c in cols]
     print("model".ljust(width) + "".join(c.rjust(w) for c, w in zip(cols, widths)))
     for name, r in results.items():
-        print(name.ljust(width) + "".join(f"{r[c]:{w}.3f}" for c, w in zip(cols, widths)))
+        print(name.ljust(width) + "".join(f"{r[c]:{w}.3f}" if r[c] is not None else "-".rjust(w)
+                                          for c, w in zip(cols, widths)))
 
 
 @exit_on_user_error

@@ -266,3 +266,24 @@ def test_exact_match_reads_fractions_boxes_and_math_solutions():
     assert call(exact_match, ["5", "5"], solution=solutions[:1] * 2) == [1.0, 1.0]
     with pytest.raises(ValueError, match="'answer' column \\(or 'solution'\\), and the row has neither"):
         call(exact_match, ["5"], level=["1"])
+
+
+def test_compare_reports_no_mean_for_a_function_that_applied_to_no_answer(capsys):
+    """launch/compare.py, as step 3's metrics: a function that returned None for every answer has no mean
+    (it printed 0.000, read as every answer scoring 0); one that applied to some answers averages those."""
+    from types import SimpleNamespace
+
+    from launch.compare import print_table, rule_means
+    from utils.reward_funcs import RewardFunc
+
+    funcs = [RewardFunc("f.py:never", "never", lambda prompts, completions, **kw: [None] * len(completions), 1.0),
+             RewardFunc("f.py:some", "some", lambda prompts, completions, **kw: [1.0, None, 0.0], 2.0)]
+    samples = [SimpleNamespace(prompt=({"role": "user", "content": "q"},), columns=None, where=f"f.jsonl:{i}")
+               for i in range(3)]
+    answers = [SimpleNamespace(text=t, ids=[1]) for t in ("a", "b", "c")]
+    means = rule_means(funcs, samples, answers, 8)
+    assert means == {"reward/never": None, "reward/some": 0.5}
+    print_table({"sft": {"reward": None, "preferred_rate": None, "eos_rate": 1.0, "well_formed_rate": None,
+                         "mean_length_tokens": 3.0, **means}})
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row == ["sft", "1.000", "3.000", "-", "0.500"]
