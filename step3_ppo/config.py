@@ -45,7 +45,7 @@ SharedData = only(DataArgs, ("data_path", "eval_data_path", "template", "overlon
                  "messages ending with a user turn, SFT and preference records)",
     "eval_data_path": "prompts answered greedily and scored by the reward model at step 0, every --eval_interval "
                       "steps and at the end (none: no evaluation)",
-    "overlong": "prompts longer than --max_prompt_seq_len: skip (counted in the log), truncate (keeps the end, "
+    "overlong": "prompts longer than --max_prompt_seq_len: skip, truncate (each counted in the log; keeps the end, "
                 "where the question and the generation prompt are), or error"})
 SharedTrain = only(TrainArgs, ("gradient_accumulation_steps", "adam_beta1", "adam_beta2", "max_grad_norm",
                                "num_train_epochs", "max_steps", "lr_scheduler_type", "num_warmup_steps", "seed",

@@ -53,7 +53,7 @@ def prompt_items(samples, encoder: Encoder, max_len: int, what: str) -> list[Pro
 
 
 def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list[tuple]:
-    out, skipped, first = [], 0, None
+    out, skipped, first, cut, first_cut = [], 0, None, 0, None
     for _, s in without_special_text(samples, encoder, what, ds.print0, prompt_only=True):
         try:
             ids = encoder.encode_prompt(s.prompt)
@@ -67,7 +67,12 @@ def _encoded_prompts(samples, encoder: Encoder, max_len: int, what: str) -> list
                 skipped, first = skipped + 1, first or s.where
                 continue
             ids = cut_left(ids, max_len, encoder.bos_id)
+            cut, first_cut = cut + 1, first_cut or s.where
         out.append((s, ids))
+    if cut:
+        ds.print0(f"{what}: cut {cut} of {len(samples)} prompts to their last {max_len} tokens (--max_prompt_seq_len; "
+                  f"--overlong truncate: the start of the conversation, a system turn included, is lost; first: "
+                  f"{first_cut})")
     if skipped:
         ds.print0(f"{what}: skipped {skipped} of {len(samples)} prompts longer than --max_prompt_seq_len "
                   f"{max_len} (--overlong skip; first: {first})")

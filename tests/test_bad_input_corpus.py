@@ -232,18 +232,21 @@ def _encode_fn(kind: str, encoder: Encoder):
     return lambda s: (encoder.encode_reply(s.prompt, s.chosen), encoder.encode_reply(s.prompt, s.rejected))
 
 
-# (kind, --overlong) -> (items kept, skip log or None, where the error points or None).
+# (kind, --overlong) -> (items kept, the log line(s) or None, where the error points or None).
 # sft/overlong.jsonl: line 2 has a long response, line 3 a long prompt (truncating it leaves no reply token,
 # so it is skipped even under truncate). pairs/overlong.jsonl: line 2 has a long rejected reply.
 OVERLONG = {
     ("sft", "skip"): (1, "train: skipped 2 of 3 samples longer than --max_seq_len 64 (--overlong skip; first: {path}:2)",
                       None),
-    ("sft", "truncate"): (2, "train: skipped 1 of 3 samples longer than --max_seq_len 64 (--overlong truncate; "
-                             "first: {path}:3)", None),
+    ("sft", "truncate"): (2, ["train: cut 1 of 3 samples to --max_seq_len 64 (--overlong truncate: the tokens after "
+                              "it are not trained, a reply cut there has no EOS; first: {path}:2)",
+                              "train: skipped 1 of 3 samples with no reply token left when cut to --max_seq_len 64 "
+                              "(--overlong truncate; first: {path}:3)"], None),
     ("sft", "error"): (0, None, "{path}:2: sample has "),
     ("pairs", "skip"): (2, "train: skipped 1 of 3 samples longer than --max_seq_len 64 (--overlong skip; "
                            "first: {path}:2)", None),
-    ("pairs", "truncate"): (3, None, None),
+    ("pairs", "truncate"): (3, "train: cut 1 of 3 samples to --max_seq_len 64 (--overlong truncate: the tokens after "
+                               "it are not trained, a reply cut there has no EOS; first: {path}:2)", None),
     ("pairs", "error"): (0, None, "{path}:2: sample has "),
 }
 
@@ -264,7 +267,8 @@ def test_overlong_sample_follows_the_rule(tokenizer_of, kind, rule):
         return
     encoded = encode_all(samples, _encode_fn(kind, encoder), encoder, "train", log=logs.append)
     assert len(encoded.items) == kept
-    assert logs == ([log_line.format(path=path)] if log_line else [])
+    lines = [log_line] if isinstance(log_line, str) else log_line or []
+    assert logs == [line.format(path=path) for line in lines]  # every cut or skipped sample is counted
     lengths = [len(ids) for item in encoded.items for ids, _ in item]
     assert max(lengths) == MAX_LEN if rule == "truncate" else max(lengths) < MAX_LEN
     # A truncated sample keeps reply tokens to train on.
@@ -312,6 +316,8 @@ def test_overlong_prompt_follows_the_rule(tokenizer_of, capsys, rule):
                 f"(--overlong skip; first: {path}:2)") in printed
     else:
         assert len(out) == 3 and "skipped" not in printed
+        assert (f"prompts: cut 1 of 3 prompts to their last {MAX_LEN} tokens (--max_prompt_seq_len; --overlong "
+                f"truncate: the start of the conversation, a system turn included, is lost; first: {path}:2)") in printed
         assert len(out[1]) == MAX_LEN and out[1][0] == encoder.bos_id and out[1][1:] == full[-(MAX_LEN - 1):]
 
 

@@ -125,6 +125,7 @@ def test_overlong_rules_are_counted(tokenizer_of):
     enc = Encoder(tok, "hh", 32, "truncate")
     out = encode_all([short, long], lambda s: (enc.encode_sft(s),), enc, "train", logs.append)
     assert len(out.items) == 2 and len(out.items[1][0][0]) == 32
+    assert "train: cut 1 of 2 samples to --max_seq_len 32" in logs[-1] and "f.jsonl:2" in logs[-1]  # told, not silent
     enc = Encoder(tok, "hh", 32, "error")
     with pytest.raises(UserError, match="f.jsonl:2: sample has"):
         encode_all([short, long], lambda s: (enc.encode_sft(s),), enc, "train")

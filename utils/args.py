@@ -99,7 +99,7 @@ class DataArgs:
     max_seq_len: int = arg(0, "longest sample in tokens; 0 = inherited from the model's args.json, else 512 "
                            "(the model's positions where it has fewer)",
                            ge=0)
-    overlong: str = arg("skip", "samples longer than --max_seq_len: skip (counted in the log), truncate, "
+    overlong: str = arg("skip", "samples longer than --max_seq_len: skip, truncate (each counted in the log), "
                         "or error", choices=["skip", "truncate", "error"])
     packing: bool = arg(False, "training micro-batches concatenate their samples into rows (position ids restart "
                         "per sample, attention never crosses samples) instead of padding each to the longest "

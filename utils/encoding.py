@@ -249,6 +249,7 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
     ones whose text holds a special token's text are skipped (both counted in the log)."""
     items, skipped, first, kept = [], 0, None, []
     same, first_same = 0, None  # pairs that --overlong truncate left with equal sides: nothing to learn
+    cut, first_cut = 0, None    # samples --overlong truncate kept with their ends cut off (untrained)
     for i, s in without_special_text(samples, encoder, what, log):
         try:
             pairs = fn(s)
@@ -268,10 +269,17 @@ def encode_all(samples: list[Sample], fn, encoder: Encoder, what: str, log=print
             same += 1
             first_same = first_same or s.where
             continue
+        if any(len(f[0]) < len(ids) for f, (ids, _) in zip(fitted, pairs)):
+            cut += 1
+            first_cut = first_cut or s.where
         items.append(tuple(fitted))
         kept.append(i)
+    if cut:
+        log(f"{what}: cut {cut} of {len(samples)} samples to --max_seq_len {encoder.max_seq_len} (--overlong "
+            f"truncate: the tokens after it are not trained, a reply cut there has no EOS; first: {first_cut})")
     if skipped:
-        log(f"{what}: skipped {skipped} of {len(samples)} samples longer than --max_seq_len "
+        why = "with no reply token left when cut to" if encoder.overlong == "truncate" else "longer than"
+        log(f"{what}: skipped {skipped} of {len(samples)} samples {why} --max_seq_len "
             f"{encoder.max_seq_len} (--overlong {encoder.overlong}; first: {first})")
     if same:
         log(f"{what}: skipped {same} of {len(samples)} pairs whose chosen and rejected replies are the same once "
