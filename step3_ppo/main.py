@@ -195,6 +195,14 @@ def main(argv=None) -> None:
     check_critic_template(encoder.template, critic_path)
     reward_encoder, reward_limit = (reward_reader(tokenizer, encoder.template, algo.reward_model,
                                                   args.trust_remote_code) if algo.reward_model else (None, None))
+    # The critic, and a reward model that reads the rollout's ids, see the whole prompt + answer: a model of
+    # fewer positions failed mid-run, after the first rollout, with an IndexError in its position table (a
+    # rotary one silently read positions it was never trained on). A text-reading one cuts its own input.
+    for path, what in ((critic_path, "--critic_model_name_or_path"),
+                       (algo.reward_model if reward_encoder is None else None, "--reward_model_name_or_path")):
+        if path is not None:
+            check_positions(path, args.max_prompt_seq_len + args.max_answer_seq_len,
+                            "--max_prompt_seq_len + --max_answer_seq_len", what, args.trust_remote_code)
     prompts = prompt_items(load_samples(args.data_path, "prompts", ds.print0), encoder, args.max_prompt_seq_len,
                            "prompts")
     eval_prompts = (prompt_items(load_samples(args.eval_data_path, "prompts", ds.print0), encoder,

@@ -316,6 +316,30 @@ def test_main_refuses_a_causal_lm_as_reward_model(tiny_dir, tmp_path):
     assert "not a sequence-classification model" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("flag", ["--critic_model_name_or_path", "--reward_model_name_or_path"])
+def test_a_critic_or_reward_model_with_fewer_positions_is_refused(tiny_dir, tmp_path, flag):
+    """Both read the whole prompt + answer as the actor's ids: one of fewer positions than that stopped
+    mid-run with a traceback (GPT-2's position table: IndexError) after the models were loaded."""
+    import json
+
+    actor = tiny_dir("gpt2")  # 512 positions
+    small = _reward_model_dir(actor, tmp_path / "rm64")
+    cfg = json.loads((tmp_path / "rm64" / "config.json").read_text())
+    (tmp_path / "rm64" / "config.json").write_text(json.dumps({**cfg, "n_positions": 64}))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi."}\n{"prompt": "Hello."}\n')
+    models = (["--critic_model_name_or_path", small] if flag.startswith("--critic") else
+              ["--advantage_estimator", "grpo", "--n_samples_per_prompt", 2, "--reward_model_name_or_path", small])
+    p = run_python("step3_ppo/main.py", ["--actor_model_name_or_path", actor, *models, "--max_prompt_seq_len", 32,
+                                         "--max_answer_seq_len", 64, "--per_device_generation_batch_size", 2,
+                                         "--per_device_training_batch_size", 2, "--max_steps", 1, "--data_path", prompts,
+                                         "--output_dir", tmp_path / "out"])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert (f"error: --max_prompt_seq_len + --max_answer_seq_len is 96 tokens, more than the 64 positions of {flag} "
+            f"'{small}' (config.json ") in p.stderr, p.stderr[-2000:]
+
+
 def test_a_critic_of_another_template_is_refused(tmp_path):
     """A critic trained on hh text would value ChatML prompts it never saw; step 3 refuses it by name."""
     import json
