@@ -31,12 +31,16 @@ def main(argv=None) -> None:
     from launch.compare import encoder_for
     from utils.errors import UserError
     from utils.generation import generate_answers
-    from utils.model import load_model, load_tokenizer
+    from utils.model import load_model, load_tokenizer, model_positions
 
     if a.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
     tok = load_tokenizer(a.model, what="--model")
     enc = encoder_for(a.model, tok)
+    limit = (model_positions(a.model) or (None,))[0]
+    if limit is not None and a.max_new_tokens >= limit:
+        raise UserError(f"--max_new_tokens {a.max_new_tokens} leaves no room for a prompt in the model's {limit} "
+                        "positions; lower it")
     model = load_model(AutoModelForCausalLM, a.model, what="--model").eval()
     history: list[dict] = []
     print(f"chatting with {a.model} (template {enc.template}); /reset, /quit", flush=True)
@@ -54,7 +58,10 @@ def main(argv=None) -> None:
             continue
         history.append({"role": "user", "content": line})
         ans = generate_answers(model, enc, [tuple(history)], max_new_tokens=a.max_new_tokens, do_sample=a.sample,
-                               temperature=0.7, top_p=0.9)[0]
+                               temperature=0.7, top_p=0.9, limit=limit)[0]
+        if ans.cut:
+            print(f"[the conversation's first {ans.cut} tokens were left out to fit the model's {limit} positions; "
+                  "/reset starts a new one]", flush=True)
         reply = ans.text.strip()
         print(f"bot> {reply}{'' if ans.ended else ' [cut at --max_new_tokens]'}", flush=True)
         history.append({"role": "assistant", "content": reply})

@@ -38,11 +38,17 @@ def evaluate_model(model_dir: str, prompts: list, max_new_tokens: int):
     from transformers import AutoModelForCausalLM
 
     from utils.generation import generate_answers
-    from utils.model import load_model, load_tokenizer
+    from utils.model import load_model, load_tokenizer, model_positions
 
     tok = load_tokenizer(model_dir, what="--models")
     model = load_model(AutoModelForCausalLM, model_dir, what="--models").eval()
-    return generate_answers(model, encoder_for(model_dir, tok), prompts, max_new_tokens=max_new_tokens)
+    limit = (model_positions(model_dir) or (None,))[0]
+    answers = generate_answers(model, encoder_for(model_dir, tok), prompts, max_new_tokens=max_new_tokens, limit=limit)
+    cut = [i for i, a in enumerate(answers) if a.cut]
+    if cut:
+        print(f"{model_dir}: cut {len(cut)} of {len(answers)} prompts to their last {limit - max_new_tokens} tokens "
+              f"(the model's {limit} positions less --max_new_tokens; first: prompt {cut[0] + 1})")
+    return answers
 
 
 def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:

@@ -201,3 +201,38 @@ def test_relative_paths_are_the_callers_not_the_checkouts(tiny_dir, tmp_path):
                        text=True)
     assert p.returncode == 3 and p.stdout.startswith("out/sft"), (p.stdout, p.stderr)
     assert not os.path.exists(os.path.join(REPO, "out", "sft"))
+
+
+def test_chat_and_compare_fit_long_prompts_to_the_models_positions(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A prompt (or a chat's history) longer than the model's positions less --max_new_tokens failed with an
+    IndexError traceback in GPT-2's position table; now it loses its start, counted, and a --max_new_tokens
+    that leaves no room is one error line."""
+    import builtins
+    import json
+
+    import launch.chat
+    import launch.compare
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.tiny import build_config
+
+    model = tmp_path / "gpt2-64"  # the tiny GPT-2 with a 64-row position table
+    tok = AutoTokenizer.from_pretrained(tiny_dir("gpt2"))
+    AutoModelForCausalLM.from_config(build_config("gpt2", tok, max_pos=64)).save_pretrained(model)
+    tok.save_pretrained(model)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Tell me about the apple."}) + "\n" +
+                       json.dumps({"prompt": "Tell me about the apple and the pear. " * 20}) + "\n")
+    results = launch.compare.main(["--models", f"a={model}", "--prompts", str(prompts), "--max_new_tokens", "8"])
+    assert results["a"]["n"] == 2
+    assert (f"{model}: cut 1 of 2 prompts to their last 56 tokens (the model's 64 positions less --max_new_tokens; "
+            "first: prompt 2)") in capsys.readouterr().out
+    lines = iter(["Tell me about the apple and the pear. " * 3] * 2 + ["/quit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    launch.chat.main(["--model", str(model), "--max_new_tokens", "20"])
+    assert "were left out to fit the model's 64 positions" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        launch.chat.main(["--model", str(model), "--max_new_tokens", "64"])
+    assert e.value.code == 2
+    assert "--max_new_tokens 64 leaves no room for a prompt in the model's 64 positions" in capsys.readouterr().err
