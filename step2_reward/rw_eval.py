@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
-from utils.args import arg, parse, resolve_data_settings
+from utils.args import arg, max_seq_len_flag, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import pairwise_reward_loss
-from utils.model import load_tokenizer
+from utils.model import check_positions, load_tokenizer, model_positions
 from utils.pairs import encode_pairs
 from utils.reward import load_reward_model, score_ids
 
@@ -49,9 +49,14 @@ def score_responses(model, encoder: Encoder, prompt: str, responses: list[str], 
     samples = [({"role": "assistant", "content": r},) for r in responses]
     seqs = []
     for reply in samples:
-        fitted = encoder.fit(*encoder.encode_reply(msgs, reply))
-        if fitted is None:
-            raise UserError(f"response {reply[0]['content'][:40]!r} is longer than --max_seq_len {encoder.max_seq_len}")
+        ids, labels = encoder.encode_reply(msgs, reply)
+        fitted = encoder.fit(ids, labels)
+        if fitted is None:  # often the prompt's length, not the response's: say the whole sequence's
+            raise UserError(f"--prompt + response {reply[0]['content'][:40]!r} is {len(ids)} tokens, more than "
+                            f"--max_seq_len {encoder.max_seq_len} (--overlong {encoder.overlong})")
+        if len(fitted[0]) < len(ids):
+            print(f"response {reply[0]['content'][:40]!r}: cut to --max_seq_len {encoder.max_seq_len} (--overlong "
+                  "truncate), scored at its last kept token")
         seqs.append(fitted[0])
     return score_ids(model, seqs, encoder.pad_id, batch_size)
 
@@ -88,7 +93,10 @@ def main(argv=None) -> None:
                         "another file")
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, what="--model")
-    template, max_seq_len = resolve_data_settings(args, args.model)
+    positions = model_positions(args.model, args.trust_remote_code)
+    template, max_seq_len = resolve_data_settings(args, args.model, positions and positions[0])
+    # A --max_seq_len beyond the model's positions failed with an IndexError in its position table.
+    check_positions(args.model, max_seq_len, max_seq_len_flag(args, args.model), "--model", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
     samples = load_samples(args.pairs, "pairs") if args.pairs else None  # bad files fail before the model loads
     model = load_reward_model(args.model, pad_id=encoder.pad_id, dtype=args.dtype,

@@ -334,3 +334,34 @@ def test_a_stray_backbone_weight_is_still_refused(tiny_dir, tmp_path):
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match="unexpected.*gpt_neox.layers.0.extra.weight"):
         load_reward_model(str(bad), pad_id=0)
+
+
+def test_rw_eval_names_the_overlong_sequence_and_refuses_a_max_seq_len_beyond_the_positions(tiny_dir, tmp_path,
+                                                                                              capsys):
+    """--max_seq_len beyond the reward model's positions failed with an IndexError traceback in GPT-2's
+    position table; a long --prompt was reported as a long response."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import step2_reward.rw_eval
+    from utils.tiny import build_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir("gpt2"))
+    config = build_config("gpt2", tok, max_pos=64)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    long_prompt = "Tell me about the apple. " * 30
+    for extra, message in (
+            (["--max_seq_len", "1000"], f"--max_seq_len is 1000 tokens, more than the 64 positions of --model "
+                                        f"'{tmp_path / 'rm'}' (config.json max_position_embeddings)"),
+            ([], "--prompt + response 'The apple is great.' is ")):
+        with pytest.raises(SystemExit) as e:
+            step2_reward.rw_eval.main(["--model", str(tmp_path / "rm"), "--prompt", long_prompt, "--responses",
+                                       "The apple is great.", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+    assert err.strip().endswith("tokens, more than --max_seq_len 64 (--overlong error)"), err
+    step2_reward.rw_eval.main(["--model", str(tmp_path / "rm"), "--prompt", "Tell me about the apple.", "--responses",
+                               "The apple is great. " * 20, "--overlong", "truncate"])
+    assert "cut to --max_seq_len 64 (--overlong truncate), scored at its last kept token" in capsys.readouterr().out
