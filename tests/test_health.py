@@ -159,10 +159,31 @@ def test_with_synthetic_negatives_adds_the_pairs_that_fit_and_says_how_many():
     assert with_synthetic_negatives(items, 0.0, DEFAULT_KINDS, EOS, 6, 0, said.append) is items and not said
     out = with_synthetic_negatives(items, 1.0, ("repeat_span",), EOS, 6, 0, said.append)
     assert out[:6] == items and len(out) == 6 and said == ["synthetic negatives: 0 pairs of a chosen answer and a "
-                                                           "corrupted copy of it"]  # every repeat is too long
+                                                           "corrupted copy of it; 6 longer than --max_seq_len 6 left "
+                                                           "out"]  # every repeat is too long
     out = with_synthetic_negatives(items, 1.0, ("drop", "repeat_span"), EOS, 6, 0, said.append)
     assert len(out) == 9 and all("synthetic drop" in p.where for p in out[6:]) and said[-1].startswith(
         "synthetic negatives: 3 pairs")
+
+
+def test_no_synthetic_negative_of_a_chosen_answer_cut_at_max_seq_len():
+    """--overlong truncate leaves a chosen answer cut at --max_seq_len without its EOS; its corrupted copies
+    end with one ("empty": the EOS alone), so such pairs taught that an answer which never ends beats a
+    finished one, the habit step 3's --cut_answer_score exists to punish."""
+    from utils.encoding import IGNORE
+    from utils.negatives import with_synthetic_negatives
+    from utils.pairs import Pair
+
+    whole = Pair([1, 7, 8, 20, 30, EOS], [IGNORE] * 3 + [20, 30, EOS], [1, 7, 8, 40, EOS], [IGNORE] * 3 + [40, EOS],
+                 3, 0.0, "f:1")
+    cut = Pair([1, 7, 8, 21, 31, 32], [IGNORE] * 3 + [21, 31, 32], [1, 7, 8, 41, EOS], [IGNORE] * 3 + [41, EOS], 3,
+               0.0, "f:2")
+    assert synthetic_pairs([cut], 1.0, EOS, seed=0) == []
+    said = []
+    out = with_synthetic_negatives([whole, cut], 3.0, ("empty", "drop", "truncate"), EOS, 6, 0, said.append)
+    assert len(out) == 2 + 3 and all(p.where.startswith("f:1 (synthetic") for p in out[2:])
+    assert said == ["synthetic negatives: 3 pairs of a chosen answer and a corrupted copy of it; none of the 1 chosen "
+                    "answers cut at --max_seq_len (no EOS)"]
 
 
 def test_report_draws_health_panels_and_warnings(tmp_path):

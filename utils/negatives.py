@@ -120,6 +120,11 @@ def synthetic_pairs(items: list, rate: float, eos_id: int, seed: int, kinds=DEFA
     int(rate) times, plus the fraction). Items are `utils.pairs.Pair`s; the `kinds` take turns."""
     rng = random.Random(seed)
     vocab = reply_tokens(items, eos_id) if "replace" in kinds else None
+    # A chosen answer cut at --max_seq_len (--overlong truncate) has no EOS: it is broken itself, and its
+    # corrupted copies end with one, so they would teach that an answer which never ends beats one that does.
+    items = [it for it in items if it.chosen[-1:] == [eos_id]]
+    if not items:
+        return []
     order = list(range(len(items)))
     rng.shuffle(order)
     count = int(round(rate * len(items)))
@@ -141,6 +146,11 @@ def with_synthetic_negatives(items: list, rate: float, kinds, eos_id: int, max_s
     """`items` plus `synthetic_pairs` of them (those that fit `max_seq_len`), with one log line."""
     if rate <= 0:
         return items
-    extra = [p for p in synthetic_pairs(items, rate, eos_id, seed, tuple(kinds)) if len(p.rejected) <= max_seq_len]
-    print0(f"synthetic negatives: {len(extra)} pairs of a chosen answer and a corrupted copy of it")
+    made = synthetic_pairs(items, rate, eos_id, seed, tuple(kinds))
+    extra = [p for p in made if len(p.rejected) <= max_seq_len]
+    cut = sum(it.chosen[-1:] != [eos_id] for it in items)
+    print0(f"synthetic negatives: {len(extra)} pairs of a chosen answer and a corrupted copy of it"
+           + (f"; {len(made) - len(extra)} longer than --max_seq_len {max_seq_len} left out" if len(made) > len(extra)
+              else "")
+           + (f"; none of the {cut} chosen answers cut at --max_seq_len (no EOS)" if cut else ""))
     return items + extra
