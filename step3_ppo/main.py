@@ -254,7 +254,7 @@ def main(argv=None) -> None:
         save_hf(models.critic.module, tokenizer, os.path.join(out, "critic"), meta, encoder)
         saved.append("critic")
     if models.ema is not None:
-        save_hf(models.ema, tokenizer, os.path.join(out, "actor_ema"), meta, encoder)
+        save_hf(models.ema, tokenizer, os.path.join(out, "actor_ema"), meta, encoder, dtype=args.dtype)
         saved.append("actor_ema")
     finish_run(args, resolved)
     ds.print0(f"saved {args.output_dir}/{{{', '.join(saved)}}}")

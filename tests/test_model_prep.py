@@ -197,3 +197,24 @@ def test_a_failed_model_write_is_one_line_and_leaves_no_half_model(tiny_dir, tmp
     with pytest.raises(UserError, match=f"could not write the model to '{out}': .*No space left on device"):
         save_hf(model, load_tokenizer(tiny_dir("llama")), str(out), {"step": "test"})
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("lora_dim", [0, 4])
+def test_save_hf_writes_the_weights_in_the_dtype_asked_for(tiny_dir, tmp_path, lora_dim):
+    """Step 3's EMA actor is averaged in fp32; with --dtype bf16 it was saved in fp32 (twice the actor's
+    size, and `dtype="auto"` loaded it in another dtype than the actor) although the run saves in bf16."""
+    import json
+
+    import torch
+
+    from utils.model import load_tokenizer, save_hf
+
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_dir("llama")), _args("none", lora_dim=lora_dim))
+    save_hf(model, load_tokenizer(tiny_dir("llama")), str(tmp_path / "out"), {"step": "test"}, dtype="bf16")
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert saved.dtype == torch.bfloat16
+    base = model.get_base_model() if lora_dim else model
+    assert base.dtype == torch.float32 and base.config.dtype in (torch.float32, "float32")  # the EMA goes on in fp32
+    trained = base.get_input_embeddings().weight.detach()
+    assert torch.equal(saved.get_input_embeddings().weight, trained.to(torch.bfloat16))

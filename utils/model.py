@@ -335,7 +335,8 @@ def merge_lora_state_dict(state_dict: dict, peft_config) -> dict:
     return out
 
 
-def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, encoder=None) -> None:
+def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, encoder=None,
+            dtype: str | None = None) -> None:
     """Write a Hugging Face directory (safetensors + tokenizer + args.json) from any ZeRO stage.
 
     All ranks must call it: ZeRO-3 parameters are gathered one at a time (buffers included).
@@ -345,10 +346,14 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, enco
     With the run's `encoder`, the reply end (Encoder.eos_id) is added to generation_config.json's eos_token_id
     when missing, so plain `generate()` stops where the trained replies end (a chat template's turn end), and
     the tokenizer is saved with the chat template of the trained format (Encoder.chat_template).
+    `dtype` ("fp32", "fp16", "bf16") casts the saved weights and config.json's dtype: step 3's EMA actor is
+    averaged in fp32 but saved in the run's --dtype, as the actor is (`dtype="auto"` loads what was trained).
     """
     from peft import PeftModel
 
     sd = ds.gather_state_dict(module)
+    if dtype is not None:
+        sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     failed = None
     if ds.is_rank0():
         tmp = out_dir.rstrip("/") + ".tmp"
@@ -378,6 +383,10 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, enco
                 base.save_pretrained(tmp, state_dict=merge_lora_state_dict(sd, module.peft_config["default"]))
             else:
                 module.save_pretrained(tmp, state_dict=sd)
+            if dtype is not None:  # save_pretrained wrote the in-memory model's dtype (the EMA's fp32)
+                saved_dtype, base.config.dtype = base.config.dtype, str(DTYPES[dtype]).removeprefix("torch.")
+                base.config.save_pretrained(tmp)
+                base.config.dtype = saved_dtype
             _save_tokenizer(tokenizer, tmp, encoder.chat_template() if encoder is not None else tokenizer.chat_template)
             if args_dict is not None:
                 with open(os.path.join(tmp, "args.json"), "w") as f:
