@@ -218,3 +218,17 @@ def test_save_hf_writes_the_weights_in_the_dtype_asked_for(tiny_dir, tmp_path, l
     assert base.dtype == torch.float32 and base.config.dtype in (torch.float32, "float32")  # the EMA goes on in fp32
     trained = base.get_input_embeddings().weight.detach()
     assert torch.equal(saved.get_input_embeddings().weight, trained.to(torch.bfloat16))
+
+
+def test_tiny_runs_as_the_script_the_readme_names(tmp_path):
+    """`python utils/tiny.py --family gpt2 ...` stopped with "attempted relative import with no known parent
+    package" (only `python -m utils.tiny` worked)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "tiny"
+    subprocess.run([sys.executable, os.path.join(repo, "utils", "tiny.py"), "--family", "gpt2", "--output_dir", str(out)],
+                   check=True, env={**os.environ, "PYTHONPATH": repo}, capture_output=True)
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
