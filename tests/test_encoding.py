@@ -445,3 +445,25 @@ def test_the_saved_chat_template_renders_the_trained_format(tiny_dir, tokenizer_
             text = saved.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             lead = text[: len(text) - len(enc.render_prompt(prompt))]
             assert text.endswith(enc.render_prompt(prompt)) and lead in ("", saved.bos_token, f"{saved.bos_token} ")
+
+
+def test_a_sample_longer_than_the_tokenizers_model_max_length_gets_only_our_log_line(tokenizer_of):
+    """A text past the tokenizer's model_max_length (GPT-2's 1024) made transformers warn that running it
+    "will result in indexing errors", although --overlong then skips or cuts it and says so itself."""
+    import copy
+    import logging
+
+    tok = copy.deepcopy(tokenizer_of("gpt2"))  # transformers warns once per tokenizer object
+    enc = Encoder(tok, "auto", 64)
+    long = sample(USER, {"role": "assistant", "content": "The apple is great. " * (tok.model_max_length // 2)})
+    logs, warned = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")  # its own handler, not propagated: caplog does not see it
+    hf_logger.addHandler(handler)
+    try:
+        out = encode_all([long, sample(USER, REPLY)], lambda s: (enc.encode_sft(s),), enc, "train", logs.append)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert len(out.items) == 1 and len(logs) == 1 and "longer than --max_seq_len 64" in logs[0]
+    assert not [w for w in warned if "indexing errors" in w], warned

@@ -134,7 +134,9 @@ class Encoder:
         return self._special_text.sub("", text) if self._special_text is not None else text
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: a text longer than the tokenizer's model_max_length follows --overlong, said in our own
+        # log line; transformers' "will result in indexing errors" warning about it would be wrong here.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode_segments(self, segments) -> tuple[list[int], list[int]]:
         """Token ids and labels of rendered segments, the ids those of the whole text as the tokenizer reads
