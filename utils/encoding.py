@@ -73,6 +73,7 @@ class Encoder:
         if overlong not in OVERLONG_RULES:
             raise UserError(f"--overlong must be one of {OVERLONG_RULES}")
         self.tokenizer = tokenizer
+        self._recent: dict[str, tuple] = {}  # text -> ids, the last few tokenized (_ids)
         self.template = resolve_template(template, tokenizer)
         self.max_seq_len = max_seq_len
         self.overlong = overlong
@@ -134,9 +135,16 @@ class Encoder:
         return self._special_text.sub("", text) if self._special_text is not None else text
 
     def _ids(self, text: str) -> list[int]:
-        # verbose=False: a text longer than the tokenizer's model_max_length follows --overlong, said in our own
-        # log line; transformers' "will result in indexing errors" warning about it would be wrong here.
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        """The ids of `text` tokenized whole. The last few texts are remembered: a preference pair tokenized
+        its prompt six times (the prompt alone, then as the start of each reply's conversation, each twice),
+        which was most of the time a large dataset took to encode, on every rank."""
+        if text not in self._recent:
+            if len(self._recent) >= 8:
+                self._recent.pop(next(iter(self._recent)))
+            # verbose=False: a text longer than the tokenizer's model_max_length follows --overlong, said in our
+            # own log line; transformers' "will result in indexing errors" warning about it would be wrong here.
+            self._recent[text] = tuple(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return list(self._recent[text])
 
     def encode_segments(self, segments) -> tuple[list[int], list[int]]:
         """Token ids and labels of rendered segments, the ids those of the whole text as the tokenizer reads
