@@ -467,3 +467,36 @@ def test_a_sample_longer_than_the_tokenizers_model_max_length_gets_only_our_log_
         hf_logger.removeHandler(handler)
     assert len(out.items) == 1 and len(logs) == 1 and "longer than --max_seq_len 64" in logs[0]
     assert not [w for w in warned if "indexing errors" in w], warned
+
+
+# A Phi-3-style template: `<|role|>\n...<|end|>\n` per turn, the EOS written after the conversation's last turn
+# only (not before a generation prompt).
+PHI3_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_template_that_ends_the_last_turn_only_encodes_multi_turn_conversations(tokenizer_of):
+    """Phi-3 writes its EOS after the conversation's last turn, so the conversation up to a reply is not a prefix
+    of the longer one there; every multi-turn row, and every PPO prompt with an earlier reply, was refused
+    ("template does not render earlier turns as a prefix"). Each reply is now trained up to its turn end
+    (`<|end|>`), and the ids are the template's own up to the last one."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer_of("qwen2"))
+    tok.add_tokens(["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], special_tokens=True)
+    tok.eos_token = "<|endoftext|>"
+    tok.chat_template = PHI3_TEMPLATE
+    enc = Encoder(tok, "chat", 256)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert enc.eos_id == end and enc.bos_id is None
+    later = ({"role": "user", "content": "And the pear?"}, {"role": "assistant", "content": "The pear is fine."})
+    for messages in ((USER, REPLY) + later, ({"role": "system", "content": "Be brief."}, USER, REPLY) + later):
+        ids, labels = enc.encode_sft(sample(*messages))
+        full = chat_ids(tok, messages)
+        assert full[len(ids):] == tok("\n<|endoftext|>", add_special_tokens=False)["input_ids"] and ids == full[:len(ids)]
+        replies = [tok.decode([i for i, l in zip(ids, labels) if l != IGNORE])]
+        assert replies == [REPLY["content"] + "<|end|>" + later[1]["content"] + "<|end|>"]
+        assert labels.count(end) == 2 and labels[-1] == end
+        assert enc.encode_prompt(messages[:-1]) == chat_ids(tok, messages[:-1], add_generation_prompt=True)
+        r_ids, r_labels = enc.encode_reply(messages[:-1], messages[-1:])
+        assert r_ids == ids and tok.decode([l for l in r_labels if l != IGNORE]) == later[1]["content"] + "<|end|>"

@@ -15,6 +15,7 @@ Templates:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -147,6 +148,26 @@ def _prefix_ok(text: str, prefix: str, what: str) -> None:
             "loss masks would be wrong with it (pick --template hh, alpaca or raw)")
 
 
+def _reopen(segments: list, done: str, later: str, content: str, tokenizer) -> str:
+    """`done` (ending with a reply segment, whose message content is `content`) cut where `later`, a longer
+    conversation's rendering, departs from it, where that is after the reply's content: a template that writes
+    text after the conversation's last turn only (Phi-3's EOS after the final `<|end|>\\n`) renders the earlier
+    turns as a prefix up to that text, and the encoder trains a reply only up to its end token anyway. The
+    last segment is shortened in place; `done` is returned unchanged where the departure is not that."""
+    if later.startswith(done) or not segments or not segments[-1].reply:
+        return done
+    k = len(os.path.commonprefix([done, later]))
+    for special in tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values()]:
+        j = done.rfind(special, 0, k + len(special) - 1)  # not inside a special token's text: `<|endoftext|>`
+        if 0 <= j < k < j + len(special):                   # and `<|user|>` share `<|`
+            k = j
+    start = len(done) - len(segments[-1].text)
+    if k <= start or content.strip() not in done[start:k]:
+        return done
+    segments[-1] = Segment(done[start:k], segments[-1].train, reply=True)
+    return done[:k]
+
+
 def trained(messages, i: int) -> bool:
     """Whether message i is a reply the loss covers: an assistant turn after the first user turn (a greeting
     that opens the conversation answers nothing, and a chat template cannot render the empty prompt before
@@ -165,6 +186,7 @@ def render_segments(messages, template: str, tokenizer, add_generation_prompt: b
     """
     segments: list[Segment] = []
     done = ""  # text rendered so far
+    last = ""  # the content of the reply that ends `done`
     for i, m in enumerate(messages):
         # Under hh, alpaca and raw every reply ends with the end token the encoder appends, an untrained one
         # ("weight": 0, a greeting before the first user turn) too, as a chat template writes its turn end.
@@ -173,14 +195,16 @@ def render_segments(messages, template: str, tokenizer, add_generation_prompt: b
             continue
         before = render_text(messages[:i], template, tokenizer, add_generation_prompt=True)
         upto = render_text(messages[: i + 1], template, tokenizer, add_generation_prompt=False)
+        done = _reopen(segments, done, before, last, tokenizer)
         _prefix_ok(before, done, "earlier turns")
         _prefix_ok(upto, before, "the generation prompt")
         if len(before) > len(done):
             segments.append(Segment(before[len(done):], False))
         segments.append(Segment(upto[len(before):], trained(messages, i), reply=True))
-        done = upto
+        done, last = upto, m["content"]
     if not messages or not trained(messages, len(messages) - 1):
         rest = render_text(messages, template, tokenizer, add_generation_prompt=add_generation_prompt)
+        done = _reopen(segments, done, rest, last, tokenizer)
         _prefix_ok(rest, done, "earlier turns")
         if len(rest) > len(done):
             segments.append(Segment(rest[len(done):], False))
