@@ -500,3 +500,25 @@ def test_a_template_that_ends_the_last_turn_only_encodes_multi_turn_conversation
         assert enc.encode_prompt(messages[:-1]) == chat_ids(tok, messages[:-1], add_generation_prompt=True)
         r_ids, r_labels = enc.encode_reply(messages[:-1], messages[-1:])
         assert r_ids == ids and tok.decode([l for l in r_labels if l != IGNORE]) == later[1]["content"] + "<|end|>"
+
+
+def test_a_template_that_rewrites_an_earlier_reply_is_refused_naming_where(tokenizer_of):
+    """A Qwen3-style template writes a `<think>` block in the last reply only and drops it once a later user
+    turn follows: no split into prompt and reply gives that reply's ids, so the row is refused; the refusal
+    names the text where the renderings part (it said only "does not render earlier turns as a prefix")."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer_of("qwen2"))
+    tok.chat_template = (
+        "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+        "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}{%- for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' }}{%- if m['role'] == 'assistant' and loop.index0 > ns.last %}"
+        "{{ '<think>\n\n</think>\n\n' }}{%- endif %}{{ m['content'] + '<|im_end|>\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
+    enc = Encoder(tok, "chat", 256)
+    ids, labels = enc.encode_sft(sample(USER, REPLY))  # one turn: the empty think block is part of the reply
+    assert tok.decode([l for l in labels if l != IGNORE]).startswith("<think>\n\n</think>\n\nThe apple")
+    with pytest.raises(UserError) as e:
+        enc.encode_sft(sample(USER, REPLY, {"role": "user", "content": "And?"}, REPLY))
+    assert "goes on '<think>\\n\\n</think>\\n\\nThe apple i', the longer 'The apple is great.<|im_end|>\\n'" \
+        in str(e.value)

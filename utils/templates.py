@@ -143,9 +143,15 @@ def jinja_template(template: str, end: str, bos: str = "") -> str:
 
 def _prefix_ok(text: str, prefix: str, what: str) -> None:
     if not text.startswith(prefix):
+        # Name where the two renderings part: a template that drops an earlier reply's reasoning (Qwen3) or opens
+        # a `<think>` in the generation prompt that the rendered reply lacks (DeepSeek-R1) is told apart at a glance.
+        k = len(os.path.commonprefix([text, prefix]))
         raise UserError(
-            f"template does not render {what} as a prefix of the longer conversation; "
-            "loss masks would be wrong with it (pick --template hh, alpaca or raw)")
+            f"template does not render {what} as a prefix of the longer conversation (after "
+            f"{prefix[max(0, k - 30):k]!r} the shorter rendering goes on {prefix[k:k + 30]!r}, the longer "
+            f"{text[k:k + 30]!r}); loss masks would be wrong with it (a template that renders a reply differently "
+            "once a later turn follows, or a generation prompt the reply does not start with, cannot be "
+            "split into prompt and reply: edit the chat template or pick --template hh, alpaca or raw)")
 
 
 def _reopen(segments: list, done: str, later: str, content: str, tokenizer) -> str:
