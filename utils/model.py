@@ -352,7 +352,7 @@ def save_hf(module, tokenizer, out_dir: str, args_dict: dict | None = None, enco
     from peft import PeftModel
 
     sd = ds.gather_state_dict(module)
-    if dtype is not None:
+    if dtype is not None and sd is not None:  # rank 0 holds the gathered weights, the other ranks None
         sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     failed = None
     if ds.is_rank0():
