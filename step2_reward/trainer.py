@@ -16,6 +16,7 @@ from utils import ds, packing
 from utils.losses import pairwise_reward_loss, step_loss_scale
 from utils.metrics import Throughput
 from utils.checkpoint import Checkpointer
+from utils.health import flat_reward_warning
 from utils.output import partial_dir
 from utils.pairs import pair_tokens
 from utils.reward import sequence_rewards, shared_prompt_rewards, token_scores
@@ -122,4 +123,7 @@ def train(args, engine, stream, eval_items, logger, collate_fn, total_steps: int
     final = evaluate(engine, eval_items, eval_bs, collate_fn, center, fp32,
                      scores_path=os.path.join(partial_dir(args.output_dir), "eval_rewards.jsonl"))
     logger.log({"step": step, "split": "eval", **final})
+    warning = flat_reward_warning(step, final)
+    if warning:
+        logger.log(warning)
     return final

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from utils.health import AnswerHealthMonitor, DisplacementMonitor, distinct_ratio_sums
+from utils.health import AnswerHealthMonitor, DisplacementMonitor, distinct_ratio_sums, flat_reward_warning
 from utils.negatives import DEFAULT_KINDS, KINDS, corrupt_reply, synthetic_pairs
 
 EOS = 2
@@ -241,3 +241,25 @@ def test_monitors_carry_their_state_across_a_resume():
     again = DisplacementMonitor(nats=1.0, beta=0.1, rpo_alpha=0.0)
     again.load_state_dict(d.state_dict())
     assert again.check(2, {"rewards/chosen": -0.5}) is None
+
+
+
+@pytest.mark.parametrize("loss, accuracy, margin, warns", [
+    (0.6900935, 0.98, 0.0061, True),   # the demo's tiny Falcon: 98% ordered, yet PPO went 100% -> 2% preferred
+    (0.6690124, 1.00, 0.0490, True),   # tiny Gemma: PPO and DPO moved nothing
+    (0.5286060, 1.00, 0.4152, False),  # tiny Phi-3: PPO 72% -> 100% preferred
+    (0.1678834, 1.00, 2.8465, False),  # the demo's Llama
+    (0.6931472, 0.50, 0.0, True),      # chance
+])
+def test_flat_reward_model_warns_on_held_out_loss_near_log2(loss, accuracy, margin, warns):
+    # Held-out numbers of step 2 on the demo data (2026-12-07); a warning when loss > log 2 - 0.05.
+    w = flat_reward_warning(36, {"loss": loss, "accuracy": accuracy, "margin": margin})
+    assert (w is not None) == warns
+    if warns:
+        assert w["split"] == "warning" and w["warning"] == "flat_reward_model" and w["step"] == 36
+        assert "log 2" in w["message"] and "--learning_rate" in w["message"]
+
+
+def test_flat_reward_warning_quiet_without_held_out_loss():
+    assert flat_reward_warning(5, {}) is None
+    assert flat_reward_warning(5, {"loss": float("nan")}) is None

@@ -12,10 +12,20 @@ EOS rate and the mean answer length, compared with the first step's: answers tha
 start repeating or grow to several times their first length are the first sign of an actor drifting to
 text its reward model over-scores (a reward model trained on pairs whose chosen answers are the longer
 ones learns "longer is better", and PPO climbs it by saying a clause again and again).
+
+Reward model: a held-out pairwise loss near log 2 means the scores hardly separate chosen from rejected,
+however high the accuracy (a margin of 0.006 still orders 98% of the pairs). Step 3 whitens its
+advantages, so it turns such a reward model's noise into full-size updates: a tiny Falcon (tied
+embeddings) whose held-out loss was 0.690 sent PPO from 100% to 2% preferred answers, silently.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+# Held-out loss above log 2 - this: the mean pair probability sigmoid(r_c - r_r) is below ~52.5%.
+FLAT_REWARD_LOSS_GAP = 0.05
 
 
 def distinct_ratio_sums(answers: torch.Tensor, action_mask: torch.Tensor, eos_id: int) -> tuple[float, int]:
@@ -142,3 +152,17 @@ def rollout_distinct_ratio(rollouts: list[dict], eos_id: int) -> float:
         total, n = total + t, n + k
     total, n = ds.all_reduce_sum([total, n]).tolist()
     return total / max(n, 1.0)
+
+
+def flat_reward_warning(step: int, final_eval: dict) -> dict | None:
+    """A warning event when step 2's final held-out loss is within FLAT_REWARD_LOSS_GAP of log 2
+    (chance), else None. `final_eval`: the eval line (loss, accuracy, margin) of step2_reward.trainer."""
+    loss = final_eval.get("loss")
+    if loss is None or not math.isfinite(loss) or loss < math.log(2) - FLAT_REWARD_LOSS_GAP:
+        return None
+    return {"step": step, "split": "warning", "warning": "flat_reward_model", "loss": loss,
+            "message": f"held-out loss {loss:.3f} is within {FLAT_REWARD_LOSS_GAP:g} of log 2 = 0.693 (mean margin "
+                       f"{final_eval.get('margin', float('nan')):.3g}, accuracy {final_eval.get('accuracy', float('nan')):.2f}): "
+                       "the scores barely separate chosen from rejected, and step 3 whitens its advantages, so PPO "
+                       "on this reward model follows noise. Train it longer or with a higher --learning_rate, "
+                       "or check the SFT model it starts from"}
