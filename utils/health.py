@@ -164,5 +164,6 @@ def flat_reward_warning(step: int, final_eval: dict) -> dict | None:
             "message": f"held-out loss {loss:.3f} is within {FLAT_REWARD_LOSS_GAP:g} of log 2 = 0.693 (mean margin "
                        f"{final_eval.get('margin', float('nan')):.3g}, accuracy {final_eval.get('accuracy', float('nan')):.2f}): "
                        "the scores barely separate chosen from rejected, and step 3 whitens its advantages, so PPO "
-                       "on this reward model follows noise. Train it longer or with a higher --learning_rate, "
-                       "or check the SFT model it starts from"}
+                       "on this reward model may follow noise. Look at its scores (step2_reward/rw_eval.py); train "
+                       "it longer or with a higher --learning_rate, or check the SFT model it starts from (on noisy "
+                       "human preference data a loss this close to log 2 can also be the data's own limit)"}
