@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -172,7 +173,9 @@ def test_shared_prompt_forward_equals_concatenated(tiny_dir, tokenizer_of, famil
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for shared in (False, True):
-        r_c, r_r = pair_rewards(model, collate_pairs(items, enc.pad_id, shared_prompt=shared), fp32=True)
+        with warnings.catch_warnings():  # transformers' FutureWarning on the cache's deprecated keyword name
+            warnings.simplefilter("error", FutureWarning)
+            r_c, r_r = pair_rewards(model, collate_pairs(items, enc.pad_id, shared_prompt=shared), fp32=True)
         loss, _ = pairwise_reward_loss(r_c, r_r)
         results.append((r_c.detach(), r_r.detach(), torch.autograd.grad(loss, params)))
     (c0, r0, g0), (c1, r1, g1) = results
@@ -188,7 +191,7 @@ def test_shared_prompt_forward_refuses_an_empty_cache(tiny_dir):
     from utils.reward import shared_prompt_rewards
 
     model = load_reward_model(tiny_dir("llama"), pad_id=1).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids, mask = torch.tensor([[0, 5, 6]]), torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(UserError, match="KV cache"):
         shared_prompt_rewards(model, ids, mask, torch.tensor([[7, 1], [8, 1]]), torch.ones(2, 2, dtype=torch.long))

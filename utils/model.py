@@ -284,7 +284,11 @@ def prepare_model(model, args, task_type: str = "CAUSAL_LM"):
     if getattr(args, "disable_dropout", False):
         disable_dropout(model)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x: activation_checkpointing_enable (gradient_checkpointing_enable warns, gone in v6).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model._saved_use_cache = model.config.use_cache  # save_hf writes the model's own setting back
         model.config.use_cache = False
     if args.lora_dim > 0:

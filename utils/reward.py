@@ -10,6 +10,7 @@ pooled output; we read the head's per-token outputs and pick the token ourselves
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -81,6 +82,14 @@ def _head(model) -> torch.nn.Module:
     return head
 
 
+def _cache_kwarg(model) -> str:
+    """The name the model's forward takes a KV cache by: `cache` in transformers >= 5.2x, where
+    `past_key_values` is deprecated (a FutureWarning on every call, even for None; gone in 5.40)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
     """Per-token head outputs [B, T] of a one-label sequence classifier (a DeepSpeed engine or a plain model).
@@ -91,10 +100,11 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     With `past_key_values` (a cache of earlier tokens), `attention_mask` covers cached + new tokens.
     """
     captured = []
+    cached = {} if past_key_values is None else {_cache_kwarg(model): past_key_values}
     handle = _head(model).register_forward_hook(lambda _m, _inp, out: captured.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-              past_key_values=past_key_values, use_cache=past_key_values is not None)
+              use_cache=past_key_values is not None, **cached)
     finally:
         handle.remove()
     out = captured[-1]
