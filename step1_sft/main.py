@@ -29,6 +29,7 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
+    ds.check_launch_env()  # before the output lock, which only rank 0 takes
     check_output_dir(args)
     hf_logging.disable_progress_bar()
     rank, world = ds.init_distributed(args.seed)

@@ -42,6 +42,7 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
+    ds.check_launch_env()  # before the output lock, which only rank 0 takes
     check_output_dir(args)
     if args.shared_prompt_forward and args.gradient_checkpointing:
         raise UserError("--shared_prompt_forward needs the KV cache, which --gradient_checkpointing turns off")

@@ -175,6 +175,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
     algo = check_args(args)
+    ds.check_launch_env()  # before the output lock, which only rank 0 takes
     check_output_dir(args)
     funcs = load_reward_funcs(args.reward_funcs, args.reward_weights)
     rank, world = ds.init_distributed(args.seed)

@@ -47,6 +47,52 @@ def extensions_dir() -> str:
     return path
 
 
+# What DeepSpeed's init_distributed reads; with any of them missing it falls back to MPI discovery, which
+# without mpi4py ended the run in a ModuleNotFoundError traceback (RANK exported, WORLD_SIZE not).
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Task counts that a scheduler or MPI launcher sets in each process it starts, without RANK.
+TASK_COUNT_ENV = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launch_env_problem(env, devices: int = 0) -> str | None:
+    """Why the environment `env` cannot start this program's process group on a machine with `devices`
+    visible GPUs (0: CPU), in one line naming what to change, or None. Without RANK a process runs alone
+    (a one-process group; MASTER_ADDR or MASTER_PORT alone are fine); `srun -n 2 python main.py` (or
+    mpirun) started two such processes, which trained as two independent 1-rank jobs into the same
+    --output_dir (on two nodes; on one node the second was refused as "being written by another run")."""
+    given = [k for k in ("RANK", "WORLD_SIZE") if k in env]
+    if given:
+        missing = [k for k in RENDEZVOUS_ENV if k not in env]
+        if missing:
+            return (f"the environment sets {' and '.join(given)} but not {', '.join(missing)}: start the ranks "
+                    "with deepspeed, torchrun or launch/run.sh (they set all five), or unset "
+                    f"{' and '.join(given)} to run one process")
+        local = env["LOCAL_RANK"]
+        if devices and local.isdigit() and int(local) >= devices:  # torch.cuda.set_device: a CUDA traceback
+            return (f"LOCAL_RANK={local} but this process sees {devices} GPU(s) (CUDA_VISIBLE_DEVICES="
+                    f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {devices} ranks per node "
+                    "(--num_gpus / NGPUS) or make every GPU visible to each rank")
+        return None
+    for key in TASK_COUNT_ENV:
+        count = env.get(key, "")
+        if count.isdigit() and int(count) > 1:
+            return (f"{key}={count}: the launcher started {count} copies of this program but set no RANK, so each "
+                    "would train alone into the same --output_dir; start one `deepspeed` per node (launch/run.sh "
+                    "with NUM_NODES, NODE_RANK and MASTER_ADDR) or torchrun, or a single task (srun --ntasks 1) "
+                    "for one process")
+        if count.isdigit():
+            return None  # the first count present is this step's (srun sets SLURM_STEP_NUM_TASKS)
+    return None
+
+
+def check_launch_env() -> None:
+    """Refuse, before any file is touched or a lock taken, an environment that would not start the
+    process group the user meant (see launch_env_problem)."""
+    problem = launch_env_problem(os.environ, torch.cuda.device_count())
+    if problem:
+        raise UserError(problem)
+
+
 def init_distributed(seed: int) -> tuple[int, int]:
     """Initialise the process group (works for `deepspeed` and plain `python`), seed everything.
     Returns (rank, world_size)."""
