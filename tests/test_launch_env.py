@@ -69,3 +69,31 @@ def test_srun_tasks_without_rank_are_refused_before_writing(script, tiny_dir, tm
         assert_user_error(done, r"^error: SLURM_NTASKS=2: the launcher started 2 copies")
         assert len(stderr.strip().splitlines()) == 1, stderr
     assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
+
+
+def test_ops_folder_falls_back_to_the_temporary_directory_then_refuses(tmp_path, monkeypatch):
+    """A read-only environment (sys.prefix) on nodes with a read-only HOME: torch's op build ended every
+    run in an OSError traceback. The ops go to a folder of this user under the temporary directory; with
+    nothing writable, and for an unwritable TORCH_EXTENSIONS_DIR, one line names the variable to set."""
+    import tempfile
+
+    from utils import ds
+    from utils.errors import UserError
+
+    blocked = tmp_path / "a-file"  # as root every directory is writable: a file in the path blocks makedirs
+    blocked.write_text("")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(blocked / "env"))
+    monkeypatch.setenv("HOME", str(blocked / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    path = ds.extensions_dir()
+    assert path.startswith(str(tmp_path / "tmp" / f"ds-rlhf-{os.getuid()}")) and os.path.isdir(path)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == path
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked / "tmp"))
+    with pytest.raises(UserError, match="no writable folder for DeepSpeed's C\\+\\+ ops .*set TORCH_EXTENSIONS_DIR"):
+        ds.extensions_dir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocked))
+    with pytest.raises(UserError, match="TORCH_EXTENSIONS_DIR '.*a-file' is not a writable directory"):
+        ds.extensions_dir()

@@ -22,29 +22,48 @@ from .errors import UserError
 def extensions_dir() -> str:
     """Where DeepSpeed's JIT-built C++ ops (cpu_adam, shm_comm) go: TORCH_EXTENSIONS_DIR when set, else a
     folder of this environment (sys.prefix/torch_extensions, or a per-environment folder under
-    ~/.cache/ds-rlhf when sys.prefix is read-only), which is then set for this process and its children.
+    ~/.cache/ds-rlhf when sys.prefix is read-only, or under the temporary directory when HOME is too),
+    which is then set for this process and its children.
 
     torch's default, ~/.cache/torch_extensions/py311_cpu, depends only on the Python and CUDA versions, so
     every environment of a user shares it. Each process writes its environment's torch include paths and
     flags into the op's build.ninja (torch.utils.cpp_extension._write_ninja_file_and_build_library), and
     ninja rebuilds whenever that command changed: with two environments taking turns (a second venv with
     another torch build), every program start of either one recompiles the op, about a minute each. One
-    folder per environment builds each op once."""
+    folder per environment builds each op once.
+
+    A shared read-only environment on nodes whose HOME is read-only (or over quota) ended every run in an
+    OSError traceback from torch's build; an unwritable TORCH_EXTENSIONS_DIR did too. Both are one line now."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    path = os.path.join(sys.prefix, "torch_extensions")
+        path = os.environ["TORCH_EXTENSIONS_DIR"]
+        if not _writable_dir(path):
+            raise UserError(f"TORCH_EXTENSIONS_DIR '{path}' is not a writable directory (DeepSpeed builds its C++ "
+                            "ops there): set it to one that is, or unset it")
+        return path
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(f"{sys.prefix}|{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
+    tried = [os.path.join(sys.prefix, "torch_extensions"),
+             os.path.join(os.path.expanduser("~"), ".cache", "ds-rlhf", "torch_extensions", key),
+             os.path.join(tempfile.gettempdir(), f"ds-rlhf-{os.getuid()}", "torch_extensions", key)]
+    for path in tried:
+        # The temporary directory is shared by every user: only a folder this user owns may hold the ops it loads.
+        mine = not path.startswith(tempfile.gettempdir()) or _writable_dir(os.path.dirname(os.path.dirname(path))) \
+            and os.stat(os.path.dirname(os.path.dirname(path))).st_uid == os.getuid()
+        if mine and _writable_dir(path):
+            os.environ["TORCH_EXTENSIONS_DIR"] = path
+            return path
+    raise UserError(f"no writable folder for DeepSpeed's C++ ops (tried {', '.join(tried)}): set "
+                    "TORCH_EXTENSIONS_DIR to a writable directory")
+
+
+def _writable_dir(path: str) -> bool:
     try:
         os.makedirs(path, exist_ok=True)
-        writable = os.access(path, os.W_OK)
     except OSError:
-        writable = False
-    if not writable:
-        import hashlib
-
-        key = hashlib.sha1(f"{sys.prefix}|{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
-        path = os.path.join(os.path.expanduser("~"), ".cache", "ds-rlhf", "torch_extensions", key)
-    os.environ["TORCH_EXTENSIONS_DIR"] = path
-    return path
+        return False
+    return os.access(path, os.W_OK)
 
 
 # What DeepSpeed's init_distributed reads; with any of them missing it falls back to MPI discovery, which
