@@ -286,3 +286,39 @@ def test_a_directory_another_run_is_writing_is_refused(tmp_path, monkeypatch):
         holder.wait()
     check_output_dir(run_args(tmp_path))  # the killed run's lock is gone
     output._LOCK.close()
+
+
+def test_output_lock_works_for_every_user_of_the_machine(tmp_path, monkeypatch):
+    """The first user's run made /tmp/ds-rlhf-locks 0755 and every other user's run then ended in a
+    PermissionError traceback. The folder is sticky and world-writable; another user's lock file (simulated:
+    opening it for writing is denied) still refuses a busy directory; without it this user's own folder."""
+    import builtins
+
+    from utils import output
+    from utils.output import lock_output_dir
+
+    monkeypatch.setattr(output, "LOCK_ROOT", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(output, "_LOCK", None)
+    out = str(tmp_path / "out")
+    lock_output_dir(out)
+    first = output._LOCK
+    assert os.stat(tmp_path / "ds-rlhf-locks").st_mode & 0o7777 == 0o1777
+
+    def other_users(path, mode="r", *a, **k):  # root may open anything: deny what another user may not
+        if "ds-rlhf-locks" + os.sep in str(path) and mode != "r":
+            raise PermissionError(13, "Permission denied", path)
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(output, "open", other_users, raising=False)
+    monkeypatch.setattr(output, "_LOCK", None)
+    with pytest.raises(UserError, match=rf"is being written by another run \(pid {os.getpid()} "):
+        lock_output_dir(out)  # the lock file is another user's: read-only handle, busy all the same
+    first.close()
+    monkeypatch.setattr(output, "_LOCK", None)
+    lock_output_dir(out)  # free now: locked read-only
+    output._LOCK.close()
+    monkeypatch.setattr(output, "_LOCK", None)
+    lock_output_dir(str(tmp_path / "new"))  # no lock file yet and the folder not writable: this user's own
+    assert output._LOCK.name.startswith(str(tmp_path / f"ds-rlhf-locks-{os.getuid()}"))
+    output._LOCK.close()

@@ -221,6 +221,7 @@ def _when(sig) -> str:
 # ----------------------------------------------------------------------------- start and finish
 
 _LOCK = None  # the open lock file of this process's --output_dir (held until the process ends)
+LOCK_ROOT = "/tmp"  # where the machine-wide lock folder lives (tests point it elsewhere)
 
 
 def lock_output_dir(output_dir: str) -> None:
@@ -241,10 +242,8 @@ def lock_output_dir(output_dir: str) -> None:
     out = os.path.realpath(os.path.abspath(output_dir))
     # One place per machine, not the job's TMPDIR (a scheduler often gives every job its own): two jobs
     # with different TMPDIRs both took "the" lock and wrote one run directory.
-    locks = os.path.join("/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir(), "ds-rlhf-locks")
-    os.makedirs(locks, exist_ok=True)
-    path = os.path.join(locks, hashlib.sha1(out.encode()).hexdigest()[:16] + ".lock")
-    f = open(path, "a+")
+    locks = os.path.join(LOCK_ROOT if os.access(LOCK_ROOT, os.W_OK) else tempfile.gettempdir(), "ds-rlhf-locks")
+    f, writable = _open_lock(locks, hashlib.sha1(out.encode()).hexdigest()[:16] + ".lock")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -253,11 +252,33 @@ def lock_output_dir(output_dir: str) -> None:
         f.close()
         raise UserError(f"--output_dir '{output_dir}' is being written by another run ({holder}); wait for it to "
                         "finish or stop it, or choose another directory") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    f.flush()
+    if writable:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
     _LOCK = f
+
+
+def _open_lock(locks: str, name: str):
+    """The lock file `name` in the folder `locks`, shared by every user of the machine, and whether it is
+    open for writing. The first user's folder was 0755 and every other user's run ended in a
+    PermissionError traceback: the folder is now made sticky and world-writable (as /tmp); another user's
+    lock file of the same directory is locked through a read-only handle (flock needs none); a folder an
+    older version left unshared is replaced by this user's own."""
+    try:
+        os.makedirs(locks, exist_ok=True)
+        if os.stat(locks).st_uid == os.getuid():
+            os.chmod(locks, 0o1777)
+        return open(os.path.join(locks, name), "a+"), True
+    except PermissionError:
+        pass
+    try:
+        return open(os.path.join(locks, name)), False
+    except OSError:
+        own = f"{locks}-{os.getuid()}"
+        os.makedirs(own, exist_ok=True)
+        return open(os.path.join(own, name), "a+"), True
 
 
 def check_output_dir(args) -> None:
