@@ -97,3 +97,67 @@ def test_ops_folder_falls_back_to_the_temporary_directory_then_refuses(tmp_path,
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocked))
     with pytest.raises(UserError, match="TORCH_EXTENSIONS_DIR '.*a-file' is not a writable directory"):
         ds.extensions_dir()
+
+
+WAITING_RANK = r"""
+import os, sys
+from utils import ds
+from utils.errors import exit_on_user_error
+print("entering init_distributed", flush=True)
+exit_on_user_error(ds.init_distributed)(0)  # rank 0 never comes: the rendezvous waits
+"""
+
+
+def test_a_rank_waiting_in_the_rendezvous_stops_when_its_launcher_exits(tmp_path):
+    """launch/run.sh NUM_NODES=2 with node 1 never started: SIGTERM to run.sh ended the `deepspeed` command
+    only, and node 0's rank waited out the rendezvous timeout (601 s) before a DistStoreError traceback.
+    It now sees its launcher exit within seconds and ends with 143, in one line."""
+    import socket
+    import time
+
+    from conftest import free_port
+
+    launcher = subprocess.Popen(["sleep", "120"])
+    env = dict(os.environ, PYTHONPATH=REPO, RANK="1", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), RLHF_WATCH_PIDS=f"{socket.gethostname()}:{launcher.pid}")
+    rank = subprocess.Popen([sys.executable, "-c", WAITING_RANK], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "entering init_distributed"
+        time.sleep(3)
+        assert rank.poll() is None  # waiting for its peer
+        launcher.kill()
+        launcher.wait()
+        start = time.time()
+        _, stderr = rank.communicate(timeout=30)
+        assert time.time() - start < 10, time.time() - start
+    finally:
+        launcher.kill()
+        rank.kill()
+        rank.wait()
+    assert rank.returncode == 143, stderr
+    assert "Traceback" not in stderr and "stopped before training started: saw its launcher" in stderr, stderr
+
+
+def test_a_rendezvous_that_times_out_is_one_line(monkeypatch, capsys):
+    """Node 0 waiting for a node that never came ended, after the rendezvous timeout, in a DistStoreError
+    traceback; it is now one line naming the variables every node must share (exit 2)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from utils import ds
+    from utils.errors import exit_on_user_error
+
+    def times_out(**kw):
+        raise dist.DistStoreError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", times_out)
+    monkeypatch.setattr(ds.signals, "install", lambda on_exit=None: None)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(ds.init_distributed)(0)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: rank 0 of 2 gave up waiting for the other ranks at MASTER_ADDR=10.0.0.1 "
+                          "MASTER_PORT=29500 (Timed out after 601 seconds") and "\n" not in err, err

@@ -128,8 +128,14 @@ def init_distributed(seed: int) -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     signals.install(on_exit=_remove_shm_buffers)  # before the shared-memory buffers exist
-    with signals.default_actions():  # the rendezvous blocks in C++, where a Python handler never runs
-        deepspeed.init_distributed(verbose=False)
+    with signals.default_actions(), signals.watching_launchers():  # the rendezvous blocks in C++, where a
+        try:  # Python handler never runs
+            deepspeed.init_distributed(verbose=False)
+        except dist.DistStoreError as e:  # a rank or node that never came: one line, not gloo's traceback
+            raise UserError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} gave up waiting for the other "
+                            f"ranks at MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']} "
+                            f"({str(e).splitlines()[0]}): start every node (NODE_RANK 0..NUM_NODES-1) with the same "
+                            "NUM_NODES, MASTER_ADDR and MASTER_PORT, node 0 reachable from the others") from None
     atexit.register(_remove_shm_buffers)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -66,6 +66,34 @@ def default_actions():
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def watching_launchers(interval: float = 1.0):
+    """Inside, a thread ends the process (143) once a launcher it watches has exited. The rendezvous
+    blocks in C++ where no stop request is polled: with `deepspeed --no_ssh` (launch/run.sh NUM_NODES=2)
+    and a node that never came, SIGTERM to run.sh reached only the `deepspeed` command and the waiting
+    rank went on for the rendezvous timeout (601 s) before failing in a traceback."""
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(interval):
+            why = request()
+            if why and not done.is_set():
+                print(f"stopped before training started: {why}; nothing to save", file=sys.stderr, flush=True)
+                if _STATE.on_exit is not None:
+                    _STATE.on_exit()
+                os._exit(STOP_EXIT_CODE)
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def defer() -> None:
     """From now on a signal is a request honoured at the next optimizer-step boundary."""
     _STATE.deferred = True
