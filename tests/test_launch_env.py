@@ -161,3 +161,25 @@ def test_a_rendezvous_that_times_out_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: rank 0 of 2 gave up waiting for the other ranks at MASTER_ADDR=10.0.0.1 "
                           "MASTER_PORT=29500 (Timed out after 601 seconds") and "\n" not in err, err
+
+
+def test_a_busy_master_port_is_one_line(tmp_path):
+    """Two jobs on one machine with deepspeed's default port: the second one's rank 0 could not listen and
+    ended in a DistNetworkError traceback. It is now one line naming the port and how to choose another."""
+    import socket
+
+    from conftest import free_port
+
+    port = free_port()
+    busy = socket.socket()
+    busy.bind(("0.0.0.0", port))
+    busy.listen()
+    try:
+        env = dict(os.environ, PYTHONPATH=REPO, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        p = subprocess.run([sys.executable, "-c", WAITING_RANK], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        busy.close()
+    assert_user_error(p, rf"^error: MASTER_PORT {port} is in use on this machine .*--master_port")
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

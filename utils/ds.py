@@ -131,6 +131,13 @@ def init_distributed(seed: int) -> tuple[int, int]:
     with signals.default_actions(), signals.watching_launchers():  # the rendezvous blocks in C++, where a
         try:  # Python handler never runs
             deepspeed.init_distributed(verbose=False)
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            # A second job on one machine with deepspeed's default port: rank 0 could not listen (a traceback).
+            raise UserError(f"MASTER_PORT {os.environ['MASTER_PORT']} is in use on this machine (another job's "
+                            "rendezvous): give this job another port (deepspeed --master_port P, MASTER_PORT=P for "
+                            "launch/run.sh and torchrun)") from None
         except dist.DistStoreError as e:  # a rank or node that never came: one line, not gloo's traceback
             raise UserError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} gave up waiting for the other "
                             f"ranks at MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']} "
