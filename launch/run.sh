@@ -65,6 +65,12 @@ NNODES=1
 LAUNCH=(deepspeed)
 if [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; }
+  # DeepSpeed's runner refuses these in a ValueError traceback (exit 1) after it has started.
+  BAD=$(grep -vE '^\s*(#|$)' "$HOSTFILE" | grep -vE '^\s*\S+\s+slots=[0-9]+' | head -1 || true)
+  [ -z "$BAD" ] || { echo "error: HOSTFILE '$HOSTFILE': line '$BAD' is not 'HOST slots=N'" >&2; exit 2; }
+  DUP=$(grep -vE '^\s*(#|$)' "$HOSTFILE" | awk '{print $1}' | sort | uniq -d | head -1)
+  [ -z "$DUP" ] || { echo "error: HOSTFILE '$HOSTFILE' names host '$DUP' twice: give each host one line with its" \
+    "slots=N (several launchers on one machine: NUM_NODES and NODE_RANK instead of HOSTFILE)" >&2; exit 2; }
   NNODES=$(grep -cvE '^\s*(#|$)' "$HOSTFILE")
   LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NGPUS")
 elif [ "${NUM_NODES:-1}" -gt 1 ]; then

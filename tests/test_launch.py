@@ -236,3 +236,16 @@ def test_chat_and_compare_fit_long_prompts_to_the_models_positions(tiny_dir, tmp
         launch.chat.main(["--model", str(model), "--max_new_tokens", "64"])
     assert e.value.code == 2
     assert "--max_new_tokens 64 leaves no room for a prompt in the model's 64 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("localhost slots=1\nlocalhost slots=1\n", "names host 'localhost' twice: .*NUM_NODES and NODE_RANK"),
+    ("node1 slots=8\nnode2\n", "line 'node2' is not 'HOST slots=N'"),
+])
+def test_a_hostfile_deepspeed_would_refuse_is_one_line(tmp_path, text, message):
+    """DeepSpeed's runner refused these in a ValueError traceback, exit 1, after it had started."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], capture_output=True, text=True,
+                       env=dict(os.environ, DRY_RUN="1", HOSTFILE=str(hostfile), NGPUS="1", MODEL_SIZE="tiny"))
+    assert p.returncode == 2 and re.fullmatch(f"error: HOSTFILE .*{message}.*\n", p.stderr), p.stderr
