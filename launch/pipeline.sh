@@ -25,7 +25,11 @@
 # pipeline, which exits 143; the same command continues it.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-: "${MODEL:?set MODEL to the base model}" "${SFT_DATA:?set SFT_DATA}"
+need() {  # need NAME MESSAGE: a missing setting is one `error:` line and exit 2 (bash's ${VAR:?} exited 1)
+  [ -n "${!1:-}" ] || { echo "error: $2" >&2; exit 2; }
+}
+need MODEL "set MODEL to the base model"
+need SFT_DATA "set SFT_DATA"
 WORK_DIR="${WORK_DIR:-out}"
 STEPS="${STEPS:-sft reward ppo dpo}"
 ALGO="${ALGO:-ppo}"
@@ -34,7 +38,7 @@ USE_REWARD_MODEL="${USE_REWARD_MODEL:-$([ -n "${REWARD_FUNCS:-}" ] && echo 0 || 
 skip_reward() { [ "$ALGO" != "ppo" ] && [ "$USE_REWARD_MODEL" = "0" ]; }
 for step in $STEPS; do  # preference pairs are needed only by the steps that read them
   if [ "$step" = dpo ] || { [ "$step" = reward ] && ! skip_reward; }; then
-    : "${PREF_DATA:?set PREF_DATA (step $step reads preference pairs)}"
+    need PREF_DATA "set PREF_DATA (step $step reads preference pairs)"
   fi
 done
 PROMPT_DATA="${PROMPT_DATA:-${PREF_DATA:-}}"

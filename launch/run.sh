@@ -36,7 +36,12 @@ REPO="$(dirname "$HERE")"
 # shellcheck source=presets.sh
 source "$HERE/presets.sh"
 
-STEP="${1:?usage: launch/run.sh sft|reward|ppo|dpo [flags...]}"
+# A missing setting is one `error:` line and exit 2 (bash's ${VAR:?} exited 1 with its own wording).
+need() {  # need NAME MESSAGE
+  [ -n "${!1:-}" ] || { echo "error: $2" >&2; exit 2; }
+}
+[ $# -ge 1 ] || { echo "error: usage: launch/run.sh sft|reward|ppo|dpo [flags...]" >&2; exit 2; }
+STEP="$1"
 shift
 MODEL_SIZE="${MODEL_SIZE:-1.3b}"
 preset "$MODEL_SIZE"
@@ -77,7 +82,8 @@ elif [ "${NUM_NODES:-1}" -gt 1 ]; then
   # One `deepspeed --no_ssh` per node, as on clusters without ssh between nodes (SLURM, Kubernetes).
   # DeepSpeed takes the node list from a hostfile even then; the names are only labels, every node
   # connects to MASTER_ADDR:MASTER_PORT.
-  : "${NODE_RANK:?set NODE_RANK (0..NUM_NODES-1) on each node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+  need NODE_RANK "set NODE_RANK (0..NUM_NODES-1) on each node"
+  need MASTER_ADDR "set MASTER_ADDR to the address of node 0"
   NNODES="$NUM_NODES"
   NODES_FILE="${TMPDIR:-/tmp}/ds-rlhf-hostfile-${NNODES}x${NGPUS}"
   NODES_TMP=$(mktemp "$NODES_FILE.XXXXXX")  # written whole, then renamed: every node writes the same file

@@ -249,3 +249,18 @@ def test_a_hostfile_deepspeed_would_refuse_is_one_line(tmp_path, text, message):
     p = subprocess.run(["bash", os.path.join(REPO, "launch/run.sh"), "sft"], capture_output=True, text=True,
                        env=dict(os.environ, DRY_RUN="1", HOSTFILE=str(hostfile), NGPUS="1", MODEL_SIZE="tiny"))
     assert p.returncode == 2 and re.fullmatch(f"error: HOSTFILE .*{message}.*\n", p.stderr), p.stderr
+
+
+@pytest.mark.parametrize("script,env,message", [
+    ("launch/pipeline.sh", {}, "set MODEL to the base model"),
+    ("launch/pipeline.sh", {"MODEL": "m", "SFT_DATA": "d"}, r"set PREF_DATA \(step reward reads preference pairs\)"),
+    ("launch/run.sh", {}, r"usage: launch/run.sh sft\|reward\|ppo\|dpo"),
+    ("launch/run.sh sft", {"NUM_NODES": "2", "NGPUS": "1"}, r"set NODE_RANK \(0..NUM_NODES-1\) on each node"),
+])
+def test_a_missing_setting_is_one_error_line_and_exit_2(script, env, message):
+    """bash's ${VAR:?} ended the launchers with exit 1 and its own `line 28: MODEL: ...` wording; a scheduler
+    could not tell a wrong setup from a failed run."""
+    e = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), "DRY_RUN": "1", **env}
+    p = subprocess.run(["bash", *[os.path.join(REPO, script.split()[0])], *script.split()[1:]], capture_output=True,
+                       text=True, env=e)
+    assert p.returncode == 2 and re.fullmatch(f"error: {message}.*\n", p.stderr), (p.returncode, p.stderr)
