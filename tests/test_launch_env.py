@@ -183,3 +183,23 @@ def test_a_busy_master_port_is_one_line(tmp_path):
         busy.close()
     assert_user_error(p, rf"^error: MASTER_PORT {port} is in use on this machine .*--master_port")
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path, monkeypatch):
+    """Ctrl-C during the first build of DeepSpeed's shm op left torch's empty `lock` file in the op's folder,
+    and every later run waited for it silently, without end (measured: killed by `timeout 60`, nothing
+    printed). The build now runs under our own flock, which makes such a file provably stale."""
+    import importlib
+
+    from utils import ds
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import ... as` gives deepspeed.comm's torch
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir()
+    stale.write_text("")
+    seen = []
+    monkeypatch.setattr(ds_torch, "build_shm_op", lambda: seen.append(stale.exists()))
+    ds.build_ops()
+    assert seen == [False] and (tmp_path / "deepspeed_shm_comm").is_dir()

@@ -129,7 +129,8 @@ def init_distributed(seed: int) -> tuple[int, int]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     signals.install(on_exit=_remove_shm_buffers)  # before the shared-memory buffers exist
     with signals.default_actions(), signals.watching_launchers():  # the rendezvous blocks in C++, where a
-        try:  # Python handler never runs
+        build_ops()  # Python handler never runs
+        try:
             deepspeed.init_distributed(verbose=False)
         except dist.DistNetworkError as e:
             if "EADDRINUSE" not in str(e):
@@ -148,6 +149,29 @@ def init_distributed(seed: int) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     set_seed(seed)
     return dist.get_rank(), dist.get_world_size()
+
+
+def build_ops() -> None:
+    """Build (or load) DeepSpeed's shared-memory op before the rendezvous, one process of this extensions
+    folder at a time, after removing the build locks ("lock" files) that an interrupted build left.
+
+    torch marks a build in progress with an empty `lock` file in the op's folder and every other process
+    waits, silently and without end, until it is gone; a Ctrl-C (or kill) during the first build left it,
+    and every later run of the environment hung at start-up. Our builds run under an flock of
+    `.ds-rlhf-build.lock`, so while we hold it no build of ours is running and a `lock` file is stale."""
+    import fcntl
+
+    from deepspeed.comm.torch import build_shm_op
+
+    ext = extensions_dir()
+    with open(os.path.join(ext, ".ds-rlhf-build.lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        for stale in glob.glob(os.path.join(ext, "*", "lock")):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+        build_shm_op()
 
 
 def finish(code: int = 0) -> None:
