@@ -42,6 +42,14 @@ def test_environments_refused_in_one_line(env, expected):
     assert problem and "\n" not in problem and re.search(expected, problem), problem
 
 
+@pytest.mark.parametrize("env", [SLURM, {"OMPI_COMM_WORLD_SIZE": "2"}, {"RANK": "0"}])
+def test_with_mpi4py_deepspeed_reads_the_ranks_from_mpi(env):
+    """DeepSpeed's own `--launcher openmpi` and `slurm` start ranks without RANK and rely on MPI discovery
+    (mpi4py): with it installed those launches are left to DeepSpeed, not refused."""
+    assert launch_env_problem(env, mpi=True) is None
+    assert "LOCAL_RANK=1" in launch_env_problem({**env, "LOCAL_RANK": "1"}, 1, mpi=True)
+
+
 def test_local_rank_beyond_the_visible_gpus():
     env = {**RDZV, "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "3"}
     assert "LOCAL_RANK=1 but this process sees 1 GPU(s) (CUDA_VISIBLE_DEVICES=3)" in launch_env_problem(env, 1)

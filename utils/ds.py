@@ -73,20 +73,22 @@ RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 TASK_COUNT_ENV = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
-def launch_env_problem(env, devices: int = 0) -> str | None:
+def launch_env_problem(env, devices: int = 0, mpi: bool = False) -> str | None:
     """Why the environment `env` cannot start this program's process group on a machine with `devices`
     visible GPUs (0: CPU), in one line naming what to change, or None. Without RANK a process runs alone
     (a one-process group; MASTER_ADDR or MASTER_PORT alone are fine); `srun -n 2 python main.py` (or
     mpirun) started two such processes, which trained as two independent 1-rank jobs into the same
-    --output_dir (on two nodes; on one node the second was refused as "being written by another run")."""
+    --output_dir (on two nodes; on one node the second was refused as "being written by another run").
+    With `mpi` (mpi4py importable) DeepSpeed reads the ranks from MPI instead (its `--launcher openmpi` and
+    `slurm` rely on that), so only LOCAL_RANK is checked then."""
     given = [k for k in ("RANK", "WORLD_SIZE") if k in env]
-    if given:
+    if given or mpi:
         missing = [k for k in RENDEZVOUS_ENV if k not in env]
-        if missing:
+        if missing and not mpi:
             return (f"the environment sets {' and '.join(given)} but not {', '.join(missing)}: start the ranks "
                     "with deepspeed, torchrun or launch/run.sh (they set all five), or unset "
                     f"{' and '.join(given)} to run one process")
-        local = env["LOCAL_RANK"]
+        local = env.get("LOCAL_RANK", "")
         if devices and local.isdigit() and int(local) >= devices:  # torch.cuda.set_device: a CUDA traceback
             return (f"LOCAL_RANK={local} but this process sees {devices} GPU(s) (CUDA_VISIBLE_DEVICES="
                     f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {devices} ranks per node "
@@ -107,7 +109,9 @@ def launch_env_problem(env, devices: int = 0) -> str | None:
 def check_launch_env() -> None:
     """Refuse, before any file is touched or a lock taken, an environment that would not start the
     process group the user meant (see launch_env_problem)."""
-    problem = launch_env_problem(os.environ, torch.cuda.device_count())
+    import importlib.util
+
+    problem = launch_env_problem(os.environ, torch.cuda.device_count(), importlib.util.find_spec("mpi4py") is not None)
     if problem:
         raise UserError(problem)
 
