@@ -30,17 +30,15 @@ def main(argv=None) -> None:
 
     from launch.compare import encoder_for
     from utils.errors import UserError
-    from utils.generation import generate_answers
-    from utils.model import load_model, load_tokenizer, model_positions
+    from utils.generation import check_room, generate_answers
+    from utils.model import load_model, load_tokenizer, position_limit
 
     if a.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
     tok = load_tokenizer(a.model, what="--model")
     enc = encoder_for(a.model, tok)
-    limit = (model_positions(a.model) or (None,))[0]
-    if limit is not None and a.max_new_tokens >= limit:
-        raise UserError(f"--max_new_tokens {a.max_new_tokens} leaves no room for a prompt in the model's {limit} "
-                        "positions; lower it")
+    limit = position_limit(a.model)
+    check_room(a.max_new_tokens, limit)  # before the model loads, not at the first turn
     model = load_model(AutoModelForCausalLM, a.model, what="--model").eval()
     history: list[dict] = []
     print(f"chatting with {a.model} (template {enc.template}); /reset, /quit", flush=True)

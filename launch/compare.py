@@ -38,11 +38,11 @@ def evaluate_model(model_dir: str, prompts: list, max_new_tokens: int):
     from transformers import AutoModelForCausalLM
 
     from utils.generation import generate_answers
-    from utils.model import load_model, load_tokenizer, model_positions
+    from utils.model import load_model, load_tokenizer, position_limit
 
     tok = load_tokenizer(model_dir, what="--models")
     model = load_model(AutoModelForCausalLM, model_dir, what="--models").eval()
-    limit = (model_positions(model_dir) or (None,))[0]
+    limit = position_limit(model_dir)
     answers = generate_answers(model, encoder_for(model_dir, tok), prompts, max_new_tokens=max_new_tokens, limit=limit)
     cut = [i for i, a in enumerate(answers) if a.cut]
     if cut:
@@ -52,14 +52,13 @@ def evaluate_model(model_dir: str, prompts: list, max_new_tokens: int):
 
 
 def reward_scores(reward_dir: str, prompts: list, answers: list) -> list[float]:
-    from utils.model import load_tokenizer
-    from utils.model import model_positions
+    from utils.model import load_tokenizer, position_limit
     from utils.reward import load_reward_model, reply_ids, score_ids
 
     tok = load_tokenizer(reward_dir, what="--reward_model")
     enc = encoder_for(reward_dir, tok)
     model = load_reward_model(reward_dir, pad_id=enc.pad_id, what="--reward_model", new_head=False).eval()
-    limit = (model_positions(reward_dir) or (None,))[0]
+    limit = position_limit(reward_dir)
     # As step 3 scores answers as text: read at the reply end where the answer ended, at its last token
     # where it was cut at --max_new_tokens.
     seqs = [reply_ids(enc, p, a.text.strip(), a.ended, limit) for p, a in zip(prompts, answers)]

@@ -21,7 +21,7 @@ from utils.data import load_samples
 from utils.encoding import Encoder
 from utils.errors import UserError, exit_on_user_error
 from utils.losses import pairwise_reward_loss
-from utils.model import check_positions, load_tokenizer, model_positions
+from utils.model import check_positions, load_tokenizer, position_limit
 from utils.pairs import encode_pairs
 from utils.reward import load_reward_model, score_ids
 
@@ -93,8 +93,7 @@ def main(argv=None) -> None:
                         "another file")
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, what="--model")
-    positions = model_positions(args.model, args.trust_remote_code)
-    template, max_seq_len = resolve_data_settings(args, args.model, positions and positions[0])
+    template, max_seq_len = resolve_data_settings(args, args.model, position_limit(args.model, args.trust_remote_code))
     # A --max_seq_len beyond the model's positions failed with an IndexError in its position table.
     check_positions(args.model, max_seq_len, max_seq_len_flag(args, args.model), "--model", args.trust_remote_code)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)

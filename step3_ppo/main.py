@@ -30,7 +30,7 @@ from utils.args import args_record, inherited, parse, resolve_data_settings
 from utils.data import load_samples
 from utils.encoding import Encoder, encode_all, without_special_text
 from utils.errors import UserError, at_record, exit_on_user_error
-from utils.model import check_positions, load_tokenizer, model_positions, save_hf
+from utils.model import check_positions, load_tokenizer, model_positions, position_limit, save_hf
 from utils.output import check_output_dir, partial_dir
 from utils.reward import cut_left, export_pad_token_id, reply_ids
 from utils.reward_funcs import as_trl_inputs, call_reward_func, load_reward_funcs
@@ -109,11 +109,11 @@ def reward_reader(actor_tok, template: str, path: str, trust_remote_code: bool):
         enc = Encoder(tok, theirs, 0)
     except UserError as e:
         raise UserError(f"{what} '{path}': {e}") from None
-    found = model_positions(path, trust_remote_code)
+    limit = position_limit(path, trust_remote_code)
     ds.print0(f"{what} '{path}' has {'the template ' + enc.template if same else 'a tokenizer of its own'}: it "
               f"scores every answer as text, after the prompt in its template '{enc.template}'"
-              + (f" (at most {found[0]} tokens, a longer prompt cut from the start)" if found else ""))
-    return enc, found[0] if found else None
+              + (f" (at most {limit} tokens, a longer prompt cut from the start)" if limit else ""))
+    return enc, limit
 
 
 def check_reward_prompts(enc: Encoder, items: list[PromptItem], limit: int | None) -> None:

@@ -243,7 +243,6 @@ def test_monitors_carry_their_state_across_a_resume():
     assert again.check(2, {"rewards/chosen": -0.5}) is None
 
 
-
 @pytest.mark.parametrize("loss, accuracy, margin, warns", [
     (0.6900935, 0.98, 0.0061, True),   # the demo's tiny Falcon: 98% ordered, yet PPO went 100% -> 2% preferred
     (0.6690124, 1.00, 0.0490, True),   # tiny Gemma: PPO and DPO moved nothing

@@ -43,6 +43,13 @@ def only_our_settings(model):
             m.generation_config = config
 
 
+def check_room(max_new_tokens: int, limit: int | None) -> None:
+    """Refuse a --max_new_tokens that leaves no room for a prompt in the model's `limit` positions."""
+    if limit is not None and max_new_tokens >= limit:
+        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's {limit} "
+                        "positions; lower it")
+
+
 @torch.no_grad()
 def generate_answers(model, encoder: Encoder, prompts: list, max_new_tokens: int = 64, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
@@ -51,9 +58,7 @@ def generate_answers(model, encoder: Encoder, prompts: list, max_new_tokens: int
     `limit` (the model's positions): a prompt longer than limit - max_new_tokens loses its start (a leading
     BOS kept, as step 3 cuts its prompts), counted in `Answer.cut`; it failed with an IndexError in a
     learned position table (GPT-2), and a long chat did so once its history outgrew the model."""
-    if limit is not None and max_new_tokens >= limit:
-        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's {limit} "
-                        "positions; lower it")
+    check_room(max_new_tokens, limit)
     tok = encoder.tokenizer
     out: list[Answer] = []
     model.eval()

@@ -97,6 +97,12 @@ def _check_vocabulary(path: str, tokenizer, what: str, trust_remote_code: bool) 
                         "embedding): call model.resize_token_embeddings(len(tokenizer)) and save the model again")
 
 
+def position_limit(path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's positions (`model_positions`), or None where its config gives none."""
+    found = model_positions(path, trust_remote_code)
+    return found[0] if found else None
+
+
 def model_positions(path: str, trust_remote_code: bool = False) -> tuple[int, str] | None:
     """(positions, config key) of a model: config max_position_embeddings, or GPT-2's n_positions; None
     where the config gives neither (or cannot be read: the loaders report that in their own words)."""

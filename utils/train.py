@@ -16,7 +16,7 @@ from .encoding import Encoder, encode_all
 from .errors import UserError
 from .lr import scaled_lr
 from .metrics import MetricsLogger
-from .model import check_positions, load_model, load_tokenizer, model_positions, prepare_model
+from .model import check_positions, load_model, load_tokenizer, position_limit, prepare_model
 from .negatives import with_synthetic_negatives
 from .output import finish_output_dir, partial_dir, prepare_partial
 from .pairs import encode_pairs
@@ -29,8 +29,8 @@ def load_step_items(args, kind: str, world: int, note: str = ""):
     preference pairs (plus --synthetic_negatives where the step has that flag). Template and max_seq_len
     come from the flags, else from the input model's args.json."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    positions = model_positions(args.model_name_or_path, args.trust_remote_code)
-    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path, positions and positions[0])
+    template, max_seq_len = resolve_data_settings(args, args.model_name_or_path,
+                                                  position_limit(args.model_name_or_path, args.trust_remote_code))
     check_positions(args.model_name_or_path, max_seq_len, max_seq_len_flag(args, args.model_name_or_path),
                     trust_remote_code=args.trust_remote_code)
     encoder = Encoder(tokenizer, template, max_seq_len, args.overlong)
